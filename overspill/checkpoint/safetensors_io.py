@@ -1,0 +1,138 @@
+"""A small safetensors reader that reads into memory we own, with positional reads.
+
+Why not ``safetensors.safe_open``: its tensors are views of one private mmap per file,
+so every page touched stays in the process's RSS for as long as the file is open.
+Loading then costs "model + mmap'd pages" of RSS, and a streaming runtime cannot
+bound its memory. Reading with ``os.preadv`` straight into a preallocated tensor
+costs exactly the tensor, is thread-safe (positional), works with O_DIRECT-style
+buffers, and lets us check every offset against the file size up front, so a
+truncated file is reported by name instead of crashing in a page fault.
+
+Format (https://github.com/huggingface/safetensors): u64 little-endian header length
+N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}},
+then the data; offsets are relative to the end of the header.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 << 20
+_CHUNK = 1 << 30  # Linux caps one read at ~2 GiB; stay well under it
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int   # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: every tensor must lie inside the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {len(raw)} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header length {n}, file size {size})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        try:
+            dtype = DTYPES[h["dtype"]]
+            shape = tuple(int(s) for s in h["shape"])
+            b, e = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}' has a malformed header entry {h!r}") from None
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if e - b != math.prod(shape) * itemsize or b < 0:
+            raise CheckpointError(f"{path}: tensor '{name}' header says {e - b} bytes but shape {list(shape)} "
+                                  f"of {h['dtype']} needs {math.prod(shape) * itemsize}")
+        if start + e > size:
+            raise CheckpointError(f"{path}: truncated: tensor '{name}' needs bytes up to {start + e} "
+                                  f"but the file has {size}")
+        infos[name] = TensorInfo(dtype, shape, start + b, e - b)
+    return infos, meta
+
+
+def pread_into(fd: int, buf: torch.Tensor, offset: int, path: str = "?") -> None:
+    """Fill a contiguous CPU tensor with bytes from ``fd`` at ``offset`` (positional, thread-safe)."""
+    mv = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:done + _CHUNK]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class SafetensorsFile:
+    """One .safetensors file: validated header, tensors read on demand into fresh memory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tensors, self.metadata = read_header(path)
+        self._fd: int | None = None
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.tensors[name]
+        if out is None:
+            out = torch.empty(info.shape, dtype=info.dtype)
+        assert out.is_contiguous() and out.numel() * out.element_size() == info.nbytes
+        pread_into(self.fd, out, info.offset, self.path)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def write_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file + fsync + rename)."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata or {"format": "pt"})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,150 @@
+"""The decoder's math: norms, rotary embeddings, attention and MLP, over plain tensors.
+
+No I/O, no device moves, no knowledge of where weights came from or how they are stored.
+Shapes: B batch, T new tokens, S cached + new keys, C hidden, nh/nkv heads, hs head size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .weights import BlockWeights, EmbedWeights, HeadWeights
+
+
+def norm(cfg: ModelConfig, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    w, b = wb
+    if cfg.norm == "rmsnorm":
+        # Zhang & Sennrich 2019, eq. 4; computed in fp32 and cast back before the gain, as Llama does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+        return w * xf.to(x.dtype)
+    return F.layer_norm(x, (x.shape[-1],), w, b, cfg.norm_eps)
+
+
+def act(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:
+    a = cfg.activation
+    if a == "silu":
+        return F.silu(x)
+    if a == "gelu":
+        return F.gelu(x)
+    if a == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
+class Rope:
+    """Rotary position embedding tables (Su et al. 2021, eq. 34), rotate-half form.
+
+    inv_freq_i = theta^(-2i/d) for the ``rotary_dim`` = d leading dims of each head;
+    GPT-J's interleaved form is converted to this one at load (families/transforms.py).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        d = cfg.rotary_dim
+        self.dim = d
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)) / cfg.rope_scale
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> cos, sin [B, T, 1, d] (broadcast over heads)."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]                      # (B, T, 1, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hs); rotates the first cos.shape[-1] dims of every head."""
+    d = cos.shape[-1]
+    xr = x[..., :d] if d < x.shape[-1] else x
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((out, x[..., d:]), dim=-1) if d < x.shape[-1] else out
+
+
+@dataclass
+class Step:
+    """Everything a forward over T new tokens needs besides weights; built once, shared by all blocks."""
+    positions: torch.Tensor            # [B, T] absolute positions (for rotary / learned tables)
+    start: int                         # cache slot of the first new token; new keys go to [start, start+T)
+    cos: torch.Tensor | None = None    # [B, T, 1, rotary_dim]
+    sin: torch.Tensor | None = None
+    mask: torch.Tensor | None = None   # [B, 1, T, start+T] bool (True = attend), or None
+    causal: bool = False               # use SDPA's built-in causal mask (prefill from slot 0, no padding)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.positions.shape[1]
+
+
+def make_step(cfg: ModelConfig, rope: Rope | None, positions: torch.Tensor, start: int,
+              key_valid: torch.Tensor | None, dtype: torch.dtype) -> Step:
+    """key_valid: [B, start+T] bool over cache slots (False = padding), or None when nothing is padded."""
+    B, T = positions.shape
+    step = Step(positions, start)
+    if rope is not None and cfg.rotary_dim:
+        step.cos, step.sin = rope.cos_sin(positions, dtype)
+    S = start + T
+    if key_valid is None:
+        step.causal = T > 1 and start == 0
+        if T > 1 and start > 0:
+            key_valid = torch.ones(B, S, dtype=torch.bool, device=positions.device)
+    if key_valid is not None:
+        q_slot = torch.arange(start, S, device=positions.device)
+        causal = torch.arange(S, device=positions.device)[None, :] <= q_slot[:, None]       # (T, S)
+        mask = causal[None] & key_valid[:, None, :]                                        # (B, T, S)
+        # A padding query sees no valid key; let it see itself so its (unused) row stays finite.
+        mask |= (torch.arange(S, device=positions.device)[None, :] == q_slot[:, None])[None]
+        step.mask = mask[:, None]                                                          # (B, 1, T, S)
+    return step
+
+
+def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
+              k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    qkv = w.qkv(x).view(B, T, nh + 2 * nkv, hs)                        # (B, T, nh+2nkv, hs)
+    qk = qkv[:, :, : nh + nkv]
+    if step.cos is not None:
+        qk = apply_rope(qk, step.cos, step.sin)                        # q and k heads in one go
+    q = qk[:, :, :nh].transpose(1, 2)                                  # (B, nh, T, hs)
+    k_cache[:, :, step.start:step.end] = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hs)
+    v_cache[:, :, step.start:step.end] = qkv[:, :, nh + nkv:].transpose(1, 2)
+    k, v = k_cache[:, :, :step.end], v_cache[:, :, :step.end]          # (B, nkv, S, hs)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
+                                       scale=cfg.scale, enable_gqa=nkv != nh)  # (B, nh, T, hs)
+    return w.out(o.transpose(1, 2).reshape(B, T, nh * hs))
+
+
+def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor) -> torch.Tensor:
+    h = w.up(x)
+    if cfg.gated_mlp:  # Shazeer 2020, "GLU Variants Improve Transformer", eq. 6 (SwiGLU)
+        g, u = h.chunk(2, dim=-1)
+        h = act(cfg, g) * u
+    else:
+        h = act(cfg, h)
+    return w.down(h)
+
+
+def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One transformer block; residual style per config (sequential, parallel, shared-norm parallel)."""
+    h = norm(cfg, x, w.attn_norm)
+    a = attention(cfg, w, h, step, k_cache, v_cache)
+    if cfg.parallel_residual:
+        m = mlp(cfg, w, h if w.mlp_norm is None else norm(cfg, x, w.mlp_norm))
+        return x + a + m
+    x = x + a
+    return x + mlp(cfg, w, norm(cfg, x, w.mlp_norm))
+
+
+def embed_forward(cfg: ModelConfig, w: EmbedWeights, ids: torch.Tensor, step: Step, dtype: torch.dtype) -> torch.Tensor:
+    x = F.embedding(ids, w.tok)                                       # (B, T, C)
+    if w.pos is not None:
+        x = x + F.embedding(step.positions, w.pos)
+    return x.to(dtype)
+
+
+def head_forward(cfg: ModelConfig, w: HeadWeights, x: torch.Tensor) -> torch.Tensor:
+    return w.lm(norm(cfg, x, w.norm))                                  # (B, T, V)

@@ -1,0 +1,44 @@
+"""Runs the units in order over a batch: embed -> blocks -> head.
+
+The executor calls each unit explicitly (no hooks, no patched ``forward``); a
+WeightSource decides where each unit's weights come from.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model.kv_cache import KVCache
+from ..model.layers import Rope, Step, block_forward, embed_forward, head_forward, make_step
+from .sources import WeightSource
+
+
+class Executor:
+    def __init__(self, cfg: ModelConfig, source: WeightSource, dtype: torch.dtype, device: str = "cpu"):
+        self.cfg, self.source, self.dtype, self.device = cfg, source, dtype, torch.device(device)
+        self.rope = Rope(cfg) if cfg.rotary_dim else None
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+
+    def step(self, positions: torch.Tensor, cache: KVCache) -> Step:
+        T = positions.shape[1]
+        return make_step(self.cfg, self.rope, positions, cache.length, cache.valid_prefix(cache.length + T), self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """ids, positions [B, T] -> float32 logits [B, T or 1, V]; appends T slots to the cache."""
+        cfg, src = self.cfg, self.source
+        step = self.step(positions, cache)
+        src.begin_pass()
+        x = embed_forward(cfg, src.acquire(0), ids, step, self.dtype)
+        src.release(0)
+        for layer in range(cfg.n_layers):
+            x = block_forward(cfg, src.acquire(layer + 1), x, step, cache.k[layer], cache.v[layer])
+            src.release(layer + 1)
+        if last_only:
+            x = x[:, -1:]
+        logits = head_forward(cfg, src.acquire(cfg.n_layers + 1), x)
+        src.release(cfg.n_layers + 1)
+        cache.length = step.end
+        return logits.float()
