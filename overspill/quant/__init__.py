@@ -1,0 +1,91 @@
+"""Quantized weight formats for the big linear weights (W is [out=N, in=K]).
+
+Schemes (details and measured kernel choices in each module):
+  int8          per-output-channel symmetric int8 + bf16 scales. M=1: torch._weight_int8pack_mm (w8a16);
+                M>=2: oneDNN qlinear u8xs8 with dynamic per-token activation quantization (w8a8).   (int8.py)
+  int8-dynamic  blockwise (64) dynamic-tree 8-bit code (Dettmers 2021) + fp32 absmax; JIT LUT dequant + F.linear. (codebook.py)
+  int4          group-wise (64) asymmetric 4-bit in torch's CPU int4pack layout; M<=32: _weight_int4pack_mm_for_cpu,
+                larger M: JIT dequant to bf16 + matmul.                                              (int4.py)
+  nf4           blockwise (64) 4-bit NormalFloat (QLoRA) + fp32 absmax; JIT LUT dequant + F.linear.  (codebook.py)
+
+API:
+  quantize(weight [N,K], scheme, **opts) -> dict of plain contiguous CPU tensors (safetensors-ready)
+      opts: int4: group_size (32/64/128/256; default 64, or 32 if K % 64); int8-dynamic/nf4: blocksize (default 64)
+  make_linear(scheme, tensors, bias=None, **opts) -> Linear   (int8 opts: act_quant="auto"|"never"|"always")
+  dequantize(scheme, tensors) -> float32 [N, K]
+  quantized_nbytes(scheme, out_features, in_features, **opts) -> bytes of the stored tensors
+Linear objects: lin(x[..., K] fp32|bf16) -> [..., N] in x.dtype; in_features, out_features, nbytes, dequantize();
+differentiable w.r.t. x (backward = grad @ dequant(W)) when grad is enabled and x.requires_grad.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import codebook, int4, int8
+from ._base import QuantLinear, release_scratch, scratch_nbytes
+
+SCHEMES: tuple[str, ...] = ("int8", "int8-dynamic", "int4", "nf4")
+
+__all__ = ["SCHEMES", "quantize", "make_linear", "dequantize", "quantized_nbytes", "QuantLinear",
+           "scratch_nbytes", "release_scratch"]
+
+
+def _check_scheme(scheme: str):
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {SCHEMES}")
+
+
+def _check_weight(weight: torch.Tensor, scheme: str):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{scheme}: weight must be a 2-D [out, in] tensor, got {getattr(weight, 'shape', type(weight))}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{scheme}: weight must be floating point, got {weight.dtype}")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{scheme}: empty weight {tuple(weight.shape)}")
+
+
+def quantize(weight: torch.Tensor, scheme: str, **opts) -> dict[str, torch.Tensor]:
+    """Pure function: float weight [N, K] -> the plain contiguous CPU tensors that store it."""
+    _check_scheme(scheme)
+    _check_weight(weight, scheme)
+    if scheme == "int8":
+        if opts:
+            raise TypeError(f"int8: unexpected options {sorted(opts)}")
+        return int8.quantize(weight)
+    if scheme == "int4":
+        return int4.quantize(weight, **opts)
+    return codebook.quantize(weight, scheme, **opts)
+
+
+def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, **opts):
+    """Runtime Linear from stored tensors (int8's oneDNN prepack happens lazily on the first batch>=2 call;
+    int4 repacks only if the file was packed for another CPU layout)."""
+    _check_scheme(scheme)
+    if scheme == "int8":
+        return int8.Int8Linear(tensors, bias, **opts)
+    if opts:
+        raise TypeError(f"{scheme}: unexpected options {sorted(opts)}")
+    if scheme == "int4":
+        return int4.Int4Linear(tensors, bias)
+    return codebook.CodebookLinear(scheme, tensors, bias)
+
+
+def dequantize(scheme: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Stored tensors -> float32 [N, K]."""
+    _check_scheme(scheme)
+    if scheme == "int8":
+        return int8.dequantize(tensors)
+    if scheme == "int4":
+        return int4.dequantize(tensors)
+    return codebook.dequantize(scheme, tensors)
+
+
+def quantized_nbytes(scheme: str, out_features: int, in_features: int, **opts) -> int:
+    """Bytes of the stored tensors, from the shape only (raises ValueError for unsupported shapes)."""
+    _check_scheme(scheme)
+    N, K = int(out_features), int(in_features)
+    if scheme == "int8":
+        return int8.nbytes(N, K)
+    if scheme == "int4":
+        return int4.nbytes(N, K, **opts)
+    return codebook.nbytes(scheme, N, K, **opts)

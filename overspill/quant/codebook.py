@@ -1,0 +1,170 @@
+"""Blockwise code-book quantization, dequantized just in time (forward = LUT gather * absmax, then dense matmul).
+
+* ``int8-dynamic``: the signed "dynamic tree" 8-bit data type of Dettmers et al. 2021 (8-bit Optimizers via
+  Block-wise Quantization): per exponent e = 0..6 (decades 1e-6 .. 1), 2**e linearly spaced fraction bins in
+  [0.1, 1] (their midpoints), both signs, plus 0 and 1.0 -> 256 values in [-1, 1] (identical to
+  bitsandbytes' ``create_dynamic_map(signed=True)``).
+  Stored: {"qweight": uint8 [N, K] (code index), "absmax": fp32 [ceil(N*K/bs)], "meta": int32 [N, K, bs]}.
+* ``nf4``: QLoRA's 4-bit NormalFloat (16 values), two codes per byte (low nibble = even element).
+  Stored: {"qweight": uint8 [ceil(N*K/2)], "absmax": fp32 [ceil(N*K/bs)], "meta": int32 [N, K, bs]}.
+
+Blocks run over the row-major flattened weight (any shape works; the last block may be short).
+int8-dynamic scale: the *signed* value of each block's largest-magnitude element (the dynamic map has +1.0 but
+no -1.0, so a plain absmax would put a block's negative maximum on -0.993 and dequant->quantize would drift; with
+a signed scale the maximum lands exactly on code 1.0 and the round trip is exact). nf4 (symmetric +-1.0): plain
+absmax. w = code[q] * absmax[block].
+
+Dequantization: uint8 -> int32 index (copy into a scratch buffer), ``index_select`` from a 256-entry LUT in
+the activation dtype (nf4: a [256, 2] pair LUT, one lookup per byte), in-place per-block scale multiply:
+~25 ms per 16M weights (bf16, 2 threads) vs 58 ms with fresh allocations; bitsandbytes' CPU kernel ~2x slower.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ._base import QuantLinear, nbytes_of, scratch
+
+DEFAULT_BLOCKSIZE = 64
+
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982445526123, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_code() -> torch.Tensor:
+    """256 sorted fp32 values in [-1, 1] (the signed dynamic tree map, max_exponent_bits=7)."""
+    data = []
+    for i in range(7):
+        fr = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float64)
+        means = ((fr[:-1] + fr[1:]) / 2) * 10.0 ** (-6 + i)
+        data += means.tolist() + (-means).tolist()
+    data += [0.0, 1.0]
+    assert len(data) == 256
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _code(scheme: str) -> torch.Tensor:
+    return dynamic_code() if scheme == "int8-dynamic" else torch.tensor(NF4_CODE, dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _lut(scheme: str, dtype: torch.dtype) -> torch.Tensor:
+    c = _code(scheme)
+    if scheme == "nf4":   # byte b -> (code[b & 15], code[b >> 4])
+        b = torch.arange(256)
+        return torch.stack([c[b & 15], c[b >> 4]], -1).to(dtype).contiguous()   # [256, 2]
+    return c.to(dtype).contiguous()
+
+
+def _bits(scheme):
+    return 8 if scheme == "int8-dynamic" else 4
+
+
+def quantize(weight: torch.Tensor, scheme: str, blocksize: int = DEFAULT_BLOCKSIZE) -> dict[str, torch.Tensor]:
+    if weight.dim() != 2:
+        raise ValueError(f"{scheme}: weight must be 2-D [N, K], got {tuple(weight.shape)}")
+    bs = int(blocksize)
+    if bs < 2 or bs % 2:
+        raise ValueError(f"{scheme}: blocksize must be an even integer >= 2, got {blocksize}")
+    N, K = weight.shape
+    n = N * K
+    nblk = -(-n // bs)
+    w = weight.detach().to("cpu", torch.float32).reshape(-1)
+    wp = F.pad(w, (0, nblk * bs - n)).view(nblk, bs)
+    if scheme == "int8-dynamic":   # signed max-magnitude element (the map has +1.0 but no -1.0)
+        scale = wp.gather(1, wp.abs().argmax(1, keepdim=True)).squeeze(1)
+    else:                          # nf4 has both +-1.0: plain absmax
+        scale = wp.abs().amax(1)
+    code = _code(scheme)
+    mids = (code[1:] + code[:-1]) / 2
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.empty(nblk * bs, dtype=torch.uint8)
+    step = max(1, (1 << 22) // bs)                             # chunks of ~4M values bound the int64 temp
+    for b0 in range(0, nblk, step):
+        v = wp[b0:b0 + step] / safe[b0:b0 + step, None]
+        q[b0 * bs:(b0 + v.shape[0]) * bs] = torch.bucketize(v.view(-1), mids).to(torch.uint8)
+    q = q[:n]
+    if _bits(scheme) == 4:
+        qq = F.pad(q, (0, n % 2))
+        q = (qq[0::2] | (qq[1::2] << 4)).contiguous()
+    else:
+        q = q.view(N, K).contiguous()
+    return {"qweight": q, "absmax": scale.contiguous(), "meta": torch.tensor([N, K, bs], dtype=torch.int32)}
+
+
+def _meta(t):
+    N, K, bs = (int(v) for v in t["meta"].tolist())
+    return N, K, bs
+
+
+def _dequant_into(scheme, qweight, absmax, N, K, bs, dtype, out_flat, idx_buf):
+    """Write code[q]*absmax (dtype) into out_flat (>= nblk*bs elements); returns the [N, K] view."""
+    n = N * K
+    nblk = absmax.numel()
+    lut = _lut(scheme, dtype)
+    q = qweight.reshape(-1)
+    idx_buf.copy_(q)
+    if scheme == "nf4":
+        torch.index_select(lut, 0, idx_buf, out=out_flat[: 2 * q.numel()].view(-1, 2))
+    else:
+        torch.index_select(lut, 0, idx_buf, out=out_flat[:n])
+    full = n // bs
+    if full:
+        out_flat[: full * bs].view(full, bs).mul_(absmax[:full, None])
+    if full < nblk:
+        out_flat[full * bs: n].mul_(absmax[full])
+    return out_flat[:n].view(N, K)
+
+
+def dequantize(scheme: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    N, K, bs = _meta(t)
+    q = t["qweight"]
+    out = torch.empty(max(N * K, 2 * q.numel()), dtype=torch.float32)
+    idx = torch.empty(q.numel(), dtype=torch.int32)
+    w = _dequant_into(scheme, q, t["absmax"].float(), N, K, bs, torch.float32, out, idx)
+    return w if out.numel() == N * K else w.clone()
+
+
+def nbytes(scheme: str, N: int, K: int, blocksize: int = DEFAULT_BLOCKSIZE) -> int:
+    n = N * K
+    qb = n if _bits(scheme) == 8 else -(-n // 2)
+    return qb + 4 * (-(-n // int(blocksize))) + 3 * 4
+
+
+class CodebookLinear(QuantLinear):
+    def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+        self.scheme = scheme
+        N, K, bs = _meta(tensors)
+        q, am = tensors["qweight"], tensors["absmax"]
+        nq = N * K if _bits(scheme) == 8 else -(-N * K // 2)
+        if q.dtype != torch.uint8 or q.numel() != nq or am.numel() != -(-N * K // bs):
+            raise ValueError(f"{scheme}: stored tensors qweight {q.dtype} {tuple(q.shape)}, absmax {tuple(am.shape)} "
+                             f"do not match meta N={N} K={K} blocksize={bs}")
+        super().__init__(N, K, bias, nbytes_of(q, am, tensors["meta"]))
+        self.qweight, self.blocksize = q.contiguous(), bs
+        self.absmax = am.float().contiguous()
+        self._absmax_cast: dict[torch.dtype, torch.Tensor] = {torch.float32: self.absmax}
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight [N, K] in dtype, in a scratch buffer (valid until the next JIT dequant)."""
+        am = self._absmax_cast.get(dtype)
+        if am is None:
+            am = self._absmax_cast[dtype] = self.absmax.to(dtype)
+        N, K = self.out_features, self.in_features
+        q = self.qweight
+        out = scratch("cb_w", max(N * K, 2 * q.numel()), dtype)
+        idx = scratch("cb_idx", q.numel(), torch.int32)
+        return _dequant_into(self.scheme, q, am, N, K, self.blocksize, dtype, out, idx)
+
+    def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight(x.dtype))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.scheme, {"qweight": self.qweight, "absmax": self.absmax,
+                                        "meta": torch.tensor([self.out_features, self.in_features, self.blocksize])})
