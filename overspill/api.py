@@ -155,6 +155,24 @@ class Model:
                 "resident_bytes": self.executor.source.resident_bytes()}
 
 
+def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear:
+    """Quantize each block matmul weight at load time (the LM head stays dense unless include_head)."""
+    from . import quant
+
+    if scheme not in quant.SCHEMES:
+        raise OverspillError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(quant.SCHEMES)})")
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        if name == "lm" and not include_head:
+            return default_make_linear(name, weight, bias)
+        try:
+            return quant.make_linear(scheme, quant.quantize(weight, scheme), bias)
+        except ValueError as e:
+            raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
+
+    return make
+
+
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
          make_linear: MakeLinear | None = None, max_memory: str | dict | None = None,
          quantize: str | None = None) -> Model:
@@ -163,12 +181,12 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
     """
     path = str(path) if path is not None else default_model_path()
-    if max_memory is not None or quantize is not None:
-        raise OverspillError("max_memory and quantize are not available in this build yet")
+    if max_memory is not None:
+        raise OverspillError("max_memory is not available in this build yet")
     ckpt = HFCheckpoint(path)
     cfg = ckpt.config
     dt = resolve_dtype(dtype, ckpt)
-    make_linear = make_linear or default_make_linear
+    make_linear = make_linear or (quantized_make_linear(quantize) if quantize else default_make_linear)
     bound = []
     embed_tok = None
     for unit in units(cfg):
