@@ -1,0 +1,301 @@
+"""Decode benchmark: overspill against transformers on the same checkpoint, in the same run.
+
+    driver ──► probe mem BW ──► worker overspill ──► worker hf ──► probe mem BW ──► ... (--repeats)
+               (in-process)     (fresh process:      (fresh process)
+                                 load, warm-up, timed generate, one JSON line)
+
+Each worker loads the checkpoint in bfloat16 (2 threads), runs one short warm-up generate (which
+also pulls the weights into memory: transformers maps safetensors lazily), then one timed greedy
+generate of exactly --new-tokens tokens after a random --prompt-len token prompt at --batch rows.
+Sides alternate within every round so the machine's drift hits both alike; the driver quotes
+medians, paired per-round ratios, and a bound from the memory bandwidth measured between rounds:
+
+    bound tok/s (per sequence) = memory read GB/s / weight bytes per decode step
+    weight bytes per decode step = all tensors but the embedding tables (the head counts)
+
+Examples (from the repository root):
+    .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/gptj-1b-bfloat16 --batches 1,8
+    .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/llama-tiny-bfloat16 --sides hf --repeats 1
+    .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/tinyllama-bfloat16 --sides overspill \
+        --quantize int8 --batches 1
+Worker (run by the driver; prints one JSON line):
+    .venv/bin/python benchmarks/bench_decode.py --worker hf --ckpt DIR --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import common  # noqa: E402  (also puts the repository root on sys.path)
+
+SIDES = ("overspill", "hf")
+DEFAULT_OUT = common.CACHE_DIR / "results" / "decode.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# worker
+
+
+def make_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> list[list[int]]:
+    """Seeded random token ids in [0, vocab_size): the same prompts for both sides."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, prompt_len), generator=gen).tolist()
+
+
+def run_hf(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    model.eval()
+    load_s = time.perf_counter() - t0
+
+    class Stamp(StoppingCriteria):
+        """Called once per generated token (all rows together): records when it was produced."""
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kw):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.generation_config.eos_token_id
+        pad = (pad[0] if isinstance(pad, list) else pad) or 0
+
+    def generate(n: int, stamp: Stamp | None = None):
+        with torch.inference_mode():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
+                                  stopping_criteria=StoppingCriteriaList([stamp] if stamp else []))
+
+    generate(warmup_tokens)
+    stamp = Stamp()
+    t0 = time.perf_counter()
+    out = generate(new_tokens, stamp)
+    total_s = time.perf_counter() - t0
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    assert len(stamp.times) == new_tokens, (len(stamp.times), new_tokens)
+    steps = [b - a for a, b in zip(stamp.times, stamp.times[1:])]
+    return {"load_s": load_s, "prefill_s": stamp.times[0] - t0, "decode_s": stamp.times[-1] - stamp.times[0],
+            "total_s": total_s, "step_s_median": common.median(steps),
+            "tokens0": out[0, ids.shape[1]:ids.shape[1] + 16].tolist()}
+
+
+def run_overspill(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int,
+                  quantize: str | None) -> dict:
+    import overspill
+
+    kw = {"quantize": quantize} if quantize else {}
+    t0 = time.perf_counter()
+    model = overspill.load(ckpt, dtype="bfloat16", **kw)
+    load_s = time.perf_counter() - t0
+
+    model.generate(prompts, max_new_tokens=warmup_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = model.generate(prompts, max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    total_s = time.perf_counter() - t0
+    stats = dict(model.last_stats)
+    assert [len(o) for o in outs] == [new_tokens] * len(prompts), [len(o) for o in outs]
+    assert stats.get("new_tokens", new_tokens) == new_tokens, stats
+    result = {"load_s": load_s, "prefill_s": stats["prefill_s"], "decode_s": stats["decode_s"],
+              "total_s": total_s, "tokens0": list(outs[0][:16]), "last_stats": stats}
+    try:
+        result["info"] = model.info()
+    except Exception as e:  # informative only
+        result["info_error"] = repr(e)
+    return result
+
+
+def worker(a: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    ckpt = str(a.ckpt[0])
+    vocab = common.read_config(ckpt)["vocab_size"]
+    prompts = make_prompts(vocab, a.batch, a.prompt_len, a.seed)
+    if a.worker == "hf":
+        r = run_hf(ckpt, prompts, a.new_tokens, a.warmup_tokens)
+    else:
+        r = run_overspill(ckpt, prompts, a.new_tokens, a.warmup_tokens, a.quantize)
+    steps = a.new_tokens - 1
+    r["decode_tok_s"] = steps / r["decode_s"] if steps > 0 and r["decode_s"] > 0 else None  # per sequence
+    r["agg_tok_s"] = r["decode_tok_s"] * a.batch if r["decode_tok_s"] else None
+    r["peak_rss_bytes"] = common.peak_rss_bytes()
+    r["threads"] = torch.get_num_threads()
+    r["torch"] = torch.__version__
+    if a.worker == "hf":
+        import transformers
+        r["transformers"] = transformers.__version__
+    common.emit(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def resolve_ckpt(text: str) -> Path:
+    """A directory, or a name under bench-cache/ (`gptj-1b` -> bench-cache/gptj-1b-bfloat16)."""
+    p = Path(text)
+    for cand in (p, common.CACHE_DIR / text, common.CACHE_DIR / f"{text}-bfloat16"):
+        if (cand / "config.json").exists():
+            return cand.resolve()
+    raise SystemExit(f"no checkpoint at {text} (make one with benchmarks/make_checkpoint.py)")
+
+
+def worker_cmd(a: argparse.Namespace, side: str, ckpt: Path, batch: int) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--ckpt", str(ckpt),
+           "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
+           "--warmup-tokens", str(a.warmup_tokens), "--seed", str(a.seed), "--threads", str(a.threads)]
+    if side == "overspill" and a.quantize:
+        cmd += ["--quantize", a.quantize]
+    return cmd
+
+
+def fmt(x, spec: str = ".3g") -> str:
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def summarize(rows: list[dict], mem_gbps: float, wbpt: int, sides: list[str]) -> str:
+    """Markdown table for one (checkpoint, batch): medians per side, bound, paired ratios."""
+    bound = mem_gbps * 1e9 / wbpt  # tokens/s per sequence if every step reads the weights once
+    lines = ["| side | scheme | ok runs | prefill s | decode tok/s/seq | aggregate tok/s | peak RSS GiB | "
+             "load s | bound tok/s/seq | fraction of bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for side in sides:
+        ok = [r for r in rows if r["side"] == side and r.get("ok")]
+        n = len([r for r in rows if r["side"] == side])
+        dec = common.median(r["decode_tok_s"] for r in ok)
+        lines.append(
+            f"| {side} | {rows[0]['scheme'] if side == 'overspill' else 'bf16'} | {len(ok)}/{n} | "
+            f"{fmt(common.median(r['prefill_s'] for r in ok))} | {fmt(dec)} | "
+            f"{fmt(common.median(r['agg_tok_s'] for r in ok))} | "
+            f"{fmt(common.median(r['peak_rss_bytes'] / 2**30 for r in ok), '.2f')} | "
+            f"{fmt(common.median(r['load_s'] for r in ok), '.2f')} | {fmt(bound)} | {fmt(dec / bound, '.3g')} |")
+    if {"overspill", "hf"} <= set(sides):
+        dec_r = common.paired_ratios(rows, "decode_tok_s", "overspill", "hf")
+        pre_r = common.paired_ratios(rows, "prefill_s", "hf", "overspill")
+        lines.append(f"\noverspill/hf decode tok/s: {fmt(common.median(dec_r), '.2f')}x "
+                     f"(per round: {', '.join(fmt(x, '.2f') for x in dec_r) or '-'}); "
+                     f"prefill speed-up (hf s / overspill s): {fmt(common.median(pre_r), '.2f')}x")
+    return "\n".join(lines)
+
+
+def tokens_note(rows: list[dict], sides: list[str]) -> str:
+    """Greedy decoding on the same weights and prompt should give the same tokens: compare row 0's
+    first 16 new tokens across every successful run (bf16 rounding can split near-ties)."""
+    seqs = {json.dumps(r["tokens0"]) for r in rows if r.get("ok") and "tokens0" in r}
+    if len(sides) < 2 or not seqs:
+        return ""
+    return ("\ngreedy tokens (row 0, first 16) identical across sides and rounds: "
+            + ("yes" if len(seqs) == 1 else f"NO ({len(seqs)} variants)"))
+
+
+def driver(a: argparse.Namespace) -> None:
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    bad = [s for s in sides if s not in SIDES]
+    if bad or not sides:
+        raise SystemExit(f"--sides takes a comma list of {SIDES}, got {a.sides!r}")
+    batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
+    ckpts = [resolve_ckpt(c) for c in a.ckpt]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scheme = a.quantize or "bf16"
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    reports = []
+
+    for ckpt in ckpts:
+        wbpt = common.weight_bytes_per_token(ckpt)
+        kv_step = common.kv_bytes_per_token(ckpt) * (a.prompt_len + a.new_tokens // 2)  # mid-decode, per seq
+        for batch in batches:
+            title = (f"{ckpt.name}  batch {batch}  prompt {a.prompt_len}  new {a.new_tokens}  scheme {scheme}  "
+                     f"weights/step {wbpt / 1e9:.3f} GB")
+            print(f"== {title}", file=sys.stderr, flush=True)
+            probes = [common.mem_read_gbps()]
+            rows: list[dict] = []
+            for rnd, side in common.interleave(sides, a.repeats):
+                os.sync()  # dirty pages being flushed made steps erratic (shared/anchors/RESULTS.md)
+                res = common.run_worker(worker_cmd(a, side, ckpt, batch), check=False, timeout=a.timeout)
+                row = {"kind": "run", "time": stamp, "ckpt": str(ckpt), "ckpt_name": ckpt.name, "side": side,
+                       "scheme": scheme if side == "overspill" else "bf16", "batch": batch,
+                       "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "round": rnd,
+                       "mem_gbps_before": probes[-1], "weight_bytes_per_token": wbpt,
+                       "kv_bytes_per_seq_mid_decode": kv_step, **res}
+                rows.append(row)
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                if row.get("ok"):
+                    print(f"   round {rnd + 1}/{a.repeats} {side:9s}: prefill {row['prefill_s']:.3f} s, "
+                          f"decode {fmt(row['decode_tok_s'])} tok/s/seq, peak RSS "
+                          f"{row['peak_rss_bytes'] / 2**30:.2f} GiB, load {row['load_s']:.2f} s",
+                          file=sys.stderr, flush=True)
+                else:
+                    print(f"   round {rnd + 1}/{a.repeats} {side:9s}: FAILED (exit {row['returncode']})\n"
+                          + "\n".join("      " + ln for ln in row["stderr_tail"].splitlines()[-8:]),
+                          file=sys.stderr, flush=True)
+                if side == sides[-1]:
+                    probes.append(common.mem_read_gbps())
+            mem = common.median(probes)
+            table = summarize(rows, mem, wbpt, sides)
+            table += tokens_note(rows, sides)
+            note = (f"memory read {mem:.1f} GB/s (median of {len(probes)} probes: "
+                    f"{', '.join(f'{p:.1f}' for p in probes)}); KV read per step at mid-decode "
+                    f"{kv_step * batch / 1e6:.1f} MB (not in the bound)")
+            reports.append(f"### {title}\n\n{table}\n{note}\n")
+            summary = {"kind": "summary", "time": stamp, "ckpt": str(ckpt), "ckpt_name": ckpt.name,
+                       "scheme": scheme, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+                       "repeats": a.repeats, "sides": sides, "mem_gbps_probes": probes, "mem_gbps": mem,
+                       "weight_bytes_per_token": wbpt, "bound_tok_s_per_seq": mem * 1e9 / wbpt}
+            for side in sides:
+                ok = [r for r in rows if r["side"] == side and r.get("ok")]
+                summary[side] = {k: common.median(r[k] for r in ok) for k in
+                                 ("prefill_s", "decode_tok_s", "agg_tok_s", "peak_rss_bytes", "load_s")}
+            if {"overspill", "hf"} <= set(sides):
+                summary["ratio_decode_overspill_over_hf"] = common.median(
+                    common.paired_ratios(rows, "decode_tok_s", "overspill", "hf"))
+            with open(out, "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            print(reports[-1], flush=True)
+    print(f"raw rows appended to {out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint dirs (or names under bench-cache/)")
+    p.add_argument("--batches", default="1,8", help="comma list of batch sizes (default 1,8)")
+    p.add_argument("--batch", type=int, default=1, help="worker: batch size")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--warmup-tokens", type=int, default=4, help="new tokens in the warm-up generate")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--sides", default="overspill,hf", help="comma list: overspill, hf")
+    p.add_argument("--quantize", default=None, help="scheme passed to overspill.load(quantize=...)")
+    p.add_argument("--seed", type=int, default=0, help="prompt token ids")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the raw rows are appended to")
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.new_tokens < 2:
+        p.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    if a.worker:
+        worker(a)
+    else:
+        driver(a)
+
+
+if __name__ == "__main__":
+    main()
