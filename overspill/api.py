@@ -8,15 +8,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint.hf import HFCheckpoint
 from .config import ModelConfig
 from .errors import OverspillError
 from .generate import GenerationConfig, generate_ids, stream_ids
 from .generate.beam import beam_search
-from .model.linear import DenseLinear
-from .model.weights import MakeLinear, bind, default_make_linear, units
+from .model.weights import MakeLinear, default_make_linear
 from .runtime.executor import Executor
-from .runtime.sources import ResidentSource
 from .tokenizer import Detokenizer, Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -28,7 +25,7 @@ def default_model_path() -> str:
     return str(resources.files("overspill") / "data" / "shakespeare")
 
 
-def resolve_dtype(dtype: str | torch.dtype, ckpt: HFCheckpoint) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, ckpt) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -174,36 +171,40 @@ def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
-         make_linear: MakeLinear | None = None, max_memory: str | dict | None = None,
-         quantize: str | None = None) -> Model:
-    """Load a Hugging Face checkpoint directory (or the built-in model when path is None).
+         max_memory: str | dict | None = None, quantize: str | None = None, max_batch_size: int = 1,
+         max_seq_len: int | None = None, make_linear: MakeLinear | None = None) -> Model:
+    """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
+    max_memory: budgets like "cpu=4GiB" (or {"cpu": 4 << 30}); what does not fit is streamed from disk.
+      Budgets cover weights, staging buffers, the KV cache for max_batch_size x max_seq_len tokens,
+      and activations; requests larger than that reserve are refused.
+    quantize: int8 | int4 | int8-dynamic | nf4 for the block matmul weights.
     """
+    from .runtime.loader import Reserve, build
+
     path = str(path) if path is not None else default_model_path()
+    budgets = None
     if max_memory is not None:
-        raise OverspillError("max_memory is not available in this build yet")
-    ckpt = HFCheckpoint(path)
-    cfg = ckpt.config
-    dt = resolve_dtype(dtype, ckpt)
-    make_linear = make_linear or (quantized_make_linear(quantize) if quantize else default_make_linear)
-    bound = []
-    embed_tok = None
-    for unit in units(cfg):
-        if unit == "head" and cfg.tie_embeddings:
-            t = ckpt.read_unit_except(unit, dt, "lm.weight")
-            # Tied head: share the embedding matrix instead of holding a second copy.
-            t["lm"] = DenseLinear(embed_tok, t.pop("lm.bias", None))
-        else:
-            t = ckpt.read_unit(unit, dt)
-        if unit == "embed":
-            embed_tok = t["tok.weight"]
-        bound.append(bind(cfg, unit, t, make_linear))
-        del t
-    ckpt.close()
+        from .placement import parse_memory
+        try:
+            budgets = parse_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
+        except ValueError as e:
+            raise OverspillError(str(e)) from None
+    reserve = Reserve(max_batch_size, max_seq_len or 1024)
+    try:
+        cfg, executor, plan, src = build(path, dtype, quantize, budgets, reserve, make_linear)
+    except ValueError as e:   # PlanError and friends carry one clear line
+        if isinstance(e, OverspillError):
+            raise
+        raise OverspillError(str(e)) from None
+    executor.reserve = reserve if budgets is not None else None
     tok = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen = {}
-    if ckpt.generation_config.get("eos_token_id") is not None:
-        e = ckpt.generation_config["eos_token_id"]
+    gcfg = getattr(src, "generation_config", None) or {}
+    if gcfg.get("eos_token_id") is not None:
+        e = gcfg["eos_token_id"]
         gen["eos_token_ids"] = e if isinstance(e, list) else [e]
-    return Model(cfg, Executor(cfg, ResidentSource(bound), dt), tok, path, gen)
+    model = Model(cfg, executor, tok, path, gen)
+    model.plan = plan
+    return model

@@ -32,6 +32,8 @@ def args(fn: Callable[[argparse.ArgumentParser], None]):
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="Hugging Face model directory (default: the built-in model)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--max-memory", default=None, help="budgets, e.g. cpu=4GiB or cuda:0=10GiB,cpu=8GiB; the rest streams from disk")
+    p.add_argument("--quantize", default=None, help="int8 | int4 | int8-dynamic | nf4 (on the fly)")
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
@@ -48,30 +50,109 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print timing to stderr at the end")
 
 
-@command("generate", "generate text from a prompt, streamed to the terminal")
-@args(lambda p: (_gen_args(p), p.add_argument("prompt")))
-def cmd_generate(a: argparse.Namespace) -> int:
+def _load(a: argparse.Namespace, max_batch: int = 1, max_seq: int | None = None):
     from .api import load
 
-    model = load(a.model, dtype=a.dtype)
-    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-              repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed, ignore_eos=a.ignore_eos)
+    return load(a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
+                max_batch_size=max_batch, max_seq_len=max_seq)
+
+
+def _gen_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed, ignore_eos=a.ignore_eos,
+                num_beams=a.num_beams)
+
+
+@command("generate", "generate text from a prompt (streamed), or from a JSONL file of prompts in batches")
+@args(lambda p: (_gen_args(p), p.add_argument("prompt", nargs="?", default=None),
+                 p.add_argument("--prompts", default=None, help="JSONL input: one {\"prompt\": ...} per line"),
+                 p.add_argument("--out", default=None, help="JSONL output for --prompts"),
+                 p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --prompts")))
+def cmd_generate(a: argparse.Namespace) -> int:
+    if a.prompts:
+        return _generate_file(a)
+    if a.prompt is None:
+        raise OverspillError("give a PROMPT, or --prompts FILE.jsonl --out FILE.jsonl")
+    model = _load(a, 1, None if a.max_memory is None else 2048)
+    kw = _gen_kwargs(a)
     out = sys.stdout
     out.write(a.prompt)
     out.flush()
     if a.num_beams > 1:
-        out.write(model.generate([a.prompt], num_beams=a.num_beams, **kw)[0])
+        out.write(model.generate([a.prompt], **kw)[0])
     else:
+        kw.pop("num_beams")
         for piece in model.stream(a.prompt, **kw):
             out.write(piece)
             out.flush()
     out.write("\n")
     if a.stats:
-        s = model.last_stats
-        dec = s.get("decode_s", 0.0)
-        rate = (s.get("new_tokens", 1) - 1) / dec if dec else float("nan")
-        print(f"prefill {s.get('prefill_s', 0):.3f}s, {s.get('new_tokens', 0)} new tokens, decode {rate:.1f} tokens/s",
-              file=sys.stderr)
+        _print_stats(model)
+    return 0
+
+
+def _print_stats(model) -> None:
+    s = model.last_stats
+    dec = s.get("decode_s", 0.0)
+    rate = (s.get("new_tokens", 1) - 1) / dec if dec else float("nan")
+    print(f"prefill {s.get('prefill_s', 0):.3f}s, {s.get('new_tokens', 0)} new tokens x batch {s.get('batch', 1)}, "
+          f"decode {rate:.2f} tokens/s per sequence", file=sys.stderr)
+
+
+def _read_prompts(path: str) -> list[str]:
+    prompts = []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    raise OverspillError(f"{path}:{n}: not valid JSON") from None
+                p = obj.get("prompt") if isinstance(obj, dict) else obj
+                if not isinstance(p, str):
+                    raise OverspillError(f"{path}:{n}: expected {{\"prompt\": \"...\"}} or a JSON string")
+                prompts.append(p)
+    except FileNotFoundError:
+        raise OverspillError(f"{path}: no such prompts file") from None
+    if not prompts:
+        raise OverspillError(f"{path}: no prompts")
+    return prompts
+
+
+def _generate_file(a: argparse.Namespace) -> int:
+    """Throughput mode: every streamed block serves a whole batch before the next block is read."""
+    import os
+
+    prompts = _read_prompts(a.prompts)
+    if not a.out:
+        raise OverspillError("--prompts needs --out FILE.jsonl")
+    bs = max(1, a.batch_size)
+    from .api import default_model_path
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer(a.model or default_model_path())
+    longest = max(len(tok.encode(p)) for p in prompts)
+    model = _load(a, bs, longest + a.max_new_tokens)   # the KV reserve fits exactly this job
+    kw = _gen_kwargs(a)
+    tmp = f"{a.out}.tmp-{os.getpid()}"
+    t0 = time.perf_counter()
+    new_tokens = 0
+    try:
+        with open(tmp, "w") as f:
+            for i in range(0, len(prompts), bs):
+                batch = prompts[i:i + bs]
+                texts = model.generate(batch, **kw)
+                new_tokens += model.last_stats.get("new_tokens", 0) * len(batch)
+                for p, t in zip(batch, texts):
+                    f.write(json.dumps({"prompt": p, "text": t}) + "\n")
+                print(f"{min(i + bs, len(prompts))}/{len(prompts)} prompts, "
+                      f"{new_tokens / (time.perf_counter() - t0):.2f} tokens/s", file=sys.stderr)
+        os.replace(tmp, a.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return 0
 
 
@@ -149,6 +230,85 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         print(",".join(map(str, tok.encode(a.text))))
     else:
         raise OverspillError("give TEXT to tokenize or --decode IDS")
+    return 0
+
+
+@command("eval", "perplexity of a text file (sliding window) and tokens/s")
+@args(lambda p: (_model_arg(p), p.add_argument("--text", required=True, help="UTF-8 text file"),
+                 p.add_argument("--context", type=int, default=1024), p.add_argument("--stride", type=int, default=512),
+                 p.add_argument("--max-chars", type=int, default=None, help="evaluate only the first N characters"),
+                 p.add_argument("--json", action="store_true")))
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+
+    try:
+        with open(a.text, encoding="utf-8") as f:
+            text = f.read()
+    except (FileNotFoundError, UnicodeDecodeError) as e:
+        raise OverspillError(f"{a.text}: cannot read as UTF-8 text ({type(e).__name__})") from None
+    if a.max_chars:
+        text = text[: a.max_chars]
+    model = _load(a, 1, a.context)
+    r = perplexity(model, model.encode(text), a.context, a.stride, progress=sys.stderr.isatty())
+    r.update(model=model.path, quantize=a.quantize, dtype=str(model.dtype).replace("torch.", ""))
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"perplexity {r['perplexity']:.3f}  (mean NLL {r['nll']:.4f} nats over {r['tokens']} tokens, "
+              f"context {r['context']}, stride {r['stride']}, {r['tokens_per_s']:.0f} tokens/s)")
+    return 0
+
+
+@command("plan", "show where every unit would live under memory budgets, and the predicted speed")
+@args(lambda p: (p.add_argument("model", nargs="?", default=None), p.add_argument("--max-memory", required=True),
+                 p.add_argument("--dtype", default="auto"), p.add_argument("--quantize", default=None),
+                 p.add_argument("--max-batch-size", type=int, default=1), p.add_argument("--max-seq-len", type=int, default=1024),
+                 p.add_argument("--measure", action="store_true", help="re-measure memory/disk bandwidth"),
+                 p.add_argument("--json", action="store_true")))
+def cmd_plan(a: argparse.Namespace) -> int:
+    from .api import default_model_path
+    from .placement import parse_memory
+    from .runtime.loader import Reserve, plan_for
+
+    path = a.model or default_model_path()
+    try:
+        budgets = parse_memory(a.max_memory)
+    except ValueError as e:
+        raise OverspillError(str(e)) from None
+    plan, src = plan_for(path, a.dtype, a.quantize, budgets, Reserve(a.max_batch_size, a.max_seq_len))
+    if a.json:
+        print(plan.to_json())
+        return 0
+    from .placement.bandwidth import measure
+
+    bw = measure(model_paths=[path], cache=not a.measure)
+    print(plan.table(bw))
+    return 0
+
+
+@command("convert", "write a layer store: one file per block for one sequential read each")
+@args(lambda p: (p.add_argument("src"), p.add_argument("dst"), p.add_argument("--dtype", default="bfloat16"),
+                 p.add_argument("--quantize", default=None), p.add_argument("--quantize-head", action="store_true"),
+                 p.add_argument("--overwrite", action="store_true"),
+                 p.add_argument("--verify", action="store_true", help="re-read and check every checksum")))
+def cmd_convert(a: argparse.Namespace) -> int:
+    from .checkpoint.store import LayerStore, convert
+
+    out = convert(a.src, a.dst, dtype=a.dtype, quantize=a.quantize, quantize_head=a.quantize_head,
+                  overwrite=a.overwrite, progress=True)
+    if a.verify:
+        LayerStore(out).verify()
+        print(f"{out}: all checksums verified", file=sys.stderr)
+    return 0
+
+
+@command("verify", "check a layer store's checksums")
+@args(lambda p: p.add_argument("store"))
+def cmd_verify(a: argparse.Namespace) -> int:
+    from .checkpoint.store import LayerStore
+
+    LayerStore(a.store).verify()
+    print(f"{a.store}: all checksums verified")
     return 0
 
 

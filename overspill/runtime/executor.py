@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..errors import OverspillError
 from ..model.kv_cache import KVCache
 from ..model.layers import Rope, Step, block_forward, embed_forward, head_forward, make_step
 from .sources import WeightSource
@@ -17,8 +18,14 @@ class Executor:
     def __init__(self, cfg: ModelConfig, source: WeightSource, dtype: torch.dtype, device: str = "cpu"):
         self.cfg, self.source, self.dtype, self.device = cfg, source, dtype, torch.device(device)
         self.rope = Rope(cfg) if cfg.rotary_dim else None
+        self.reserve = None   # set under a memory budget: the largest batch x length planned for
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        r = self.reserve
+        if r is not None and batch * max_len > r.max_batch * r.max_seq_len:
+            raise OverspillError(f"this request needs KV cache for {batch} x {max_len} tokens but the memory plan "
+                                 f"reserved {r.max_batch} x {r.max_seq_len}; load with larger max_batch_size / "
+                                 f"max_seq_len")
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
 
     def step(self, positions: torch.Tensor, cache: KVCache) -> Step:

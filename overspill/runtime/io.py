@@ -1,0 +1,86 @@
+"""Large positional reads for streaming weights: aligned buffers, O_DIRECT where possible,
+several reader threads per unit (this class of virtual disk gives 1.1 GB/s to one reader
+and ~1.6 GB/s to eight), and page-cache eviction for buffered reads."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..errors import CheckpointError
+
+ALIGN = 4096
+
+
+def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
+    """A uint8 CPU buffer whose address is ALIGN-aligned (O_DIRECT needs it), pinned for GPU copies."""
+    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
+    off = (-raw.data_ptr()) % ALIGN
+    return raw[off: off + nbytes]
+
+
+def evict(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Drop these file pages from the page cache so buffered streaming cannot grow it unboundedly."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+class DirectFile:
+    """A file opened for O_DIRECT reads when the filesystem allows it, else buffered + evict."""
+
+    def __init__(self, path: str, direct: bool = True):
+        self.path = path
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:
+                pass
+        if not self.direct:
+            self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def _pread(self, mv: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(mv):
+            try:
+                n = os.preadv(self.fd, [mv[done:]], offset + done)
+            except OSError as e:
+                if self.direct and e.errno == 22:     # EINVAL: unaligned; redo this piece buffered
+                    with open(self.path, "rb", buffering=0) as f:
+                        n = os.preadv(f.fileno(), [mv[done:]], offset + done)
+                else:
+                    raise CheckpointError(f"{self.path}: read failed at byte {offset + done} ({e.strerror})") from None
+            if n <= 0:
+                if offset + done >= self.size:       # O_DIRECT reads are rounded past EOF
+                    return
+                raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done}")
+            done += n
+
+    def read_into(self, buf: torch.Tensor, offset: int, nbytes: int, pool: ThreadPoolExecutor | None = None,
+                  chunk: int = 8 << 20) -> None:
+        """Read [offset, offset+nbytes) into buf[:nbytes] with parallel chunked preads.
+
+        For O_DIRECT the read is widened to ALIGN boundaries; ``buf`` must then start at an
+        aligned offset position (callers pass offsets that are multiples of ALIGN)."""
+        if self.direct and offset % ALIGN:
+            raise CheckpointError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
+        span = -(-nbytes // ALIGN) * ALIGN if self.direct else nbytes
+        span = min(span, buf.numel())
+        mv = memoryview(buf.numpy())[:span]
+        pieces = [(i, min(chunk, span - i)) for i in range(0, span, chunk)]
+        if pool is None or len(pieces) == 1:
+            for i, n in pieces:
+                self._pread(mv[i:i + n], offset + i)
+        else:
+            list(pool.map(lambda p: self._pread(mv[p[0]:p[0] + p[1]], offset + p[0]), pieces))
+        if not self.direct:
+            evict(self.fd, offset, nbytes)
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,164 @@
+"""Build an executor from a checkpoint (HF directory or layer store), a dtype, a quantization
+scheme and memory budgets: size every unit, plan placement, load resident units, stream the rest."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import OverspillError
+from ..model.kv_cache import KVCache
+from ..model.linear import DenseLinear
+from ..model.weights import MakeLinear, bind, default_make_linear, linear_names, units
+from .executor import Executor
+from .sources import ResidentSource
+from .streaming import HFUnitReader, StoreUnitReader, StreamingSource, dense_streamed
+
+
+@dataclass
+class Reserve:
+    """What the runtime must hold besides weights, for the largest request it will accept."""
+    max_batch: int = 1
+    max_seq_len: int = 1024
+
+    def kv_bytes_per_block(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        return KVCache.nbytes_for(cfg, self.max_batch, self.max_seq_len, dtype) // cfg.n_layers
+
+    def activation_bytes(self, cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int | None = None) -> int:
+        """Peak transient tensors of one block over a (B, T) chunk: residual, norm output, qkv,
+        attention output and scores, MLP hidden (x2 for a gated MLP), fp32 last-token logits."""
+        T = min(self.max_seq_len, prefill_chunk or self.max_seq_len)
+        tok = self.max_batch * T
+        es = torch.empty((), dtype=dtype).element_size()
+        per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
+        scores = self.max_batch * cfg.n_heads * T * self.max_seq_len * 4 if T > 1 else 0
+        logits = self.max_batch * cfg.vocab_size * 4 * 2
+        return tok * per_tok + scores + logits
+
+
+def _es(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None) -> int:
+    """Bytes a unit's weights occupy, from shapes only."""
+    if hasattr(src, "unit_bytes"):                 # a layer store knows exactly
+        return src.unit_bytes(unit)
+    from .. import quant
+
+    total = 0
+    for name, canon in src.unit_names(unit).items():
+        shape = src.shape(name)
+        n = math.prod(shape)
+        lin = canon.split(".")[0]
+        if quantize and canon.endswith(".weight") and lin in linear_names(unit) and unit != "head":
+            continue                                  # counted from the fused canonical shape below
+        total += n * _es(dtype)
+    if quantize and unit.startswith("block."):
+        C, F = cfg.hidden_size, cfg.intermediate_size
+        shapes = {"qkv": (cfg.q_size + 2 * cfg.kv_size, C), "out": (C, cfg.q_size),
+                  "up": ((2 if cfg.gated_mlp else 1) * F, C), "down": (C, F)}
+        total += sum(quant.quantized_nbytes(quantize, n, k) for n, k in shapes.values())
+    return total
+
+
+def open_source(path: str, dtype, quantize: str | None):
+    """-> (source: LayerStore | HFCheckpoint, is_store, dtype, quantize) with dtype/scheme checked against a store."""
+    from ..checkpoint.hf import HFCheckpoint
+    from ..checkpoint.store import LayerStore, is_layer_store
+
+    if is_layer_store(path):
+        store = LayerStore(path)
+        if isinstance(dtype, str) and dtype not in ("auto", str(store.dtype).replace("torch.", "")):
+            raise OverspillError(f"{path}: this layer store holds {store.dtype}; convert again for dtype {dtype}")
+        if quantize and quantize != store.quantize:
+            raise OverspillError(f"{path}: this layer store holds {store.quantize or 'unquantized'} weights; "
+                                 f"convert again with --quantize {quantize}")
+        return store, True, store.dtype, store.quantize
+    from ..api import resolve_dtype
+
+    ckpt = HFCheckpoint(path)
+    return ckpt, False, resolve_dtype(dtype, ckpt), quantize
+
+
+def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
+              reserve: Reserve, ring_slots: int = 2):
+    from ..placement import UnitCost, plan_placement
+
+    kv = reserve.kv_bytes_per_block(cfg, dt)
+    costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize), kv if u.startswith("block.") else 0)
+             for u in units(cfg)]
+    return plan_placement(costs, budgets, activation_bytes=reserve.activation_bytes(cfg, dt), ring_slots=ring_slots)
+
+
+def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], reserve: Reserve):
+    src, _, dt, quantize = open_source(path, dtype, quantize)
+    return make_plan(src, src.config, dt, quantize, budgets, reserve), src
+
+
+def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
+          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2):
+    """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore))."""
+    src, is_store, dt, quantize = open_source(path, dtype, quantize)
+    store = src if is_store else None
+    cfg = src.config
+    names = units(cfg)
+    plan = None
+    streamed: list[int] = []
+    if max_memory is not None:
+        plan = make_plan(src, cfg, dt, quantize, max_memory, reserve, ring_slots)
+        streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
+        devices = {p.device for p in plan.placements}
+        if devices != {"cpu"}:
+            raise OverspillError(f"placement on {sorted(devices - {'cpu'})} needs a GPU build; this build runs on cpu")
+    if quantize and make_linear is None:
+        from ..api import quantized_make_linear
+        make_linear = quantized_make_linear(quantize)
+    make_linear = make_linear or default_make_linear
+
+    resident = {}
+    for i, u in enumerate(names):
+        if i in streamed:
+            continue
+        resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, resident)
+    if streamed:
+        if store is not None:
+            reader = StoreUnitReader(store)
+            make_w = lambda unit, t: _bind_store_unit(store, cfg, unit, t, dense_streamed, resident)
+        else:
+            reader = HFUnitReader(src, dt)
+            qmake = make_linear if quantize else dense_streamed
+            make_w = lambda unit, t: bind(cfg, unit, t, qmake)
+        source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots)
+    else:
+        source = ResidentSource([resident[i] for i in range(len(names))])
+    if store is None:
+        src.close()
+    return cfg, Executor(cfg, source, dt), plan, src
+
+
+def _load_unit(src, store, cfg, unit, dt, make_linear, resident):
+    if store is not None:
+        t = store.read_unit(unit)
+        t = {k: v.clone() if store.quantize is None else v for k, v in t.items()}  # own memory, not the read buffer
+        return _bind_store_unit(store, cfg, unit, t, make_linear, resident)
+    if unit == "head" and cfg.tie_embeddings and 0 in resident:
+        t = src.read_unit_except(unit, dt, "lm.weight")
+        t["lm"] = DenseLinear(resident[0].tok, t.pop("lm.bias", None))   # share, don't copy, the embedding
+        return bind(cfg, unit, t, make_linear)
+    return bind(cfg, unit, src.read_unit(unit, dt), make_linear)
+
+
+def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
+    from .. import quant
+    from ..checkpoint.store import split_quantized
+
+    plain, q = split_quantized(t)
+    for lin, tensors in q.items():
+        plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None))
+    if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
+        tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].clone()
+        plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
+    return bind(cfg, unit, plain, make_linear)

@@ -1,0 +1,198 @@
+"""Streaming weights: a background reader keeps a ring of staging buffers filled ahead of compute.
+
+    units:   embed  b0  b1  b2  b3 ... b27  head          (R = resident, S = streamed)
+             R      R   R   S   S  ...  S    S
+                           |
+    reader thread ─────────┘  for u in cycle(streamed units):      compute thread
+      slot = free.get()          read u's bytes into slot ──► ready ──► acquire(u): views -> Linear objects
+      (blocks while the ring       (one large read, several          run unit u
+       is full: stays ring_slots   threads, O_DIRECT or            release(u): free.put(slot)
+       units ahead)                evicted from the page cache)
+
+The reader walks the streamed units cyclically, so while the last blocks and the head of
+token t run, the first streamed blocks of token t+1 are already being read. Memory held:
+``ring_slots`` x the largest streamed unit, allocated once; nothing else grows per token.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Protocol
+
+import torch
+
+from ..config import ModelConfig
+from ..model.linear import DenseLinear
+from ..model.weights import Weights, bind
+from .io import ALIGN, DirectFile, aligned_buffer, evict
+
+
+class UnitReader(Protocol):
+    def stream_bytes(self, unit: str) -> int:
+        """Bytes one fetch of this unit reads."""
+
+    def slot_bytes(self, unit: str) -> int:
+        """Staging-buffer bytes this unit needs (0: the reader allocates per fetch)."""
+
+    def fetch(self, unit: str, slot: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The unit's canonical tensors (views into ``slot`` where the reader uses one)."""
+
+
+def dense_streamed(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Streamed weights are used where they land: no repacking (compute is far faster than disk)."""
+    return DenseLinear(weight, bias)
+
+
+class HFUnitReader:
+    """Per-tensor reads straight from a Hugging Face directory (no conversion needed)."""
+
+    def __init__(self, ckpt, dtype: torch.dtype):
+        self.ckpt, self.dtype = ckpt, dtype
+
+    def stream_bytes(self, unit: str) -> int:
+        n = 0
+        for name in self.ckpt.unit_names(unit):
+            shape = self.ckpt.shape(name)
+            n += int(torch.tensor(shape).prod().item()) * torch.empty((), dtype=self.dtype).element_size()
+        return n
+
+    def slot_bytes(self, unit: str) -> int:
+        return 0
+
+    def fetch(self, unit: str, slot: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        t = self.ckpt.read_unit(unit, self.dtype)
+        for name in self.ckpt.unit_names(unit):
+            f = self.ckpt._files[self.ckpt._where[name]]
+            if hasattr(f, "fd"):
+                evict(f.fd)
+        return t
+
+
+class StoreUnitReader:
+    """One large (parallel, O_DIRECT) read per unit from a layer store into a staging slot."""
+
+    def __init__(self, store, threads: int = 4, direct: bool = True):
+        self.store = store
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="overspill-io") if threads > 1 else None
+        self.files: dict[str, DirectFile] = {}
+        self.direct = direct
+
+    def stream_bytes(self, unit: str) -> int:
+        return self.store.unit_span(unit)[1]
+
+    def slot_bytes(self, unit: str) -> int:
+        return -(-self.store.unit_span(unit)[1] // ALIGN) * ALIGN
+
+    def fetch(self, unit: str, slot: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        f = self.files.get(unit)
+        if f is None:
+            f = self.files[unit] = DirectFile(self.store.unit_file(unit), self.direct)
+        off, n = self.store.unit_span(unit)
+        f.read_into(slot, off, n, self.pool)
+        return self.store.views(unit, slot[:n])
+
+
+class StreamingSource:
+    """Resident units are held; streamed units come through the prefetching ring."""
+
+    def __init__(self, cfg: ModelConfig, resident: dict[int, Weights], streamed: list[int], unit_names: list[str],
+                 reader: UnitReader, make_weights: Callable[[str, dict], Weights] | None = None,
+                 ring_slots: int = 2, pin: bool = False):
+        self.cfg, self.resident, self.streamed, self.names = cfg, resident, streamed, unit_names
+        self.reader = reader
+        self.make_weights = make_weights or (lambda unit, t: bind(cfg, unit, t, dense_streamed))
+        self.ring_slots = max(1, min(ring_slots, len(streamed))) if streamed else 0
+        slot_bytes = max((reader.slot_bytes(unit_names[i]) for i in streamed), default=0)
+        self.slots = [aligned_buffer(slot_bytes, pin) if slot_bytes else None for _ in range(self.ring_slots)]
+        self.staging_bytes = slot_bytes * self.ring_slots
+        self.stats = {"io_wait_s": 0.0, "bytes_read": 0, "units_read": 0}
+        self._thread: threading.Thread | None = None
+        self._cursor = 0
+        self._in_use: dict[int, int] = {}
+        self._start()
+
+    # -- reader thread ------------------------------------------------------------------
+    def _start(self) -> None:
+        if not self.streamed:
+            return
+        self._stop = threading.Event()
+        self._free: queue.Queue[int] = queue.Queue()
+        for s in range(self.ring_slots):
+            self._free.put(s)
+        self._ready: queue.Queue = queue.Queue()
+        self._cursor = 0
+        self._in_use = {}
+        self._thread = threading.Thread(target=self._run, name="overspill-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        k = 0
+        while not self._stop.is_set():
+            try:
+                slot = self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if self._stop.is_set():
+                return
+            i = self.streamed[k % len(self.streamed)]
+            unit = self.names[i]
+            try:
+                t = self.reader.fetch(unit, self.slots[slot])
+                w = self.make_weights(unit, t)
+                self.stats["bytes_read"] += self.reader.stream_bytes(unit)
+                self.stats["units_read"] += 1
+                self._ready.put((i, w, slot, None))
+            except BaseException as e:  # hand the error to the compute thread
+                self._ready.put((i, None, slot, e))
+                return
+            k += 1
+
+    def _shutdown(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self._shutdown()
+
+    def __del__(self):
+        try:
+            self._shutdown()
+        except Exception:
+            pass
+
+    # -- WeightSource ---------------------------------------------------------------------
+    def begin_pass(self) -> None:
+        # A pass interrupted by an exception leaves the cycle mid-way: restart the reader in step.
+        if self.streamed and (self._cursor % len(self.streamed) != 0 or self._in_use):
+            self._shutdown()
+            self._start()
+
+    def acquire(self, i: int) -> Weights:
+        if i in self.resident:
+            return self.resident[i]
+        t0 = time.perf_counter()
+        j, w, slot, err = self._ready.get()
+        self.stats["io_wait_s"] += time.perf_counter() - t0
+        if err is not None:
+            self._free.put(slot)
+            self._shutdown()
+            self._start()
+            raise err
+        assert j == i, f"streaming order broken: expected unit {i}, reader produced {j}"
+        self._in_use[i] = slot
+        self._cursor += 1
+        return w
+
+    def release(self, i: int) -> None:
+        slot = self._in_use.pop(i, None)
+        if slot is not None:
+            self._free.put(slot)
+
+    def resident_bytes(self) -> int:
+        from .accounting import weights_nbytes
+        return sum(weights_nbytes(w) for w in self.resident.values())
