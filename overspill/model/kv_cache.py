@@ -14,11 +14,12 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", layer_devices: list | None = None):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        devs = layer_devices or [device] * cfg.n_layers
         # torch.empty does not touch the pages: memory is committed only as slots fill.
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.k = [torch.empty(shape, dtype=dtype, device=d) for d in devs]
+        self.v = [torch.empty(shape, dtype=dtype, device=d) for d in devs]
         self.max_len = max_len
         self.length = 0
         self.key_valid: torch.Tensor | None = None   # [B, max_len] bool
@@ -32,7 +33,7 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select/reorder sequences along the batch dimension (beam search)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
+        self.k = [t.index_select(0, index.to(t.device)) for t in self.k]
+        self.v = [t.index_select(0, index.to(t.device)) for t in self.v]
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index)

@@ -77,6 +77,10 @@ class Step:
     def end(self) -> int:
         return self.start + self.positions.shape[1]
 
+    def to(self, device: torch.device) -> "Step":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Step(mv(self.positions), self.start, mv(self.cos), mv(self.sin), mv(self.mask), self.causal)
+
 
 def make_step(cfg: ModelConfig, rope: Rope | None, positions: torch.Tensor, start: int,
               key_valid: torch.Tensor | None, dtype: torch.dtype) -> Step:

@@ -15,8 +15,15 @@ from .sources import WeightSource
 
 
 class Executor:
-    def __init__(self, cfg: ModelConfig, source: WeightSource, dtype: torch.dtype, device: str = "cpu"):
+    """``unit_devices`` (optional) names where each unit computes; activations, not weights, move
+    between devices, and each block's KV cache lives on its block's device."""
+
+    def __init__(self, cfg: ModelConfig, source: WeightSource, dtype: torch.dtype, device: str = "cpu",
+                 unit_devices: list[str] | None = None):
         self.cfg, self.source, self.dtype, self.device = cfg, source, dtype, torch.device(device)
+        n = cfg.n_layers + 2
+        self.unit_devices = [torch.device(d) for d in (unit_devices or [device] * n)]
+        self.multi = len(set(self.unit_devices)) > 1 or self.unit_devices[0].type != "cpu"
         self.rope = Rope(cfg) if cfg.rotary_dim else None
         self.reserve = None   # set under a memory budget: the largest batch x length planned for
 
@@ -26,7 +33,7 @@ class Executor:
             raise OverspillError(f"this request needs KV cache for {batch} x {max_len} tokens but the memory plan "
                                  f"reserved {r.max_batch} x {r.max_seq_len}; load with larger max_batch_size / "
                                  f"max_seq_len")
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device)
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, self.unit_devices[1:-1])
 
     def step(self, positions: torch.Tensor, cache: KVCache) -> Step:
         T = positions.shape[1]
@@ -34,18 +41,24 @@ class Executor:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """ids, positions [B, T] -> float32 logits [B, T or 1, V]; appends T slots to the cache."""
-        cfg, src = self.cfg, self.source
+        """ids, positions [B, T] -> float32 logits [B, T or 1, V] on the CPU; appends T slots to the cache."""
+        cfg, src, devs = self.cfg, self.source, self.unit_devices
         step = self.step(positions, cache)
+        steps = {torch.device("cpu"): step}
+        at = lambda i: steps.setdefault(devs[i], step.to(devs[i])) if self.multi else step
         src.begin_pass()
-        x = embed_forward(cfg, src.acquire(0), ids, step, self.dtype)
+        x = embed_forward(cfg, src.acquire(0), ids.to(devs[0]), at(0), self.dtype)
         src.release(0)
         for layer in range(cfg.n_layers):
-            x = block_forward(cfg, src.acquire(layer + 1), x, step, cache.k[layer], cache.v[layer])
-            src.release(layer + 1)
+            i = layer + 1
+            if self.multi and x.device != devs[i]:
+                x = x.to(devs[i], non_blocking=True)       # only activations cross devices
+            x = block_forward(cfg, src.acquire(i), x, at(i), cache.k[layer], cache.v[layer])
+            src.release(i)
         if last_only:
             x = x[:, -1:]
-        logits = head_forward(cfg, src.acquire(cfg.n_layers + 1), x)
-        src.release(cfg.n_layers + 1)
+        i = cfg.n_layers + 1
+        logits = head_forward(cfg, src.acquire(i), x.to(devs[i]) if self.multi else x)
+        src.release(i)
         cache.length = step.end
-        return logits.float()
+        return logits.float().cpu()

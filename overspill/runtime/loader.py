@@ -134,8 +134,8 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots)
     else:
         source = ResidentSource([resident[i] for i in range(len(names))])
-    if store is None:
-        src.close()
+    if store is None and not streamed:
+        src.close()   # a streaming source keeps reading from it
     return cfg, Executor(cfg, source, dt), plan, src
 
 

@@ -15,10 +15,11 @@ token t run, the first streamed blocks of token t+1 are already being read. Memo
 """
 from __future__ import annotations
 
-import os
+import atexit
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
@@ -95,6 +96,16 @@ class StoreUnitReader:
         return self.store.views(unit, slot[:n])
 
 
+_LIVE: "weakref.WeakSet[StreamingSource]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # A reader thread still inside a torch op at interpreter exit aborts the process: stop them first.
+    for s in list(_LIVE):
+        s.close()
+
+
 class StreamingSource:
     """Resident units are held; streamed units come through the prefetching ring."""
 
@@ -112,6 +123,7 @@ class StreamingSource:
         self._thread: threading.Thread | None = None
         self._cursor = 0
         self._in_use: dict[int, int] = {}
+        _LIVE.add(self)
         self._start()
 
     # -- reader thread ------------------------------------------------------------------

@@ -1,0 +1,441 @@
+"""The layer store: one file per unit, each laid out for ONE large sequential read.
+
+A Hugging Face checkpoint scatters a block's tensors over a shard (in name order, often
+across two shards) and stores them unfused and, for GPT-2, transposed. Streaming a unit
+from it costs many small reads plus the transforms. ``convert`` rewrites a checkpoint
+once into a directory where each unit (embed, block.N, head) is one file holding exactly
+the unit's canonical tensors (fused QKV, [out, in] linears, optionally quantized), so the
+runtime reads a unit with one positional read (O_DIRECT where possible) into a
+preallocated buffer and takes tensor views into it: no copy, no transform.
+
+Directory::
+
+    DST/
+      manifest.json            the source of truth (below)
+      embed.safetensors
+      block.0.safetensors ... block.{L-1}.safetensors
+      head.safetensors
+      tokenizer.json, generation_config.json, ...   copied from the source when present
+
+One unit file (a valid safetensors file, so other tools can read it)::
+
+    byte 0         u64 little-endian N = header length
+    byte 8         JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}},
+                   right-padded with spaces so that 8 + N is a multiple of 4096
+    data_offset    ┌──────────────────────────────┐  = 8 + N, 4096-aligned (O_DIRECT-readable)
+    (4096·k)       │ tensor A          (64-aligned)│
+                   │ tensor B          (64-aligned)│  tensors whose size is a multiple of 64
+                   │ ...                           │  come first, so padding is rare
+                   │ tensor X  (odd size)          │
+                   │ "__pad__.0"  U8 [g]           │  safetensors forbids gaps, so alignment
+                   │ tensor Y          (64-aligned)│  padding is a named U8 tensor (not in the
+    data_offset    └──────────────────────────────┘  manifest; readers of the store skip it)
+     + data_bytes  = end of file
+
+manifest.json::
+
+    {"format": "overspill-layer-store", "version": 1,
+     "config": ModelConfig.to_dict(), "hf_config": {...the original config.json...},
+     "dtype": "bfloat16", "quantize": null | "int8" | "int4" | ..., "quantize_head": false,
+     "tied": true when the head stores no LM weight (use the embedding's tok.weight),
+     "extra_files": ["tokenizer.json", ...],
+     "units": [{"name": "block.0", "file": "block.0.safetensors", "bytes": file size,
+                "data_offset": 4096, "data_bytes": ..., "sha256": hex of the whole file,
+                "tensors": {canonical name: {"dtype": "BF16", "shape": [...],
+                                             "offset": absolute byte offset in the file, "nbytes": ...}}},
+               ...]}
+
+Quantized stores keep each quantized linear ``lin`` as the tensors of
+``overspill.quant.quantize`` under ``"{lin}.q.{key}"`` (e.g. ``qkv.q.qweight``); biases stay
+``"{lin}.bias"`` in the model dtype. ``split_quantized`` regroups them for ``make_linear``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import CheckpointError, OverspillError
+from ..model.weights import linear_names, units as unit_order
+from .safetensors_io import DTYPE_NAMES, DTYPES, pread_into
+
+FORMAT = "overspill-layer-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+DATA_ALIGN = 4096      # data section start: O_DIRECT needs file offsets aligned to the block size
+TENSOR_ALIGN = 64      # every tensor: cache-line / AVX-512 aligned views
+PAD_PREFIX = "__pad__."
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "vocab.json", "merges.txt", "generation_config.json")
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def layout(tensors: dict[str, torch.Tensor]) -> tuple[list[tuple[str, int, int]], int]:
+    """Order and place tensors: [(name, offset in data section, nbytes)] (pads included), data bytes.
+
+    Tensors whose size is a multiple of TENSOR_ALIGN go first (in their given order), so the
+    odd-sized ones (small biases, quantization metadata) cluster at the end and padding is rare.
+    """
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    order = sorted(tensors, key=lambda n: sizes[n] % TENSOR_ALIGN != 0)   # stable
+    placed, pos, pads = [], 0, 0
+    for n in order:
+        gap = (-pos) % TENSOR_ALIGN
+        if gap:
+            placed.append((f"{PAD_PREFIX}{pads}", pos, gap))
+            pads += 1
+            pos += gap
+        placed.append((n, pos, sizes[n]))
+        pos += sizes[n]
+    return placed, pos
+
+
+def write_unit_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
+    """Write one unit file (see the module docstring) and fsync it. Returns its manifest entry
+    (without "name"/"file"): bytes, data_offset, data_bytes, sha256, tensors."""
+    placed, data_bytes = layout(tensors)
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    for n, off, nb in placed:
+        if n in tensors:
+            t = tensors[n]
+            header[n] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
+        else:
+            header[n] = {"dtype": "U8", "shape": [nb], "data_offsets": [off, off + nb]}
+    hjson = json.dumps(header, separators=(",", ":")).encode()
+    hlen = len(hjson) + (-(8 + len(hjson))) % DATA_ALIGN
+    data_offset = 8 + hlen
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        def put(b) -> None:
+            f.write(b)
+            h.update(b)
+        put(struct.pack("<Q", hlen) + hjson + b" " * (hlen - len(hjson)))
+        for n, off, nb in placed:
+            put(_as_bytes(tensors[n]) if n in tensors else bytes(nb))
+        f.flush()
+        os.fsync(f.fileno())
+    entries = {n: {"dtype": header[n]["dtype"], "shape": header[n]["shape"], "offset": data_offset + off, "nbytes": nb}
+               for n, off, nb in placed if n in tensors}
+    return {"bytes": data_offset + data_bytes, "data_offset": data_offset, "data_bytes": data_bytes,
+            "sha256": h.hexdigest(), "tensors": entries}
+
+
+def _quantize_unit(unit: str, t: dict[str, torch.Tensor], scheme: str | None, quantize_head: bool) -> dict:
+    if scheme is None:
+        return t
+    from ..quant import quantize as qz
+
+    lins = [l for l in linear_names(unit) if unit != "head" or quantize_head]
+    out = {}
+    for name, v in t.items():
+        lin, _, kind = name.partition(".")
+        if lin in lins and kind == "weight":
+            for key, q in qz(v, scheme).items():
+                out[f"{lin}.q.{key}"] = q.contiguous()
+        else:
+            out[name] = v
+    return out
+
+
+def _planned_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: str | None,
+                   quantize_head: bool, tied: bool) -> int:
+    """Approximate output bytes of a unit (for the progress bar), from shapes only."""
+    from .hf import canonical_shapes
+
+    item = torch.empty((), dtype=dtype).element_size()
+    n = 0
+    for hf_name, canon in ck.unit_names(unit).items():
+        if tied and canon == "lm.weight":
+            continue
+        n += math.prod(ck.shape(hf_name)) * item
+    if scheme is not None:
+        from ..quant import quantized_nbytes
+
+        shapes = canonical_shapes(cfg, unit)
+        for lin in linear_names(unit):
+            if unit == "head" and not quantize_head:
+                continue
+            N, K = shapes[f"{lin}.weight"]
+            try:
+                n += quantized_nbytes(scheme, N, K) - N * K * item
+            except ValueError:
+                pass
+    return n
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        for k, v in STORE_DTYPES.items():
+            if v == dtype:
+                return k
+        raise OverspillError(f"unsupported layer store dtype {dtype} (expected one of {', '.join(STORE_DTYPES)})")
+    name = _ALIASES.get(dtype, dtype)
+    if name not in STORE_DTYPES:
+        raise OverspillError(f"unsupported layer store dtype '{dtype}' (expected one of {', '.join(STORE_DTYPES)})")
+    return name
+
+
+def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = None, quantize_head: bool = False,
+            overwrite: bool = False, progress: bool = True) -> str:
+    """HF dir -> layer store at ``dst``; returns ``dst``.
+
+    Streams unit by unit (peak memory ~ a few units), writes into ``dst + '.tmp-<pid>'`` next to
+    ``dst`` and renames it into place only once everything (files, manifest) is written and
+    fsynced, so an interrupted conversion leaves nothing that looks complete. An existing ``dst``
+    is refused unless ``overwrite`` (and even then only a layer store or an empty directory is
+    replaced, after the new store is complete)."""
+    from tqdm import tqdm
+
+    from .hf import HFCheckpoint
+
+    dst = os.path.abspath(dst.rstrip(os.sep) or dst)
+    dname = _dtype_name(dtype)
+    tdtype = STORE_DTYPES[dname]
+    if quantize is not None:
+        from ..quant import SCHEMES
+        if quantize not in SCHEMES:
+            raise OverspillError(f"unknown quantization scheme '{quantize}' (expected one of {', '.join(SCHEMES)})")
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise OverspillError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+        if not (is_layer_store(dst) or (os.path.isdir(dst) and not os.listdir(dst))):
+            raise OverspillError(f"{dst}: exists and is not a layer store; refusing to replace it")
+    ck = HFCheckpoint(src)   # bad src: its own one-line CheckpointError / ConfigError
+    cfg = ck.config
+    tied = cfg.tie_embeddings and not (quantize is not None and quantize_head)
+    names = unit_order(cfg)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    bar = None
+    try:
+        planned = {u: _planned_bytes(ck, cfg, u, tdtype, quantize, quantize_head, tied) for u in names}
+        bar = tqdm(total=sum(planned.values()), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"convert {os.path.basename(dst)}", disable=not progress, dynamic_ncols=True)
+        entries = []
+        for u in names:
+            bar.set_postfix_str(u, refresh=False)
+            skip = ("lm.weight",) if (u == "head" and tied) else ()
+            t = ck.read_unit_except(u, tdtype, *skip)
+            t = _quantize_unit(u, t, quantize, quantize_head)
+            fname = f"{u}.safetensors"
+            e = write_unit_file(os.path.join(tmp, fname), t, {"overspill_unit": u})
+            entries.append({"name": u, "file": fname, **e})
+            del t
+            bar.update(planned[u])
+        extra = []
+        for f in EXTRA_FILES:
+            p = os.path.join(ck.path, f)
+            if os.path.isfile(p):
+                shutil.copyfile(p, os.path.join(tmp, f))
+                extra.append(f)
+        manifest = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "hf_config": ck.hf_config,
+                    "dtype": dname, "quantize": quantize, "quantize_head": bool(quantize and quantize_head),
+                    "tied": tied, "extra_files": extra, "units": entries}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.lexists(dst):
+            old = f"{dst}.old-{os.getpid()}"
+            os.rename(dst, old)
+        os.rename(tmp, dst)
+        _fsync_dir(os.path.dirname(dst))
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        ck.close()
+    return dst
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def is_layer_store(path: str) -> bool:
+    """Whether ``path`` is a directory with a layer-store manifest (not validated further)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def split_quantized(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """{"qkv.q.qweight": .., "qkv.bias": .., ..} -> (plain tensors, {"qkv": {"qweight": ..}, ..})
+    for ``overspill.quant.make_linear(scheme, quant[lin], plain.get(f"{lin}.bias"))``."""
+    plain, quant = {}, {}
+    for name, t in tensors.items():
+        lin, sep, key = name.partition(".q.")
+        if sep:
+            quant.setdefault(lin, {})[key] = t
+        else:
+            plain[name] = t
+    return plain, quant
+
+
+class LayerStore:
+    """A converted layer store: validated manifest, per-unit spans, zero-copy views, positional reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        mpath = os.path.join(path, MANIFEST)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: no such layer store directory")
+        try:
+            with open(mpath) as f:
+                m = json.load(f)
+        except FileNotFoundError:
+            raise CheckpointError(f"{mpath}: missing layer store manifest (convert the model again)") from None
+        except OSError as e:
+            raise CheckpointError(f"{mpath}: cannot read ({e.strerror})") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{mpath}: corrupt manifest (not valid JSON: {e})") from None
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise CheckpointError(f"{mpath}: not an overspill layer store manifest")
+        if m.get("version") != VERSION:
+            raise CheckpointError(f"{mpath}: layer store version {m.get('version')!r} is not supported "
+                                  f"(expected {VERSION}; convert the model again)")
+        try:
+            self.config = ModelConfig.from_dict(m["config"]).validate()
+            self.hf_config: dict = m["hf_config"]
+            self.dtype: torch.dtype = STORE_DTYPES[m["dtype"]]
+            self.quantize: str | None = m["quantize"]
+            self.quantize_head: bool = bool(m.get("quantize_head", False))
+            self.tied: bool = bool(m.get("tied", False))
+            self.extra_files: list[str] = list(m.get("extra_files", []))
+            self._units = {}
+            for u in m["units"]:
+                tens = {n: (DTYPES[i["dtype"]], tuple(int(s) for s in i["shape"]), int(i["offset"]), int(i["nbytes"]))
+                        for n, i in u["tensors"].items()}
+                self._units[u["name"]] = {"file": u["file"], "bytes": int(u["bytes"]),
+                                          "data_offset": int(u["data_offset"]), "data_bytes": int(u["data_bytes"]),
+                                          "sha256": u["sha256"], "tensors": tens}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{mpath}: corrupt manifest (bad or missing field: {type(e).__name__}: {e})") from None
+        self.manifest = m
+        want = unit_order(self.config)
+        if list(self._units) != want:
+            raise CheckpointError(f"{mpath}: corrupt manifest (units {list(self._units)[:4]}... do not match the "
+                                  f"config's {len(want)} units)")
+        for name, u in self._units.items():
+            self._check_unit(name, u, mpath)
+
+    def _check_unit(self, name: str, u: dict, mpath: str) -> None:
+        f = os.path.join(self.path, u["file"])
+        try:
+            size = os.path.getsize(f)
+        except OSError:
+            raise CheckpointError(f"{f}: unit file of {name} is missing from the layer store") from None
+        if size != u["bytes"]:
+            what = "truncated" if size < u["bytes"] else "wrong size"
+            raise CheckpointError(f"{f}: {what}: the manifest says {u['bytes']} bytes but the file has {size}")
+        d0, n = u["data_offset"], u["data_bytes"]
+        if d0 < 8 or d0 + n > size:
+            raise CheckpointError(f"{mpath}: corrupt manifest (data span of {name} lies outside {f})")
+        for t, (dt, shape, off, nb) in u["tensors"].items():
+            if nb != math.prod(shape) * torch.empty((), dtype=dt).element_size() or off < d0 or off + nb > d0 + n \
+                    or off % torch.empty((), dtype=dt).element_size():
+                raise CheckpointError(f"{mpath}: corrupt manifest (tensor '{t}' of {name} has a bad offset/size)")
+
+    def units(self) -> list[str]:
+        return list(self._units)
+
+    def _unit(self, unit: str) -> dict:
+        try:
+            return self._units[unit]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no unit '{unit}' in this layer store") from None
+
+    def unit_file(self, unit: str) -> str:
+        return os.path.join(self.path, self._unit(unit)["file"])
+
+    def unit_span(self, unit: str) -> tuple[int, int]:
+        """(data_offset, data_bytes): one read of these bytes holds every tensor of the unit."""
+        u = self._unit(unit)
+        return u["data_offset"], u["data_bytes"]
+
+    def unit_bytes(self, unit: str) -> int:
+        return self._unit(unit)["data_bytes"]
+
+    def tensor_names(self, unit: str) -> list[str]:
+        return list(self._unit(unit)["tensors"])
+
+    def views(self, unit: str, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Tensor views (no copy) into ``buf``, a uint8 CPU tensor holding the unit's data section
+        (buf[0] is file byte data_offset). The views alias ``buf``: keep it alive and unchanged."""
+        u = self._unit(unit)
+        d0, n = u["data_offset"], u["data_bytes"]
+        if buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or buf.numel() < n:
+            raise ValueError(f"{unit}: need a contiguous 1-D uint8 buffer of at least {n} bytes, got "
+                             f"{buf.dtype} {tuple(buf.shape)}")
+        out = {}
+        for name, (dt, shape, off, nb) in u["tensors"].items():
+            out[name] = buf[off - d0: off - d0 + nb].view(dt).view(shape)
+        return out
+
+    def read_unit(self, unit: str, buf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One positional read of the unit's data section into ``buf`` (or a fresh buffer), then views.
+        With a tied embedding the head has no "lm.weight": use the embed unit's "tok.weight"."""
+        d0, n = self.unit_span(unit)
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.uint8)
+        elif buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or buf.numel() < n:
+            raise ValueError(f"{unit}: need a contiguous 1-D uint8 buffer of at least {n} bytes")
+        path = self.unit_file(unit)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+        try:
+            pread_into(fd, buf[:n], d0, path)
+        finally:
+            os.close(fd)
+        return self.views(unit, buf)
+
+    def verify(self, units: list[str] | None = None) -> None:
+        """Recompute the SHA-256 of unit files; CheckpointError naming the first file that differs."""
+        for unit in units if units is not None else self.units():
+            u, path = self._unit(unit), self.unit_file(unit)
+            h = hashlib.sha256()
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    while chunk := f.read(16 << 20):
+                        h.update(chunk)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+            if h.hexdigest() != u["sha256"]:
+                raise CheckpointError(f"{path}: checksum mismatch (file is corrupt; convert the model again)")

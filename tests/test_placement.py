@@ -1,0 +1,347 @@
+"""Placement planner (pure, sizes only) and a smoke test of the bandwidth probes."""
+from __future__ import annotations
+
+import math
+import random
+import re
+
+import pytest
+
+from overspill.placement import (Bandwidths, Plan, PlanError, UnitCost, parse_memory, parse_size,
+                                 plan_placement)
+
+GiB, MiB = 2**30, 2**20
+
+
+def model(n_blocks=8, block=100, kv=10, embed=100, embed_stream=10, head=100) -> list[UnitCost]:
+    return ([UnitCost("embed", embed, 0, embed_stream)]
+            + [UnitCost(f"block.{i}", block, kv) for i in range(n_blocks)]
+            + [UnitCost("head", head)])
+
+
+def homes(plan: Plan) -> list[str]:
+    return [p.home for p in plan.placements]
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_memory
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("cuda:0=10GiB,cuda:1=10GiB,cpu=4GiB", {"cuda:0": 10 * GiB, "cuda:1": 10 * GiB, "cpu": 4 * GiB}),
+    ("0=1GB, cpu = 512MiB", {"cuda:0": 10**9, "cpu": 512 * MiB}),
+    ("cpu=123", {"cpu": 123}),
+    ("cpu=1.5gib,disk=1TB", {"cpu": 3 * GiB // 2, "disk": 10**12}),
+    ("CPU=2KiB,cuda:3=7B,1=3kb", {"cpu": 2048, "cuda:3": 7, "cuda:1": 3000}),
+    ("cuda:0=1TiB", {"cuda:0": 2**40}),
+])
+def test_parse_memory_good(spec, expected):
+    got = parse_memory(spec)
+    assert got == expected
+    assert list(got) == list(expected)  # order kept: it is the fill order
+
+
+@pytest.mark.parametrize("spec,piece", [
+    ("cpu", "cpu"),
+    ("cpu=", "cpu="),
+    ("cpu=4XB", "cpu=4XB"),
+    ("gpu0=1GiB", "gpu0=1GiB"),
+    ("cpu=-1GiB", "cpu=-1GiB"),
+    ("cuda:0=1GiB,,cpu=1GiB", ""),
+    ("cuda=1GiB", "cuda=1GiB"),
+])
+def test_parse_memory_bad(spec, piece):
+    with pytest.raises(ValueError) as e:
+        parse_memory(spec)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert repr(piece) in msg
+    assert "expected DEVICE=SIZE" in msg and "cuda:0=10GiB" in msg
+
+
+def test_parse_memory_bad_other():
+    for spec in ("", "  "):
+        with pytest.raises(ValueError, match="empty memory spec"):
+            parse_memory(spec)
+    with pytest.raises(ValueError, match="'cpu' given twice"):
+        parse_memory("cpu=1GiB,cpu=2GiB")
+    assert parse_size("3MiB") == 3 * MiB
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU-only plans (hand-computed)
+#   units: embed 100 B (streams 10 B), 8 blocks of 100 B + 10 B KV, head 100 B; activations 50;
+#   2 slots. Everything streamed: ring 2x100 + KV 80 + act 50 = 330.
+
+
+def test_all_resident_when_budget_is_big():
+    plan = plan_placement(model(), {"cpu": 10 * GiB}, activation_bytes=50)
+    assert all(p.tier == "resident" and p.device == "cpu" and p.home == "cpu" for p in plan.placements)
+    assert plan.ring_slots == 0 and plan.staging_bytes == 0 and plan.compute_device is None
+    assert plan.usage["cpu"] == {"weights": 1000, "kv": 80, "staging": 0, "activations": 50, "total": 1130}
+    assert plan.streamed_bytes_per_token() == 0
+    assert plan.resident_bytes("cpu") == 1000
+
+
+def test_missing_cpu_budget_is_unlimited():
+    plan = plan_placement(model(), {})
+    assert set(homes(plan)) == {"cpu"}
+    assert "unlimited" in plan.table()
+
+
+def test_partial_streaming():
+    # embed + block.0-2 resident: 400 + ring 200 + KV 80 + act 50 = 730; one more block needs 830
+    plan = plan_placement(model(), {"cpu": 730}, activation_bytes=50)
+    assert homes(plan) == ["cpu"] * 4 + ["disk"] * 6
+    assert [p.tier for p in plan.placements] == ["resident"] * 4 + ["stream"] * 6
+    assert all(p.device == "cpu" for p in plan.placements)
+    assert plan.ring_slots == 2 and plan.staging_bytes == 100 and plan.compute_device == "cpu"
+    assert plan.usage["cpu"]["total"] == 730
+    assert plan.streamed_bytes_per_token() == 600
+    plan = plan_placement(model(), {"cpu": 729}, activation_bytes=50)
+    assert homes(plan) == ["cpu"] * 3 + ["disk"] * 7
+
+
+def test_everything_streamed_when_budget_only_fits_ring():
+    plan = plan_placement(model(), {"cpu": 330}, activation_bytes=50)
+    assert [(p.tier, p.home) for p in plan.placements] == [("stream", "disk")] * 10  # embed and head too
+    assert plan.usage["cpu"] == {"weights": 0, "kv": 80, "staging": 200, "activations": 50, "total": 330}
+    assert plan.streamed_bytes_per_token() == 10 + 800 + 100  # the embedding streams only its rows
+
+
+def test_no_ring_when_the_big_head_is_resident():
+    # streaming only a 1000 B head needs a 2000 B ring: keeping it resident is cheaper and chosen
+    units = model(head=1000)
+    plan = plan_placement(units, {"cpu": 1900 + 80})
+    assert set(homes(plan)) == {"cpu"} and plan.ring_slots == 0
+
+
+def test_impossible_budget_names_the_minimum_and_it_works():
+    units = [UnitCost("embed", 300 * MiB, 0, MiB)] + [UnitCost(f"block.{i}", 512 * MiB, 25 * MiB) for i in range(12)] \
+        + [UnitCost("head", 300 * MiB)]
+    with pytest.raises(PlanError) as e:
+        plan_placement(units, {"cpu": 1 * GiB}, activation_bytes=64 * MiB)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("cpu=1.00 GiB is too small: need at least 1.36 GiB")  # 1388 MiB = 1.3555 GiB, rounded up
+    assert "2 staging slots of 512.00 MiB + KV 300.00 MiB + activations 64.00 MiB" in msg
+    need = 2 * 512 * MiB + 300 * MiB + 64 * MiB
+    assert e.value.device == "cpu" and e.value.min_bytes == need
+    plan = plan_placement(units, {"cpu": need}, activation_bytes=64 * MiB)
+    assert plan.usage["cpu"]["total"] <= need
+    # the printed (rounded up) figure works when typed back in
+    printed = re.search(r"need at least (\S+ \S+)", msg).group(1).replace(" ", "")
+    plan_placement(units, parse_memory(f"cpu={printed}"), activation_bytes=64 * MiB)
+    with pytest.raises(PlanError):
+        plan_placement(units, {"cpu": need - 1}, activation_bytes=64 * MiB)
+
+
+# ---------------------------------------------------------------------------------------------
+# accelerators (fake budgets: the planner never touches a device)
+
+
+def test_multi_gpu_budgets():
+    # cuda:0 = 350: embed + block.0-1 (100 + 2x110) + act 50 = 370 > 350 -> embed + block.0 (260)
+    # cuda:1 (compute device) = 800: reserve ring 2x100 + KV of streamed + act 50
+    units = model()
+    plan = plan_placement(units, {"cuda:0": 350, "cuda:1": 800, "cpu": 300}, activation_bytes=50)
+    got = [(p.unit, p.tier, p.device, p.home) for p in plan.placements]
+    # cuda:1 holds block.1..k: 50 act + 200 ring + 10*(7-m) KV streamed + 110*m resident <= 800
+    #   m=5: 50+200+20+550 = 820 > 800; m=4: 50+200+30+440 = 720 -> block.1-4
+    # cpu: block.5-6 (200 B weights) + pinned host ring 2x100 = 400 > 300 -> block.5 only (300)
+    assert got == ([("embed", "resident", "cuda:0", "cuda:0"), ("block.0", "resident", "cuda:0", "cuda:0")]
+                   + [(f"block.{i}", "resident", "cuda:1", "cuda:1") for i in range(1, 5)]
+                   + [("block.5", "stream", "cuda:1", "cpu")]
+                   + [(f"block.{i}", "stream", "cuda:1", "disk") for i in (6, 7)]
+                   + [("head", "stream", "cuda:1", "disk")])
+    assert plan.compute_device == "cuda:1"
+    assert plan.usage["cuda:0"] == {"weights": 200, "kv": 10, "staging": 0, "activations": 50, "total": 260}
+    assert plan.usage["cuda:1"] == {"weights": 400, "kv": 70, "staging": 200, "activations": 50, "total": 720}
+    assert plan.usage["cpu"] == {"weights": 100, "kv": 0, "staging": 200, "activations": 0, "total": 300}
+    assert plan.resident_bytes("cuda:1") == 400 and plan.resident_bytes("cpu") == 100
+
+
+def test_gpu_order_is_the_order_given():
+    plan = plan_placement(model(), {"cuda:1": 10**6, "cuda:0": 10**6})
+    assert set(homes(plan)) == {"cuda:1"}
+
+
+def test_explicit_compute_device_and_missing_gpu_budget():
+    plan = plan_placement(model(), {"cuda:0": 700, "cuda:1": 250, "cpu": 10**6}, compute_device="cuda:0")
+    assert plan.compute_device == "cuda:0" and {"cuda:0", "cuda:1", "cpu"} <= set(homes(plan))
+    assert plan.usage["cuda:0"]["staging"] == 200 and plan.usage["cuda:1"]["staging"] == 0
+    auto = plan_placement(model(), {"cuda:0": 700, "cuda:1": 250, "cpu": 10**6})
+    assert auto.compute_device == "cuda:1" and auto.usage["cuda:1"]["staging"] == 200  # last GPU with room
+    with pytest.raises(PlanError, match=r"^cuda:2=0 \(no budget given\) is too small") as e:
+        plan_placement(model(), {"cpu": 10**6}, compute_device="cuda:2")
+    assert e.value.min_bytes == 2 * 100 + 80  # ring + KV, nothing resident there
+    plan_placement(model(), {"cpu": 10**6, "cuda:2": e.value.min_bytes}, compute_device="cuda:2")
+
+
+def test_gpu_plan_too_small_host_ring_blames_cpu():
+    with pytest.raises(PlanError, match=r"^cpu=50 B is too small: need at least 200 B") as e:
+        plan_placement(model(), {"cuda:0": 400, "cpu": 50})
+    assert e.value.device == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# properties over many random cases
+
+
+def _check_plan(plan: Plan, units: list[UnitCost], budgets: dict[str, int], act: int, slots: int):
+    assert [p.unit for p in plan.placements] == [u.name for u in units]
+    accels = [d for d in budgets if d not in ("cpu", "disk")]
+    rank = {d: i for i, d in enumerate(accels + ["cpu", "disk"])}
+    hs = homes(plan)
+    assert hs == sorted(hs, key=rank.__getitem__), "order kept: each tier is a contiguous run, in order"
+    c = plan.compute_device
+    streamed = [p for p in plan.placements if p.tier == "stream"]
+    expect = {d: dict(weights=0, kv=0, staging=0, activations=0) for d in plan.usage}
+    for p, u in zip(plan.placements, units):
+        assert (p.weight_bytes, p.kv_bytes, p.stream_bytes) == (u.weight_bytes, u.kv_bytes, u.read_bytes)
+        if p.tier == "resident":
+            assert p.home == p.device
+        else:
+            assert p.device == c and p.home in ("cpu", "disk") and p.home != c
+        if p.home != "disk":
+            expect[p.home]["weights"] += p.weight_bytes
+        expect[p.device]["kv"] += p.kv_bytes
+        expect[p.device]["activations"] = act
+    if streamed:
+        expect[c]["staging"] += slots * max(p.stream_bytes for p in streamed)
+        disk = [p.stream_bytes for p in streamed if p.home == "disk"]
+        if c != "cpu" and disk:
+            expect["cpu"]["staging"] += slots * max(disk)
+    for d, u in plan.usage.items():
+        assert {k: v for k, v in u.items() if k != "total"} == expect[d], d
+        assert u["total"] == sum(expect[d].values())
+        if d in budgets:
+            assert u["total"] <= budgets[d], f"{d} over budget: {u['total']} > {budgets[d]}"
+
+
+def _random_case(rng: random.Random):
+    n = rng.randint(1, 10)
+    block = rng.randint(1, 1000)
+    units = [UnitCost("embed", rng.randint(1, 3000), 0, rng.randint(0, 50))]
+    units += [UnitCost(f"block.{i}", block + rng.randint(0, 50), rng.randint(0, 100)) for i in range(n)]
+    units += [UnitCost("head", rng.randint(1, 3000))]
+    total = sum(u.weight_bytes for u in units)
+    budgets: dict[str, int] = {}
+    for g in rng.sample(range(4), rng.randint(0, 3)):
+        budgets[f"cuda:{g}"] = rng.randint(0, total)
+    if rng.random() < 0.85:
+        budgets["cpu"] = rng.randint(0, total + 2000)
+    return units, budgets, rng.choice([0, 7, 300]), rng.choice([1, 2, 3])
+
+
+def test_random_budgets_are_never_exceeded_and_minimums_work():
+    rng = random.Random(1234)
+    planned = refused = 0
+    for _ in range(300):
+        units, budgets, act, slots = _random_case(rng)
+        try:
+            plan = plan_placement(units, budgets, activation_bytes=act, ring_slots=slots)
+        except PlanError as e:
+            refused += 1
+            assert e.min_bytes is not None, str(e)
+            fixed = {**budgets, e.device: e.min_bytes}
+            _check_plan(plan_placement(units, fixed, activation_bytes=act, ring_slots=slots), units, fixed, act, slots)
+            with pytest.raises(PlanError):
+                plan_placement(units, {**budgets, e.device: e.min_bytes - 1}, activation_bytes=act, ring_slots=slots)
+            continue
+        planned += 1
+        _check_plan(plan, units, budgets, act, slots)
+        assert plan_placement(units, dict(budgets), activation_bytes=act, ring_slots=slots) == plan  # deterministic
+    assert planned > 50 and refused > 20
+
+
+def test_cpu_only_keeps_the_most_units_resident():
+    """Brute force over every resident prefix: the planner picks the longest one that fits."""
+    rng = random.Random(7)
+    for _ in range(200):
+        units, budgets, act, slots = _random_case(rng)
+        cpu = budgets.get("cpu", 10**9)
+        n = len(units)
+
+        def need(t):
+            ring = slots * max((u.read_bytes for u in units[t:]), default=0)
+            return sum(u.weight_bytes for u in units[:t]) + sum(u.kv_bytes for u in units) + act + (ring if t < n else 0)
+
+        fits = [t for t in range(n + 1) if need(t) <= cpu]
+        try:
+            plan = plan_placement(units, {"cpu": cpu}, activation_bytes=act, ring_slots=slots)
+        except PlanError as e:
+            assert not fits and e.min_bytes == min(need(t) for t in range(n + 1))
+            continue
+        assert homes(plan).count("cpu") == max(fits)
+
+
+def test_deterministic_and_json_round_trip():
+    units = model()
+    budgets = {"cuda:0": 350, "cuda:1": 800, "cpu": 300}
+    a = plan_placement(units, budgets, activation_bytes=50)
+    b = plan_placement(units, budgets, activation_bytes=50)
+    assert a == b and a.to_json() == b.to_json()
+    back = Plan.from_json(a.to_json())
+    assert back == a and back.to_json() == a.to_json()
+    assert isinstance(back.placements[0], type(a.placements[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction and display
+
+
+def test_predict_bounds():
+    units = [UnitCost("embed", 10**9, 0, 10**6)] + [UnitCost(f"block.{i}", 10**9, 10**7) for i in range(10)] \
+        + [UnitCost("head", 10**9)]
+    bw = Bandwidths(mem_gbps=40.0, disk_gbps=1.0, h2d_gbps=20.0, gpu_mem_gbps=2000.0, matmul_tflops=None)
+
+    r = plan_placement(units, {"cpu": 100 * 10**9}).predict(bw)  # all in RAM: memory bound
+    assert r["bound"] == "memory" and r["disk_s"] == 0
+    assert r["s_per_token"] == pytest.approx((10**6 + 11 * 10**9 + 10**8) / 40e9)
+
+    plan = plan_placement(units, {"cpu": 5 * 10**9})  # half from disk: disk bound
+    r = plan.predict(bw)
+    assert r["bound"] == "disk"
+    assert r["s_per_token"] == pytest.approx(plan.disk_bytes_per_token() / 1e9)
+    assert r["tokens_per_s"] == pytest.approx(1 / r["s_per_token"])
+
+    plan = plan_placement(units, {"cuda:0": 4 * 10**9})  # GPU computes units held in RAM: h2d bound
+    r = plan.predict(bw)
+    assert r["bound"] == "h2d" and r["disk_s"] == 0
+    assert r["h2d_s"] == pytest.approx(plan.streamed_bytes_per_token() / 20e9)
+
+    r = plan_placement(units, {"cpu": 100 * 10**9}).predict(
+        Bandwidths(mem_gbps=40.0, disk_gbps=1.0, matmul_tflops=1e-3), batch=8)  # tiny compute: compute bound
+    assert r["bound"] == "compute"
+    assert r["s_per_token"] == pytest.approx(2 * 8 * 11 * 10**9 / 2 / 1e9)
+    assert r["tokens_per_s"] == pytest.approx(8 / r["s_per_token"])
+
+
+def test_table_is_readable():
+    plan = plan_placement(model(), {"cpu": 730}, activation_bytes=50)
+    text = plan.table(Bandwidths(mem_gbps=40.0, disk_gbps=1.0))
+    lines = text.splitlines()
+    assert any(re.match(r"block\.0-2\s+resident\s+cpu\s+cpu\s+300 B", ln) for ln in lines), text
+    assert any(re.match(r"block\.3-7\s+stream\s+cpu\s+disk", ln) for ln in lines), text
+    assert any(re.fullmatch(r"cpu\s+400 B\s+80 B\s+200 B\s+50 B\s+730 B\s+730 B\s+100%", ln) for ln in lines), text
+    assert "bound: disk" in text and "s/token" in text
+    big = [UnitCost(f"block.{i}", 3 * GiB // 2) for i in range(4)]
+    assert "6.00 GiB" in plan_placement(big, {}).table()
+
+
+# ---------------------------------------------------------------------------------------------
+# bandwidth probes (smoke only: tiny and fast)
+
+
+def test_bandwidth_probes_smoke(tmp_path):
+    from overspill.placement import bandwidth
+
+    m = bandwidth.mem_read_gbps(nbytes=4 * MiB, reps=2)
+    assert m > 0 and math.isfinite(m)
+    f = tmp_path / "probe.bin"
+    f.write_bytes(bytes(range(256)) * (4096 * 3 + 7))  # not a multiple of the O_DIRECT alignment
+    for kw in ({}, {"direct": False}, {"threads": 3, "block": 1 << 16}):
+        d = bandwidth.disk_read_gbps(str(f), **kw)
+        assert d > 0 and math.isfinite(d)
+    assert bandwidth.disk_read_gbps([f, f], max_bytes=100) > 0

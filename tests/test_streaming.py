@@ -1,0 +1,191 @@
+"""Every placement (all resident, some blocks streamed, everything streamed) gives float32 logits
+bitwise-equal to the all-resident run and identical greedy tokens, for each architecture."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import overspill
+from conftest import VARIANTS, VOCAB
+from overspill.runtime.loader import Reserve, unit_weight_bytes
+from overspill.runtime.streaming import StreamingSource
+
+ALL = list(VARIANTS)
+
+
+def _budgets(path, n_resident_blocks):
+    """A cpu budget that keeps embed + n blocks resident and streams the rest (from the planner's own costs)."""
+    from overspill.checkpoint.hf import HFCheckpoint
+    ck = HFCheckpoint(path)
+    cfg = ck.config
+    r = Reserve(1, 64)
+    w = {u: unit_weight_bytes(ck, cfg, u, torch.float32, None) for u in ["embed", "block.0", "head"]}
+    kv = r.kv_bytes_per_block(cfg, torch.float32)
+    biggest = max(w.values())
+    fixed = 2 * biggest + cfg.n_layers * kv + r.activation_bytes(cfg, torch.float32)
+    if n_resident_blocks < 0:
+        return fixed
+    return fixed + w["embed"] + n_resident_blocks * w["block.0"] + 16
+
+
+def _minimum_budget(path):
+    """The planner's own minimum, read from its refusal of a too-small budget."""
+    import re
+    with pytest.raises(overspill.OverspillError) as e:
+        overspill.load(path, max_memory="cpu=1KiB", max_seq_len=64)
+    return int(re.search(r"= (\d+) B", str(e.value)).group(1))
+
+
+def _stream_model(path, budget, **kw):
+    return overspill.load(path, dtype="float32", max_memory={"cpu": budget}, max_seq_len=64, **kw)
+
+
+@pytest.mark.parametrize("variant", ALL)
+@pytest.mark.parametrize("resident_blocks", [-1, 0])
+def test_streamed_logits_bitwise_equal_resident(ref_dir, variant, resident_blocks):
+    path, _ = ref_dir(variant)
+    base = overspill.load(path, dtype="float32")
+    m = _stream_model(path, _budgets(path, resident_blocks))
+    tiers = [p.tier for p in m.plan.placements]
+    assert "stream" in tiers
+    if resident_blocks < 0:
+        assert set(tiers) == {"stream"}                    # embeddings and head streamed too
+    else:
+        assert tiers[: 1 + resident_blocks] == ["resident"] * (1 + resident_blocks)
+    assert isinstance(m.executor.source, StreamingSource)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.logits(ids), base.logits(ids))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    assert m.generate(prompts, max_new_tokens=12, ignore_eos=True) == \
+        base.generate(prompts, max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["GPTJ", "Llama"])
+def test_some_blocks_resident_some_streamed(tmp_path, arch):
+    import transformers
+    from conftest import build_reference
+
+    cls = getattr(transformers, f"{arch}Config")
+    kw = dict(n_embd=64, n_layer=6, n_head=4, rotary_dim=8) if arch == "GPTJ" else \
+        dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cls(vocab_size=VOCAB, **kw)).eval()
+    model.save_pretrained(tmp_path)
+    base = overspill.load(tmp_path, dtype="float32")
+    m = _stream_model(str(tmp_path), _budgets(str(tmp_path), 2))
+    tiers = [p.tier for p in m.plan.placements]
+    assert tiers == ["resident"] * 3 + ["stream"] * 5
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(m.logits(ids), base.logits(ids))
+    assert m.generate([[4, 5, 6]], max_new_tokens=10, ignore_eos=True) == \
+        base.generate([[4, 5, 6]], max_new_tokens=10, ignore_eos=True)
+
+
+def test_big_budget_is_all_resident(ref_dir):
+    path, _ = ref_dir("llama_gqa")
+    m = overspill.load(path, dtype="float32", max_memory="cpu=1GiB", max_seq_len=64)
+    assert {p.tier for p in m.plan.placements} == {"resident"}
+
+
+def test_impossible_budget_is_refused_with_minimum(ref_dir):
+    path, _ = ref_dir("gptj")
+    with pytest.raises(overspill.OverspillError, match=r"too small.*at least"):
+        overspill.load(path, dtype="float32", max_memory="cpu=10KiB", max_seq_len=64)
+
+
+def test_request_beyond_kv_reserve_is_refused(ref_dir):
+    path, _ = ref_dir("gptj")
+    m = _stream_model(path, _budgets(path, 0))
+    with pytest.raises(overspill.OverspillError, match="reserved 1 x 64"):
+        m.generate([[3, 4, 5]] * 4, max_new_tokens=60)
+
+
+def test_stream_recovers_after_an_interrupted_pass(ref_dir):
+    path, _ = ref_dir("gpt_neox_parallel")
+    base = overspill.load(path, dtype="float32")
+    m = _stream_model(path, _budgets(path, 0))
+    src = m.executor.source
+    src.begin_pass()
+    src.acquire(src.streamed[0])          # a pass that dies after one streamed unit
+    ids = torch.tensor([[4, 5, 6, 7]])
+    assert torch.equal(m.logits(ids), base.logits(ids))
+
+
+def test_streamed_read_error_names_the_file(ref_dir, tmp_path):
+    import shutil
+    src, _ = ref_dir("gpt2")
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    m = _stream_model(str(d), _budgets(str(d), 0))
+    with open(d / "model.safetensors", "r+b") as f:   # truncate after load: the next streamed read fails
+        f.truncate(os.path.getsize(d / "model.safetensors") // 2)
+    with pytest.raises(overspill.CheckpointError, match="model.safetensors"):
+        m.logits(torch.tensor([[4, 5, 6]]))
+
+
+def test_peak_rss_within_budget_plus_overhead(tmp_path):
+    """A ~100 MB fp32 model under cpu=40MB: peak RSS over the baseline stays within the budget
+    plus a fixed overhead (allocator slack, Python objects), far below the model size."""
+    import transformers
+
+    cfg = transformers.GPTNeoXConfig(vocab_size=2048, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+                                     intermediate_size=2048, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path)
+    model_bytes = os.path.getsize(tmp_path / "model.safetensors")
+    budget = 40 << 20
+    code = textwrap.dedent(f"""
+        import json, torch, overspill
+        def hwm():
+            for l in open('/proc/self/status'):
+                if l.startswith('VmHWM'): return int(l.split()[1]) * 1024
+        x = torch.ones(64, 64) @ torch.ones(64, 64)     # warm the allocator and thread pool
+        base = hwm()
+        m = overspill.load({str(tmp_path)!r}, dtype='float32', max_memory={{'cpu': {budget}}}, max_seq_len=48)
+        out = m.generate([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=16, ignore_eos=True)
+        print(json.dumps({{'base': base, 'peak': hwm(), 'tiers': [p.tier for p in m.plan.placements]}}))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["tiers"].count("stream") >= 8
+    grown = res["peak"] - res["base"]
+    overhead = 32 << 20   # documented in README: fixed runtime overhead on top of --max-memory
+    assert grown <= budget + overhead, f"grew {grown / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
+    assert grown < model_bytes / 2
+
+
+@pytest.mark.parametrize("variant", ["gptj", "llama_tied", "gpt2"])
+def test_layer_store_resident_and_streamed_equal_hf(ref_dir, tmp_path, variant):
+    from overspill.checkpoint.store import convert
+
+    path, _ = ref_dir(variant)
+    store = convert(path, str(tmp_path / "store"), dtype="float32", progress=False)
+    base = overspill.load(path, dtype="float32")
+    ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    want = base.logits(ids)
+    assert torch.equal(overspill.load(store).logits(ids), want)
+    streamed = overspill.load(store, max_memory={"cpu": _budgets(path, -1)}, max_seq_len=64)
+    assert {p.tier for p in streamed.plan.placements} == {"stream"}
+    assert torch.equal(streamed.logits(ids), want)
+    assert streamed.generate([[4, 5, 6]], max_new_tokens=8, ignore_eos=True) == \
+        base.generate([[4, 5, 6]], max_new_tokens=8, ignore_eos=True)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8-dynamic"])
+def test_quantized_store_streams_like_quantized_ram(ref_dir, tmp_path, scheme):
+    from overspill.checkpoint.store import convert
+
+    path, _ = ref_dir("llama_gqa")
+    store = convert(path, str(tmp_path / "q"), dtype="bfloat16", quantize=scheme, progress=False)
+    ram = overspill.load(path, dtype="bfloat16", quantize=scheme)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    want = ram.logits(ids)
+    assert torch.equal(overspill.load(store).logits(ids), want)
+    m = overspill.load(store, max_memory={"cpu": _minimum_budget(store)}, max_seq_len=64)
+    assert "stream" in {p.tier for p in m.plan.placements}
+    assert torch.equal(m.logits(ids), want)
