@@ -73,7 +73,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         return _generate_file(a)
     if a.prompt is None:
         raise OverspillError("give a PROMPT, or --prompts FILE.jsonl --out FILE.jsonl")
-    model = _load(a, 1, None if a.max_memory is None else 2048)
+    seq = None
+    if a.max_memory is not None:   # reserve KV cache for exactly this request
+        from .api import default_model_path
+        from .tokenizer import Tokenizer
+        seq = len(Tokenizer(a.model or default_model_path()).encode(a.prompt)) + a.max_new_tokens
+    model = _load(a, max(1, a.num_beams), seq)
     kw = _gen_kwargs(a)
     out = sys.stdout
     out.write(a.prompt)

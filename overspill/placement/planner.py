@@ -32,12 +32,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from ..errors import OverspillError
 
 __all__ = ["Bandwidths", "Placement", "Plan", "PlanError", "UnitCost", "fmt_bytes", "parse_memory",
            "plan_placement"]
 
 
-class PlanError(ValueError):
+class PlanError(OverspillError, ValueError):
     """The budgets cannot hold any plan. `device` and `min_bytes` say what would work (or None)."""
 
     def __init__(self, msg: str, device: str | None = None, min_bytes: int | None = None):
