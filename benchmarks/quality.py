@@ -1,0 +1,50 @@
+"""Held-out perplexity of the built-in model for every weight format (the README's quality table).
+
+    .venv/bin/python benchmarks/quality.py [--chars 200000] [--context 256 --stride 128]
+
+The built-in model was trained on 256-token windows, so context 256 is its natural window.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import overspill
+from overspill.evaluate import perplexity
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--text", default=None, help="default: the built-in model's held-out plays")
+    ap.add_argument("--chars", type=int, default=200_000)
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--stride", type=int, default=128)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    path = a.model or overspill.default_model_path()
+    text = open(a.text or f"{path}/heldout.txt", encoding="utf-8").read()[: a.chars]
+    rows = []
+    base = None
+    for dtype, scheme in [("float32", None), ("bfloat16", None), ("float32", "int8"), ("float32", "int8-dynamic"),
+                          ("float32", "int4"), ("float32", "nf4")]:
+        m = overspill.load(path, dtype=dtype, quantize=scheme)
+        r = perplexity(m, m.encode(text), a.context, a.stride)
+        base = base or r["perplexity"]
+        lin = [w for w in m.executor.source.weights[1:-1]]
+        from overspill.runtime.accounting import weights_nbytes
+        rows.append(dict(dtype=dtype, scheme=scheme or "-", ppl=r["perplexity"], nll=r["nll"], tokens=r["tokens"],
+                         vs_fp32=r["perplexity"] / base - 1, block_bytes=sum(weights_nbytes(w) for w in lin),
+                         tokens_per_s=r["tokens_per_s"]))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| weights | block bytes | perplexity | vs float32 |\n|---|---|---|---|")
+    for r in rows:
+        name = r["dtype"] if r["scheme"] == "-" else f"{r['scheme']} (float32 activations)"
+        print(f"| {name} | {r['block_bytes'] / 2**20:.2f} MiB | {r['ppl']:.3f} | {100 * r['vs_fp32']:+.2f}% |")
+    print(f"\n{rows[0]['tokens']} held-out tokens, context {a.context}, stride {a.stride}")
+
+
+if __name__ == "__main__":
+    main()
