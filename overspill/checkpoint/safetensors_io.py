@@ -113,6 +113,8 @@ class SafetensorsFile:
             out = torch.empty(info.shape, dtype=info.dtype)
         assert out.is_contiguous() and out.numel() * out.element_size() == info.nbytes
         pread_into(self.fd, out, info.offset, self.path)
+        if hasattr(os, "posix_fadvise"):   # the bytes now live in ``out``: drop them from the page cache
+            os.posix_fadvise(self.fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
     def close(self) -> None:

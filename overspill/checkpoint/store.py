@@ -422,6 +422,8 @@ class LayerStore:
             raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
         try:
             pread_into(fd, buf[:n], d0, path)
+            if hasattr(os, "posix_fadvise"):   # the bytes now live in buf: don't also keep them as page cache
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         return self.views(unit, buf)

@@ -10,7 +10,8 @@ Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md):
   beyond M=1 (~bf16 F.linear speed at M=8); oneDNN stays near the bandwidth bound (x1.8-3.3 faster
   than bf16 F.linear at M=8). The prepacked oneDNN weight is built lazily on the first M>=2 call
   (a second N*K-byte copy in oneDNN's blocked layout).
-``act_quant="never"`` keeps every batch on int8pack (weight-only: no activation quantization).
+``act_quant="never"`` (the default) keeps every batch on int8pack: weight-only, and no hidden second copy of
+the weight, so memory budgets hold. ``act_quant="auto"`` opts into the faster w8a8 path for M >= 2.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def _onednn_int8_ok() -> bool:
 class Int8Linear(QuantLinear):
     scheme = "int8"
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str = "auto"):
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str = "never"):
         q, s = tensors["qweight"], tensors["scales"]
         if q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
             raise ValueError(f"int8: expected qweight int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)}, {tuple(s.shape)}")

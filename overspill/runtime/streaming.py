@@ -28,7 +28,7 @@ import torch
 from ..config import ModelConfig
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
-from .io import ALIGN, DirectFile, aligned_buffer, evict
+from .io import ALIGN, DirectFile, aligned_buffer
 
 
 class UnitReader(Protocol):
@@ -64,12 +64,7 @@ class HFUnitReader:
         return 0
 
     def fetch(self, unit: str, slot: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        t = self.ckpt.read_unit(unit, self.dtype)
-        for name in self.ckpt.unit_names(unit):
-            f = self.ckpt._files[self.ckpt._where[name]]
-            if hasattr(f, "fd"):
-                evict(f.fd)
-        return t
+        return self.ckpt.read_unit(unit, self.dtype)   # each tensor read is evicted from the page cache
 
 
 class StoreUnitReader:
