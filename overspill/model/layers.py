@@ -116,9 +116,30 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
     k_cache[:, :, step.start:step.end] = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hs)
     v_cache[:, :, step.start:step.end] = qkv[:, :, nh + nkv:].transpose(1, 2)
     k, v = k_cache[:, :, :step.end], v_cache[:, :, :step.end]          # (B, nkv, S, hs)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
-                                       scale=cfg.scale, enable_gqa=nkv != nh)  # (B, nh, T, hs)
+    if T == 1:
+        o = decode_attention(q, k, v, step.mask, cfg.scale)            # (B, nh, 1, hs)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
+                                           scale=cfg.scale, enable_gqa=nkv != nh)  # (B, nh, T, hs)
     return w.out(o.transpose(1, 2).reshape(B, T, nh * hs))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query token: two small matmuls with the query heads of a KV group stacked as rows.
+
+    For T=1 the CPU flash-attention kernel spends most of its time on set-up (~300 us per layer
+    at S~140 here); this is ~4x faster and needs no repeat of K/V for grouped-query attention.
+    softmax(q k^T * scale) v, Vaswani et al. 2017, eq. 1; the softmax runs in float32.
+    """
+    B, nh, _, hs = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, g, hs)
+    s = torch.matmul(qg, k.transpose(-1, -2)).float() * scale          # (B, nkv, g, S)
+    if mask is not None:
+        s = s.masked_fill(~mask.view(B, 1, 1, S), float("-inf"))
+    p = s.softmax(-1).to(v.dtype)
+    return torch.matmul(p, v).reshape(B, nh, 1, hs)                    # (B, nh, 1, hs)
 
 
 def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor) -> torch.Tensor:
