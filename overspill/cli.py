@@ -193,6 +193,12 @@ def cmd_info(a: argparse.Namespace) -> int:
         "per_block_bytes_bf16": params.get("block.0", 0) * 2,
         "config": cfg.to_dict(),
     }
+    from . import quant
+    from .runtime.loader import unit_weight_bytes
+    import torch
+
+    info["quantized_bytes"] = {s: sum(unit_weight_bytes(ck, cfg, u, torch.bfloat16, s) for u in units(cfg))
+                               for s in quant.SCHEMES}   # block matmuls quantized; embeddings, head, norms in bf16
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -203,6 +209,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"  context      {cfg.max_positions}   stored as {info['stored_dtype']}")
     for dt, n in info["bytes"].items():
         print(f"  {dt:12s} {_fmt_bytes(n)}")
+    for sch, n in info["quantized_bytes"].items():
+        print(f"  {sch:12s} {_fmt_bytes(n)}  (block matmuls quantized, rest bfloat16)")
     print(f"  one block    {_fmt_bytes(info['per_block_bytes_bf16'])} in bfloat16")
     return 0
 
@@ -268,7 +276,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 @args(lambda p: (p.add_argument("model", nargs="?", default=None), p.add_argument("--max-memory", required=True),
                  p.add_argument("--dtype", default="auto"), p.add_argument("--quantize", default=None),
                  p.add_argument("--max-batch-size", type=int, default=1), p.add_argument("--max-seq-len", type=int, default=1024),
-                 p.add_argument("--measure", action="store_true", help="re-measure memory/disk bandwidth"),
+                 p.add_argument("--cached", action="store_true", help="reuse the last bandwidth measurement instead of probing"),
                  p.add_argument("--json", action="store_true")))
 def cmd_plan(a: argparse.Namespace) -> int:
     from .api import default_model_path
@@ -286,7 +294,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         return 0
     from .placement.bandwidth import measure
 
-    bw = measure(model_paths=[path], cache=not a.measure)
+    bw = measure(model_paths=[path], cache=a.cached)   # ~1 s: this machine's speed drifts, so probe by default
     print(plan.table(bw))
     return 0
 

@@ -189,3 +189,19 @@ def test_quantized_store_streams_like_quantized_ram(ref_dir, tmp_path, scheme):
     m = overspill.load(store, max_memory={"cpu": _minimum_budget(store)}, max_seq_len=64)
     assert "stream" in {p.tier for p in m.plan.placements}
     assert torch.equal(m.logits(ids), want)
+
+
+@pytest.mark.parametrize("variant", ["gptj", "gpt_neox_parallel", "llama_gqa"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_planned_quantized_bytes_match_the_store(ref_dir, tmp_path, variant, scheme):
+    """The planner sizes quantized units from shapes alone; a converted store holds the same bytes."""
+    from overspill.checkpoint.hf import HFCheckpoint
+    from overspill.checkpoint.store import LayerStore, convert
+
+    path, _ = ref_dir(variant)
+    store = LayerStore(convert(path, str(tmp_path / "s"), dtype="bfloat16", quantize=scheme, progress=False))
+    ck = HFCheckpoint(path)
+    for unit in ["embed", "block.0", "head"]:
+        planned = unit_weight_bytes(ck, ck.config, unit, torch.bfloat16, scheme)
+        stored = store.unit_bytes(unit)
+        assert abs(planned - stored) <= 64 * 16, (unit, planned, stored)   # 64-byte alignment padding at most

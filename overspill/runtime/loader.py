@@ -42,6 +42,10 @@ def _es(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+# raw canonical names (before fusing) of the tensors that become block matmul weights
+_RAW_LINEAR_PARTS = {"q", "k", "v", "qkv", "qkv_neox", "gate", "up", "out", "down"}
+
+
 def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None) -> int:
     """Bytes a unit's weights occupy, from shapes only."""
     if hasattr(src, "unit_bytes"):                 # a layer store knows exactly
@@ -53,7 +57,7 @@ def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quan
         shape = src.shape(name)
         n = math.prod(shape)
         lin = canon.split(".")[0]
-        if quantize and canon.endswith(".weight") and lin in linear_names(unit) and unit != "head":
+        if quantize and canon.endswith(".weight") and lin in _RAW_LINEAR_PARTS and unit.startswith("block."):
             continue                                  # counted from the fused canonical shape below
         total += n * _es(dtype)
     if quantize and unit.startswith("block."):
