@@ -43,6 +43,9 @@ def _onednn_int8_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
+DEQUANT_MIN_M = 32   # above this many rows (weight-only mode), dequantize + dense matmul
+
+
 class Int8Linear(QuantLinear):
     scheme = "int8"
 
@@ -62,6 +65,12 @@ class Int8Linear(QuantLinear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
+        if self.act_quant == "never" and M > DEQUANT_MIN_M:
+            # Prefill-sized batches: int8pack is compute-bound there (3x slower than bf16 at M=128);
+            # dequantize into a transient bf16 weight and run one dense matmul instead.
+            w = self.qweight.to(torch.bfloat16).mul_(self.scales_bf16[:, None])
+            y = torch.nn.functional.linear(x.to(torch.bfloat16), w)
+            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self.act_quant == "never" or (self.act_quant == "auto" and M <= INT8PACK_MAX_M):
             y = torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales_bf16)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
