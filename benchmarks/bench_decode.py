@@ -52,46 +52,20 @@ def make_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> lis
 
 def run_hf(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+    from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
     model.eval()
     load_s = time.perf_counter() - t0
 
-    class Stamp(StoppingCriteria):
-        """Called once per generated token (all rows together): records when it was produced."""
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores, **kw):
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-    ids = torch.tensor(prompts)
-    mask = torch.ones_like(ids)
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = model.generation_config.eos_token_id
-        pad = (pad[0] if isinstance(pad, list) else pad) or 0
-
-    def generate(n: int, stamp: Stamp | None = None):
-        with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, num_beams=1, use_cache=True, pad_token_id=pad,
-                                  stopping_criteria=StoppingCriteriaList([stamp] if stamp else []))
-
-    generate(warmup_tokens)
-    stamp = Stamp()
-    t0 = time.perf_counter()
-    out = generate(new_tokens, stamp)
+    common.hf_generate_timed(model, prompts, warmup_tokens)
+    out, times, t0 = common.hf_generate_timed(model, prompts, new_tokens)
     total_s = time.perf_counter() - t0
-    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
-    assert len(stamp.times) == new_tokens, (len(stamp.times), new_tokens)
-    steps = [b - a for a, b in zip(stamp.times, stamp.times[1:])]
-    return {"load_s": load_s, "prefill_s": stamp.times[0] - t0, "decode_s": stamp.times[-1] - stamp.times[0],
-            "total_s": total_s, "step_s_median": common.median(steps),
-            "tokens0": out[0, ids.shape[1]:ids.shape[1] + 16].tolist()}
+    steps = [b - a for a, b in zip(times, times[1:])]
+    T = len(prompts[0])
+    return {"load_s": load_s, "prefill_s": times[0] - t0, "decode_s": times[-1] - times[0],
+            "total_s": total_s, "step_s_median": common.median(steps), "tokens0": out[0, T:T + 16].tolist()}
 
 
 def run_overspill(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int,

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from overspill.model.linear import PackedLinear  # noqa: E402
 import overspill.quant as Q  # noqa: E402
-from overspill.quant import int4 as int4_mod  # noqa: E402
 
 warnings.filterwarnings("ignore")
 POOL_BYTES = int(float(os.environ.get("POOL_BYTES", 300e6)))

@@ -140,7 +140,7 @@ def run_overspill(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
 
 def run_accelerate(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+    from transformers import AutoModelForCausalLM
     import accelerate
     import transformers
 
@@ -155,34 +155,12 @@ def run_accelerate(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
         io1 = proc_io()
         dmap = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
 
-        class Stamp(StoppingCriteria):
-            """Called once per generated token (all rows together): records when it was produced."""
-            def __init__(self):
-                self.times: list[float] = []
-
-            def __call__(self, input_ids, scores, **kw):
-                self.times.append(time.perf_counter())
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-        ids = torch.tensor(prompts)
-        mask = torch.ones_like(ids)
-        pad = model.generation_config.pad_token_id
-        if pad is None:
-            pad = model.generation_config.eos_token_id
-            pad = (pad[0] if isinstance(pad, list) else pad) or 0
-        stamp = Stamp()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=a.new_tokens,
-                                 min_new_tokens=a.new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                 pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stamp]))
+        out, st, t0 = common.hf_generate_timed(model, prompts, a.new_tokens)
         total_s = time.perf_counter() - t0
         io2 = proc_io()
-        assert out.shape == (ids.shape[0], ids.shape[1] + a.new_tokens), out.shape
-        st = stamp.times
         steps = [y - x for x, y in zip(st, st[1:])]
         return {"load_s": load_s, **step_figures(st[0] - t0, steps, a.batch, a.new_tokens, total_s),
-                "device_map": dmap, "tokens0": out[0, ids.shape[1]:ids.shape[1] + 16].tolist(),
+                "device_map": dmap, "tokens0": out[0, len(prompts[0]):len(prompts[0]) + 16].tolist(),
                 "offload_folder_bytes": sum(f.stat().st_size for f in Path(offload).rglob("*") if f.is_file()),
                 "io_load": io_delta(io0, io1), "io_run": io_delta(io1, io2), "io_total": io_delta(io0, io2),
                 "transformers": transformers.__version__, "accelerate": accelerate.__version__}

@@ -13,6 +13,7 @@ import os
 import shlex
 import statistics
 import subprocess
+import time
 import sys
 import warnings
 from pathlib import Path
@@ -349,3 +350,33 @@ def kv_bytes_per_token(ckpt_dir: str | Path, bytes_per_elem: int = 2) -> int:
     kv_heads = c.get("num_key_value_heads") or heads
     head_dim = c.get("head_dim") or hidden // heads
     return layers * 2 * kv_heads * head_dim * bytes_per_elem
+
+
+def hf_generate_timed(model, prompts: list[list[int]], new_tokens: int) -> tuple["object", list[float], float]:
+    """Greedy transformers generate of exactly ``new_tokens`` tokens, stamping the time each token
+    appears (a StoppingCriteria is called once per step). Returns (output ids, stamps, start time)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stamp(StoppingCriteria):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kw):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids = torch.tensor(prompts)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.generation_config.eos_token_id
+        pad = (pad[0] if isinstance(pad, list) else pad) or 0
+    stamp = Stamp()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                             pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stamp]))
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    assert len(stamp.times) == new_tokens, (len(stamp.times), new_tokens)
+    return out, stamp.times, t0

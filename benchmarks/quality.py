@@ -39,7 +39,7 @@ def main() -> None:
                          vs_fp32=r["perplexity"] / base - 1, block_bytes=sum(weights_nbytes(w) for w in lin),
                          tokens_per_s=r["tokens_per_s"]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| weights | block bytes | perplexity | vs float32 |\n|---|---|---|---|")
+    print("\n| weights | block bytes | perplexity | vs float32 |\n|---|---|---|---|")
     for r in rows:
         name = r["dtype"] if r["scheme"] == "-" else f"{r['scheme']} (float32 activations)"
         print(f"| {name} | {r['block_bytes'] / 2**20:.2f} MiB | {r['ppl']:.3f} | {100 * r['vs_fp32']:+.2f}% |")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from importlib import resources
 from typing import Iterator, Sequence
 
@@ -147,7 +146,6 @@ class Model:
             yield held
 
     def info(self) -> dict:
-        from .runtime.accounting import weights_nbytes  # noqa: F401
         return {"family": self.config.family, "dtype": str(self.dtype).replace("torch.", ""),
                 "resident_bytes": self.executor.source.resident_bytes()}
 

@@ -70,7 +70,6 @@ def test_peak_rss_while_loading_stays_near_model_size(tmp_path):
     import sys
     import textwrap
 
-    from conftest import build_reference  # noqa: F401  (same builder, bigger shape)
     import transformers
 
     cfg = transformers.GPTNeoXConfig(vocab_size=4000, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,

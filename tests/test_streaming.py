@@ -67,7 +67,6 @@ def test_streamed_logits_bitwise_equal_resident(ref_dir, variant, resident_block
 @pytest.mark.parametrize("arch", ["GPTJ", "Llama"])
 def test_some_blocks_resident_some_streamed(tmp_path, arch):
     import transformers
-    from conftest import build_reference
 
     cls = getattr(transformers, f"{arch}Config")
     kw = dict(n_embd=64, n_layer=6, n_head=4, rotary_dim=8) if arch == "GPTJ" else \

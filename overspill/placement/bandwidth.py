@@ -9,7 +9,6 @@ Units: GB/s means 1e9 bytes per second; TFLOP/s means 1e12 floating point operat
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import mmap
 import os

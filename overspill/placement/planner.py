@@ -31,7 +31,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ..errors import OverspillError
 
 __all__ = ["Bandwidths", "Placement", "Plan", "PlanError", "UnitCost", "fmt_bytes", "parse_memory",

@@ -11,7 +11,7 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..model.kv_cache import KVCache
 from ..model.linear import DenseLinear
-from ..model.weights import MakeLinear, bind, default_make_linear, linear_names, units
+from ..model.weights import MakeLinear, bind, default_make_linear, units
 from .executor import Executor
 from .sources import ResidentSource
 from .streaming import HFUnitReader, StoreUnitReader, StreamingSource, dense_streamed
