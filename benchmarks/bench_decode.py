@@ -208,8 +208,7 @@ def driver(a: argparse.Namespace) -> None:
                        "mem_gbps_before": probes[-1], "weight_bytes_per_token": wbpt,
                        "kv_bytes_per_seq_mid_decode": kv_step, **res}
                 rows.append(row)
-                with open(out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                common.append_jsonl(out, row)
                 if row.get("ok"):
                     print(f"   round {rnd + 1}/{a.repeats} {side:9s}: prefill {row['prefill_s']:.3f} s, "
                           f"decode {fmt(row['decode_tok_s'])} tok/s/seq, peak RSS "
@@ -239,8 +238,7 @@ def driver(a: argparse.Namespace) -> None:
             if {"overspill", "hf"} <= set(sides):
                 summary["ratio_decode_overspill_over_hf"] = common.median(
                     common.paired_ratios(rows, "decode_tok_s", "overspill", "hf"))
-            with open(out, "a") as f:
-                f.write(json.dumps(summary) + "\n")
+            common.append_jsonl(out, summary)
             print(reports[-1], flush=True)
     print(f"raw rows appended to {out}", file=sys.stderr)
 

@@ -401,8 +401,7 @@ def driver(a: argparse.Namespace) -> None:
         for rnd, side in common.interleave(sides, a.repeats):
             row = one_run(a, side, batch, rnd, bw, ctx)
             rows.append(row)
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            common.append_jsonl(out, row)
             if row.get("ok"):
                 print(f"   batch {batch} round {rnd + 1}/{a.repeats} {side:15s}: load {row['load_s']:.2f} s, "
                       f"first token {row['first_token_s']:.3f} s, {fmt(row['step_s_median'])} s/token "
@@ -435,8 +434,7 @@ def driver(a: argparse.Namespace) -> None:
             summary[f"{side}@{b}"] = {k: med_of(ok, k) for k in
                                       ("load_s", "first_token_s", "step_s_median", "agg_tok_s", "disk_bound_s",
                                        "bound_s", "first_token_bound_s", "peak_rss_bytes")}
-    with open(out, "a") as f:
-        f.write(json.dumps(summary) + "\n")
+    common.append_jsonl(out, summary)
     print(f"raw rows appended to {out}", file=sys.stderr)
 
 

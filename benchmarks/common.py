@@ -380,3 +380,9 @@ def hf_generate_timed(model, prompts: list[list[int]], new_tokens: int) -> tuple
     assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
     assert len(stamp.times) == new_tokens, (len(stamp.times), new_tokens)
     return out, stamp.times, t0
+
+
+def append_jsonl(path, row: dict) -> None:
+    """Append one result row (raw rows are kept per run so nothing is lost if a later run fails)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_bytes  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / "bench-cache"
 
@@ -258,14 +261,6 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def make_checkpoint(out: Path, arch: str, overrides: dict, dtype: torch.dtype, max_shard_bytes: int,

@@ -145,9 +145,6 @@ class Model:
         if held:
             yield held
 
-    def info(self) -> dict:
-        return {"family": self.config.family, "dtype": str(self.dtype).replace("torch.", ""),
-                "resident_bytes": self.executor.source.resident_bytes()}
 
 
 def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear:
