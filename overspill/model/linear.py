@@ -92,8 +92,58 @@ class PackedLinear:
         return self.packed.to_dense()
 
 
+class BlockedLinear:
+    """bf16 weight in overspill's blocked layout, run by its own CPU kernel (overspill/kernels).
+
+    Decode reads every weight once per token, so its speed is the weight-read rate. The kernel streams
+    4-row x 32-column tiles at about the machine's read bandwidth for 1-4 activation rows, where oneDNN's
+    prepacked bf16 reaches ~0.7-0.85 of it and F.linear ~0.5 (benchmarks/bench_linear.py). Larger M
+    (prefill) runs the same kernel compute-bound, at about F.linear's speed. Unlike the opaque oneDNN
+    tensor the blocked weight is a plain tensor: it can be written to a store, moved, or unblocked.
+    """
+
+    __slots__ = ("blocked", "bias", "_bias_f32", "in_features", "out_features", "_nbytes", "_k")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        from ..kernels import block_weight, cpu_kernels
+        assert weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        self._k = cpu_kernels()
+        assert self._k is not None, "BlockedLinear needs the CPU kernels (overspill.kernels.cpu_kernels())"
+        self.out_features, self.in_features = weight.shape
+        self._nbytes = _nbytes(weight) + _nbytes(bias)
+        self.blocked = block_weight(weight)
+        self.bias = bias
+        self._bias_f32 = None if bias is None else bias.float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._k.bf16_mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def dequantize(self) -> torch.Tensor:
+        from ..kernels import unblock_weight
+        return unblock_weight(self.blocked)
+
+
+def blocked_available(weight: torch.Tensor) -> bool:
+    from ..kernels import blockable, cpu_kernels
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and blockable(*weight.shape) and cpu_kernels() is not None)
+
+
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> Linear:
-    """The fastest exact linear for this weight: prepacked oneDNN for bf16 on CPU, else F.linear."""
+    """The fastest exact linear for this weight on its device.
+
+    bf16 on CPU: overspill's blocked kernel where it builds (AVX512-BF16), else oneDNN prepacked;
+    anything else (fp32, GPU, odd shapes): F.linear.
+    """
+    if pack and blocked_available(weight):
+        return BlockedLinear(weight, bias)
     if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_available():
         return PackedLinear(weight, bias)
     return DenseLinear(weight, bias)

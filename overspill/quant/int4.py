@@ -9,7 +9,10 @@ The packed layout depends on the CPU capability torch dispatches to (AVX512: blo
 row j | row j+32 << 4; AVX2: blocks of 32; scalar: row pairs). ``layout`` records which one the file holds;
 ``make_linear`` repacks only if this machine's layout differs.
 
-Kernels: M <= INT4PACK_MAX_M (96): ``_weight_int4pack_mm_for_cpu`` (bf16 activation; time grows ~linearly
+Kernels: where overspill's CPU kernels build (AVX512-BF16) and N % 16 == 0, the weight is converted at load into
+the kernels' int4 panel layout (same bytes; the int4pack copy is dropped) and M <= KERNEL_MAX_M rows run
+``kernels.int4_mm`` (1.3-1.5x int4pack at batch 1, 1.6x at batch 8, benchmarks/bench_linear.py); larger M
+dequantizes into a bf16 panel scratch buffer for the bf16 kernel. Otherwise: M <= INT4PACK_MAX_M (96): ``_weight_int4pack_mm_for_cpu`` (bf16 activation; time grows ~linearly
 with M: blocks of 4 rows each re-decode the weights); larger M (prefill): dequantize to bf16 W^T in a scratch
 buffer and one bf16 matmul (chunking the int4pack call by 4 rows measured no gain).
 """
@@ -19,6 +22,7 @@ import functools
 
 import torch
 
+from ..kernels import PANEL, block_weight, cpu_kernels, unblock_weight
 from ._base import QuantLinear, nbytes_of, scratch
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -26,6 +30,24 @@ DEFAULT_GROUP_SIZE = 64
 # int4pack time grows linearly with M (~0.15 ms per row at 5632x2048) while dequant+matmul costs ~10 ms
 # flat + bf16 GEMM: measured crossover between M=64 (9.8 vs 13.8 ms) and M=128 (19.6 vs 17.2 ms).
 INT4PACK_MAX_M = 96
+KERNEL_MAX_M = 16  # int4_mm up to here; above, dequantize to a bf16 panel + the bf16 kernel (compute-bound)
+
+
+def to_panels(q: torch.Tensor, sz: torch.Tensor, N: int, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q uint8 [N, K] (0..15), scales_zeros bf16 [K/gs, >=N, 2] -> the kernels' int4 panels:
+    qp uint8 [N/16, K/4, 32] (byte 2c+e of quad P = q[c, 4P+e] | q[c, 4P+2+e] << 4), sz bf16 [N/16, K/gs, 2, 16]."""
+    K = q.shape[1]
+    t = q.reshape(N // PANEL, PANEL, K // 4, 2, 2).permute(0, 2, 1, 4, 3)           # [p, P, c, e, h]
+    qp = (t[..., 0] | (t[..., 1] << 4)).reshape(N // PANEL, K // 4, 2 * PANEL).contiguous()
+    szp = sz[:, :N].reshape(K // gs, N // PANEL, PANEL, 2).permute(1, 0, 3, 2).contiguous()
+    return qp, szp.to(torch.bfloat16)
+
+
+def from_panels(qp: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_panels' byte packing -> q uint8 in the bf16 panel order [N/16, K/2, 16, 2]."""
+    NPN, KQ = qp.shape[:2]
+    b = qp.view(NPN, KQ, PANEL, 2)                                                  # [p, P, c, e]
+    return torch.stack([b & 15, b >> 4], dim=2).view(NPN, KQ * 2, PANEL, 2)         # [p, 2P+h, c, e]
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,6 +160,13 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"int4: stored tensors {tuple(qw.shape)}, {tuple(sz.shape)} do not match meta N={N} K={K} gs={gs}")
         super().__init__(N, K, bias, nbytes_of(qw, sz, tensors["meta"]))
         self.group_size, self.Np = gs, Np
+        self._k = cpu_kernels() if N % PANEL == 0 and K % 4 == 0 else None
+        if self._k is not None:   # hold only the kernel's panel layout
+            q = _unpack_kn(qw, Np, K, lay).t()[:N]
+            self.qpanels, self.szpanels = to_panels(q, sz, N, gs)
+            self.qweight = self.scales_zeros = None
+            self.layout, self._sz8 = lay, None
+            return
         if lay != native_layout():   # file packed on a CPU with another layout: repack once
             q = _unpack_kn(qw, Np, K, lay).t().to(torch.int32).contiguous()
             qw, lay = torch._convert_weight_to_int4pack_for_cpu(q, 2), native_layout()
@@ -148,7 +177,13 @@ class Int4Linear(QuantLinear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
-        xb = x.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16).contiguous()
+        if self._k is not None:
+            if M <= KERNEL_MAX_M:
+                y = self._k.int4_mm(xb, self.qpanels, self.szpanels, self.group_size, None)
+            else:
+                y = self._k.bf16_mm(xb, self._dequant_panels(), None)
+            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if M <= INT4PACK_MAX_M:
             y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales_zeros)
         else:
@@ -170,6 +205,23 @@ class Int4Linear(QuantLinear):
         torch.addcmul(z, wg, s, out=wg)            # (q-8)*s + z, one rounding (folding z-8s into bf16 doubled the error)
         return w
 
+    def _dequant_panels(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """bf16 weight in the bf16 panel layout [N/16, K/2, 16, 2] (scratch buffer unless out is given)."""
+        N, K, gs = self.out_features, self.in_features, self.group_size
+        q = from_panels(self.qpanels)                                                    # [p, K/2, 16, 2] uint8
+        w = out if out is not None else scratch("int4_panel", N * K, torch.bfloat16).view(N // PANEL, K // 2, PANEL, 2)
+        w.copy_(q).sub_(8)
+        wg = w.view(N // PANEL, K // gs, gs // 2, PANEL, 2)
+        s = self.szpanels[:, :, 0][:, :, None, :, None]
+        z = self.szpanels[:, :, 1][:, :, None, :, None]
+        torch.addcmul(z, wg, s, out=wg)
+        return w
+
     def dequantize(self) -> torch.Tensor:
+        if self._k is not None:
+            N, K, gs = self.out_features, self.in_features, self.group_size
+            wg = (from_panels(self.qpanels).float() - 8).view(N // PANEL, K // gs, gs // 2, PANEL, 2)
+            s, z = (self.szpanels[:, :, i].float()[:, :, None, :, None] for i in (0, 1))
+            return unblock_weight((wg * s + z).view(N // PANEL, K // 2, PANEL, 2))
         return dequantize({"qweight": self.qweight, "scales_zeros": self.scales_zeros,
                            "meta": torch.tensor([self.out_features, self.in_features, self.group_size, self.layout])})

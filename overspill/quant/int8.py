@@ -3,6 +3,10 @@
 Stored: {"qweight": int8 [N, K], "scales": bf16 [N]}; w[n, k] = qweight[n, k] * scales[n].
 
 Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md):
+* M <= DEQUANT_MIN_M where overspill's CPU kernels build (AVX512-BF16): ``kernels.int8_mm`` on the weight in the
+  blocked layout (w8a16: int8 widened to bf16 in registers, fp32 accumulation, per-row scale at the end).
+  It reads int8 weights at about the machine's read bandwidth, where int8pack reaches ~0.6 of it.
+  Without the kernels:
 * M == 1 (decode): ``torch._weight_int8pack_mm`` (bf16 activation, int8 weight-only: exact activations).
   Memory-bound; about the speed of oneDNN w8a8 at batch 1 in our runs, and more accurate.
 * M >= 2: oneDNN ``qlinear_pointwise`` u8 x s8 (VNNI) with dynamic *per-token* symmetric activation
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import blockable, block_weight, cpu_kernels, unblock_weight
 from ._base import QuantLinear, nbytes_of
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
@@ -44,6 +49,7 @@ def _onednn_int8_ok() -> bool:
 
 
 DEQUANT_MIN_M = 32   # above this many rows (weight-only mode), dequantize + dense matmul
+KERNEL_AUTO_MAX_M = 4  # "auto": the w8a16 kernel up to here, oneDNN w8a8 above (the kernel turns compute-bound)
 
 
 class Int8Linear(QuantLinear):
@@ -56,19 +62,31 @@ class Int8Linear(QuantLinear):
         if act_quant not in ("auto", "never", "always"):
             raise ValueError(f"int8: act_quant must be auto|never|always, got {act_quant!r}")
         super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s))
-        self.qweight = q.contiguous()
+        self._k = cpu_kernels() if act_quant != "always" and blockable(*q.shape) else None
+        # Kernel path: the weight is held only in the blocked layout (no second copy).
+        self._qblocked = block_weight(q) if self._k is not None else None
+        self._qplain = None if self._k is not None else q.contiguous()
         self.scales_bf16 = s.to(torch.bfloat16).contiguous()
         self.scales_f32 = s.float().contiguous()
         self.act_quant = act_quant if _onednn_int8_ok() else "never"
         self._packed = None
         self._zp = None
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """int8 [N, K] in plain row-major layout (a transient copy when the weight is held blocked)."""
+        return self._qplain if self._qplain is not None else unblock_weight(self._qblocked)
+
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
+        if self._k is not None and (M <= KERNEL_AUTO_MAX_M if self.act_quant == "auto" else M <= DEQUANT_MIN_M):
+            y = self._k.int8_mm(x.to(torch.bfloat16).contiguous(), self._qblocked, self.scales_f32, None)
+            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self.act_quant == "never" and M > DEQUANT_MIN_M:
             # Prefill-sized batches: int8pack is compute-bound there (3x slower than bf16 at M=128);
             # dequantize into a transient bf16 weight and run one dense matmul instead.
-            w = self.qweight.to(torch.bfloat16).mul_(self.scales_bf16[:, None])
+            q = self._qplain if self._qplain is not None else unblock_weight(self._qblocked)
+            w = q.to(torch.bfloat16).mul_(self.scales_bf16[:, None])
             y = torch.nn.functional.linear(x.to(torch.bfloat16), w)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self.act_quant == "never" or (self.act_quant == "auto" and M <= INT8PACK_MAX_M):

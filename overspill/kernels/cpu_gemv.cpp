@@ -1,0 +1,281 @@
+// overspill CPU kernels: matmuls over weights in a panel layout, fast for decode (M = 1..8 activation
+// rows: they stream the weight once at memory speed) and usable for prefill (large M, compute-bound).
+// Why hand-written (measured, shared/anchors/kernels/RESULTS.md and benchmarks/bench_linear.py): at batch 1,
+// bf16 F.linear reads weights at ~0.5-0.6 of the machine's read bandwidth, oneDNN's prepacked bf16 at
+// ~0.7-0.85, torch's int8pack (w8a16) at ~0.6. Decode is nothing but these reads, so the runtime's speed is
+// this loop's. The layout and micro-kernel are the usual ones of x86 bf16 GEMMs (oneDNN brgemm, llama.cpp's
+// AVX512-BF16 path):
+//
+//   * weights re-laid out once into panels of 16 output columns: [N/16][K/2][16][2], so a 64-byte load holds
+//     16 columns x 2 inputs, the pairs vdpbf16ps multiplies; each panel is one sequential stream;
+//   * the micro-kernel keeps MR x NP accumulators (up to 6 activation rows x 4 panels = 64 outputs) and
+//     broadcasts an (x[k], x[k+1]) pair into each vdpbf16ps: fp32 accumulation, no horizontal sums;
+//   * int8 weights (same layout, 1 byte each) are widened to bf16 in registers (exact: |q| <= 127) and the
+//     per-column scale is applied once at the end (w8a16: activations are never quantized);
+//   * more than 6 rows re-read the panel group from L2, not DRAM;
+//   * every output element is computed by one thread in a fixed order: results are deterministic and do
+//     not depend on the thread count.
+//
+// Requires AVX512F/BW/VL + AVX512_BF16 (checked in Python before this file is compiled).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int PW = 16;  // columns per panel (one zmm of fp32 outputs)
+constexpr int MAXNP = 4;  // panels per micro-kernel call
+constexpr int MAXMR = 6;  // activation rows per micro-kernel call
+
+template <typename WT>
+inline __m512bh load_w(const WT* p) {
+  if constexpr (sizeof(WT) == 2) {
+    return (__m512bh)_mm512_loadu_si512(p);
+  } else {
+    __m256i q = _mm256_loadu_si256((const __m256i*)p);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo);  // elements 0..15 from lo, 16..31 from hi: order kept
+  }
+}
+
+// y[m, n0 + j*16 + c] for m < MR, j < NP. w: first panel of the group; panel stride ps elements.
+template <int MR, int NP, typename WT>
+inline void micro(const uint16_t* x, int64_t ldx, const WT* w, int64_t ps, int64_t KP, const float* scales,
+                  const float* bias, at::BFloat16* y, int64_t ldy) {
+  __m512 acc[MR][NP];
+#pragma GCC unroll 6
+  for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; j++) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < KP; kp++) {
+    __m512bh wv[NP];
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; j++) {
+      const WT* p = w + j * ps + kp * 2 * PW;
+      if constexpr (MR > 1) _mm_prefetch((const char*)(p + 32 * 2 * PW), _MM_HINT_T0);
+      wv[j] = load_w(p);
+    }
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; m++) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * ldx + 2 * kp, 4);
+      __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j++) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xb);
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NP; j++) {
+    __m512 s = scales ? _mm512_loadu_ps(scales + j * PW) : _mm512_set1_ps(1.0f);
+    __m512 b = bias ? _mm512_loadu_ps(bias + j * PW) : _mm512_setzero_ps();
+#pragma GCC unroll 6
+    for (int m = 0; m < MR; m++) {
+      __m512 v = _mm512_fmadd_ps(acc[m][j], s, b);
+      _mm256_storeu_si256((__m256i*)(y + m * ldy + j * PW), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+template <int NP, typename WT>
+inline void rows(int64_t mr, const uint16_t* x, int64_t ldx, const WT* w, int64_t ps, int64_t KP,
+                 const float* s, const float* b, at::BFloat16* y, int64_t ldy) {
+  switch (mr) {
+    case 6: micro<6, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
+    case 5: micro<5, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
+    case 4: micro<4, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
+    case 3: micro<3, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
+    case 2: micro<2, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
+    default: micro<1, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
+  }
+}
+
+template <typename WT>
+torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const float* scales,
+                       const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
+              "weight must be in panel layout [N/16, K/2, 16, 2]");
+  const int64_t M = x.size(0), K = x.size(1), NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
+  TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
+  const float* bp = nullptr;
+  torch::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+    bp = bias_f.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  const WT* wbase = (const WT*)wp.data_ptr();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t ps = KP * 2 * PW;                  // elements per panel
+  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;   // groups of 4 panels = 64 columns
+  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
+      const WT* w = wbase + p0 * ps;
+      const float* s = scales ? scales + n0 : nullptr;
+      const float* b = bp ? bp + n0 : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
+        const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
+        const uint16_t* xm = xp + m0 * K;
+        at::BFloat16* ym = yp + m0 * N + n0;
+        switch (np) {
+          case 4: rows<4>(mr, xm, K, w, ps, KP, s, b, ym, N); break;
+          case 3: rows<3>(mr, xm, K, w, ps, KP, s, b, ym, N); break;
+          case 2: rows<2>(mr, xm, K, w, ps, KP, s, b, ym, N); break;
+          default: rows<1>(mr, xm, K, w, ps, KP, s, b, ym, N); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
+  return panel_mm<uint16_t>(x, wp, nullptr, bias);
+}
+
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(qp.scalar_type() == at::kChar, "int8_mm: weight must be int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qp.size(0) * PW,
+              "int8_mm: scales must be contiguous fp32 [N]");
+  return panel_mm<int8_t>(x, qp, scales.data_ptr<float>(), bias);
+}
+
+// ---- int4 (w4a16), group-wise asymmetric: w[n,k] = (q - 8) * s[g,n] + z[g,n], q in 0..15, g = k / gs ------
+// Panel layout of the nibbles: bytes [N/16][K/4][32]; for input quad P (k = 4P..4P+3) and column c,
+// byte 2c+e = q[16p+c][4P+e] | q[16p+c][4P+2+e] << 4 (e = 0, 1). Scales and zeros: bf16 [N/16][K/gs][2][16].
+// One 32-byte load widens (cvtepu8_epi16, and/shift, two vpermw lookups q -> bf16(q - 8), exact) into the two
+// zmm of (k, k+1) bf16 pairs that vdpbf16ps wants, for 16 columns x 4 inputs.
+// Per group: acc += (sum (q-8) x) * s + z * sum(x over the group).
+constexpr int I4MR = 2;  // activation rows per call: 2 x MR x NP accumulators + 2 NP weights fit 32 registers
+
+inline __m512 load_bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+template <int MR, int NP>
+inline void micro_i4(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* w, int64_t ps,
+                     const uint16_t* sz, int64_t szps, int64_t KP, int64_t gp, const float* bias,
+                     at::BFloat16* y, int64_t ldy, __m512i table) {
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < NP; j++) acc[m][j] = _mm512_setzero_ps();
+  const int64_t G = KP / gp;
+  for (int64_t g = 0; g < G; g++) {
+    __m512 ag[MR][NP];
+#pragma GCC unroll 3
+    for (int m = 0; m < MR; m++)
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j++) ag[m][j] = _mm512_setzero_ps();
+    for (int64_t P = g * gp / 2; P < (g + 1) * gp / 2; P++) {
+      __m512bh w0[NP], w1[NP];
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j++) {
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + j * ps + P * 2 * PW)));
+        w0[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), table);
+        w1[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+      }
+#pragma GCC unroll 3
+      for (int m = 0; m < MR; m++) {
+        int32_t p0, p1;
+        std::memcpy(&p0, x + m * ldx + 4 * P, 4);
+        std::memcpy(&p1, x + m * ldx + 4 * P + 2, 4);
+        __m512bh xb0 = (__m512bh)_mm512_set1_epi32(p0), xb1 = (__m512bh)_mm512_set1_epi32(p1);
+#pragma GCC unroll 4
+        for (int j = 0; j < NP; j++) ag[m][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ag[m][j], w0[j], xb0), w1[j], xb1);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; j++) {
+      const uint16_t* pz = sz + j * szps + g * 2 * PW;   // [G][2][16]: scales then zeros
+      __m512 sv = load_bf16x16(pz), zv = load_bf16x16(pz + PW);
+#pragma GCC unroll 3
+      for (int m = 0; m < MR; m++)
+        acc[m][j] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[m * ldxs + g]), _mm512_fmadd_ps(ag[m][j], sv, acc[m][j]));
+    }
+  }
+  for (int j = 0; j < NP; j++) {
+    __m512 b = bias ? _mm512_loadu_ps(bias + j * PW) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; m++)
+      _mm256_storeu_si256((__m256i*)(y + m * ldy + j * PW), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b)));
+  }
+}
+
+template <int NP>
+inline void rows_i4(int64_t mr, const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* w,
+                    int64_t ps, const uint16_t* sz, int64_t szps, int64_t KP, int64_t gp, const float* b,
+                    at::BFloat16* y, int64_t ldy, __m512i t) {
+  switch (mr) {
+    case 2: micro_i4<2, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy, t); break;
+    default: micro_i4<1, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy, t); break;
+  }
+}
+
+// qp: uint8 [N/16, K/4, 32]; sz: bf16 [N/16, K/gs, 2, 16] (scales, zeros); returns bf16 [M, N].
+torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
+                      c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 2 * PW && qp.is_contiguous(),
+              "int4_mm: weight must be uint8 panels [N/16, K/4, 32]");
+  const int64_t M = x.size(0), K = x.size(1), NPAN = qp.size(0), KP = qp.size(1) * 2, N = NPAN * PW;
+  TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
+  TORCH_CHECK(group_size % 4 == 0 && K % group_size == 0, "int4_mm: K=", K, " is not a multiple of group_size=", group_size);
+  const int64_t G = K / group_size, gp = group_size / 2;
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
+              sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_mm: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
+  const float* bp = nullptr;
+  torch::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+    bp = bias_f.data_ptr<float>();
+  }
+  // per-row, per-group sums of x (for the zero-point term), fp32 of the bf16 values
+  auto xsum = x.to(at::kFloat).view({M, G, group_size}).sum(2).contiguous();
+  const float* xs = xsum.data_ptr<float>();
+  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  const uint8_t* wbase = qp.data_ptr<uint8_t>();
+  const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t ps = KP * PW, szps = G * 2 * PW;
+  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
+  alignas(64) uint16_t tab[32];
+  for (int i = 0; i < 32; i++) tab[i] = c10::BFloat16(float((i & 15) - 8)).x;
+  const __m512i table = _mm512_loadu_si512(tab);
+  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
+      const uint8_t* w = wbase + p0 * ps;
+      const uint16_t* s = szb + p0 * szps;
+      const float* b = bp ? bp + n0 : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += I4MR) {
+        const int64_t mr = std::min<int64_t>(I4MR, M - m0);
+        const uint16_t* xm = xp + m0 * K;
+        const float* xsm = xs + m0 * G;
+        at::BFloat16* ym = yp + m0 * N + n0;
+        switch (np) {
+          case 4: rows_i4<4>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
+          case 3: rows_i4<3>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
+          case 2: rows_i4<2>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
+          default: rows_i4<1>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16");
+  m.def("int8_mm", &int8_mm, "y[M,N] = (x[M,K] @ Q^T) * scales (+ bias), Q in panel layout, int8");
+  m.def("int4_mm", &int4_mm, "y[M,N] = x[M,K] @ ((Q-8)*s+z)^T (+ bias), Q int4 panels, group-wise s/z");
+}
