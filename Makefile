@@ -13,6 +13,8 @@ $(BIN)/overspill: pyproject.toml
 	# torch first, pinned to the local CPU wheel, so the range in pyproject resolves to it.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# compile the CPU kernels now (~30 s, cached) rather than inside the first run or test
+	$(BIN)/python -m overspill.kernels
 	touch $@
 
 setup: $(BIN)/overspill

@@ -107,3 +107,25 @@ def test_disabled_by_environment():
     code = "from overspill.kernels import cpu_kernels; import sys; sys.exit(0 if cpu_kernels() is None else 1)"
     env = dict(os.environ, OVERSPILL_KERNELS="0")
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 3, 9, 17, 40])
+def test_int4_linear_kernel_vs_its_dequantized_weight(M):
+    """int4 through the kernels (M <= 16: int4_mm; larger: bf16 panel dequant + bf16_mm) against the float
+    weight the stored tensors describe; and the panel conversion keeps the weight exactly."""
+    import overspill.quant as Q
+    from overspill.quant import int4 as int4_mod
+
+    torch.manual_seed(M)
+    w = torch.randn(80, 256) * 0.02
+    t = Q.quantize(w, "int4", group_size=64)
+    lin = Q.make_linear("int4", t, bias=torch.randn(80).bfloat16())
+    assert lin._k is not None and lin.qweight is None          # only the panel copy is held
+    d = Q.dequantize("int4", t)
+    assert torch.equal(lin.dequantize(), d)                      # conversion to panels is exact
+    q = int4_mod.from_panels(lin.qpanels)                        # bytes unpack to the bf16 panel order
+    assert torch.equal(unblock_weight(q), int4_mod._unpack_kn(t["qweight"], 80, 256, int(t["meta"][3])).t())
+    x = torch.randn(M, 256).bfloat16()
+    ref = F.linear(x.float(), d, lin.bias.float())
+    assert rel(lin(x), ref) < 4e-3

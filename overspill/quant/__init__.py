@@ -57,16 +57,20 @@ def quantize(weight: torch.Tensor, scheme: str, **opts) -> dict[str, torch.Tenso
     return codebook.quantize(weight, scheme, **opts)
 
 
-def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, **opts):
-    """Runtime Linear from stored tensors (int8's oneDNN prepack happens lazily on the first batch>=2 call;
-    int4 repacks only if the file was packed for another CPU layout)."""
+def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
+                repack: bool = True, **opts):
+    """Runtime Linear from stored tensors. ``repack=True`` converts int8/int4 into the CPU kernels' panel layout
+    where they build (a one-time copy; the fast path). ``repack=False`` uses the tensors where they lie, with no
+    new allocation: for weights streamed through a staging buffer, whose memory the budget already counts.
+    (int8's oneDNN prepack for act_quant="auto" happens lazily; int4 files packed for another CPU layout are
+    repacked regardless.)"""
     _check_scheme(scheme)
     if scheme == "int8":
-        return int8.Int8Linear(tensors, bias, **opts)
+        return int8.Int8Linear(tensors, bias, repack=repack, **opts)
     if opts:
         raise TypeError(f"{scheme}: unexpected options {sorted(opts)}")
     if scheme == "int4":
-        return int4.Int4Linear(tensors, bias)
+        return int4.Int4Linear(tensors, bias, repack=repack)
     return codebook.CodebookLinear(scheme, tensors, bias)
 
 

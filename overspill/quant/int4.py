@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ..kernels import PANEL, block_weight, cpu_kernels, unblock_weight
+from ..kernels import PANEL, cpu_kernels, unblock_weight
 from ._base import QuantLinear, nbytes_of, scratch
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -151,7 +151,7 @@ def nbytes(N: int, K: int, group_size: int | None = None) -> int:
 class Int4Linear(QuantLinear):
     scheme = "int4"
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, repack: bool = True):
         N, K, gs, lay = _meta(tensors)
         _check(N, K, gs)
         Np = -(-N // 16) * 16
@@ -160,7 +160,7 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"int4: stored tensors {tuple(qw.shape)}, {tuple(sz.shape)} do not match meta N={N} K={K} gs={gs}")
         super().__init__(N, K, bias, nbytes_of(qw, sz, tensors["meta"]))
         self.group_size, self.Np = gs, Np
-        self._k = cpu_kernels() if N % PANEL == 0 and K % 4 == 0 else None
+        self._k = cpu_kernels() if repack and N % PANEL == 0 and K % 4 == 0 else None
         if self._k is not None:   # hold only the kernel's panel layout
             q = _unpack_kn(qw, Np, K, lay).t()[:N]
             self.qpanels, self.szpanels = to_panels(q, sz, N, gs)

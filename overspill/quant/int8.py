@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import blockable, block_weight, cpu_kernels, unblock_weight
-from ._base import QuantLinear, nbytes_of
+from ._base import QuantLinear, nbytes_of, scratch
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
 
@@ -55,14 +55,15 @@ KERNEL_AUTO_MAX_M = 4  # "auto": the w8a16 kernel up to here, oneDNN w8a8 above 
 class Int8Linear(QuantLinear):
     scheme = "int8"
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str = "never"):
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str = "never",
+                 repack: bool = True):
         q, s = tensors["qweight"], tensors["scales"]
         if q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
             raise ValueError(f"int8: expected qweight int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)}, {tuple(s.shape)}")
         if act_quant not in ("auto", "never", "always"):
             raise ValueError(f"int8: act_quant must be auto|never|always, got {act_quant!r}")
         super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s))
-        self._k = cpu_kernels() if act_quant != "always" and blockable(*q.shape) else None
+        self._k = cpu_kernels() if repack and act_quant != "always" and blockable(*q.shape) else None
         # Kernel path: the weight is held only in the blocked layout (no second copy).
         self._qblocked = block_weight(q) if self._k is not None else None
         self._qplain = None if self._k is not None else q.contiguous()
@@ -85,8 +86,13 @@ class Int8Linear(QuantLinear):
         if self.act_quant == "never" and M > DEQUANT_MIN_M:
             # Prefill-sized batches: int8pack is compute-bound there (3x slower than bf16 at M=128);
             # dequantize into a transient bf16 weight and run one dense matmul instead.
-            q = self._qplain if self._qplain is not None else unblock_weight(self._qblocked)
-            w = q.to(torch.bfloat16).mul_(self.scales_bf16[:, None])
+            if self._qblocked is not None:   # dequantize in panel order (no transpose) for the bf16 kernel
+                NP = self._qblocked.shape[0]
+                w = scratch("int8_panel", self._qblocked.numel(), torch.bfloat16).view(self._qblocked.shape)
+                w.copy_(self._qblocked).mul_(self.scales_bf16.view(NP, 1, -1, 1))
+                y = self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), w, None)
+                return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+            w = self._qplain.to(torch.bfloat16).mul_(self.scales_bf16[:, None])
             y = torch.nn.functional.linear(x.to(torch.bfloat16), w)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self.act_quant == "never" or (self.act_quant == "auto" and M <= INT8PACK_MAX_M):

@@ -160,8 +160,10 @@ def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
     from ..checkpoint.store import split_quantized
 
     plain, q = split_quantized(t)
+    # streamed units (dense_streamed): use the staging buffer in place, no kernel-layout copy outside the budget
+    repack = make_linear is not dense_streamed
     for lin, tensors in q.items():
-        plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None))
+        plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack=repack)
     if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
         tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].clone()
         plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
