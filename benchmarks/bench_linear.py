@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from overspill.model.linear import PackedLinear  # noqa: E402
+from overspill.model.linear import BlockedLinear, PackedLinear, blocked_available  # noqa: E402
 import overspill.quant as Q  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -69,6 +69,9 @@ def build(N, K, M, xdtype):
     m["bf16 F.linear"] = (lambda i: F.linear(x.to(torch.bfloat16), Wd[i]), n, nb, False)
     Wp = [PackedLinear(wb.clone()) for _ in range(n)]
     m["PackedLinear bf16"] = (lambda i: Wp[i](x.to(torch.bfloat16)), n, nb, False)
+    if blocked_available(wb):
+        Wk = [BlockedLinear(wb.clone()) for _ in range(n)]
+        m["BlockedLinear bf16 (panel kernel)"] = (lambda i: Wk[i](x.to(torch.bfloat16)), n, nb, False)
     for scheme in Q.SCHEMES:
         t = Q.quantize(w, scheme)
         b = Q.quantized_nbytes(scheme, N, K)
@@ -76,8 +79,11 @@ def build(N, K, M, xdtype):
         lins = [Q.make_linear(scheme, {kk: v.clone() for kk, v in t.items()}) for _ in range(k)]
         slow = scheme in ("int8-dynamic", "nf4")
         m[f"{scheme}"] = (lambda i, lins=lins: lins[i](x), k, b, slow)
+        if scheme in ("int8", "int4"):   # torch's own kernel on the stored layout, for comparison
+            lt = [Q.make_linear(scheme, {kk: v.clone() for kk, v in t.items()}, repack=False) for _ in range(k)]
+            m[f"{scheme} torch kernel (repack=False)"] = (lambda i, lt=lt: lt[i](x), k, b, False)
         if scheme == "int8" and M > 1:
-            lw = [Q.make_linear(scheme, {kk: v.clone() for kk, v in t.items()}, act_quant="never") for _ in range(k)]
+            lw = [Q.make_linear(scheme, {kk: v.clone() for kk, v in t.items()}, act_quant="never", repack=False) for _ in range(k)]
             m["int8 act_quant=never (int8pack)"] = (lambda i, lw=lw: lw[i](x), k, b, False)
         if scheme == "int8" and M == 1:
             la = [Q.make_linear(scheme, {kk: v.clone() for kk, v in t.items()}, act_quant="always") for _ in range(k)]
@@ -102,7 +108,7 @@ def int4_sweep(N=5632, K=2048):
     t = Q.quantize(w, "int4")
     b = Q.quantized_nbytes("int4", N, K)
     k = n_copies(b)
-    lins = [Q.make_linear("int4", {kk: v.clone() for kk, v in t.items()}) for _ in range(k)]
+    lins = [Q.make_linear("int4", {kk: v.clone() for kk, v in t.items()}, repack=False) for _ in range(k)]
     wb = w.to(torch.bfloat16)
     Wp = [PackedLinear(wb.clone()) for _ in range(n_copies(N * K * 2))]
     for M in (4, 8, 16, 32, 64, 128, 256):
