@@ -156,3 +156,33 @@ def test_decode_attention_kernel_vs_float_reference(nh, nkv, hs, padded):
     assert (got.float() - ref).abs().max().item() < 2e-2      # bf16 rounding of the output only
     from overspill.model.layers import decode_attention
     assert torch.equal(decode_attention(q, k, v, valid[:, None, None, :] if padded else None, scale), got)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rot_dims", [64, 16])
+def test_fused_rope_equals_apply_rope(rot_dims):
+    from overspill.model.layers import apply_rope
+    torch.manual_seed(rot_dims)
+    B, T, H, hs, n_rot = 2, 3, 6, 64, 4
+    x = torch.randn(B, T, H, hs).bfloat16()
+    ang = torch.randn(B, T, 1, rot_dims // 2)
+    emb = torch.cat([ang, ang], -1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+    want = x.clone()
+    want[:, :, :n_rot] = apply_rope(x[:, :, :n_rot], cos, sin)
+    got = x.clone()
+    K_.rope_(got, cos, sin, n_rot)
+    assert torch.equal(got, want)                  # same rounding steps as the torch expression
+
+
+@needs_kernels
+def test_fused_rms_norm_matches_torch_expression():
+    torch.manual_seed(0)
+    x, w, eps = (torch.randn(5, 7, 96) * 3).bfloat16(), torch.randn(96).bfloat16(), 1e-5
+    xf = x.float()
+    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(torch.bfloat16)
+    got = K_.rms_norm(x, w, eps)
+    assert got.shape == x.shape and got.dtype == torch.bfloat16
+    diff = (got.float() - want.float()).abs()
+    assert (diff <= want.float().abs() * 2 ** -7).all()     # at most one bf16 ulp (fp32 sum order may differ)
+    assert (diff == 0).float().mean().item() > 0.95

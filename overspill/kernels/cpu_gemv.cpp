@@ -360,11 +360,74 @@ torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10
   return o;
 }
 
+
+// ---- small fused ops for the decode step (each replaces 5-8 torch ops of a few microseconds) ------------
+// Both reproduce the rounding of the torch expressions they replace in overspill/model/layers.py exactly, so
+// the fused and unfused bf16 paths give bitwise-equal results (tested).
+inline float bf(float v) { return (float)c10::BFloat16(v); }   // round to bf16 and back
+
+// RMSNorm, Llama style: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(bf16), the product rounded to bf16.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm: bf16 x and w");
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(w.numel() == C, "rms_norm: weight has ", w.numel(), " elements, x has ", C, " features");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t R = xc.numel() / C;
+  const at::BFloat16* xp = xc.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = wc.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const at::BFloat16* xr = xp + r * C;
+      // mean of squares in fp32: torch reduces with vectorized partial sums; the order differs from this loop,
+      // but the sum of C fp32 squares is rounded to fp32 both ways and rarely differs in the last bit.
+      double ss = 0;
+      for (int64_t c = 0; c < C; c++) { const float v = (float)xr[c]; ss += (double)(v * v); }
+      const float inv = 1.0f / std::sqrt((float)(ss / C) + (float)eps);
+      for (int64_t c = 0; c < C; c++)
+        yp[r * C + c] = at::BFloat16((float)wp[c] * bf((float)xr[c] * inv));
+    }
+  });
+  return y;
+}
+
+// Rotary embedding (rotate-half form) in place on the first n_rot heads of x [B, T, H, hs] (contiguous):
+// out = bf16(bf16(x * cos) + bf16(cat(-x2, x1) * sin)) over the first d = cos.size(-1) dims of each head.
+void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "rope_: x must be contiguous bf16 [B, T, H, hs]");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hs = x.size(3), d = cos.size(-1), h2 = d / 2;
+  TORCH_CHECK(cos.numel() == B * T * d && sin.numel() == B * T * d && d <= hs && d % 2 == 0 && n_rot <= H,
+              "rope_: cos/sin must be [B, T, 1, d] with d <= head size");
+  auto cc = cos.to(at::kBFloat16).contiguous(), sc = sin.to(at::kBFloat16).contiguous();
+  at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* cp = cc.data_ptr<at::BFloat16>();
+  const at::BFloat16* sp = sc.data_ptr<at::BFloat16>();
+  at::parallel_for(0, B * T, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<float> buf(d);
+    for (int64_t i = i0; i < i1; i++) {
+      const at::BFloat16* c = cp + i * d;
+      const at::BFloat16* s = sp + i * d;
+      for (int64_t h = 0; h < n_rot; h++) {
+        at::BFloat16* v = xp + (i * H + h) * hs;
+        for (int64_t j = 0; j < d; j++) {
+          const float rot = j < h2 ? -(float)v[j + h2] : (float)v[j - h2];
+          buf[j] = bf(bf((float)v[j] * (float)c[j]) + bf(rot * (float)s[j]));
+        }
+        for (int64_t j = 0; j < d; j++) v[j] = at::BFloat16(buf[j]);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16");
   m.def("int8_mm", &int8_mm, "y[M,N] = (x[M,K] @ Q^T) * scales (+ bias), Q in panel layout, int8");
+  m.def("rms_norm", &rms_norm, "Llama RMSNorm over the last dim, bf16, torch's rounding");
+  m.def("rope_", &rope_, "rotate-half rotary embedding in place on the first n_rot heads, bf16, torch's rounding");
   m.def("decode_attn", &decode_attn, "one-token attention over a (strided) bf16 KV cache, fp32 softmax");
   m.def("int4_mm", &int4_mm, "y[M,N] = x[M,K] @ ((Q-8)*s+z)^T (+ bias), Q int4 panels, group-wise s/z");
 }

@@ -12,11 +12,18 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import cpu_kernels
+
+# bf16 on CPU: use the kernels' fused RMSNorm and in-place rotary (same rounding as the torch expressions below).
+FUSED = True
 from .weights import BlockWeights, EmbedWeights, HeadWeights
 
 
 def norm(cfg: ModelConfig, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     w, b = wb
+    if FUSED and cfg.norm == "rmsnorm" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not x.requires_grad:
+        kern = cpu_kernels()
+        if kern is not None:   # one call for the 7 ops below (same rounding)
+            return kern.rms_norm(x, w, cfg.norm_eps)
     if cfg.norm == "rmsnorm":
         # Zhang & Sennrich 2019, eq. 4; computed in fp32 and cast back before the gain, as Llama does.
         xf = x.float()
@@ -111,7 +118,10 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
     nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = w.qkv(x).view(B, T, nh + 2 * nkv, hs)                        # (B, T, nh+2nkv, hs)
     qk = qkv[:, :, : nh + nkv]
-    if step.cos is not None:
+    kern = cpu_kernels() if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and not qkv.requires_grad else None
+    if FUSED and step.cos is not None and kern is not None and qkv.is_contiguous():
+        kern.rope_(qkv, step.cos, step.sin, nh + nkv)                  # in place, same rounding as apply_rope
+    elif step.cos is not None:
         qk = apply_rope(qk, step.cos, step.sin)                        # q and k heads in one go
     q = qk[:, :, :nh].transpose(1, 2)                                  # (B, nh, T, hs)
     k_cache[:, :, step.start:step.end] = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hs)
