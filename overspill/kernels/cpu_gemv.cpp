@@ -153,7 +153,7 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c
 // ---- int4 (w4a16), group-wise asymmetric: w[n,k] = (q - 8) * s[g,n] + z[g,n], q in 0..15, g = k / gs ------
 // Panel layout of the nibbles: bytes [N/16][K/4][32]; for input quad P (k = 4P..4P+3) and column c,
 // byte 2c+e = q[16p+c][4P+e] | q[16p+c][4P+2+e] << 4 (e = 0, 1). Scales and zeros: bf16 [N/16][K/gs][2][16].
-// One 32-byte load widens (cvtepu8_epi16, and/shift, two vpermw lookups q -> bf16(q - 8), exact) into the two
+// One 32-byte load widens (cvtepu8_epi16, then and/shift + or: bf16 bits 0x4300|q = 128+q) into the two
 // zmm of (k, k+1) bf16 pairs that vdpbf16ps wants, for 16 columns x 4 inputs.
 // Per group: acc += (sum (q-8) x) * s + z * sum(x over the group).
 constexpr int I4MR = 2;  // activation rows per call: 2 x MR x NP accumulators + 2 NP weights fit 32 registers
@@ -165,7 +165,7 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 template <int MR, int NP>
 inline void micro_i4(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* w, int64_t ps,
                      const uint16_t* sz, int64_t szps, int64_t KP, int64_t gp, const float* bias,
-                     at::BFloat16* y, int64_t ldy, __m512i table) {
+                     at::BFloat16* y, int64_t ldy) {
   __m512 acc[MR][NP];
   for (int m = 0; m < MR; m++)
     for (int j = 0; j < NP; j++) acc[m][j] = _mm512_setzero_ps();
@@ -181,8 +181,10 @@ inline void micro_i4(const uint16_t* x, int64_t ldx, const float* xs, int64_t ld
 #pragma GCC unroll 4
       for (int j = 0; j < NP; j++) {
         __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + j * ps + P * 2 * PW)));
-        w0[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), table);
-        w1[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), table);
+        // bf16 bits 0x4300 | q == 128 + q exactly (q < 128): the nibble becomes a bf16 with two bit ops;
+        // the 136 * sum(x) this adds (128 + the zero point 8) is taken out per group below.
+        w0[j] = (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), _mm512_set1_epi16(0x4300), 0xEA);
+        w1[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi16(0x4300));
       }
 #pragma GCC unroll 3
       for (int m = 0; m < MR; m++) {
@@ -197,7 +199,8 @@ inline void micro_i4(const uint16_t* x, int64_t ldx, const float* xs, int64_t ld
 #pragma GCC unroll 4
     for (int j = 0; j < NP; j++) {
       const uint16_t* pz = sz + j * szps + g * 2 * PW;   // [G][2][16]: scales then zeros
-      __m512 sv = load_bf16x16(pz), zv = load_bf16x16(pz + PW);
+      __m512 sv = load_bf16x16(pz);
+      __m512 zv = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sv, load_bf16x16(pz + PW));   // z - 136 s
 #pragma GCC unroll 3
       for (int m = 0; m < MR; m++)
         acc[m][j] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[m * ldxs + g]), _mm512_fmadd_ps(ag[m][j], sv, acc[m][j]));
@@ -213,10 +216,10 @@ inline void micro_i4(const uint16_t* x, int64_t ldx, const float* xs, int64_t ld
 template <int NP>
 inline void rows_i4(int64_t mr, const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* w,
                     int64_t ps, const uint16_t* sz, int64_t szps, int64_t KP, int64_t gp, const float* b,
-                    at::BFloat16* y, int64_t ldy, __m512i t) {
+                    at::BFloat16* y, int64_t ldy) {
   switch (mr) {
-    case 2: micro_i4<2, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy, t); break;
-    default: micro_i4<1, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy, t); break;
+    case 2: micro_i4<2, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy); break;
+    default: micro_i4<1, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy); break;
   }
 }
 
@@ -249,9 +252,6 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t ps = KP * PW, szps = G * 2 * PW;
   const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
-  alignas(64) uint16_t tab[32];
-  for (int i = 0; i < 32; i++) tab[i] = c10::BFloat16(float((i & 15) - 8)).x;
-  const __m512i table = _mm512_loadu_si512(tab);
   at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; g++) {
       const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
@@ -264,10 +264,10 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64
         const float* xsm = xs + m0 * G;
         at::BFloat16* ym = yp + m0 * N + n0;
         switch (np) {
-          case 4: rows_i4<4>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
-          case 3: rows_i4<3>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
-          case 2: rows_i4<2>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
-          default: rows_i4<1>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N, table); break;
+          case 4: rows_i4<4>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
+          case 3: rows_i4<3>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
+          case 2: rows_i4<2>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
+          default: rows_i4<1>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
         }
       }
     }
