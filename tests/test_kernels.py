@@ -186,3 +186,23 @@ def test_fused_rms_norm_matches_torch_expression():
     diff = (got.float() - want.float()).abs()
     assert (diff <= want.float().abs() * 2 ** -7).all()     # at most one bf16 ulp (fp32 sum order may differ)
     assert (diff == 0).float().mean().item() > 0.95
+
+
+@needs_kernels
+def test_dequantize_to_panels_matches_torch_expressions():
+    """Prefill-sized batches dequantize int8/int4 panels in C++; same bf16 values as the torch expressions."""
+    import overspill.quant as Q
+    from overspill.quant import int4 as int4_mod
+
+    torch.manual_seed(1)
+    w = torch.randn(48, 128) * 0.02
+    l8 = Q.make_linear("int8", Q.quantize(w, "int8"))
+    out = torch.empty(l8._qblocked.shape, dtype=torch.bfloat16)
+    K_.int8_dequant_(out, l8._qblocked, l8.scales_f32)
+    want = l8._qblocked.to(torch.bfloat16).mul_(l8.scales_bf16.view(3, 1, 16, 1))
+    assert torch.equal(out, want)
+    l4 = Q.make_linear("int4", Q.quantize(w, "int4", group_size=32))
+    got = l4._dequant_panels()
+    q = int4_mod.from_panels(l4.qpanels).to(torch.bfloat16).sub_(8).view(3, 4, 16, 16, 2)
+    want4 = torch.addcmul(l4.szpanels[:, :, 1][:, :, None, :, None], q, l4.szpanels[:, :, 0][:, :, None, :, None])
+    assert torch.equal(got.view(3, 4, 16, 16, 2), want4)

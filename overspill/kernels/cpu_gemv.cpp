@@ -421,11 +421,81 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot)
   });
 }
 
+
+// ---- dequantize into the bf16 panel layout (prefill-sized batches run the bf16 kernel on the result) --------
+// One parallel pass at memory speed; the torch expressions it replaces took ~10x longer (measured: int4
+// TinyLlama prefill of 128 tokens 2.3 s vs 0.64 s in bf16).
+// int8: qp int8 [N/16, K/2, 16, 2], scales fp32 [N]  ->  out bf16 [N/16, K/2, 16, 2] = bf16(q * s) (rounded once).
+void int8_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor scales) {
+  TORCH_CHECK(qp.scalar_type() == at::kChar && qp.is_contiguous() && qp.dim() == 4 && qp.size(2) == PW, "int8_dequant_: qp");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == qp.numel(), "int8_dequant_: out");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == qp.size(0) * PW, "int8_dequant_: scales");
+  const int64_t NP = qp.size(0), E = qp.size(1) * 2 * PW;   // elements per panel
+  const int8_t* q = qp.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  uint16_t* o = (uint16_t*)out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, NP, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      // per 32 elements (16 columns x 2): scale of column c at positions 2c, 2c+1
+      const __m512 s16 = _mm512_loadu_ps(s + p * PW);
+      const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+      const __m512i hi_idx = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+      const __m512 slo = _mm512_permutexvar_ps(lo_idx, s16), shi = _mm512_permutexvar_ps(hi_idx, s16);
+      const int8_t* qq = q + p * E;
+      uint16_t* oo = o + p * E;
+      for (int64_t e = 0; e < E; e += 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(qq + e));
+        __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), slo);
+        __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), shi);
+        _mm512_storeu_si512(oo + e, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+  });
+}
+
+// int4: qp uint8 [N/16, K/4, 32], sz bf16 [N/16, K/gs, 2, 16] -> out bf16 [N/16, K/2, 16, 2] = bf16((q-8)*s + z).
+void int4_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor sz, int64_t group_size) {
+  TORCH_CHECK(qp.scalar_type() == at::kByte && qp.is_contiguous() && qp.dim() == 3 && qp.size(2) == 2 * PW, "int4_dequant_: qp");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == qp.numel() * 2, "int4_dequant_: out");
+  const int64_t NP = qp.size(0), KQ = qp.size(1), K = KQ * 4, G = K / group_size, gq = group_size / 4;
+  TORCH_CHECK(group_size % 4 == 0 && K % group_size == 0 && sz.numel() == NP * G * 2 * PW && sz.scalar_type() == at::kBFloat16,
+              "int4_dequant_: scales/zeros");
+  const uint8_t* q = qp.data_ptr<uint8_t>();
+  const uint16_t* szp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  uint16_t* o = (uint16_t*)out.data_ptr<at::BFloat16>();
+  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+  const __m512i hi_idx = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+  at::parallel_for(0, NP, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      for (int64_t g = 0; g < G; g++) {
+        const uint16_t* pz = szp + (p * G + g) * 2 * PW;
+        const __m512 s16 = load_bf16x16(pz), z16 = load_bf16x16(pz + PW);
+        const __m512 slo = _mm512_permutexvar_ps(lo_idx, s16), shi = _mm512_permutexvar_ps(hi_idx, s16);
+        const __m512 zlo = _mm512_permutexvar_ps(lo_idx, z16), zhi = _mm512_permutexvar_ps(hi_idx, z16);
+        for (int64_t P = g * gq; P < (g + 1) * gq; P++) {
+          const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + (p * KQ + P) * 2 * PW)));
+          // quad P -> rows kp = 2P (low nibbles) and 2P+1 (high nibbles) of the bf16 panel, 32 elements each
+          for (int h = 0; h < 2; h++) {
+            const __m512i w = h ? _mm512_srli_epi16(v, 4) : _mm512_and_si512(v, _mm512_set1_epi16(15));
+            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)));
+            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)));
+            const __m512 a = _mm512_fmadd_ps(_mm512_sub_ps(lo, _mm512_set1_ps(8.f)), slo, zlo);
+            const __m512 b = _mm512_fmadd_ps(_mm512_sub_ps(hi, _mm512_set1_ps(8.f)), shi, zhi);
+            _mm512_storeu_si512(o + (p * KQ * 2 + 2 * P + h) * 2 * PW, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16");
   m.def("int8_mm", &int8_mm, "y[M,N] = (x[M,K] @ Q^T) * scales (+ bias), Q in panel layout, int8");
+  m.def("int8_dequant_", &int8_dequant_, "int8 panels * scales -> bf16 panels (into out)");
+  m.def("int4_dequant_", &int4_dequant_, "int4 panels -> bf16 panels (into out)");
   m.def("rms_norm", &rms_norm, "Llama RMSNorm over the last dim, bf16, torch's rounding");
   m.def("rope_", &rope_, "rotate-half rotary embedding in place on the first n_rot heads, bf16, torch's rounding");
   m.def("decode_attn", &decode_attn, "one-token attention over a (strided) bf16 KV cache, fp32 softmax");

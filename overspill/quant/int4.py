@@ -205,16 +205,11 @@ class Int4Linear(QuantLinear):
         torch.addcmul(z, wg, s, out=wg)            # (q-8)*s + z, one rounding (folding z-8s into bf16 doubled the error)
         return w
 
-    def _dequant_panels(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """bf16 weight in the bf16 panel layout [N/16, K/2, 16, 2] (scratch buffer unless out is given)."""
-        N, K, gs = self.out_features, self.in_features, self.group_size
-        q = from_panels(self.qpanels)                                                    # [p, K/2, 16, 2] uint8
-        w = out if out is not None else scratch("int4_panel", N * K, torch.bfloat16).view(N // PANEL, K // 2, PANEL, 2)
-        w.copy_(q).sub_(8)
-        wg = w.view(N // PANEL, K // gs, gs // 2, PANEL, 2)
-        s = self.szpanels[:, :, 0][:, :, None, :, None]
-        z = self.szpanels[:, :, 1][:, :, None, :, None]
-        torch.addcmul(z, wg, s, out=wg)
+    def _dequant_panels(self) -> torch.Tensor:
+        """bf16 weight in the bf16 panel layout [N/16, K/2, 16, 2], in a scratch buffer: bf16((q-8)*s + z)."""
+        N, K = self.out_features, self.in_features
+        w = scratch("int4_panel", N * K, torch.bfloat16).view(N // PANEL, K // 2, PANEL, 2)
+        self._k.int4_dequant_(w, self.qpanels, self.szpanels, self.group_size)
         return w
 
     def dequantize(self) -> torch.Tensor:

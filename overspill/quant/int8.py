@@ -87,9 +87,8 @@ class Int8Linear(QuantLinear):
             # Prefill-sized batches: int8pack is compute-bound there (3x slower than bf16 at M=128);
             # dequantize into a transient bf16 weight and run one dense matmul instead.
             if self._qblocked is not None:   # dequantize in panel order (no transpose) for the bf16 kernel
-                NP = self._qblocked.shape[0]
                 w = scratch("int8_panel", self._qblocked.numel(), torch.bfloat16).view(self._qblocked.shape)
-                w.copy_(self._qblocked).mul_(self.scales_bf16.view(NP, 1, -1, 1))
+                self._k.int8_dequant_(w, self._qblocked, self.scales_f32)   # = bf16(q * s), one pass
                 y = self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), w, None)
                 return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
             w = self._qplain.to(torch.bfloat16).mul_(self.scales_bf16[:, None])
