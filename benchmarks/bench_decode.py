@@ -69,10 +69,10 @@ def run_hf(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: 
 
 
 def run_overspill(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int,
-                  quantize: str | None) -> dict:
+                  quantize: str | None, quantize_head: bool = False) -> dict:
     import overspill
 
-    kw = {"quantize": quantize} if quantize else {}
+    kw = {"quantize": quantize, "quantize_head": quantize_head} if quantize else {}
     t0 = time.perf_counter()
     model = overspill.load(ckpt, dtype="bfloat16", **kw)
     load_s = time.perf_counter() - t0
@@ -103,7 +103,7 @@ def worker(a: argparse.Namespace) -> None:
     if a.worker == "hf":
         r = run_hf(ckpt, prompts, a.new_tokens, a.warmup_tokens)
     else:
-        r = run_overspill(ckpt, prompts, a.new_tokens, a.warmup_tokens, a.quantize)
+        r = run_overspill(ckpt, prompts, a.new_tokens, a.warmup_tokens, a.quantize, a.quantize_head)
     steps = a.new_tokens - 1
     r["decode_tok_s"] = steps / r["decode_s"] if steps > 0 and r["decode_s"] > 0 else None  # per sequence
     r["agg_tok_s"] = r["decode_tok_s"] * a.batch if r["decode_tok_s"] else None
@@ -134,7 +134,7 @@ def worker_cmd(a: argparse.Namespace, side: str, ckpt: Path, batch: int) -> list
            "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
            "--warmup-tokens", str(a.warmup_tokens), "--seed", str(a.seed), "--threads", str(a.threads)]
     if side == "overspill" and a.quantize:
-        cmd += ["--quantize", a.quantize]
+        cmd += ["--quantize", a.quantize] + (["--quantize-head"] if a.quantize_head else [])
     return cmd
 
 
@@ -177,6 +177,18 @@ def tokens_note(rows: list[dict], sides: list[str]) -> str:
             + ("yes" if len(seqs) == 1 else f"NO ({len(seqs)} variants)"))
 
 
+def quantized_bytes_per_token(ckpt: Path, scheme: str, quantize_head: bool) -> int:
+    import torch
+
+    from overspill.checkpoint.hf import HFCheckpoint
+    from overspill.model.weights import units
+    from overspill.runtime.loader import unit_weight_bytes
+
+    ck = HFCheckpoint(str(ckpt))
+    return sum(unit_weight_bytes(ck, ck.config, u, torch.bfloat16, scheme, quantize_head)
+               for u in units(ck.config) if u != "embed")
+
+
 def driver(a: argparse.Namespace) -> None:
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     bad = [s for s in sides if s not in SIDES]
@@ -186,12 +198,14 @@ def driver(a: argparse.Namespace) -> None:
     ckpts = [resolve_ckpt(c) for c in a.ckpt]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scheme = a.quantize or "bf16"
+    scheme = (a.quantize or "bf16") + ("+head" if a.quantize and a.quantize_head else "")
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     reports = []
 
     for ckpt in ckpts:
         wbpt = common.weight_bytes_per_token(ckpt)
+        if a.quantize:   # quantized weights: the bytes overspill's planner counts (all units but the embedding)
+            wbpt = quantized_bytes_per_token(ckpt, a.quantize, a.quantize_head)
         kv_step = common.kv_bytes_per_token(ckpt) * (a.prompt_len + a.new_tokens // 2)  # mid-decode, per seq
         for batch in batches:
             title = (f"{ckpt.name}  batch {batch}  prompt {a.prompt_len}  new {a.new_tokens}  scheme {scheme}  "
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
     p.add_argument("--sides", default="overspill,hf", help="comma list: overspill, hf")
     p.add_argument("--quantize", default=None, help="scheme passed to overspill.load(quantize=...)")
+    p.add_argument("--quantize-head", action="store_true", help="overspill.load(quantize_head=True): the LM head too")
     p.add_argument("--seed", type=int, default=0, help="prompt token ids")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")

@@ -166,8 +166,8 @@ def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
-         max_memory: str | dict | None = None, quantize: str | None = None, max_batch_size: int = 1,
-         max_seq_len: int | None = None, make_linear: MakeLinear | None = None) -> Model:
+         max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
+         max_batch_size: int = 1, max_seq_len: int | None = None, make_linear: MakeLinear | None = None) -> Model:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -175,6 +175,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       Budgets cover weights, staging buffers, the KV cache for max_batch_size x max_seq_len tokens,
       and activations; requests larger than that reserve are refused.
     quantize: int8 | int4 | int8-dynamic | nf4 for the block matmul weights.
+    quantize_head: the LM head in the same scheme too (as llama.cpp's quantized files do); a layer store keeps
+      the head it was converted with (``overspill convert --quantize-head``).
     """
     from .runtime.loader import Reserve, build
 
@@ -188,7 +190,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
             raise OverspillError(str(e)) from None
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
     try:
-        cfg, executor, plan, src = build(path, dtype, quantize, budgets, reserve, make_linear)
+        cfg, executor, plan, src = build(path, dtype, quantize, budgets, reserve, make_linear,
+                                         quantize_head=quantize_head)
     except ValueError as e:   # PlanError and friends carry one clear line
         if isinstance(e, OverspillError):
             raise

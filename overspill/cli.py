@@ -34,6 +34,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--max-memory", default=None, help="budgets, e.g. cpu=4GiB or cuda:0=10GiB,cpu=8GiB; the rest streams from disk")
     p.add_argument("--quantize", default=None, help="int8 | int4 | int8-dynamic | nf4 (on the fly)")
+    p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too (with --quantize)")
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def _load(a: argparse.Namespace, max_batch: int = 1, max_seq: int | None = None)
     from .api import load
 
     return load(a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
-                max_batch_size=max_batch, max_seq_len=max_seq)
+                quantize_head=a.quantize_head, max_batch_size=max_batch, max_seq_len=max_seq)
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
@@ -275,6 +276,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 @command("plan", "show where every unit would live under memory budgets, and the predicted speed")
 @args(lambda p: (p.add_argument("model", nargs="?", default=None), p.add_argument("--max-memory", required=True),
                  p.add_argument("--dtype", default="auto"), p.add_argument("--quantize", default=None),
+                 p.add_argument("--quantize-head", action="store_true"),
                  p.add_argument("--max-batch-size", type=int, default=1), p.add_argument("--max-seq-len", type=int, default=1024),
                  p.add_argument("--cached", action="store_true", help="reuse the last bandwidth measurement instead of probing"),
                  p.add_argument("--json", action="store_true")))
@@ -288,7 +290,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         budgets = parse_memory(a.max_memory)
     except ValueError as e:
         raise OverspillError(str(e)) from None
-    plan, src = plan_for(path, a.dtype, a.quantize, budgets, Reserve(a.max_batch_size, a.max_seq_len))
+    plan, src = plan_for(path, a.dtype, a.quantize, budgets, Reserve(a.max_batch_size, a.max_seq_len), a.quantize_head)
     if a.json:
         print(plan.to_json())
         return 0

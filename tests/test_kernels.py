@@ -36,9 +36,9 @@ def test_panel_layout_roundtrip(dtype):
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13, 40])
 @pytest.mark.parametrize("N", [16, 48, 64, 80, 272])
-def test_bf16_mm_vs_reference(M, N):
-    torch.manual_seed(M * 1000 + N)
-    K = 96
+@pytest.mark.parametrize("K", [96, 2, 70])
+def test_bf16_mm_vs_reference(M, N, K):
+    torch.manual_seed(M * 1000 + N + K)
     x, w, b = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
     ref = F.linear(x.float(), w.float(), b.float())
     got = K_.bf16_mm(x, block_weight(w), b)
@@ -51,9 +51,10 @@ def test_bf16_mm_vs_reference(M, N):
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 3, 8, 20])
-def test_int8_mm_vs_reference(M):
+@pytest.mark.parametrize("N", [80, 112])
+def test_int8_mm_vs_reference(M, N):
     torch.manual_seed(M)
-    N, K = 80, 128
+    K = 128
     x = torch.randn(M, K).bfloat16()
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     s = torch.rand(N) * 0.01
@@ -111,22 +112,24 @@ def test_disabled_by_environment():
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 2, 3, 9, 17, 40])
-def test_int4_linear_kernel_vs_its_dequantized_weight(M):
+@pytest.mark.parametrize("N,K,gs", [(80, 256, 64), (32, 96, 32), (112, 256, 128), (48, 256, 256)])
+def test_int4_linear_kernel_vs_its_dequantized_weight(M, N, K, gs):
     """int4 through the kernels (M <= 16: int4_mm; larger: bf16 panel dequant + bf16_mm) against the float
     weight the stored tensors describe; and the panel conversion keeps the weight exactly."""
     import overspill.quant as Q
     from overspill.quant import int4 as int4_mod
 
     torch.manual_seed(M)
-    w = torch.randn(80, 256) * 0.02
-    t = Q.quantize(w, "int4", group_size=64)
-    lin = Q.make_linear("int4", t, bias=torch.randn(80).bfloat16())
+    w = torch.randn(N, K) * 0.02
+    t = Q.quantize(w, "int4", group_size=gs)
+    lin = Q.make_linear("int4", t, bias=torch.randn(N).bfloat16())
     assert lin._k is not None and lin.qweight is None          # only the panel copy is held
     d = Q.dequantize("int4", t)
     assert torch.equal(lin.dequantize(), d)                      # conversion to panels is exact
     q = int4_mod.from_panels(lin.qpanels)                        # bytes unpack to the bf16 panel order
-    assert torch.equal(unblock_weight(q), int4_mod._unpack_kn(t["qweight"], 80, 256, int(t["meta"][3])).t())
-    x = torch.randn(M, 256).bfloat16()
+    Np = -(-N // 16) * 16
+    assert torch.equal(unblock_weight(q), int4_mod._unpack_kn(t["qweight"], Np, K, int(t["meta"][3])).t()[:N])
+    x = torch.randn(M, K).bfloat16()
     ref = F.linear(x.float(), d, lin.bias.float())
     assert rel(lin(x), ref) < 4e-3
 
@@ -156,6 +159,48 @@ def test_decode_attention_kernel_vs_float_reference(nh, nkv, hs, padded):
     assert (got.float() - ref).abs().max().item() < 2e-2      # bf16 rounding of the output only
     from overspill.model.layers import decode_attention
     assert torch.equal(decode_attention(q, k, v, valid[:, None, None, :] if padded else None, scale), got)
+
+
+@needs_kernels
+@pytest.mark.parametrize("hs,S", [(40, 1), (72, 9), (64, 1)])
+def test_decode_attention_kernel_matches_torch_fallback(monkeypatch, hs, S):
+    """The kernel path and the torch path of layers.decode_attention agree (tails under 16, a single key)."""
+    import overspill.model.layers as L
+    torch.manual_seed(hs + S)
+    q = torch.randn(2, 4, 1, hs).bfloat16()
+    k, v = torch.randn(2, 2, S + 3, hs).bfloat16()[:, :, :S], torch.randn(2, 2, S + 3, hs).bfloat16()[:, :, :S]
+    got = L.decode_attention(q, k, v, None, hs ** -0.5)
+    monkeypatch.setattr(L, "cpu_kernels", lambda: None)
+    want = L.decode_attention(q, k, v, None, hs ** -0.5)
+    assert (got.float() - want.float()).abs().max().item() < 2e-2
+
+
+@needs_kernels
+def test_kernel_paths_keep_autograd():
+    """Training through bf16 weights (LoRA on a frozen base) needs gradients to x: the kernels have no backward,
+    so inputs that require grad take the dense path."""
+    torch.manual_seed(0)
+    w = torch.randn(32, 64).bfloat16()
+    lin = dense_linear(w)
+    x = torch.randn(3, 64).bfloat16().requires_grad_()
+    y = lin(x)
+    assert y.requires_grad
+    y.float().sum().backward()
+    assert torch.allclose(x.grad.float(), w.float().sum(0).expand(3, 64), atol=0.05)
+    from overspill.model.layers import decode_attention
+    q = torch.randn(1, 2, 1, 32).bfloat16().requires_grad_()
+    kv = torch.randn(1, 2, 5, 32).bfloat16()
+    assert decode_attention(q, kv, kv, None, 0.2).requires_grad
+
+
+@needs_kernels
+def test_empty_batch_and_bad_group_size():
+    w = block_weight(torch.randn(32, 64).bfloat16())
+    assert K_.bf16_mm(torch.empty(0, 64, dtype=torch.bfloat16), w, None).shape == (0, 32)
+    qp = torch.zeros(2, 16, 32, dtype=torch.uint8)
+    sz = torch.zeros(2, 1, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="group_size"):
+        K_.int4_mm(torch.zeros(1, 64, dtype=torch.bfloat16), qp, sz, 0, None)
 
 
 @needs_kernels

@@ -213,3 +213,29 @@ def test_planned_quantized_bytes_match_the_store(ref_dir, tmp_path, variant, sch
         planned = unit_weight_bytes(ck, ck.config, unit, torch.bfloat16, scheme)
         stored = store.unit_bytes(unit)
         assert abs(planned - stored) <= 64 * 16, (unit, planned, stored)   # 64-byte alignment padding at most
+
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])   # tied and untied embeddings
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_head_on_the_fly(ref_dir, tmp_path, variant, scheme):
+    """quantize_head=True quantizes the LM head too: the planner's head bytes equal the store's converted with
+    --quantize-head, the loaded head is a quantized linear, and logits stay close to the dense-head run."""
+    from overspill.checkpoint.hf import HFCheckpoint
+    from overspill.checkpoint.store import LayerStore, convert
+    from overspill.quant import QuantLinear
+
+    path, _ = ref_dir(variant)
+    ck = HFCheckpoint(path)
+    planned = unit_weight_bytes(ck, ck.config, "head", torch.bfloat16, scheme, quantize_head=True)
+    assert planned < unit_weight_bytes(ck, ck.config, "head", torch.bfloat16, scheme) or ck.config.tie_embeddings
+    store = LayerStore(convert(path, str(tmp_path / "s"), dtype="bfloat16", quantize=scheme, quantize_head=True,
+                               progress=False))
+    assert abs(planned - store.unit_bytes("head")) <= 64 * 8, (planned, store.unit_bytes("head"))
+    dense = overspill.load(path, dtype="bfloat16", quantize=scheme)
+    qh = overspill.load(path, dtype="bfloat16", quantize=scheme, quantize_head=True)
+    assert isinstance(qh.executor.source.weights[-1].lm, QuantLinear)
+    assert not isinstance(dense.executor.source.weights[-1].lm, QuantLinear)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    a, b = dense.logits(ids).float(), qh.logits(ids).float()
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.99

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -48,9 +49,17 @@ def _build_dir() -> Path:
     return root
 
 
-@functools.lru_cache(maxsize=None)
+_LOCK = threading.Lock()
+
+
 def cpu_kernels():
     """The compiled kernel module, or None (see module docstring). Builds once, then loads from cache."""
+    with _LOCK:   # one build even when threads (e.g. the prefetch thread) ask at once
+        return _cpu_kernels()
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernels():
     if os.environ.get("OVERSPILL_KERNELS", "1") == "0" or not cpu_supported():
         return None
     from torch.utils import cpp_extension

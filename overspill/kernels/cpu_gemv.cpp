@@ -57,7 +57,7 @@ inline void micro(const uint16_t* x, int64_t ldx, const WT* w, int64_t ps, int64
 #pragma GCC unroll 4
     for (int j = 0; j < NP; j++) {
       const WT* p = w + j * ps + kp * 2 * PW;
-      if constexpr (MR > 1) _mm_prefetch((const char*)(p + 32 * 2 * PW), _MM_HINT_T0);
+      if constexpr (MR > 1) if (kp + 32 < KP) _mm_prefetch((const char*)(p + 32 * 2 * PW), _MM_HINT_T0);
       wv[j] = load_w(p);
     }
 #pragma GCC unroll 6
@@ -97,6 +97,7 @@ inline void rows(int64_t mr, const uint16_t* x, int64_t ldx, const WT* w, int64_
 template <typename WT>
 torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const float* scales,
                        const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
   TORCH_CHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
               "weight must be in panel layout [N/16, K/2, 16, 2]");
@@ -226,7 +227,9 @@ inline void rows_i4(int64_t mr, const uint16_t* x, int64_t ldx, const float* xs,
 // qp: uint8 [N/16, K/4, 32]; sz: bf16 [N/16, K/gs, 2, 16] (scales, zeros); returns bf16 [M, N].
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
                       c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  TORCH_CHECK(group_size > 0, "int4_mm: group_size must be positive");
   TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 2 * PW && qp.is_contiguous(),
               "int4_mm: weight must be uint8 panels [N/16, K/4, 32]");
   const int64_t M = x.size(0), K = x.size(1), NPAN = qp.size(0), KP = qp.size(1) * 2, N = NPAN * PW;
@@ -287,13 +290,14 @@ inline __m512 bf16x16_to_f32(const uint16_t* p, __mmask16 m) {
 
 torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                           double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU kernels need CPU tensors");
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kBFloat16, "q must be bf16 [B, nh, 1, hs]");
   TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "k, v must be bf16 [B, nkv, S, hs]");
   const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3), nkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == nkv && v.size(2) == S && k.size(3) == hs && v.size(3) == hs,
               "k, v shapes must match q");
-  TORCH_CHECK(nh % nkv == 0, "nh must be a multiple of nkv");
+  TORCH_CHECK(nkv > 0 && nh % nkv == 0, "nh must be a positive multiple of nkv");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k, v must have unit stride along the head dim");
   const bool* vp = nullptr;
   torch::Tensor valid_c;
@@ -362,14 +366,16 @@ torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10
 
 
 // ---- small fused ops for the decode step (each replaces 5-8 torch ops of a few microseconds) ------------
-// Both reproduce the rounding of the torch expressions they replace in overspill/model/layers.py exactly, so
-// the fused and unfused bf16 paths give bitwise-equal results (tested).
+// Both round where the torch expressions they replace (overspill/model/layers.py) round: rope_ is bitwise equal
+// to it (tested); rms_norm sums the squares in double, so about 1 in 20 outputs differs by one bf16 ulp.
 inline float bf(float v) { return (float)c10::BFloat16(v); }   // round to bf16 and back
 
 // RMSNorm, Llama style: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(bf16), the product rounded to bf16.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU kernels need CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm: bf16 x and w");
   const int64_t C = x.size(-1);
+  TORCH_CHECK(C > 0, "rms_norm: empty feature dimension");
   TORCH_CHECK(w.numel() == C, "rms_norm: weight has ", w.numel(), " elements, x has ", C, " features");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
@@ -396,6 +402,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // Rotary embedding (rotate-half form) in place on the first n_rot heads of x [B, T, H, hs] (contiguous):
 // out = bf16(bf16(x * cos) + bf16(cat(-x2, x1) * sin)) over the first d = cos.size(-1) dims of each head.
 void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot) {
+  TORCH_CHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), "CPU kernels need CPU tensors");
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "rope_: x must be contiguous bf16 [B, T, H, hs]");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hs = x.size(3), d = cos.size(-1), h2 = d / 2;
   TORCH_CHECK(cos.numel() == B * T * d && sin.numel() == B * T * d && d <= hs && d % 2 == 0 && n_rot <= H,
@@ -429,7 +436,9 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot)
 void int8_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor scales) {
   TORCH_CHECK(qp.scalar_type() == at::kChar && qp.is_contiguous() && qp.dim() == 4 && qp.size(2) == PW, "int8_dequant_: qp");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == qp.numel(), "int8_dequant_: out");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == qp.size(0) * PW, "int8_dequant_: scales");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qp.size(0) * PW,
+              "int8_dequant_: scales must be contiguous fp32 [N]");
+  TORCH_CHECK(out.device().is_cpu() && qp.device().is_cpu() && scales.device().is_cpu(), "CPU kernels need CPU tensors");
   const int64_t NP = qp.size(0), E = qp.size(1) * 2 * PW;   // elements per panel
   const int8_t* q = qp.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
@@ -457,9 +466,12 @@ void int8_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor scales) {
 void int4_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor sz, int64_t group_size) {
   TORCH_CHECK(qp.scalar_type() == at::kByte && qp.is_contiguous() && qp.dim() == 3 && qp.size(2) == 2 * PW, "int4_dequant_: qp");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == qp.numel() * 2, "int4_dequant_: out");
-  const int64_t NP = qp.size(0), KQ = qp.size(1), K = KQ * 4, G = K / group_size, gq = group_size / 4;
-  TORCH_CHECK(group_size % 4 == 0 && K % group_size == 0 && sz.numel() == NP * G * 2 * PW && sz.scalar_type() == at::kBFloat16,
-              "int4_dequant_: scales/zeros");
+  TORCH_CHECK(out.device().is_cpu() && qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
+  const int64_t NP = qp.size(0), KQ = qp.size(1), K = KQ * 4;
+  TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && K % group_size == 0, "int4_dequant_: bad group_size ", group_size);
+  const int64_t G = K / group_size, gq = group_size / 4;
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NP &&
+              sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_dequant_: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
   const uint8_t* q = qp.data_ptr<uint8_t>();
   const uint16_t* szp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
   uint16_t* o = (uint16_t*)out.data_ptr<at::BFloat16>();

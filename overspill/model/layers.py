@@ -145,7 +145,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     B, nh, _, hs = q.shape
     nkv, S = k.shape[1], k.shape[2]
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not (q.requires_grad or k.requires_grad or v.requires_grad):
         kern = cpu_kernels()
         if kern is not None:   # reads the cache slice in place (bf16 bmm would copy it), fp32 softmax
             return kern.decode_attn(q, k, v, None if mask is None else mask.reshape(B, S), scale)

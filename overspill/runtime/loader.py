@@ -46,8 +46,10 @@ def _es(dtype: torch.dtype) -> int:
 _RAW_LINEAR_PARTS = {"q", "k", "v", "qkv", "qkv_neox", "gate", "up", "out", "down"}
 
 
-def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None) -> int:
-    """Bytes a unit's weights occupy, from shapes only."""
+def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None,
+                      quantize_head: bool = False) -> int:
+    """Bytes a unit's weights occupy, from shapes only (quantize_head: the LM head in the scheme too; with tied
+    embeddings that is a quantized copy beside the embedding table)."""
     if hasattr(src, "unit_bytes"):                 # a layer store knows exactly
         return src.unit_bytes(unit)
     from .. import quant
@@ -65,6 +67,10 @@ def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quan
         shapes = {"qkv": (cfg.q_size + 2 * cfg.kv_size, C), "out": (C, cfg.q_size),
                   "up": ((2 if cfg.gated_mlp else 1) * F, C), "down": (C, F)}
         total += sum(quant.quantized_nbytes(quantize, n, k) for n, k in shapes.values())
+    if quantize and quantize_head and unit == "head":
+        total -= sum(math.prod(src.shape(name)) * _es(dtype) for name, canon in src.unit_names(unit).items()
+                     if canon == "lm.weight")
+        total += quant.quantized_nbytes(quantize, cfg.vocab_size, cfg.hidden_size)
     return total
 
 
@@ -88,45 +94,48 @@ def open_source(path: str, dtype, quantize: str | None):
 
 
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
-              reserve: Reserve, ring_slots: int = 2):
+              reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False):
     from ..placement import UnitCost, plan_placement
 
     kv = reserve.kv_bytes_per_block(cfg, dt)
-    costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize), kv if u.startswith("block.") else 0)
+    costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head), kv if u.startswith("block.") else 0)
              for u in units(cfg)]
     return plan_placement(costs, budgets, activation_bytes=reserve.activation_bytes(cfg, dt), ring_slots=ring_slots)
 
 
-def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], reserve: Reserve):
-    src, _, dt, quantize = open_source(path, dtype, quantize)
-    return make_plan(src, src.config, dt, quantize, budgets, reserve), src
+def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], reserve: Reserve,
+             quantize_head: bool = False):
+    src, is_store, dt, quantize = open_source(path, dtype, quantize)
+    return make_plan(src, src.config, dt, quantize, budgets, reserve, quantize_head=quantize_head and not is_store), src
 
 
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
-          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2):
-    """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore))."""
+          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2, quantize_head: bool = False):
+    """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore)).
+    quantize_head applies to on-the-fly quantization; a layer store holds its head as it was converted."""
     src, is_store, dt, quantize = open_source(path, dtype, quantize)
+    quantize_head = bool(quantize and quantize_head and not is_store)
     store = src if is_store else None
     cfg = src.config
     names = units(cfg)
     plan = None
     streamed: list[int] = []
     if max_memory is not None:
-        plan = make_plan(src, cfg, dt, quantize, max_memory, reserve, ring_slots)
+        plan = make_plan(src, cfg, dt, quantize, max_memory, reserve, ring_slots, quantize_head)
         streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
         devices = {p.device for p in plan.placements}
         if devices != {"cpu"}:
             raise OverspillError(f"placement on {sorted(devices - {'cpu'})} needs a GPU build; this build runs on cpu")
     if quantize and make_linear is None:
         from ..api import quantized_make_linear
-        make_linear = quantized_make_linear(quantize)
+        make_linear = quantized_make_linear(quantize, include_head=quantize_head)
     make_linear = make_linear or default_make_linear
 
     resident = {}
     for i, u in enumerate(names):
         if i in streamed:
             continue
-        resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, resident)
+        resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, resident, quantize_head)
     if streamed:
         if store is not None:
             reader = StoreUnitReader(store)
@@ -143,14 +152,16 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     return cfg, Executor(cfg, source, dt), plan, src
 
 
-def _load_unit(src, store, cfg, unit, dt, make_linear, resident):
+def _load_unit(src, store, cfg, unit, dt, make_linear, resident, quantize_head=False):
     if store is not None:
         t = store.read_unit(unit)
         t = {k: v.clone() if store.quantize is None else v for k, v in t.items()}  # own memory, not the read buffer
         return _bind_store_unit(store, cfg, unit, t, make_linear, resident)
     if unit == "head" and cfg.tie_embeddings and 0 in resident:
         t = src.read_unit_except(unit, dt, "lm.weight")
-        t["lm"] = DenseLinear(resident[0].tok, t.pop("lm.bias", None))   # share, don't copy, the embedding
+        bias = t.pop("lm.bias", None)
+        # share, don't copy, the embedding; a quantized head is its own (smaller) copy
+        t["lm"] = make_linear("lm", resident[0].tok, bias) if quantize_head else DenseLinear(resident[0].tok, bias)
         return bind(cfg, unit, t, make_linear)
     return bind(cfg, unit, src.read_unit(unit, dt), make_linear)
 
