@@ -98,10 +98,10 @@ template <typename WT>
 torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const float* scales,
                        const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
   TORCH_CHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
               "weight must be in panel layout [N/16, K/2, 16, 2]");
-  const int64_t M = x.size(0), K = x.size(1), NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
   TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
   const float* bp = nullptr;
   torch::Tensor bias_f;
@@ -110,7 +110,9 @@ torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const fl
     bias_f = bias->to(at::kFloat).contiguous();
     bp = bias_f.data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, x.options());
+  auto ysize = x.sizes().vec();
+  ysize.back() = N;
+  auto y = torch::empty(ysize, x.options());   // [..., N]: callers need no reshape
   const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
   const WT* wbase = (const WT*)wp.data_ptr();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
@@ -228,11 +230,11 @@ inline void rows_i4(int64_t mr, const uint16_t* x, int64_t ldx, const float* xs,
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
                       c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.device().is_cpu() && qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [M, K]");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
   TORCH_CHECK(group_size > 0, "int4_mm: group_size must be positive");
   TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 2 * PW && qp.is_contiguous(),
               "int4_mm: weight must be uint8 panels [N/16, K/4, 32]");
-  const int64_t M = x.size(0), K = x.size(1), NPAN = qp.size(0), KP = qp.size(1) * 2, N = NPAN * PW;
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), KP = qp.size(1) * 2, N = NPAN * PW;
   TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
   TORCH_CHECK(group_size % 4 == 0 && K % group_size == 0, "int4_mm: K=", K, " is not a multiple of group_size=", group_size);
   const int64_t G = K / group_size, gp = group_size / 2;
@@ -246,9 +248,17 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64
     bp = bias_f.data_ptr<float>();
   }
   // per-row, per-group sums of x (for the zero-point term), fp32 of the bf16 values
-  auto xsum = x.to(at::kFloat).view({M, G, group_size}).sum(2).contiguous();
-  const float* xs = xsum.data_ptr<float>();
-  auto y = torch::empty({M, N}, x.options());
+  const uint16_t* xraw = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  std::vector<float> xsum(M * G);   // per-row, per-group sums of x (for the zero-point term)
+  for (int64_t i = 0; i < M * G; i++) {
+    float a = 0.f;
+    for (int64_t k = 0; k < group_size; k++) a += (float)c10::BFloat16(xraw[i * group_size + k], c10::BFloat16::from_bits());
+    xsum[i] = a;
+  }
+  const float* xs = xsum.data();
+  auto ysize = x.sizes().vec();
+  ysize.back() = N;
+  auto y = torch::empty(ysize, x.options());
   const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
   const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();

@@ -119,10 +119,9 @@ class BlockedLinear:
         if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward: exact dense path
             w = self.dequantize().to(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        shape = x.shape
-        y = self._k.bf16_mm(x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32)
-        y = y.view(*shape[:-1], self.out_features)
-        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+        if x.dtype == torch.bfloat16 and x.is_contiguous():   # decode hot path: one call, no reshapes
+            return self._k.bf16_mm(x, self.blocked, self._bias_f32)
+        return self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32).to(x.dtype)
 
     @property
     def nbytes(self) -> int:

@@ -85,9 +85,21 @@ class QuantLinear:
             b = self._bias_cache[dtype] = self.bias.to(dtype).contiguous()
         return b
 
+    # Subclasses may set ``_fast_ok`` and define ``_fast(x) -> y | None``: a direct kernel call for contiguous bf16
+    # x [..., K] (bias included), None when it does not apply (e.g. too many rows). Decode calls it ~150 times per
+    # token, so skipping _forward's reshapes and checks there is measurable.
+    _fast_ok = False
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():
             return _QuantMatmulFn.apply(x, self)
+        if self._fast_ok and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] == self.in_features:
+            y = self._fast(x)
+            if y is not None:
+                return y
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,8 @@ class Int4Linear(QuantLinear):
             self.qpanels, self.szpanels = to_panels(q, sz, N, gs)
             self.qweight = self.scales_zeros = None
             self.layout, self._sz8 = lay, None
+            self._fast_ok = True
+            self._bias_f32 = None if bias is None else bias.float().contiguous()
             return
         if lay != native_layout():   # file packed on a CPU with another layout: repack once
             q = _unpack_kn(qw, Np, K, lay).t().to(torch.int32).contiguous()
@@ -174,6 +176,11 @@ class Int4Linear(QuantLinear):
         self.layout = lay
         self.scales_zeros = sz.to(torch.bfloat16).contiguous()
         self._sz8 = None
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.numel() > KERNEL_MAX_M * self.in_features:
+            return None
+        return self._k.int4_mm(x, self.qpanels, self.szpanels, self.group_size, self._bias_f32)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]

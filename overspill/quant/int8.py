@@ -69,9 +69,16 @@ class Int8Linear(QuantLinear):
         self._qplain = None if self._k is not None else q.contiguous()
         self.scales_bf16 = s.to(torch.bfloat16).contiguous()
         self.scales_f32 = s.float().contiguous()
+        self._fast_ok = self._k is not None and act_quant == "never"
+        self._bias_f32 = None if bias is None else bias.float().contiguous()
         self.act_quant = act_quant if _onednn_int8_ok() else "never"
         self._packed = None
         self._zp = None
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.numel() > DEQUANT_MIN_M * self.in_features:
+            return None
+        return self._k.int8_mm(x, self._qblocked, self.scales_f32, self._bias_f32)
 
     @property
     def qweight(self) -> torch.Tensor:
