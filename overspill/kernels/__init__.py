@@ -15,7 +15,6 @@ to rounding. The build (~40 s, once per machine and source version) is cached un
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -50,16 +49,23 @@ def _build_dir() -> Path:
 
 
 _LOCK = threading.Lock()
+_UNSET = object()
+_module = _UNSET
 
 
 def cpu_kernels():
-    """The compiled kernel module, or None (see module docstring). Builds once, then loads from cache."""
-    with _LOCK:   # one build even when threads (e.g. the prefetch thread) ask at once
-        return _cpu_kernels()
+    """The compiled kernel module, or None (see module docstring). Builds once, then loads from cache.
+
+    Called on the decode path (per layer), so after the first call it is one global read, no lock."""
+    global _module
+    if _module is _UNSET:
+        with _LOCK:   # one build even when threads (e.g. the prefetch thread) ask at once
+            if _module is _UNSET:
+                _module = _load()
+    return _module
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_kernels():
+def _load():
     if os.environ.get("OVERSPILL_KERNELS", "1") == "0" or not cpu_supported():
         return None
     from torch.utils import cpp_extension

@@ -94,6 +94,20 @@ inline void rows(int64_t mr, const uint16_t* x, int64_t ldx, const WT* w, int64_
   }
 }
 
+// Optional bias as contiguous fp32 [N] (undefined tensor when absent).
+inline torch::Tensor bias_f32(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
+  TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
+  return bias->to(at::kFloat).contiguous();
+}
+
+// bf16 output [..., N] shaped like x [..., K]: callers need no reshape.
+inline torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
+  auto size = x.sizes().vec();
+  size.back() = N;
+  return torch::empty(size, x.options());
+}
+
 template <typename WT>
 torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const float* scales,
                        const c10::optional<torch::Tensor>& bias) {
@@ -103,16 +117,9 @@ torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const fl
               "weight must be in panel layout [N/16, K/2, 16, 2]");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
   TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
-  const float* bp = nullptr;
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-    bp = bias_f.data_ptr<float>();
-  }
-  auto ysize = x.sizes().vec();
-  ysize.back() = N;
-  auto y = torch::empty(ysize, x.options());   // [..., N]: callers need no reshape
+  torch::Tensor bias_f = bias_f32(bias, N);
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = out_like(x, N);
   const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
   const WT* wbase = (const WT*)wp.data_ptr();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
@@ -240,26 +247,17 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64
   const int64_t G = K / group_size, gp = group_size / 2;
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
               sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_mm: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
-  const float* bp = nullptr;
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-    bp = bias_f.data_ptr<float>();
-  }
-  // per-row, per-group sums of x (for the zero-point term), fp32 of the bf16 values
-  const uint16_t* xraw = (const uint16_t*)x.data_ptr<at::BFloat16>();
-  std::vector<float> xsum(M * G);   // per-row, per-group sums of x (for the zero-point term)
+  torch::Tensor bias_f = bias_f32(bias, N);
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  std::vector<float> xsum(M * G);   // per-row, per-group sums of x (fp32 of the bf16 values) for the zero term
   for (int64_t i = 0; i < M * G; i++) {
     float a = 0.f;
-    for (int64_t k = 0; k < group_size; k++) a += (float)c10::BFloat16(xraw[i * group_size + k], c10::BFloat16::from_bits());
+    for (int64_t k = 0; k < group_size; k++) a += (float)c10::BFloat16(xp[i * group_size + k], c10::BFloat16::from_bits());
     xsum[i] = a;
   }
   const float* xs = xsum.data();
-  auto ysize = x.sizes().vec();
-  ysize.back() = N;
-  auto y = torch::empty(ysize, x.options());
-  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
+  auto y = out_like(x, N);
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
   const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
