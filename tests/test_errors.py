@@ -139,3 +139,12 @@ def test_bad_generation_settings(ref_dir):
         model.generate([[]])
     with pytest.raises(overspill.OverspillError, match="missing tokenizer.json"):
         model.generate(["text needs a tokenizer"])
+
+
+def test_quantize_head_without_a_scheme_is_one_clear_line():
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "overspill.cli", "generate", "hi", "-n", "1", "--quantize-head"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "needs a scheme" in r.stderr

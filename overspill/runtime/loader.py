@@ -74,6 +74,11 @@ def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quan
     return total
 
 
+def _check_quantize_head(quantize: str | None, quantize_head: bool) -> None:
+    if quantize_head and not quantize:
+        raise OverspillError("--quantize-head / quantize_head=True needs a scheme: add --quantize int8|int4|int8-dynamic|nf4")
+
+
 def open_source(path: str, dtype, quantize: str | None):
     """-> (source: LayerStore | HFCheckpoint, is_store, dtype, quantize) with dtype/scheme checked against a store."""
     from ..checkpoint.hf import HFCheckpoint
@@ -106,6 +111,7 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
 def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], reserve: Reserve,
              quantize_head: bool = False):
     src, is_store, dt, quantize = open_source(path, dtype, quantize)
+    _check_quantize_head(quantize, quantize_head)
     return make_plan(src, src.config, dt, quantize, budgets, reserve, quantize_head=quantize_head and not is_store), src
 
 
@@ -114,6 +120,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore)).
     quantize_head applies to on-the-fly quantization; a layer store holds its head as it was converted."""
     src, is_store, dt, quantize = open_source(path, dtype, quantize)
+    _check_quantize_head(quantize, quantize_head)
     quantize_head = bool(quantize and quantize_head and not is_store)
     store = src if is_store else None
     cfg = src.config
