@@ -49,35 +49,81 @@ def test_bf16_mm_vs_reference(M, N, K):
     assert rel(nob, ref - b.float()) < 4e-3
 
 
+def quant_ref(x, xq, d, block):
+    """The kernels' activation quantization, checked against its definition; returns the dequantized x (float64)."""
+    M, K = x.shape
+    xb = x.double().view(M, K // block, block)
+    amax = xb.abs().amax(-1)
+    assert torch.equal(d, (amax.float() / 127))
+    # round-half-even of x * 127 / amax: within half a step (ties may round either way under fp32 rounding)
+    assert ((xq.double().view(M, K // block, block) - xb * (127 / amax.clamp(min=1e-30))[..., None]).abs() <= 0.5 + 1e-4).all()
+    return (xq.double().view(M, K // block, block) * d.double()[..., None]).view(M, K)
+
+
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 3, 8, 20])
-@pytest.mark.parametrize("N", [80, 112])
-def test_int8_mm_vs_reference(M, N):
-    torch.manual_seed(M)
-    K = 128
+@pytest.mark.parametrize("M", [1, 3, 4, 8, 20])
+@pytest.mark.parametrize("N,K,block", [(80, 128, 64), (112, 512, 32), (16, 64, 64), (272, 1024, 128)])
+def test_int8_vnni_mm_vs_reference(M, N, K, block):
+    """w8a8: exact integer dot products of the quantized activations, fp32 scaling, one rounding to bf16."""
+    from overspill.kernels import pack_int8, unpack_int8
+    torch.manual_seed(M * 7 + N)
     x = torch.randn(M, K).bfloat16()
+    x[0, :block] = 0                                   # an all-zero block: scale 0, no NaN
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8)
-    s = torch.rand(N) * 0.01
-    ref = (x.float() @ q.float().t()) * s
-    got = K_.int8_mm(x, block_weight(q), s, None)
-    assert (got.float() - ref).abs().le(ref.abs() * 2 ** -8 + 1e-3).all()
+    s, b = torch.rand(N) * 0.01, torch.randn(N).bfloat16()
+    qp = pack_int8(q)
+    assert qp.shape == (N // 16, K // 4, 64) and torch.equal(unpack_int8(qp), q)
+    assert int(qp[0, 1, 4 * 3 + 2]) == int(q[3, 6]) + 128
+    xq, d = K_.quantize_activations(x, block)
+    ref = (quant_ref(x, xq, d, block) @ q.double().t()) * s.double() + b.double()
+    got = K_.int8_vnni_mm(x, qp, s, b, block)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4 * ref.abs().max()).all()
+    x3 = x.view(M, 1, K)                               # any leading shape, output shaped like x
+    assert torch.equal(K_.int8_vnni_mm(x3, qp, s, b, block).view(M, N), got)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 3, 9, 17])
+@pytest.mark.parametrize("N,K,gs", [(80, 256, 64), (32, 96, 32), (112, 256, 128), (48, 256, 256)])
+def test_int4_vnni_mm_vs_reference(M, N, K, gs):
+    """w4a8: sum_g s*d*(sum q xq - 8 sum xq) + z * sum x, against float64."""
+    from overspill.kernels import pack_int4, unpack_int4
+    torch.manual_seed(M * 5 + N)
+    x = torch.randn(M, K).bfloat16()
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    sz = (torch.rand(N // 16, K // gs, 2, 16) * 0.02 - 0.005).bfloat16()
+    b = torch.randn(N).bfloat16()
+    qp = pack_int4(q)
+    assert qp.shape == (N // 16, K // 8, 64) and torch.equal(unpack_int4(qp), q)
+    s_nk = sz[:, :, 0].double().permute(0, 2, 1).reshape(N, K // gs, 1).expand(N, K // gs, gs).reshape(N, K)
+    z_nk = sz[:, :, 1].double().permute(0, 2, 1).reshape(N, K // gs, 1).expand(N, K // gs, gs).reshape(N, K)
+    xq, d = K_.quantize_activations(x, gs)
+    ref = quant_ref(x, xq, d, gs) @ ((q.double() - 8) * s_nk).t() + x.double() @ z_nk.t() + b.double()
+    got = K_.int4_vnni_mm(x, qp, sz, gs, b)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-4 * ref.abs().max()).all()
 
 
 @needs_kernels
 def test_rows_independent_and_thread_count_independent():
     """Each output is summed in one fixed order: a row's result does not depend on its batch or on threads."""
     torch.manual_seed(0)
+    from overspill.kernels import pack_int4, pack_int8
     x, w = torch.randn(11, 256).bfloat16(), block_weight(torch.randn(160, 256).bfloat16())
-    full = K_.bf16_mm(x, w, None)
-    alone = torch.cat([K_.bf16_mm(x[i:i + 1].contiguous(), w, None) for i in range(11)])
-    assert torch.equal(full, alone)
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = K_.bf16_mm(x, w, None)
-    finally:
-        torch.set_num_threads(n)
-    assert torch.equal(full, one)
+    q8, s = pack_int8(torch.randint(-127, 128, (160, 256), dtype=torch.int8)), torch.rand(160)
+    q4, sz = pack_int4(torch.randint(0, 16, (160, 256), dtype=torch.uint8)), torch.rand(10, 4, 2, 16).bfloat16()
+    for f in (lambda x: K_.bf16_mm(x, w, None), lambda x: K_.int8_vnni_mm(x, q8, s, None, 64),
+              lambda x: K_.int4_vnni_mm(x, q4, sz, 64, None)):
+        full = f(x)
+        alone = torch.cat([f(x[i:i + 1].contiguous()) for i in range(11)])
+        assert torch.equal(full, alone)
+        n = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = f(x)
+        finally:
+            torch.set_num_threads(n)
+        assert torch.equal(full, one)
 
 
 @needs_kernels
@@ -111,27 +157,28 @@ def test_disabled_by_environment():
 
 
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 2, 3, 9, 17, 40])
-@pytest.mark.parametrize("N,K,gs", [(80, 256, 64), (32, 96, 32), (112, 256, 128), (48, 256, 256)])
-def test_int4_linear_kernel_vs_its_dequantized_weight(M, N, K, gs):
-    """int4 through the kernels (M <= 16: int4_mm; larger: bf16 panel dequant + bf16_mm) against the float
-    weight the stored tensors describe; and the panel conversion keeps the weight exactly."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("M", [1, 9, 40])
+def test_quantized_linears_run_the_integer_kernels(scheme, M):
+    """int8/int4 linears hold only the kernel panels (converted exactly) and run w8a8/w4a8 at every batch size:
+    within the activation rounding of the float result; act_quant="never" keeps exact activations."""
     import overspill.quant as Q
-    from overspill.quant import int4 as int4_mod
-
     torch.manual_seed(M)
+    N, K = 80, 256
     w = torch.randn(N, K) * 0.02
-    t = Q.quantize(w, "int4", group_size=gs)
-    lin = Q.make_linear("int4", t, bias=torch.randn(N).bfloat16())
-    assert lin._k is not None and lin.qweight is None          # only the panel copy is held
-    d = Q.dequantize("int4", t)
-    assert torch.equal(lin.dequantize(), d)                      # conversion to panels is exact
-    q = int4_mod.from_panels(lin.qpanels)                        # bytes unpack to the bf16 panel order
-    Np = -(-N // 16) * 16
-    assert torch.equal(unblock_weight(q), int4_mod._unpack_kn(t["qweight"], Np, K, int(t["meta"][3])).t()[:N])
-    x = torch.randn(M, K).bfloat16()
+    t = Q.quantize(w, scheme)
+    lin = Q.make_linear(scheme, t, bias=torch.randn(N).bfloat16())
+    assert lin._k is not None and lin._fast_ok
+    assert (lin._qplain is None) if scheme == "int8" else (lin.qweight is None)   # only the panel copy is held
+    d = Q.dequantize(scheme, t)
+    assert torch.equal(lin.dequantize(), d)
+    x = torch.randn(2, M, K).bfloat16()
     ref = F.linear(x.float(), d, lin.bias.float())
-    assert rel(lin(x), ref) < 4e-3
+    got = lin(x)
+    assert got.shape == (2, M, N) and 1e-4 < rel(got, ref) < 1.5e-2     # int8 activations: ~0.5% relative
+    never = Q.make_linear(scheme, t, bias=lin.bias, act_quant="never")
+    assert never._k is None and rel(never(x), ref) < 4e-3
+    assert rel(lin(x.float()), ref) < 1.5e-2 and lin(x.float()).dtype == torch.float32
 
 
 @needs_kernels
@@ -197,10 +244,16 @@ def test_kernel_paths_keep_autograd():
 def test_empty_batch_and_bad_group_size():
     w = block_weight(torch.randn(32, 64).bfloat16())
     assert K_.bf16_mm(torch.empty(0, 64, dtype=torch.bfloat16), w, None).shape == (0, 32)
-    qp = torch.zeros(2, 16, 32, dtype=torch.uint8)
+    qp = torch.zeros(2, 8, 64, dtype=torch.uint8)
     sz = torch.zeros(2, 1, 2, 16, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="group_size"):
-        K_.int4_mm(torch.zeros(1, 64, dtype=torch.bfloat16), qp, sz, 0, None)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    assert K_.int4_vnni_mm(x[:0], qp, sz, 64, None).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="activation block"):
+        K_.int4_vnni_mm(x, qp, sz, 0, None)
+    with pytest.raises(RuntimeError, match="activation block"):
+        K_.int8_vnni_mm(x, torch.zeros(2, 16, 64, dtype=torch.uint8), torch.ones(32), None, 24)
+    with pytest.raises(RuntimeError, match="K=64"):
+        K_.int8_vnni_mm(x, torch.zeros(2, 8, 64, dtype=torch.uint8), torch.ones(32), None, 32)
 
 
 @needs_kernels
@@ -233,21 +286,73 @@ def test_fused_rms_norm_matches_torch_expression():
     assert (diff == 0).float().mean().item() > 0.95
 
 
-@needs_kernels
-def test_dequantize_to_panels_matches_torch_expressions():
-    """Prefill-sized batches dequantize int8/int4 panels in C++; same bf16 values as the torch expressions."""
+@pytest.mark.parametrize("chunk", [1 << 22, 1])
+@pytest.mark.parametrize("N", [80, 128, 16])
+def test_inplace_panel_conversion_equals_the_copying_one(monkeypatch, chunk, N):
+    """Streamed units convert the staging buffer's own bytes (int8, int4pack + its 16-row tails) into the panels;
+    the result must equal the copying conversion, also when done a chunk at a time."""
+    import overspill.kernels as KM
     import overspill.quant as Q
     from overspill.quant import int4 as int4_mod
+    monkeypatch.setattr(KM, "INPLACE_CHUNK", chunk)
+    monkeypatch.setattr(int4_mod, "INPLACE_CHUNK", chunk)
+    K = 256
+    w = torch.randn(N, K) * 0.02
+    t8 = Q.quantize(w, "int8")
+    want8 = KM.pack_int8(t8["qweight"])
+    buf = t8["qweight"].clone()
+    got8 = KM.pack_int8_(buf)
+    assert torch.equal(got8, want8) and got8.data_ptr() == buf.data_ptr()
+    t4 = Q.quantize(w, "int4", group_size=64)
+    lay = int(t4["meta"][3])
+    q = int4_mod._unpack_kn(t4["qweight"], N, K, lay).t()
+    want_q, want_sz = int4_mod.to_panels(q, t4["scales_zeros"], N, 64)
+    qw, sz = t4["qweight"].clone(), t4["scales_zeros"].clone()
+    got_q, got_sz = int4_mod.to_panels_(qw, sz, N, K, 64, lay)
+    assert torch.equal(got_q, want_q) and torch.equal(got_sz, want_sz)
+    assert got_q.data_ptr() == qw.data_ptr() and got_sz.data_ptr() == sz.data_ptr()
 
-    torch.manual_seed(1)
-    w = torch.randn(48, 128) * 0.02
-    l8 = Q.make_linear("int8", Q.quantize(w, "int8"))
-    out = torch.empty(l8._qblocked.shape, dtype=torch.bfloat16)
-    K_.int8_dequant_(out, l8._qblocked, l8.scales_f32)
-    want = l8._qblocked.to(torch.bfloat16).mul_(l8.scales_bf16.view(3, 1, 16, 1))
-    assert torch.equal(out, want)
-    l4 = Q.make_linear("int4", Q.quantize(w, "int4", group_size=32))
-    got = l4._dequant_panels()
-    q = int4_mod.from_panels(l4.qpanels).to(torch.bfloat16).sub_(8).view(3, 4, 16, 16, 2)
-    want4 = torch.addcmul(l4.szpanels[:, :, 1][:, :, None, :, None], q, l4.szpanels[:, :, 0][:, :, None, :, None])
-    assert torch.equal(got.view(3, 4, 16, 16, 2), want4)
+
+@needs_kernels
+@pytest.mark.parametrize("nh,nkv,hs,rot", [(4, 2, 64, 64), (4, 4, 80, 16), (2, 1, 32, 0)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_decode_step_equals_the_unfused_ops(monkeypatch, nh, nkv, hs, rot, padded):
+    """decode_step (rotary + cache write + attention in one call) gives the same output and cache, bit for bit."""
+    import overspill.model.layers as L
+    from types import SimpleNamespace
+    torch.manual_seed(nh * hs + rot)
+    B, start, cap = 3, 9, 16
+    cfg = SimpleNamespace(n_heads=nh, n_kv_heads=nkv, head_dim=hs, scale=hs ** -0.5)
+    qkv_w = torch.randn((nh + 2 * nkv) * hs, 24).bfloat16()
+    w = SimpleNamespace(qkv=lambda x: F.linear(x, qkv_w), out=lambda o: o)
+    x = torch.randn(B, 1, 24).bfloat16()
+    pos = torch.full((B, 1), start)
+    cos = sin = None
+    if rot:
+        ang = torch.randn(B, 1, 1, rot // 2)
+        cos, sin = torch.cat([ang, ang], -1).cos().bfloat16(), torch.cat([ang, ang], -1).sin().bfloat16()
+    mask = None
+    if padded:
+        mask = torch.ones(B, 1, 1, start + 1, dtype=torch.bool)
+        mask[1, ..., :4] = False
+    step = L.Step(pos, start, cos, sin, mask)
+    kc, vc = torch.randn(B, nkv, cap, hs).bfloat16(), torch.randn(B, nkv, cap, hs).bfloat16()
+    k2, v2 = kc.clone(), vc.clone()
+    got = L.attention(cfg, w, x, step, kc, vc)
+    monkeypatch.setattr(L, "FUSED", False)
+    want = L.attention(cfg, w, x, step, k2, v2)
+    assert got.shape == (B, 1, nh * hs)
+    assert torch.equal(got, want) and torch.equal(kc, k2) and torch.equal(vc, v2)
+
+
+@needs_kernels
+def test_fused_silu_mul_matches_torch_expression():
+    torch.manual_seed(0)
+    h = (torch.randn(3, 2, 2 * 200) * 4).bfloat16()
+    g, u = h.chunk(2, -1)
+    want = F.silu(g) * u
+    got = K_.silu_mul(h)
+    assert got.shape == want.shape
+    diff = (got.float() - want.float()).abs()
+    assert (diff <= want.float().abs() * 2 ** -7 + 1e-30).all()    # at most one bf16 ulp (exp approximations differ)
+    assert (diff == 0).float().mean().item() > 0.97

@@ -20,12 +20,12 @@ WEIGHT_ERR = {
 }
 # output of lin(x) vs F.linear(x.float(), deq(W)) (same weight; only kernel/activation rounding), by path:
 KERNEL_ERR = {
-    ("int8", torch.float32): 0.012,   # M=1 measured 0.0023 (x cast to bf16); M>=2 w8a8 per-token 0.0074-0.0078
+    ("int8", torch.float32): 0.012,   # w8a8 kernel (x int8 per 64 inputs): measured 0.005-0.006; oneDNN per-token ~0.0075
     ("int8", torch.bfloat16): 0.012,
     ("int8-dynamic", torch.float32): 1e-5,  # fp32 JIT dequant + fp32 F.linear: measured ~1e-7
     ("int8-dynamic", torch.bfloat16): 0.006,  # bf16 weight/output rounding: measured 0.0031
-    ("int4", torch.float32): 0.006,   # bf16 kernel: measured 0.0016-0.0030 (int4pack and dequant paths)
-    ("int4", torch.bfloat16): 0.006,
+    ("int4", torch.float32): 0.012,   # w4a8 kernel (x int8 per group): measured ~0.006; int4pack w4a16 0.0016-0.0030
+    ("int4", torch.bfloat16): 0.012,
     ("nf4", torch.float32): 1e-5,
     ("nf4", torch.bfloat16): 0.006,   # measured 0.0031
 }
@@ -129,7 +129,7 @@ def test_int4_repack_from_other_layout():
     assert torch.equal(Q.dequantize("int4", t2), d)
     lin = Q.make_linear("int4", t2)
     x = torch.randn(1, K, dtype=torch.bfloat16)
-    assert rel(lin(x), F.linear(x.float(), d)) < 0.006
+    assert rel(lin(x), F.linear(x.float(), d)) < KERNEL_ERR[("int4", torch.bfloat16)]
 
 
 @pytest.mark.parametrize("scheme", Q.SCHEMES)

@@ -1,14 +1,15 @@
 """Hand-written CPU kernels, compiled on first use (torch.utils.cpp_extension + the system C++ compiler).
 
 Only what no library serves at memory speed lives here (why, with figures: cpu_gemv.cpp's header):
-skinny matmuls over bf16 and int8 weights in a blocked layout, for decode.
+skinny matmuls over bf16, int8 and int4 weights in panel layouts, one-token attention, small fused ops.
 
     kernels = cpu_kernels()        # the compiled module, or None where unavailable
     wb = block_weight(w)           # [N, K] -> panels [N/16, K/2, 16, 2] (any dtype); unblock_weight inverts it
-    y = kernels.bf16_mm(x, wb, bias)              # x bf16 [M, K] contiguous -> bf16 [M, N]
-    y = kernels.int8_mm(x, qb, scales_f32, bias)  # (x @ q^T) * scales (+ bias)
+    y = kernels.bf16_mm(x, wb, bias)                       # x bf16 [..., K] contiguous -> bf16 [..., N]
+    y = kernels.int8_vnni_mm(x, pack_int8(q), s, bias, 64) # x @ (q * s)^T, x quantized to int8 per 64 inputs
+    y = kernels.int4_vnni_mm(x, pack_int4(q), sz, gs, bias)# group-wise int4, x quantized per group
 
-Unavailable (None) when: OVERSPILL_KERNELS=0, not x86-64 with AVX512F/BW/VL + AVX512_BF16, or the build
+Unavailable (None) when: OVERSPILL_KERNELS=0, not x86-64 with AVX512F/BW/VL + AVX512_BF16 + AVX512_VNNI, or the build
 fails (no compiler, no ninja): callers fall back to oneDNN / torch ops, slower but the same results up
 to rounding. The build (~40 s, once per machine and source version) is cached under
 ~/.cache/overspill/kernels; `python -m overspill.kernels` builds it ahead of time (``make setup`` does).
@@ -28,7 +29,7 @@ log = logging.getLogger("overspill.kernels")
 
 _SRC = Path(__file__).with_name("cpu_gemv.cpp")
 PANEL = 16  # output columns per panel
-_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 
 
 def cpu_supported() -> bool:
@@ -99,3 +100,57 @@ def unblock_weight(wb: torch.Tensor) -> torch.Tensor:
     """Inverse of block_weight (a copy)."""
     NP, KP = wb.shape[:2]
     return wb.permute(0, 2, 1, 3).reshape(NP * PANEL, KP * 2)
+
+
+# --- 8- and 4-bit panels for the integer kernels (int8_vnni_mm / int4_vnni_mm; layouts in cpu_gemv.cpp) ------
+
+def vnni_block(N: int, K: int, block: int) -> bool:
+    """Whether a [N, K] weight fits the integer kernels with activation blocks of ``block`` inputs."""
+    return N % PANEL == 0 and N > 0 and K > 0 and block % 16 == 0 and K % block == 0
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] -> uint8 panels [N/16, K/4, 64]: byte [p, P, 4c + j] = q[16p + c, 4P + j] + 128."""
+    N, K = q.shape
+    u = (q.view(torch.uint8) ^ 0x80)   # two's complement + 128 == flip the top bit
+    return u.reshape(N // PANEL, PANEL, K // 4, 4).permute(0, 2, 1, 3).reshape(N // PANEL, K // 4, 4 * PANEL).contiguous()
+
+
+def unpack_int8(qp: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int8 (a copy)."""
+    NP, KQ = qp.shape[:2]
+    return (qp.view(NP, KQ, PANEL, 4).permute(0, 2, 1, 3).reshape(NP * PANEL, KQ * 4) ^ 0x80).view(torch.int8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of 0..15 -> uint8 panels [N/16, K/8, 64]: byte [p, o, 4c + j] = q[16p+c, 8o+j] | q[16p+c, 8o+4+j] << 4."""
+    N, K = q.shape
+    t = q.reshape(N // PANEL, PANEL, K // 8, 2, 4).permute(0, 2, 1, 3, 4)          # [p, o, c, h, j]
+    return (t[..., 0, :] | (t[..., 1, :] << 4)).reshape(N // PANEL, K // 8, 4 * PANEL).contiguous()
+
+
+def unpack_int4(qp: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4 -> uint8 [N, K] (a copy)."""
+    NP, KO = qp.shape[:2]
+    b = qp.view(NP, KO, PANEL, 4)                                                   # [p, o, c, j]
+    t = torch.stack([b & 15, b >> 4], dim=3)                                         # [p, o, c, h, j]
+    return t.permute(0, 2, 1, 3, 4).reshape(NP * PANEL, KO * 8)
+
+
+INPLACE_CHUNK = 4 << 20   # bytes of scratch an in-place conversion uses at a time
+
+
+def pack_int8_(q: torch.Tensor) -> torch.Tensor:
+    """pack_int8 in place: q's own bytes become the panels (returned as a uint8 view of q's storage).
+
+    For weights that live in a streaming staging buffer: no copy of the weight outside the budget, only
+    INPLACE_CHUNK bytes of scratch at a time (each 16-row stripe is its own panel)."""
+    N, K = q.shape
+    assert q.is_contiguous() and N % PANEL == 0 and K % 4 == 0
+    u = q.view(torch.uint8).view(N // PANEL, PANEL, K // 4, 4)
+    out = q.view(torch.uint8).view(N // PANEL, K // 4, 4 * PANEL)
+    step = max(1, INPLACE_CHUNK // (PANEL * K))
+    for p0 in range(0, N // PANEL, step):
+        tmp = u[p0:p0 + step].permute(0, 2, 1, 3).contiguous()     # [p, P, c, j]
+        out[p0:p0 + step].copy_(tmp.view(-1, K // 4, 4 * PANEL).bitwise_xor_(0x80))
+    return out

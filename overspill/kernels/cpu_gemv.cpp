@@ -10,13 +10,14 @@
 //     16 columns x 2 inputs, the pairs vdpbf16ps multiplies; each panel is one sequential stream;
 //   * the micro-kernel keeps MR x NP accumulators (up to 6 activation rows x 4 panels = 64 outputs) and
 //     broadcasts an (x[k], x[k+1]) pair into each vdpbf16ps: fp32 accumulation, no horizontal sums;
-//   * int8 weights (same layout, 1 byte each) are widened to bf16 in registers (exact: |q| <= 127) and the
-//     per-column scale is applied once at the end (w8a16: activations are never quantized);
+//   * 8- and 4-bit weights have their own panel layouts and integer kernels (w8a8 / w4a8 on AVX512-VNNI, at the
+//     end of this file): widening them to bf16 in registers, as a first version did, ran at 0.6-0.7 of the
+//     bandwidth;
 //   * more than 6 rows re-read the panel group from L2, not DRAM;
 //   * every output element is computed by one thread in a fixed order: results are deterministic and do
 //     not depend on the thread count.
 //
-// Requires AVX512F/BW/VL + AVX512_BF16 (checked in Python before this file is compiled).
+// Requires AVX512F/BW/VL + AVX512_BF16 + AVX512_VNNI (checked in Python before this file is compiled).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,14 +34,8 @@ constexpr int MAXMR = 6;  // activation rows per micro-kernel call
 
 template <typename WT>
 inline __m512bh load_w(const WT* p) {
-  if constexpr (sizeof(WT) == 2) {
-    return (__m512bh)_mm512_loadu_si512(p);
-  } else {
-    __m256i q = _mm256_loadu_si256((const __m256i*)p);
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-    return _mm512_cvtne2ps_pbh(hi, lo);  // elements 0..15 from lo, 16..31 from hi: order kept
-  }
+  static_assert(sizeof(WT) == 2, "bf16 panels only (8/4-bit weights use the VNNI kernels below)");
+  return (__m512bh)_mm512_loadu_si512(p);
 }
 
 // y[m, n0 + j*16 + c] for m < MR, j < NP. w: first panel of the group; panel stride ps elements.
@@ -153,137 +148,8 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Te
   return panel_mm<uint16_t>(x, wp, nullptr, bias);
 }
 
-torch::Tensor int8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(qp.scalar_type() == at::kChar, "int8_mm: weight must be int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qp.size(0) * PW,
-              "int8_mm: scales must be contiguous fp32 [N]");
-  return panel_mm<int8_t>(x, qp, scales.data_ptr<float>(), bias);
-}
-
-// ---- int4 (w4a16), group-wise asymmetric: w[n,k] = (q - 8) * s[g,n] + z[g,n], q in 0..15, g = k / gs ------
-// Panel layout of the nibbles: bytes [N/16][K/4][32]; for input quad P (k = 4P..4P+3) and column c,
-// byte 2c+e = q[16p+c][4P+e] | q[16p+c][4P+2+e] << 4 (e = 0, 1). Scales and zeros: bf16 [N/16][K/gs][2][16].
-// One 32-byte load widens (cvtepu8_epi16, then and/shift + or: bf16 bits 0x4300|q = 128+q) into the two
-// zmm of (k, k+1) bf16 pairs that vdpbf16ps wants, for 16 columns x 4 inputs.
-// Per group: acc += (sum (q-8) x) * s + z * sum(x over the group).
-constexpr int I4MR = 2;  // activation rows per call: 2 x MR x NP accumulators + 2 NP weights fit 32 registers
-
 inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-template <int MR, int NP>
-inline void micro_i4(const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* w, int64_t ps,
-                     const uint16_t* sz, int64_t szps, int64_t KP, int64_t gp, const float* bias,
-                     at::BFloat16* y, int64_t ldy) {
-  __m512 acc[MR][NP];
-  for (int m = 0; m < MR; m++)
-    for (int j = 0; j < NP; j++) acc[m][j] = _mm512_setzero_ps();
-  const int64_t G = KP / gp;
-  for (int64_t g = 0; g < G; g++) {
-    __m512 ag[MR][NP];
-#pragma GCC unroll 3
-    for (int m = 0; m < MR; m++)
-#pragma GCC unroll 4
-      for (int j = 0; j < NP; j++) ag[m][j] = _mm512_setzero_ps();
-    for (int64_t P = g * gp / 2; P < (g + 1) * gp / 2; P++) {
-      __m512bh w0[NP], w1[NP];
-#pragma GCC unroll 4
-      for (int j = 0; j < NP; j++) {
-        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + j * ps + P * 2 * PW)));
-        // bf16 bits 0x4300 | q == 128 + q exactly (q < 128): the nibble becomes a bf16 with two bit ops;
-        // the 136 * sum(x) this adds (128 + the zero point 8) is taken out per group below.
-        w0[j] = (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), _mm512_set1_epi16(0x4300), 0xEA);
-        w1[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi16(0x4300));
-      }
-#pragma GCC unroll 3
-      for (int m = 0; m < MR; m++) {
-        int32_t p0, p1;
-        std::memcpy(&p0, x + m * ldx + 4 * P, 4);
-        std::memcpy(&p1, x + m * ldx + 4 * P + 2, 4);
-        __m512bh xb0 = (__m512bh)_mm512_set1_epi32(p0), xb1 = (__m512bh)_mm512_set1_epi32(p1);
-#pragma GCC unroll 4
-        for (int j = 0; j < NP; j++) ag[m][j] = _mm512_dpbf16_ps(_mm512_dpbf16_ps(ag[m][j], w0[j], xb0), w1[j], xb1);
-      }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < NP; j++) {
-      const uint16_t* pz = sz + j * szps + g * 2 * PW;   // [G][2][16]: scales then zeros
-      __m512 sv = load_bf16x16(pz);
-      __m512 zv = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), sv, load_bf16x16(pz + PW));   // z - 136 s
-#pragma GCC unroll 3
-      for (int m = 0; m < MR; m++)
-        acc[m][j] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[m * ldxs + g]), _mm512_fmadd_ps(ag[m][j], sv, acc[m][j]));
-    }
-  }
-  for (int j = 0; j < NP; j++) {
-    __m512 b = bias ? _mm512_loadu_ps(bias + j * PW) : _mm512_setzero_ps();
-    for (int m = 0; m < MR; m++)
-      _mm256_storeu_si256((__m256i*)(y + m * ldy + j * PW), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b)));
-  }
-}
-
-template <int NP>
-inline void rows_i4(int64_t mr, const uint16_t* x, int64_t ldx, const float* xs, int64_t ldxs, const uint8_t* w,
-                    int64_t ps, const uint16_t* sz, int64_t szps, int64_t KP, int64_t gp, const float* b,
-                    at::BFloat16* y, int64_t ldy) {
-  switch (mr) {
-    case 2: micro_i4<2, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy); break;
-    default: micro_i4<1, NP>(x, ldx, xs, ldxs, w, ps, sz, szps, KP, gp, b, y, ldy); break;
-  }
-}
-
-// qp: uint8 [N/16, K/4, 32]; sz: bf16 [N/16, K/gs, 2, 16] (scales, zeros); returns bf16 [M, N].
-torch::Tensor int4_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
-                      c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(group_size > 0, "int4_mm: group_size must be positive");
-  TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 2 * PW && qp.is_contiguous(),
-              "int4_mm: weight must be uint8 panels [N/16, K/4, 32]");
-  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), KP = qp.size(1) * 2, N = NPAN * PW;
-  TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
-  TORCH_CHECK(group_size % 4 == 0 && K % group_size == 0, "int4_mm: K=", K, " is not a multiple of group_size=", group_size);
-  const int64_t G = K / group_size, gp = group_size / 2;
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
-              sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_mm: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
-  torch::Tensor bias_f = bias_f32(bias, N);
-  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  const uint16_t* xp = (const uint16_t*)x.data_ptr<at::BFloat16>();
-  std::vector<float> xsum(M * G);   // per-row, per-group sums of x (fp32 of the bf16 values) for the zero term
-  for (int64_t i = 0; i < M * G; i++) {
-    float a = 0.f;
-    for (int64_t k = 0; k < group_size; k++) a += (float)c10::BFloat16(xp[i * group_size + k], c10::BFloat16::from_bits());
-    xsum[i] = a;
-  }
-  const float* xs = xsum.data();
-  auto y = out_like(x, N);
-  const uint8_t* wbase = qp.data_ptr<uint8_t>();
-  const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t ps = KP * PW, szps = G * 2 * PW;
-  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
-  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) {
-      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
-      const uint8_t* w = wbase + p0 * ps;
-      const uint16_t* s = szb + p0 * szps;
-      const float* b = bp ? bp + n0 : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += I4MR) {
-        const int64_t mr = std::min<int64_t>(I4MR, M - m0);
-        const uint16_t* xm = xp + m0 * K;
-        const float* xsm = xs + m0 * G;
-        at::BFloat16* ym = yp + m0 * N + n0;
-        switch (np) {
-          case 4: rows_i4<4>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
-          case 3: rows_i4<3>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
-          case 2: rows_i4<2>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
-          default: rows_i4<1>(mr, xm, K, xsm, G, w, ps, s, szps, KP, gp, b, ym, N); break;
-        }
-      }
-    }
-  });
-  return y;
 }
 
 
@@ -437,87 +303,352 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot)
 }
 
 
-// ---- dequantize into the bf16 panel layout (prefill-sized batches run the bf16 kernel on the result) --------
-// One parallel pass at memory speed; the torch expressions it replaces took ~10x longer (measured: int4
-// TinyLlama prefill of 128 tokens 2.3 s vs 0.64 s in bf16).
-// int8: qp int8 [N/16, K/2, 16, 2], scales fp32 [N]  ->  out bf16 [N/16, K/2, 16, 2] = bf16(q * s) (rounded once).
-void int8_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor scales) {
-  TORCH_CHECK(qp.scalar_type() == at::kChar && qp.is_contiguous() && qp.dim() == 4 && qp.size(2) == PW, "int8_dequant_: qp");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == qp.numel(), "int8_dequant_: out");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == qp.size(0) * PW,
-              "int8_dequant_: scales must be contiguous fp32 [N]");
-  TORCH_CHECK(out.device().is_cpu() && qp.device().is_cpu() && scales.device().is_cpu(), "CPU kernels need CPU tensors");
-  const int64_t NP = qp.size(0), E = qp.size(1) * 2 * PW;   // elements per panel
-  const int8_t* q = qp.data_ptr<int8_t>();
-  const float* s = scales.data_ptr<float>();
-  uint16_t* o = (uint16_t*)out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, NP, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++) {
-      // per 32 elements (16 columns x 2): scale of column c at positions 2c, 2c+1
-      const __m512 s16 = _mm512_loadu_ps(s + p * PW);
-      const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-      const __m512i hi_idx = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
-      const __m512 slo = _mm512_permutexvar_ps(lo_idx, s16), shi = _mm512_permutexvar_ps(hi_idx, s16);
-      const int8_t* qq = q + p * E;
-      uint16_t* oo = o + p * E;
-      for (int64_t e = 0; e < E; e += 32) {
-        __m256i v = _mm256_loadu_si256((const __m256i*)(qq + e));
-        __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))), slo);
-        __m512 hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))), shi);
-        _mm512_storeu_si512(oo + e, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+// One decode step of attention from the fused qkv projection: rotary on the q and k heads (in place), the new
+// key/value written into cache slot `start`, then decode_attn over slots [0, start]. Replaces ~15 tensor ops and
+// their Python glue per layer. qkv: bf16 [B, 1, (nh + 2 nkv) * hs] contiguous; caches [B, nkv, S_max, hs].
+// Returns o [B, 1, nh * hs] (the layout the output projection takes).
+torch::Tensor decode_step(torch::Tensor qkv, torch::Tensor kc, torch::Tensor vc, int64_t start,
+                          c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin, int64_t nh, int64_t nkv,
+                          c10::optional<torch::Tensor> valid, double scale) {
+  TORCH_CHECK(qkv.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(), "CPU kernels need CPU tensors");
+  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 &&
+              kc.stride(3) == 1 && vc.stride(3) == 1 && kc.sizes() == vc.sizes(), "decode_step: caches must be bf16 [B, nkv, S, hs]");
+  const int64_t B = kc.size(0), hs = kc.size(3), H = nh + 2 * nkv;
+  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(0) == B &&
+              qkv.size(1) == 1 && qkv.size(2) == H * hs, "decode_step: qkv must be contiguous bf16 [B, 1, (nh+2nkv)*hs]");
+  TORCH_CHECK(kc.size(1) == nkv && start >= 0 && start < kc.size(2), "decode_step: slot ", start, " outside the cache");
+  auto x4 = qkv.view({B, 1, H, hs});
+  if (cos.has_value() && cos->defined()) {
+    TORCH_CHECK(sin.has_value() && sin->defined(), "decode_step: cos without sin");
+    rope_(x4, *cos, *sin, nh + nkv);
+  }
+  const uint16_t* src = (const uint16_t*)qkv.data_ptr<at::BFloat16>();
+  uint16_t* kp = (uint16_t*)kc.data_ptr<at::BFloat16>();
+  uint16_t* vp = (uint16_t*)vc.data_ptr<at::BFloat16>();
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t j = 0; j < nkv; j++) {
+      std::memcpy(kp + b * kc.stride(0) + j * kc.stride(1) + start * kc.stride(2), src + (b * H + nh + j) * hs, hs * 2);
+      std::memcpy(vp + b * vc.stride(0) + j * vc.stride(1) + start * vc.stride(2), src + (b * H + nh + nkv + j) * hs, hs * 2);
+    }
+  auto o = decode_attn(x4.narrow(2, 0, nh).transpose(1, 2), kc.narrow(2, 0, start + 1), vc.narrow(2, 0, start + 1),
+                       valid, scale);
+  return o.view({B, 1, nh * hs});
+}
+
+// e^x for fp32 lanes: 2^n * p(r), x = n ln2 + r, |r| <= ln2/2, degree-6 Taylor (rel. error < 2e-7; the result is
+// rounded to bf16 by the callers).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// SwiGLU's gate: h [..., 2I] = (g, u) -> bf16(bf16(silu(g)) * u) [..., I], rounded where F.silu(g) * u rounds.
+torch::Tensor silu_mul(torch::Tensor h) {
+  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.is_contiguous() && h.size(-1) % 2 == 0,
+              "silu_mul: h must be contiguous bf16 [..., 2I]");
+  const int64_t I = h.size(-1) / 2, R = I ? h.numel() / (2 * I) : 0;
+  auto size = h.sizes().vec();
+  size.back() = I;
+  auto y = torch::empty(size, h.options());
+  const uint16_t* hp = (const uint16_t*)h.data_ptr<at::BFloat16>();
+  uint16_t* yp = (uint16_t*)y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, R * ((I + 15) / 16), 64, [&](int64_t c0, int64_t c1) {
+    const int64_t nc = (I + 15) / 16;
+    for (int64_t c = c0; c < c1; c++) {
+      const int64_t r = c / nc, i = (c % nc) * 16, n = std::min<int64_t>(16, I - i);
+      const __mmask16 m = n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+      const __m512 g = bf16x16_to_f32(hp + r * 2 * I + i, m), u = bf16x16_to_f32(hp + r * 2 * I + I + i, m);
+      const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      __m256i sgr = (__m256i)_mm512_cvtneps_pbh(sg);                 // round silu(g) to bf16 as F.silu does
+      const __m512 sgf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(sgr), 16));
+      _mm256_mask_storeu_epi16(yp + r * I + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sgf, u)));
+    }
+  });
+  return y;
+}
+
+// ---- w8a8 / w4a8: int8 activations x int8 or int4 weights on the integer dot product (AVX512-VNNI) --------
+// Decode with 8- or 4-bit weights is bound by the work of widening weights to bf16, not by memory: the w8a16 and
+// w4a16 paths above read 0.6-0.7 of the bandwidth (benchmarks/bench_linear.py). vpdpbusd multiplies 64 u8 x s8
+// pairs per instruction with no widening, so the loop is back at memory speed. This is what llama.cpp's Q8_0/Q4_0
+// paths do: activations are quantized on the fly, symmetric int8 with one scale per block of KB inputs (per row).
+//
+//   x[m, block b] ~ d[m,b] * xq[m, k],  d = max|x| / 127,  xq = round-half-even(x * 127 / max|x|)
+//
+// Weights go in the unsigned operand, so they are stored biased: int8 q as u8 q+128, int4 nibbles as 0..15 (zero
+// point 8). The bias comes back out exactly per block: sum (q + 128) xq - 128 sum xq.
+// Panels of 16 output columns; for 4 consecutive inputs each column is one 32-bit lane of 4 bytes:
+//   int8: [N/16][K/4][16 columns][4 inputs]                     (64 bytes per 4 inputs)
+//   int4: [N/16][K/8][16 columns][4 bytes], byte j of column c = q[c][8o+j] | q[c][8o+4+j] << 4  (64 bytes per 8 inputs)
+constexpr int VMR8 = 3;  // rows per int8 micro-kernel: 3 x 4 int32 + 3 x 4 fp32 accumulators + 4 weights fit 32 zmm
+constexpr int VMR4 = 2;  // rows per int4 micro-kernel (two weight registers per panel)
+
+struct ActQ {        // x quantized per (row, block)
+  std::vector<int8_t> q;   // [M, K]
+  std::vector<float> d;    // [M, NB] scales
+  std::vector<int32_t> s;  // [M, NB] sums of q
+  std::vector<float> xs;   // [M, NB] sums of x (fp32 of the bf16 values); for int4 zero points
+};
+
+inline void quantize_act(const uint16_t* x, int64_t M, int64_t K, int64_t KB, ActQ& a) {
+  const int64_t NB = K / KB, n = M * NB;
+  a.q.resize(M * K); a.d.resize(n); a.s.resize(n); a.xs.resize(n);
+  at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {          // block i = row i / NB, block i % NB: contiguous in x
+      const uint16_t* xb = x + i * KB;
+      __m512 mx = _mm512_setzero_ps(), sm = _mm512_setzero_ps();
+      for (int64_t k = 0; k < KB; k += 16) {
+        const __m512 v = load_bf16x16(xb + k);
+        mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+        sm = _mm512_add_ps(sm, v);
       }
+      const float amax = _mm512_reduce_max_ps(mx);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m512i qs = _mm512_setzero_si512();
+      for (int64_t k = 0; k < KB; k += 16) {
+        const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load_bf16x16(xb + k), inv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i*)(a.q.data() + i * KB + k), _mm512_cvtsepi32_epi8(q));
+        qs = _mm512_add_epi32(qs, q);
+      }
+      a.d[i] = amax / 127.f;
+      a.s[i] = _mm512_reduce_add_epi32(qs);
+      a.xs[i] = _mm512_reduce_add_ps(sm);
     }
   });
 }
 
-// int4: qp uint8 [N/16, K/4, 32], sz bf16 [N/16, K/gs, 2, 16] -> out bf16 [N/16, K/2, 16, 2] = bf16((q-8)*s + z).
-void int4_dequant_(torch::Tensor out, torch::Tensor qp, torch::Tensor sz, int64_t group_size) {
-  TORCH_CHECK(qp.scalar_type() == at::kByte && qp.is_contiguous() && qp.dim() == 3 && qp.size(2) == 2 * PW, "int4_dequant_: qp");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.numel() == qp.numel() * 2, "int4_dequant_: out");
-  TORCH_CHECK(out.device().is_cpu() && qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
-  const int64_t NP = qp.size(0), KQ = qp.size(1), K = KQ * 4;
-  TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && K % group_size == 0, "int4_dequant_: bad group_size ", group_size);
-  const int64_t G = K / group_size, gq = group_size / 4;
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NP &&
-              sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_dequant_: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
-  const uint8_t* q = qp.data_ptr<uint8_t>();
-  const uint16_t* szp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
-  uint16_t* o = (uint16_t*)out.data_ptr<at::BFloat16>();
-  const __m512i lo_idx = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-  const __m512i hi_idx = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
-  at::parallel_for(0, NP, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++) {
-      for (int64_t g = 0; g < G; g++) {
-        const uint16_t* pz = szp + (p * G + g) * 2 * PW;
-        const __m512 s16 = load_bf16x16(pz), z16 = load_bf16x16(pz + PW);
-        const __m512 slo = _mm512_permutexvar_ps(lo_idx, s16), shi = _mm512_permutexvar_ps(hi_idx, s16);
-        const __m512 zlo = _mm512_permutexvar_ps(lo_idx, z16), zhi = _mm512_permutexvar_ps(hi_idx, z16);
-        for (int64_t P = g * gq; P < (g + 1) * gq; P++) {
-          const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(q + (p * KQ + P) * 2 * PW)));
-          // quad P -> rows kp = 2P (low nibbles) and 2P+1 (high nibbles) of the bf16 panel, 32 elements each
-          for (int h = 0; h < 2; h++) {
-            const __m512i w = h ? _mm512_srli_epi16(v, 4) : _mm512_and_si512(v, _mm512_set1_epi16(15));
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(w)));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(w, 1)));
-            const __m512 a = _mm512_fmadd_ps(_mm512_sub_ps(lo, _mm512_set1_ps(8.f)), slo, zlo);
-            const __m512 b = _mm512_fmadd_ps(_mm512_sub_ps(hi, _mm512_set1_ps(8.f)), shi, zhi);
-            _mm512_storeu_si512(o + (p * KQ * 2 + 2 * P + h) * 2 * PW, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-          }
-        }
+template <int MR, int NP>
+inline void micro_w8a8(const int8_t* xq, int64_t ldx, const float* d, const int32_t* qs, int64_t ldb,
+                       const uint8_t* w, int64_t ps, int64_t NB, int64_t KB, const float* scales, const float* bias,
+                       at::BFloat16* y, int64_t ldy) {
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < NP; j++) acc[m][j] = _mm512_setzero_ps();
+  const int64_t QB = KB / 4;   // input quads per block
+  for (int64_t b = 0; b < NB; b++) {
+    __m512i ia[MR][NP];
+    for (int m = 0; m < MR; m++)
+      for (int j = 0; j < NP; j++) ia[m][j] = _mm512_setzero_si512();
+    for (int64_t P = b * QB; P < (b + 1) * QB; P++) {
+      __m512i wv[NP];
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j++) {
+        const uint8_t* p = w + j * ps + P * 64;
+        if constexpr (MR > 1) _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
+        wv[j] = _mm512_loadu_si512(p);
+      }
+#pragma GCC unroll 3
+      for (int m = 0; m < MR; m++) {
+        int32_t quad;
+        std::memcpy(&quad, xq + m * ldx + 4 * P, 4);
+        const __m512i xb = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+        for (int j = 0; j < NP; j++) ia[m][j] = _mm512_dpbusd_epi32(ia[m][j], wv[j], xb);
+      }
+    }
+#pragma GCC unroll 3
+    for (int m = 0; m < MR; m++) {
+      const __m512i corr = _mm512_set1_epi32(128 * qs[m * ldb + b]);
+      const __m512 dv = _mm512_set1_ps(d[m * ldb + b]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j++)
+        acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ia[m][j], corr)), dv, acc[m][j]);
+    }
+  }
+  for (int j = 0; j < NP; j++) {
+    const __m512 s = _mm512_loadu_ps(scales + j * PW);
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + j * PW) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; m++)
+      _mm256_storeu_si256((__m256i*)(y + m * ldy + j * PW), (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(acc[m][j], s, bv)));
+  }
+}
+
+template <int MR, int NP>
+inline void micro_w4a8(const int8_t* xq, int64_t ldx, const float* d, const int32_t* qs, const float* xs, int64_t ldb,
+                       const uint8_t* w, int64_t ps, const uint16_t* sz, int64_t szps, int64_t G, int64_t gs,
+                       const float* bias, at::BFloat16* y, int64_t ldy) {
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < NP; j++) acc[m][j] = _mm512_setzero_ps();
+  const __m512i lo4 = _mm512_set1_epi8(15);
+  const int64_t OG = gs / 8;   // input octets per group
+  for (int64_t g = 0; g < G; g++) {
+    __m512i ia[MR][NP];
+    for (int m = 0; m < MR; m++)
+      for (int j = 0; j < NP; j++) ia[m][j] = _mm512_setzero_si512();
+    for (int64_t O = g * OG; O < (g + 1) * OG; O++) {
+      __m512i wl[NP], wh[NP];
+#pragma GCC unroll 4
+      for (int j = 0; j < NP; j++) {
+        const uint8_t* p = w + j * ps + O * 64;
+        if constexpr (MR > 1) _mm_prefetch((const char*)(p + 2048), _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(p);
+        wl[j] = _mm512_and_si512(v, lo4);
+        wh[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+      }
+#pragma GCC unroll 2
+      for (int m = 0; m < MR; m++) {
+        int32_t q0, q1;
+        std::memcpy(&q0, xq + m * ldx + 8 * O, 4);
+        std::memcpy(&q1, xq + m * ldx + 8 * O + 4, 4);
+        const __m512i x0 = _mm512_set1_epi32(q0), x1 = _mm512_set1_epi32(q1);
+#pragma GCC unroll 4
+        for (int j = 0; j < NP; j++)
+          ia[m][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(ia[m][j], wl[j], x0), wh[j], x1);
+      }
+    }
+    // sum_k w x = s * d * (sum q xq - 8 sum xq) + z * sum x   over the group
+#pragma GCC unroll 4
+    for (int j = 0; j < NP; j++) {
+      const uint16_t* pz = sz + j * szps + g * 2 * PW;   // [G][2][16]: scales then zeros
+      const __m512 sv = load_bf16x16(pz), zv = load_bf16x16(pz + PW);
+#pragma GCC unroll 2
+      for (int m = 0; m < MR; m++) {
+        const int64_t i = m * ldb + g;
+        const __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(ia[m][j], _mm512_set1_epi32(8 * qs[i])));
+        acc[m][j] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[i]),
+                                    _mm512_fmadd_ps(t, _mm512_mul_ps(sv, _mm512_set1_ps(d[i])), acc[m][j]));
+      }
+    }
+  }
+  for (int j = 0; j < NP; j++) {
+    const __m512 b = bias ? _mm512_loadu_ps(bias + j * PW) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; m++)
+      _mm256_storeu_si256((__m256i*)(y + m * ldy + j * PW), (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b)));
+  }
+}
+
+// Dispatch a runtime (rows, panels) pair to the templates: F(mr_tag, np_tag).
+template <int MAXR, typename F>
+inline void by_shape(int64_t mr, int64_t np, F&& f) {
+  auto rows = [&](auto NPc) {
+    if constexpr (MAXR >= 3) if (mr == 3) return f(std::integral_constant<int, 3>{}, NPc);
+    if (mr == 2) return f(std::integral_constant<int, 2>{}, NPc);
+    return f(std::integral_constant<int, 1>{}, NPc);
+  };
+  switch (np) {
+    case 4: rows(std::integral_constant<int, 4>{}); break;
+    case 3: rows(std::integral_constant<int, 3>{}); break;
+    case 2: rows(std::integral_constant<int, 2>{}); break;
+    default: rows(std::integral_constant<int, 1>{}); break;
+  }
+}
+
+inline void check_x(const torch::Tensor& x, int64_t KB, const char* who) {
+  TORCH_CHECK(x.device().is_cpu(), who, ": CPU kernels need CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), who, ": x must be contiguous bf16 [..., K]");
+  TORCH_CHECK(KB > 0 && KB % 16 == 0 && x.size(-1) % KB == 0, who, ": K=", x.size(-1),
+              " must be a multiple of the activation block ", KB, " (itself a multiple of 16)");
+}
+
+// qp: uint8 [N/16, K/4, 64] (q + 128); scales fp32 [N]; block: inputs per activation scale. Returns bf16 [..., N].
+torch::Tensor int8_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias,
+                           int64_t block) {
+  check_x(x, block, "int8_vnni_mm");
+  TORCH_CHECK(qp.device().is_cpu() && scales.device().is_cpu(), "CPU kernels need CPU tensors");
+  TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
+              "int8_vnni_mm: weight must be uint8 panels [N/16, K/4, 64]");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), N = NPAN * PW;
+  TORCH_CHECK(qp.size(1) * 4 == K, "x has K=", K, " but the weight has ", qp.size(1) * 4, " input features");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+              "int8_vnni_mm: scales must be contiguous fp32 [N]");
+  torch::Tensor bias_f = bias_f32(bias, N);
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = out_like(x, N);
+  if (M == 0) return y;
+  ActQ a;
+  quantize_act((const uint16_t*)x.data_ptr<at::BFloat16>(), M, K, block, a);
+  const int64_t NB = K / block, ps = K * PW;
+  const uint8_t* wbase = qp.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
+  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
+      for (int64_t m0 = 0; m0 < M; m0 += VMR8) {
+        const int64_t mr = std::min<int64_t>(VMR8, M - m0);
+        by_shape<VMR8>(mr, np, [&](auto MRc, auto NPc) {
+          micro_w8a8<decltype(MRc)::value, decltype(NPc)::value>(
+              a.q.data() + m0 * K, K, a.d.data() + m0 * NB, a.s.data() + m0 * NB, NB, wbase + p0 * ps, ps, NB, block,
+              sc + n0, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
+        });
       }
     }
   });
+  return y;
+}
+
+// qp: uint8 [N/16, K/8, 64]; sz: bf16 [N/16, K/gs, 2, 16] (scales, zeros); activations quantized per group.
+torch::Tensor int4_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
+                           c10::optional<torch::Tensor> bias) {
+  check_x(x, group_size, "int4_vnni_mm");
+  TORCH_CHECK(qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
+  TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
+              "int4_vnni_mm: weight must be uint8 panels [N/16, K/8, 64]");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), N = NPAN * PW, G = K / group_size;
+  TORCH_CHECK(qp.size(1) * 8 == K, "x has K=", K, " but the weight has ", qp.size(1) * 8, " input features");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
+              sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_vnni_mm: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
+  torch::Tensor bias_f = bias_f32(bias, N);
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = out_like(x, N);
+  if (M == 0) return y;
+  ActQ a;
+  quantize_act((const uint16_t*)x.data_ptr<at::BFloat16>(), M, K, group_size, a);
+  const int64_t ps = K * PW / 2, szps = G * 2 * PW;
+  const uint8_t* wbase = qp.data_ptr<uint8_t>();
+  const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
+  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
+      for (int64_t m0 = 0; m0 < M; m0 += VMR4) {
+        const int64_t mr = std::min<int64_t>(VMR4, M - m0);
+        by_shape<VMR4>(mr, np, [&](auto MRc, auto NPc) {
+          micro_w4a8<decltype(MRc)::value, decltype(NPc)::value>(
+              a.q.data() + m0 * K, K, a.d.data() + m0 * G, a.s.data() + m0 * G, a.xs.data() + m0 * G, G,
+              wbase + p0 * ps, ps, szb + p0 * szps, szps, G, group_size, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
+        });
+      }
+    }
+  });
+  return y;
+}
+
+// The activation quantization the two kernels above apply, for tests: (xq int8 [M, K], d fp32 [M, K/KB]).
+std::vector<torch::Tensor> quantize_activations(torch::Tensor x, int64_t block) {
+  check_x(x, block, "quantize_activations");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
+  ActQ a;
+  quantize_act((const uint16_t*)x.data_ptr<at::BFloat16>(), M, K, block, a);
+  auto q = torch::from_blob(a.q.data(), {M, K}, torch::kInt8).clone();
+  auto d = torch::from_blob(a.d.data(), {M, K / block}, torch::kFloat).clone();
+  return {q, d};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16");
-  m.def("int8_mm", &int8_mm, "y[M,N] = (x[M,K] @ Q^T) * scales (+ bias), Q in panel layout, int8");
-  m.def("int8_dequant_", &int8_dequant_, "int8 panels * scales -> bf16 panels (into out)");
-  m.def("int4_dequant_", &int4_dequant_, "int4 panels -> bf16 panels (into out)");
   m.def("rms_norm", &rms_norm, "Llama RMSNorm over the last dim, bf16, torch's rounding");
   m.def("rope_", &rope_, "rotate-half rotary embedding in place on the first n_rot heads, bf16, torch's rounding");
   m.def("decode_attn", &decode_attn, "one-token attention over a (strided) bf16 KV cache, fp32 softmax");
-  m.def("int4_mm", &int4_mm, "y[M,N] = x[M,K] @ ((Q-8)*s+z)^T (+ bias), Q int4 panels, group-wise s/z");
+  m.def("decode_step", &decode_step, "rotary + KV-cache write + one-token attention from the fused qkv output");
+  m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(g) * u over h = (g, u), bf16");
+  m.def("int8_vnni_mm", &int8_vnni_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, VNNI)");
+  m.def("int4_vnni_mm", &int4_vnni_mm, "y = x @ ((Q-8)*s+z)^T (+ bias), x quantized to int8 per group (w4a8, VNNI)");
+  m.def("quantize_activations", &quantize_activations, "x bf16 -> (int8, per-block scales) as the VNNI kernels do");
 }

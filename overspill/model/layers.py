@@ -116,9 +116,13 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     B, T, _ = x.shape
     nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    qkv = w.qkv(x).view(B, T, nh + 2 * nkv, hs)                        # (B, T, nh+2nkv, hs)
+    y = w.qkv(x)                                                       # (B, T, (nh+2nkv)*hs)
+    kern = cpu_kernels() if y.dtype == torch.bfloat16 and y.device.type == "cpu" and not y.requires_grad else None
+    if FUSED and T == 1 and kern is not None and y.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
+        # decode: rotary, cache write and attention in one call (same arithmetic as the lines below)
+        return w.out(kern.decode_step(y, k_cache, v_cache, step.start, step.cos, step.sin, nh, nkv, step.mask, cfg.scale))
+    qkv = y.view(B, T, nh + 2 * nkv, hs)                               # (B, T, nh+2nkv, hs)
     qk = qkv[:, :, : nh + nkv]
-    kern = cpu_kernels() if qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" and not qkv.requires_grad else None
     if FUSED and step.cos is not None and kern is not None and qkv.is_contiguous():
         kern.rope_(qkv, step.cos, step.sin, nh + nkv)                  # in place, same rounding as apply_rope
     elif step.cos is not None:
@@ -162,6 +166,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor) -> torch.Tensor:
     h = w.up(x)
     if cfg.gated_mlp:  # Shazeer 2020, "GLU Variants Improve Transformer", eq. 6 (SwiGLU)
+        if FUSED and cfg.activation == "silu" and h.dtype == torch.bfloat16 and h.device.type == "cpu" \
+                and not h.requires_grad and h.is_contiguous() and cpu_kernels() is not None:
+            return w.down(cpu_kernels().silu_mul(h))                   # one call, same roundings as below
         g, u = h.chunk(2, dim=-1)
         h = act(cfg, g) * u
     else:

@@ -1,17 +1,17 @@
 """Quantized weight formats for the big linear weights (W is [out=N, in=K]).
 
 Schemes (details and measured kernel choices in each module):
-  int8          per-output-channel symmetric int8 + bf16 scales. M=1: torch._weight_int8pack_mm (w8a16);
-                M>=2: oneDNN qlinear u8xs8 with dynamic per-token activation quantization (w8a8).   (int8.py)
+  int8          per-output-channel symmetric int8 + bf16 scales. overspill's w8a8 VNNI kernel (activations
+                quantized per 64 inputs); without it int8pack (M=1) / oneDNN w8a8 (M>=2).           (int8.py)
   int8-dynamic  blockwise (64) dynamic-tree 8-bit code (Dettmers 2021) + fp32 absmax; JIT LUT dequant + F.linear. (codebook.py)
-  int4          group-wise (64) asymmetric 4-bit in torch's CPU int4pack layout; M<=32: _weight_int4pack_mm_for_cpu,
-                larger M: JIT dequant to bf16 + matmul.                                              (int4.py)
+  int4          group-wise (64) asymmetric 4-bit, stored in torch's CPU int4pack layout; overspill's w4a8 VNNI kernel
+                (activations quantized per group); without it int4pack / JIT dequant + matmul.       (int4.py)
   nf4           blockwise (64) 4-bit NormalFloat (QLoRA) + fp32 absmax; JIT LUT dequant + F.linear.  (codebook.py)
 
 API:
   quantize(weight [N,K], scheme, **opts) -> dict of plain contiguous CPU tensors (safetensors-ready)
       opts: int4: group_size (32/64/128/256; default 64, or 32 if K % 64); int8-dynamic/nf4: blocksize (default 64)
-  make_linear(scheme, tensors, bias=None, **opts) -> Linear   (int8 opts: act_quant="auto"|"never"|"always")
+  make_linear(scheme, tensors, bias=None, **opts) -> Linear   (int8: act_quant="auto"|"never"|"always"; int4: act_quant="auto"|"never")
   dequantize(scheme, tensors) -> float32 [N, K]
   quantized_nbytes(scheme, out_features, in_features, **opts) -> bytes of the stored tensors
 Linear objects: lin(x[..., K] fp32|bf16) -> [..., N] in x.dtype; in_features, out_features, nbytes, dequantize();
@@ -58,19 +58,20 @@ def quantize(weight: torch.Tensor, scheme: str, **opts) -> dict[str, torch.Tenso
 
 
 def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
-                repack: bool = True, **opts):
+                repack: bool | str = True, **opts):
     """Runtime Linear from stored tensors. ``repack=True`` converts int8/int4 into the CPU kernels' panel layout
-    where they build (a one-time copy; the fast path). ``repack=False`` uses the tensors where they lie, with no
-    new allocation: for weights streamed through a staging buffer, whose memory the budget already counts.
-    (int8's oneDNN prepack for act_quant="auto" happens lazily; int4 files packed for another CPU layout are
-    repacked regardless.)"""
+    where they build (a one-time copy; the fast path). ``repack="inplace"`` converts the given tensors' own bytes
+    into that layout (same size; a few MB of scratch at a time): for weights in a streaming staging buffer, whose
+    memory the budget already counts, so streamed units run the same kernels as resident ones. ``repack=False``
+    uses the tensors as they are with torch's kernels. (int8's oneDNN prepack without the kernels happens lazily;
+    int4 files packed for another CPU layout are repacked regardless.)"""
     _check_scheme(scheme)
     if scheme == "int8":
         return int8.Int8Linear(tensors, bias, repack=repack, **opts)
+    if scheme == "int4":
+        return int4.Int4Linear(tensors, bias, repack=repack, **opts)
     if opts:
         raise TypeError(f"{scheme}: unexpected options {sorted(opts)}")
-    if scheme == "int4":
-        return int4.Int4Linear(tensors, bias, repack=repack)
     return codebook.CodebookLinear(scheme, tensors, bias)
 
 

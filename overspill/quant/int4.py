@@ -9,12 +9,16 @@ The packed layout depends on the CPU capability torch dispatches to (AVX512: blo
 row j | row j+32 << 4; AVX2: blocks of 32; scalar: row pairs). ``layout`` records which one the file holds;
 ``make_linear`` repacks only if this machine's layout differs.
 
-Kernels: where overspill's CPU kernels build (AVX512-BF16) and N % 16 == 0, the weight is converted at load into
-the kernels' int4 panel layout (same bytes; the int4pack copy is dropped) and M <= KERNEL_MAX_M rows run
-``kernels.int4_mm`` (1.3-1.5x int4pack at batch 1, 1.6x at batch 8, benchmarks/bench_linear.py); larger M
-dequantizes into a bf16 panel scratch buffer for the bf16 kernel. Otherwise: M <= INT4PACK_MAX_M (96): ``_weight_int4pack_mm_for_cpu`` (bf16 activation; time grows ~linearly
-with M: blocks of 4 rows each re-decode the weights); larger M (prefill): dequantize to bf16 W^T in a scratch
-buffer and one bf16 matmul (chunking the int4pack call by 4 rows measured no gain).
+Kernels, by ``act_quant``:
+* "auto" (default) where overspill's CPU kernels build (AVX512-BF16 + VNNI) and N % 16 == 0: the weight is converted
+  at load into the kernel's int4 panel layout (same bytes; the int4pack copy is dropped) and every batch size runs
+  ``kernels.int4_vnni_mm`` (w4a8, as llama.cpp's Q4 x Q8 dot products): activations quantized to int8 with one
+  scale per group of each row, nibbles multiplied on vpdpbusd, the zero points applied with the exact fp32 sums
+  of x. Batch 1 near the read bandwidth; prefill faster than bf16 (benchmarks/bench_linear.py).
+* "never" (exact bf16 activations), or no kernels, or streamed units (``repack=False``): M <= INT4PACK_MAX_M (96):
+  ``_weight_int4pack_mm_for_cpu`` (bf16 activation; time grows ~linearly with M: blocks of 4 rows each re-decode
+  the weights); larger M (prefill): dequantize to bf16 W^T in a scratch buffer and one bf16 matmul (chunking the
+  int4pack call by 4 rows measured no gain).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import functools
 
 import torch
 
-from ..kernels import PANEL, cpu_kernels, unblock_weight
+from ..kernels import INPLACE_CHUNK, PANEL, cpu_kernels, pack_int4, unpack_int4, vnni_block
 from ._base import QuantLinear, nbytes_of, scratch
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -30,24 +34,32 @@ DEFAULT_GROUP_SIZE = 64
 # int4pack time grows linearly with M (~0.15 ms per row at 5632x2048) while dequant+matmul costs ~10 ms
 # flat + bf16 GEMM: measured crossover between M=64 (9.8 vs 13.8 ms) and M=128 (19.6 vs 17.2 ms).
 INT4PACK_MAX_M = 96
-KERNEL_MAX_M = 16  # int4_mm up to here; above, dequantize to a bf16 panel + the bf16 kernel (compute-bound)
 
 
 def to_panels(q: torch.Tensor, sz: torch.Tensor, N: int, gs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q uint8 [N, K] (0..15), scales_zeros bf16 [K/gs, >=N, 2] -> the kernels' int4 panels:
-    qp uint8 [N/16, K/4, 32] (byte 2c+e of quad P = q[c, 4P+e] | q[c, 4P+2+e] << 4), sz bf16 [N/16, K/gs, 2, 16]."""
+    """q uint8 [N, K] (0..15), scales_zeros bf16 [K/gs, >=N, 2] -> the kernel's int4 panels:
+    qp uint8 [N/16, K/8, 64] (kernels.pack_int4), sz bf16 [N/16, K/gs, 2, 16]."""
     K = q.shape[1]
-    t = q.reshape(N // PANEL, PANEL, K // 4, 2, 2).permute(0, 2, 1, 4, 3)           # [p, P, c, e, h]
-    qp = (t[..., 0] | (t[..., 1] << 4)).reshape(N // PANEL, K // 4, 2 * PANEL).contiguous()
     szp = sz[:, :N].reshape(K // gs, N // PANEL, PANEL, 2).permute(1, 0, 3, 2).contiguous()
-    return qp, szp.to(torch.bfloat16)
+    return pack_int4(q), szp.to(torch.bfloat16)
 
 
-def from_panels(qp: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_panels' byte packing -> q uint8 in the bf16 panel order [N/16, K/2, 16, 2]."""
-    NPN, KQ = qp.shape[:2]
-    b = qp.view(NPN, KQ, PANEL, 2)                                                  # [p, P, c, e]
-    return torch.stack([b & 15, b >> 4], dim=2).view(NPN, KQ * 2, PANEL, 2)         # [p, 2P+h, c, e]
+def to_panels_(qw: torch.Tensor, sz: torch.Tensor, N: int, K: int, gs: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """to_panels in place, for tensors in a streaming staging buffer: the int4pack bytes (N % 16 == 0, so no padding
+    rows) become the panels, the scales/zeros their panel order; returns views of the same storage. Scratch: about
+    INPLACE_CHUNK bytes at a time, plus one copy of the (small: 1/32 of the weight at gs=64) scales/zeros."""
+    flat = qw.reshape(-1)
+    out = flat.view(N // PANEL, K // 8, 4 * PANEL)
+    BN = layout if layout else 32                       # rows per int4pack block
+    rows = max(BN, INPLACE_CHUNK // K // BN * BN)      # whole blocks per chunk
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)                          # the last chunk may end in a 16/32/48-row tail: _unpack_kn knows
+        q = _unpack_kn(flat[r0 * K // 2: r1 * K // 2], r1 - r0, K, layout).t()          # [rows, K] 0..15
+        out[r0 // PANEL: r1 // PANEL].copy_(pack_int4(q))
+    szp = sz.reshape(K // gs, N // PANEL, PANEL, 2).permute(1, 0, 3, 2).contiguous()
+    szv = sz.view(-1).view(N // PANEL, K // gs, 2, PANEL)
+    szv.copy_(szp)
+    return out, szv
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,19 +163,28 @@ def nbytes(N: int, K: int, group_size: int | None = None) -> int:
 class Int4Linear(QuantLinear):
     scheme = "int4"
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, repack: bool = True):
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, repack: bool | str = True,
+                 act_quant: str = "auto"):
         N, K, gs, lay = _meta(tensors)
         _check(N, K, gs)
+        if act_quant not in ("auto", "never"):
+            raise ValueError(f"int4: act_quant must be auto|never, got {act_quant!r}")
         Np = -(-N // 16) * 16
         qw, sz = tensors["qweight"], tensors["scales_zeros"]
         if qw.numel() != Np * K // 2 or sz.shape != (K // gs, Np, 2):
             raise ValueError(f"int4: stored tensors {tuple(qw.shape)}, {tuple(sz.shape)} do not match meta N={N} K={K} gs={gs}")
         super().__init__(N, K, bias, nbytes_of(qw, sz, tensors["meta"]))
-        self.group_size, self.Np = gs, Np
-        self._k = cpu_kernels() if repack and N % PANEL == 0 and K % 4 == 0 else None
+        self.group_size, self.Np, self.act_quant = gs, Np, act_quant
+        ok = repack and act_quant == "auto" and vnni_block(N, K, gs)
+        self._k = cpu_kernels() if ok else None
+        if self._k is not None and repack == "inplace" and sz.dtype != torch.bfloat16:
+            self._k = None   # (stores hold bf16 scales; anything else converts with a copy, so use it as it is)
         if self._k is not None:   # hold only the kernel's panel layout
-            q = _unpack_kn(qw, Np, K, lay).t()[:N]
-            self.qpanels, self.szpanels = to_panels(q, sz, N, gs)
+            if repack == "inplace":
+                self.qpanels, self.szpanels = to_panels_(qw, sz, N, K, gs, lay)
+            else:
+                q = _unpack_kn(qw, Np, K, lay).t()[:N]
+                self.qpanels, self.szpanels = to_panels(q, sz, N, gs)
             self.qweight = self.scales_zeros = None
             self.layout, self._sz8 = lay, None
             self._fast_ok = True
@@ -178,18 +199,13 @@ class Int4Linear(QuantLinear):
         self._sz8 = None
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.numel() > KERNEL_MAX_M * self.in_features:
-            return None
-        return self._k.int4_mm(x, self.qpanels, self.szpanels, self.group_size, self._bias_f32)
+        return self._k.int4_vnni_mm(x, self.qpanels, self.szpanels, self.group_size, self._bias_f32)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
         xb = x.to(torch.bfloat16).contiguous()
         if self._k is not None:
-            if M <= KERNEL_MAX_M:
-                y = self._k.int4_mm(xb, self.qpanels, self.szpanels, self.group_size, None)
-            else:
-                y = self._k.bf16_mm(xb, self._dequant_panels(), None)
+            y = self._k.int4_vnni_mm(xb, self.qpanels, self.szpanels, self.group_size, None)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if M <= INT4PACK_MAX_M:
             y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales_zeros)
@@ -212,18 +228,11 @@ class Int4Linear(QuantLinear):
         torch.addcmul(z, wg, s, out=wg)            # (q-8)*s + z, one rounding (folding z-8s into bf16 doubled the error)
         return w
 
-    def _dequant_panels(self) -> torch.Tensor:
-        """bf16 weight in the bf16 panel layout [N/16, K/2, 16, 2], in a scratch buffer: bf16((q-8)*s + z)."""
-        N, K = self.out_features, self.in_features
-        w = scratch("int4_panel", N * K, torch.bfloat16).view(N // PANEL, K // 2, PANEL, 2)
-        self._k.int4_dequant_(w, self.qpanels, self.szpanels, self.group_size)
-        return w
-
     def dequantize(self) -> torch.Tensor:
         if self._k is not None:
             N, K, gs = self.out_features, self.in_features, self.group_size
-            wg = (from_panels(self.qpanels).float() - 8).view(N // PANEL, K // gs, gs // 2, PANEL, 2)
-            s, z = (self.szpanels[:, :, i].float()[:, :, None, :, None] for i in (0, 1))
-            return unblock_weight((wg * s + z).view(N // PANEL, K // 2, PANEL, 2))
+            q = unpack_int4(self.qpanels).float().view(N, K // gs, gs) - 8
+            s, z = (self.szpanels[:, :, i].float().permute(0, 2, 1).reshape(N, K // gs, 1) for i in (0, 1))
+            return (q * s + z).view(N, K)
         return dequantize({"qweight": self.qweight, "scales_zeros": self.scales_zeros,
                            "meta": torch.tensor([self.out_features, self.in_features, self.group_size, self.layout])})

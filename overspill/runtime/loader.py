@@ -178,8 +178,9 @@ def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
     from ..checkpoint.store import split_quantized
 
     plain, q = split_quantized(t)
-    # streamed units (dense_streamed): use the staging buffer in place, no kernel-layout copy outside the budget
-    repack = make_linear is not dense_streamed
+    # streamed units (dense_streamed): convert the staging buffer in place to the kernels' layout, no copy outside
+    # the budget, and the same kernels (so the same logits) as resident units
+    repack = "inplace" if make_linear is dense_streamed else True
     for lin, tensors in q.items():
         plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack=repack)
     if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
