@@ -18,6 +18,9 @@ Examples (from the repository root):
     .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/llama-tiny-bfloat16 --sides hf --repeats 1
     .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/tinyllama-bfloat16 --sides overspill \
         --quantize int8 --batches 1
+    # every weight format side by side, interleaved in each round (issue 4's table):
+    .venv/bin/python benchmarks/bench_decode.py --ckpt tinyllama --repeats 2 \
+        --sides overspill,overspill:int8,overspill:int8+head,overspill:int8-dynamic,overspill:int4,overspill:int4+head
 Worker (run by the driver; prints one JSON line):
     .venv/bin/python benchmarks/bench_decode.py --worker hf --ckpt DIR --batch 1
 """
@@ -129,12 +132,34 @@ def resolve_ckpt(text: str) -> Path:
     raise SystemExit(f"no checkpoint at {text} (make one with benchmarks/make_checkpoint.py)")
 
 
+def parse_side(side: str, a: argparse.Namespace) -> tuple[str, str | None, bool]:
+    """'hf' | 'overspill' | 'overspill:SCHEME' | 'overspill:SCHEME+head' -> (kind, scheme, quantize_head).
+    Plain 'overspill' takes --quantize / --quantize-head."""
+    kind, _, spec = side.partition(":")
+    if kind not in SIDES or (spec and kind != "overspill"):
+        raise SystemExit(f"--sides: unknown side {side!r}; expected hf, overspill or overspill:SCHEME[+head]")
+    if not spec:
+        return kind, (a.quantize if kind == "overspill" else None), bool(a.quantize and a.quantize_head)
+    scheme, head = (spec[:-5], True) if spec.endswith("+head") else (spec, False)
+    if scheme in ("bf16", "none"):
+        return kind, None, False
+    from overspill.quant import SCHEMES
+    if scheme not in SCHEMES:
+        raise SystemExit(f"--sides: unknown scheme {scheme!r} in {side!r}; expected one of {SCHEMES}")
+    return kind, scheme, head
+
+
+def scheme_label(scheme: str | None, head: bool) -> str:
+    return (scheme or "bf16") + ("+head" if scheme and head else "")
+
+
 def worker_cmd(a: argparse.Namespace, side: str, ckpt: Path, batch: int) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--ckpt", str(ckpt),
+    kind, scheme, head = parse_side(side, a)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--ckpt", str(ckpt),
            "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
            "--warmup-tokens", str(a.warmup_tokens), "--seed", str(a.seed), "--threads", str(a.threads)]
-    if side == "overspill" and a.quantize:
-        cmd += ["--quantize", a.quantize] + (["--quantize-head"] if a.quantize_head else [])
+    if scheme:
+        cmd += ["--quantize", scheme] + (["--quantize-head"] if head else [])
     return cmd
 
 
@@ -142,9 +167,8 @@ def fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None or x != x else format(x, spec)
 
 
-def summarize(rows: list[dict], mem_gbps: float, wbpt: int, sides: list[str]) -> str:
+def summarize(rows: list[dict], mem_gbps: float, wbpt: dict[str, int], sides: list[str]) -> str:
     """Markdown table for one (checkpoint, batch): medians per side, bound, paired ratios."""
-    bound = mem_gbps * 1e9 / wbpt  # tokens/s per sequence if every step reads the weights once
     lines = ["| side | scheme | ok runs | prefill s | decode tok/s/seq | aggregate tok/s | peak RSS GiB | "
              "load s | bound tok/s/seq | fraction of bound |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -152,8 +176,10 @@ def summarize(rows: list[dict], mem_gbps: float, wbpt: int, sides: list[str]) ->
         ok = [r for r in rows if r["side"] == side and r.get("ok")]
         n = len([r for r in rows if r["side"] == side])
         dec = common.median(r["decode_tok_s"] for r in ok)
+        bound = mem_gbps * 1e9 / wbpt[side]  # tokens/s per sequence if every step reads the weights once
+        scheme = next((r["scheme"] for r in rows if r["side"] == side), "-")
         lines.append(
-            f"| {side} | {rows[0]['scheme'] if side == 'overspill' else 'bf16'} | {len(ok)}/{n} | "
+            f"| {side} | {scheme} | {len(ok)}/{n} | "
             f"{fmt(common.median(r['prefill_s'] for r in ok))} | {fmt(dec)} | "
             f"{fmt(common.median(r['agg_tok_s'] for r in ok))} | "
             f"{fmt(common.median(r['peak_rss_bytes'] / 2**30 for r in ok), '.2f')} | "
@@ -170,11 +196,12 @@ def summarize(rows: list[dict], mem_gbps: float, wbpt: int, sides: list[str]) ->
 def tokens_note(rows: list[dict], sides: list[str]) -> str:
     """Greedy decoding on the same weights and prompt should give the same tokens: compare row 0's
     first 16 new tokens across every successful run (bf16 rounding can split near-ties)."""
-    seqs = {json.dumps(r["tokens0"]) for r in rows if r.get("ok") and "tokens0" in r}
-    if len(sides) < 2 or not seqs:
+    bf16 = [r for r in rows if r.get("ok") and "tokens0" in r and r["scheme"] == "bf16"]
+    seqs = {json.dumps(r["tokens0"]) for r in bf16}
+    if len({r["side"] for r in bf16}) < 2 or not seqs:
         return ""
     return ("\ngreedy tokens (row 0, first 16) identical across sides and rounds: "
-            + ("yes" if len(seqs) == 1 else f"NO ({len(seqs)} variants)"))
+            + ("yes" if len(seqs) == 1 else f"NO ({len(seqs)} variants)") + " (bf16 sides)")
 
 
 def quantized_bytes_per_token(ckpt: Path, scheme: str, quantize_head: bool) -> int:
@@ -191,25 +218,25 @@ def quantized_bytes_per_token(ckpt: Path, scheme: str, quantize_head: bool) -> i
 
 def driver(a: argparse.Namespace) -> None:
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    bad = [s for s in sides if s not in SIDES]
-    if bad or not sides:
-        raise SystemExit(f"--sides takes a comma list of {SIDES}, got {a.sides!r}")
+    if not sides:
+        raise SystemExit(f"--sides takes a comma list of hf, overspill, overspill:SCHEME[+head]; got {a.sides!r}")
+    spec = {side: parse_side(side, a) for side in sides}
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
     ckpts = [resolve_ckpt(c) for c in a.ckpt]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scheme = (a.quantize or "bf16") + ("+head" if a.quantize and a.quantize_head else "")
+    labels = {side: scheme_label(sc, hd) for side, (_, sc, hd) in spec.items()}
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     reports = []
 
     for ckpt in ckpts:
-        wbpt = common.weight_bytes_per_token(ckpt)
-        if a.quantize:   # quantized weights: the bytes overspill's planner counts (all units but the embedding)
-            wbpt = quantized_bytes_per_token(ckpt, a.quantize, a.quantize_head)
+        # quantized weights: the bytes overspill's planner counts (all units but the embedding)
+        wbpt = {side: quantized_bytes_per_token(ckpt, sc, hd) if sc else common.weight_bytes_per_token(ckpt)
+                for side, (_, sc, hd) in spec.items()}
         kv_step = common.kv_bytes_per_token(ckpt) * (a.prompt_len + a.new_tokens // 2)  # mid-decode, per seq
         for batch in batches:
-            title = (f"{ckpt.name}  batch {batch}  prompt {a.prompt_len}  new {a.new_tokens}  scheme {scheme}  "
-                     f"weights/step {wbpt / 1e9:.3f} GB")
+            title = (f"{ckpt.name}  batch {batch}  prompt {a.prompt_len}  new {a.new_tokens}  weights/step "
+                     + ", ".join(f"{labels[sd]} {wbpt[sd] / 1e9:.3f} GB" for sd in dict.fromkeys(sides)))
             print(f"== {title}", file=sys.stderr, flush=True)
             probes = [common.mem_read_gbps()]
             rows: list[dict] = []
@@ -217,9 +244,9 @@ def driver(a: argparse.Namespace) -> None:
                 os.sync()  # dirty pages being flushed made steps erratic (shared/anchors/RESULTS.md)
                 res = common.run_worker(worker_cmd(a, side, ckpt, batch), check=False, timeout=a.timeout)
                 row = {"kind": "run", "time": stamp, "ckpt": str(ckpt), "ckpt_name": ckpt.name, "side": side,
-                       "scheme": scheme if side == "overspill" else "bf16", "batch": batch,
+                       "scheme": labels[side], "batch": batch,
                        "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "round": rnd,
-                       "mem_gbps_before": probes[-1], "weight_bytes_per_token": wbpt,
+                       "mem_gbps_before": probes[-1], "weight_bytes_per_token": wbpt[side],
                        "kv_bytes_per_seq_mid_decode": kv_step, **res}
                 rows.append(row)
                 common.append_jsonl(out, row)
@@ -242,9 +269,10 @@ def driver(a: argparse.Namespace) -> None:
                     f"{kv_step * batch / 1e6:.1f} MB (not in the bound)")
             reports.append(f"### {title}\n\n{table}\n{note}\n")
             summary = {"kind": "summary", "time": stamp, "ckpt": str(ckpt), "ckpt_name": ckpt.name,
-                       "scheme": scheme, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+                       "schemes": labels, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                        "repeats": a.repeats, "sides": sides, "mem_gbps_probes": probes, "mem_gbps": mem,
-                       "weight_bytes_per_token": wbpt, "bound_tok_s_per_seq": mem * 1e9 / wbpt}
+                       "weight_bytes_per_token": wbpt,
+                       "bound_tok_s_per_seq": {sd: mem * 1e9 / wbpt[sd] for sd in wbpt}}
             for side in sides:
                 ok = [r for r in rows if r["side"] == side and r.get("ok")]
                 summary[side] = {k: common.median(r[k] for r in ok) for k in
@@ -267,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--warmup-tokens", type=int, default=4, help="new tokens in the warm-up generate")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
-    p.add_argument("--sides", default="overspill,hf", help="comma list: overspill, hf")
+    p.add_argument("--sides", default="overspill,hf",
+                   help="comma list: hf, overspill (with --quantize), overspill:SCHEME or overspill:SCHEME+head")
     p.add_argument("--quantize", default=None, help="scheme passed to overspill.load(quantize=...)")
     p.add_argument("--quantize-head", action="store_true", help="overspill.load(quantize_head=True): the LM head too")
     p.add_argument("--seed", type=int, default=0, help="prompt token ids")

@@ -175,7 +175,7 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"int4: stored tensors {tuple(qw.shape)}, {tuple(sz.shape)} do not match meta N={N} K={K} gs={gs}")
         super().__init__(N, K, bias, nbytes_of(qw, sz, tensors["meta"]))
         self.group_size, self.Np, self.act_quant = gs, Np, act_quant
-        ok = repack and act_quant == "auto" and vnni_block(N, K, gs)
+        ok = repack and act_quant == "auto" and qw.device.type == "cpu" and vnni_block(N, K, gs)
         self._k = cpu_kernels() if ok else None
         if self._k is not None and repack == "inplace" and sz.dtype != torch.bfloat16:
             self._k = None   # (stores hold bf16 scales; anything else converts with a copy, so use it as it is)

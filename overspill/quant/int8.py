@@ -12,7 +12,8 @@ Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``ac
   ``qlinear_pointwise`` u8 x s8 with per-token activation scales at M >= 2 (its prepacked weight is a second
   N*K-byte copy, built on the first M >= 2 call).
 * "never": weight-only, exact bf16 activations: ``_weight_int8pack_mm`` up to DEQUANT_MIN_M rows, above that a
-  transient bf16 weight and one dense matmul. Also what ``repack=False`` gives (the tensors used as they are).
+  transient bf16 weight and one dense matmul.
+``repack=False`` (the stored tensors used as they are) takes the no-kernel paths of the chosen mode.
 * "always": activations quantized at every M (the kernel, else oneDNN w8a8).
 """
 from __future__ import annotations
@@ -67,7 +68,8 @@ class Int8Linear(QuantLinear):
         super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s))
         N, K = q.shape
         self._block = _act_block(K)
-        ok = repack and act_quant != "never" and self._block is not None and vnni_block(N, K, self._block)
+        ok = (repack and act_quant != "never" and q.device.type == "cpu" and self._block is not None
+              and vnni_block(N, K, self._block))
         self._k = cpu_kernels() if ok else None
         # Kernel path: the weight is held only in the panel layout (no second copy).
         self._qpanels = None if self._k is None else pack_int8_(q) if repack == "inplace" else pack_int8(q)
