@@ -356,3 +356,45 @@ def test_fused_silu_mul_matches_torch_expression():
     diff = (got.float() - want.float()).abs()
     assert (diff <= want.float().abs() * 2 ** -7 + 1e-30).all()    # at most one bf16 ulp (exp approximations differ)
     assert (diff == 0).float().mean().item() > 0.97
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "nf4"])
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+def test_codebook_lut_kernel_vs_reference(scheme, M):
+    """lut_mm decodes codes through the bf16 table in registers: sum_blocks absmax * sum code_bf16[q] x, vs float64."""
+    import overspill.quant as Q
+    from overspill.quant import codebook as cb
+    torch.manual_seed(M)
+    N, K, bs = 48, 192, 64
+    t = Q.quantize(torch.randn(N, K), scheme, blocksize=bs)
+    lin = Q.make_linear(scheme, t, bias=torch.randn(N).bfloat16())
+    assert lin._k is not None
+    codes = t["qweight"].view(N, K) if scheme == "int8-dynamic" else cb._unpack4(t["qweight"], N, K)
+    w = cb._code(scheme).bfloat16().double()[codes.long()] * t["absmax"].double().view(N, K // bs, 1).expand(N, K // bs, bs).reshape(N, K)
+    x = torch.randn(M, K).bfloat16()
+    ref = x.double() @ w.t() + lin.bias.double()
+    got = lin(x)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-5 * ref.abs().max()).all()
+    assert torch.equal(lin.dequantize(), Q.dequantize(scheme, t))          # the plain codes stay exact
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "nf4"])
+def test_codebook_inplace_conversion_matches_the_copying_one(monkeypatch, scheme):
+    """Streamed code-book units convert the staging buffer's bytes into the panels (chunk by chunk): same results,
+    same storage; only the panels are held (no second copy of the codes)."""
+    import overspill.kernels as KM
+    import overspill.quant as Q
+    monkeypatch.setattr(KM, "INPLACE_CHUNK", 100)     # many chunks
+    torch.manual_seed(3)
+    t = Q.quantize(torch.randn(64, 128), scheme)
+    ref = Q.make_linear(scheme, t)
+    buf = {k: v.clone() for k, v in t.items()}
+    lin = Q.make_linear(scheme, buf, repack="inplace")
+    assert torch.equal(lin._panels, ref._panels) and torch.equal(lin._am_panels, ref._am_panels)
+    assert lin._panels.data_ptr() == buf["qweight"].data_ptr() and lin._am_panels.data_ptr() == buf["absmax"].data_ptr()
+    assert ref.qweight is None and torch.equal(ref.dequantize(), Q.dequantize(scheme, t))
+    x = torch.randn(40, 128).bfloat16()                 # > KERNEL_MAX_M rows: the dequantize-then-matmul path
+    assert torch.equal(lin(x), ref(x)) and rel(ref(x), F.linear(x.float(), Q.dequantize(scheme, t))) < 6e-3
+    assert Q.make_linear(scheme, t, repack=False)._k is None

@@ -22,11 +22,11 @@ WEIGHT_ERR = {
 KERNEL_ERR = {
     ("int8", torch.float32): 0.012,   # w8a8 kernel (x int8 per 64 inputs): measured 0.005-0.006; oneDNN per-token ~0.0075
     ("int8", torch.bfloat16): 0.012,
-    ("int8-dynamic", torch.float32): 1e-5,  # fp32 JIT dequant + fp32 F.linear: measured ~1e-7
+    ("int8-dynamic", torch.float32): 0.006,  # lut_mm (x, table in bf16): measured ~0.002; fp32 JIT path: see below
     ("int8-dynamic", torch.bfloat16): 0.006,  # bf16 weight/output rounding: measured 0.0031
     ("int4", torch.float32): 0.012,   # w4a8 kernel (x int8 per group): measured ~0.006; int4pack w4a16 0.0016-0.0030
     ("int4", torch.bfloat16): 0.012,
-    ("nf4", torch.float32): 1e-5,
+    ("nf4", torch.float32): 0.006,
     ("nf4", torch.bfloat16): 0.006,   # measured 0.0031
 }
 
@@ -83,9 +83,12 @@ def test_linear_vs_reference(scheme, dtype, lead):
     assert y.dtype == dtype and y.shape == (*lead, 256)
     ref_q = F.linear(x.float(), d, bias)
     ref_w = F.linear(x.float(), w, bias)
-    assert rel(y, ref_q) < KERNEL_ERR[(scheme, dtype)]
+    err = KERNEL_ERR[(scheme, dtype)]
+    if scheme in ("int8-dynamic", "nf4") and dtype == torch.float32 and (lin._k is None or x[..., 0].numel() > 16):
+        err = 1e-5   # fp32 JIT dequant + fp32 F.linear: measured ~1e-7
+    assert rel(y, ref_q) < err
     assert rel(y, ref_w) < WEIGHT_ERR[scheme]   # output error ~ weight error on Gaussian data (measured 0.009 int8 / 0.09 int4)
-    assert rel(y - bias.to(dtype), ref_q - bias) < 2 * KERNEL_ERR[(scheme, dtype)]  # bias added once
+    assert rel(y - bias.to(dtype), ref_q - bias) < 2 * err  # bias added once
 
 
 @pytest.mark.parametrize("scheme", Q.SCHEMES)

@@ -140,17 +140,22 @@ def unpack_int4(qp: torch.Tensor) -> torch.Tensor:
 INPLACE_CHUNK = 4 << 20   # bytes of scratch an in-place conversion uses at a time
 
 
+def convert_stripes_(buf: torch.Tensor, fn) -> None:
+    """Rewrite buf [S, E] (contiguous) in place, stripe by stripe: buf[s0:s1] = fn(copy of buf[s0:s1]) (same size).
+    The copy is at most INPLACE_CHUNK bytes: how weights in a streaming staging buffer are converted to the kernels'
+    layouts without a second copy of the weight outside the budget."""
+    S, E = buf.shape
+    step = max(1, INPLACE_CHUNK // max(1, E * buf.element_size()))
+    for s0 in range(0, S, step):
+        chunk = buf[s0:s0 + step]
+        chunk.copy_(fn(chunk.clone()).reshape(chunk.shape))
+
+
 def pack_int8_(q: torch.Tensor) -> torch.Tensor:
     """pack_int8 in place: q's own bytes become the panels (returned as a uint8 view of q's storage).
-
-    For weights that live in a streaming staging buffer: no copy of the weight outside the budget, only
-    INPLACE_CHUNK bytes of scratch at a time (each 16-row stripe is its own panel)."""
+    Each 16-row stripe is its own panel, so this is convert_stripes_ over stripes."""
     N, K = q.shape
     assert q.is_contiguous() and N % PANEL == 0 and K % 4 == 0
-    u = q.view(torch.uint8).view(N // PANEL, PANEL, K // 4, 4)
-    out = q.view(torch.uint8).view(N // PANEL, K // 4, 4 * PANEL)
-    step = max(1, INPLACE_CHUNK // (PANEL * K))
-    for p0 in range(0, N // PANEL, step):
-        tmp = u[p0:p0 + step].permute(0, 2, 1, 3).contiguous()     # [p, P, c, j]
-        out[p0:p0 + step].copy_(tmp.view(-1, K // 4, 4 * PANEL).bitwise_xor_(0x80))
-    return out
+    u = q.view(torch.uint8).view(N // PANEL, PANEL * K)
+    convert_stripes_(u, lambda c: c.view(-1, PANEL, K // 4, 4).permute(0, 2, 1, 3).bitwise_xor(0x80))
+    return u.view(N // PANEL, K // 4, 4 * PANEL)

@@ -72,7 +72,7 @@ def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tenso
         return int4.Int4Linear(tensors, bias, repack=repack, **opts)
     if opts:
         raise TypeError(f"{scheme}: unexpected options {sorted(opts)}")
-    return codebook.CodebookLinear(scheme, tensors, bias)
+    return codebook.CodebookLinear(scheme, tensors, bias, repack=repack)
 
 
 def dequantize(scheme: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,9 +14,16 @@ no -1.0, so a plain absmax would put a block's negative maximum on -0.993 and de
 a signed scale the maximum lands exactly on code 1.0 and the round trip is exact). nf4 (symmetric +-1.0): plain
 absmax. w = code[q] * absmax[block].
 
-Dequantization: uint8 -> int32 index (copy into a scratch buffer), ``index_select`` from a 256-entry LUT in
-the activation dtype (nf4: a [256, 2] pair LUT, one lookup per byte), in-place per-block scale multiply:
-~25 ms per 16M weights (bf16, 2 threads) vs 58 ms with fresh allocations; bitsandbytes' CPU kernel ~2x slower.
+Kernels. Where overspill's CPU kernels build, N % 16 == 0 and the blocks tile the rows (K % blocksize == 0,
+blocksize % 16 == 0), the codes are held in the kernel's panel layout and up to KERNEL_MAX_M rows run
+``kernels.lut_mm``: each code is decoded in registers (bf16 table lookup by word permutes), multiplied on
+vdpbf16ps, and its block's absmax applied in fp32: the weight bytes are read once per call, at about the memory
+bandwidth (the decode-everything path below ran TinyLlama at 0.9 tok/s). The table entries are rounded to bf16 (as
+the bf16 path below rounds code*absmax), fp32 activations are rounded to bf16 first.
+Otherwise, and for larger M (prefill), the whole weight is dequantized just in time: uint8 -> int32 index (copy into
+a scratch buffer), ``index_select`` from a 256-entry LUT in the activation dtype (nf4: a [256, 2] pair LUT, one
+lookup per byte), in-place per-block scale multiply: ~25 ms per 16M weights (bf16, 2 threads) vs 58 ms with fresh
+allocations; bitsandbytes' CPU kernel ~2x slower; then one dense matmul.
 """
 from __future__ import annotations
 
@@ -25,9 +32,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..kernels import PANEL, block_weight, convert_stripes_, cpu_kernels, unblock_weight
 from ._base import QuantLinear, nbytes_of, scratch
 
 DEFAULT_BLOCKSIZE = 64
+KERNEL_MAX_M = 16   # lut_mm up to here; it decodes the codes once per 2 rows, so prefill dequantizes once instead
 
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -137,8 +146,30 @@ def nbytes(scheme: str, N: int, K: int, blocksize: int = DEFAULT_BLOCKSIZE) -> i
     return qb + 4 * (-(-n // int(blocksize))) + 3 * 4
 
 
+def _unpack4(q: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """nf4 bytes (low nibble = even element of the flattened weight) -> uint8 codes [N, K]."""
+    return torch.stack([q & 15, q >> 4], -1).view(-1)[: N * K].view(N, K)
+
+
+def _pack4_panels(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] (0..15) -> lut_mm's 4-bit panels [N/16, K/4, 32]: byte 2c+e of quad P =
+    codes[16p+c, 4P+e] | codes[16p+c, 4P+2+e] << 4."""
+    N, K = codes.shape
+    t = codes.reshape(N // PANEL, PANEL, K // 4, 2, 2).permute(0, 2, 1, 4, 3)     # [p, P, c, e, h]
+    return (t[..., 0] | (t[..., 1] << 4)).reshape(N // PANEL, K // 4, 2 * PANEL).contiguous()
+
+
+def _unpack4_panels(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of _pack4_panels -> uint8 codes [N, K]."""
+    NP, KQ = p.shape[:2]
+    b = p.view(NP, KQ, PANEL, 2)                                                    # [p, P, c, e]
+    t = torch.stack([b & 15, b >> 4], -1)                                            # [p, P, c, e, h]
+    return t.permute(0, 2, 1, 4, 3).reshape(NP * PANEL, KQ * 4)
+
+
 class CodebookLinear(QuantLinear):
-    def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+    def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
+                 repack: bool | str = True):
         self.scheme = scheme
         N, K, bs = _meta(tensors)
         q, am = tensors["qweight"], tensors["absmax"]
@@ -147,24 +178,76 @@ class CodebookLinear(QuantLinear):
             raise ValueError(f"{scheme}: stored tensors qweight {q.dtype} {tuple(q.shape)}, absmax {tuple(am.shape)} "
                              f"do not match meta N={N} K={K} blocksize={bs}")
         super().__init__(N, K, bias, nbytes_of(q, am, tensors["meta"]))
-        self.qweight, self.blocksize = q.contiguous(), bs
-        self.absmax = am.float().contiguous()
-        self._absmax_cast: dict[torch.dtype, torch.Tensor] = {torch.float32: self.absmax}
+        self.blocksize = bs
+        ok = (repack and N % PANEL == 0 and K % bs == 0 and bs % 16 == 0 and q.device.type == "cpu"
+              and (repack is True or (q.is_contiguous() and am.dtype == torch.float32 and am.is_contiguous())))
+        self._k = cpu_kernels() if ok else None
+        if self._k is None:
+            self.qweight = q.contiguous()
+            self.absmax = am.float().contiguous()
+        else:   # hold only the panels (codes and absmax), plus the bf16 table
+            G = K // bs
+            if repack == "inplace":   # the staging buffer's own bytes become the panels
+                if _bits(scheme) == 8:
+                    qs = q.view(N // PANEL, PANEL * K)
+                    convert_stripes_(qs, lambda c: c.view(-1, PANEL, K // 2, 2).permute(0, 2, 1, 3))
+                    self._panels = qs.view(N // PANEL, K // 2, PANEL, 2)
+                else:
+                    qs = q.view(N // PANEL, PANEL * K // 2)
+                    convert_stripes_(qs, lambda c: _pack4_panels(_unpack4(c.reshape(-1), c.shape[0] * PANEL, K)))
+                    self._panels = qs.view(N // PANEL, K // 4, 2 * PANEL)
+                ams = am.view(N // PANEL, PANEL * G)
+                convert_stripes_(ams, lambda c: c.view(-1, PANEL, G).permute(0, 2, 1))
+                self._am_panels = ams.view(N // PANEL, G, PANEL)
+            else:
+                codes = q.view(N, K) if _bits(scheme) == 8 else _unpack4(q, N, K)
+                self._panels = block_weight(codes) if _bits(scheme) == 8 else _pack4_panels(codes)
+                self._am_panels = am.float().view(N // PANEL, PANEL, G).permute(0, 2, 1).contiguous()
+            self._lut_bf16 = _code(scheme).to(torch.bfloat16).contiguous()
+            self._fast_ok = True
+            self._bias_f32 = None if bias is None else bias.float().contiguous()
+            self.qweight = self.absmax = None
+        self._absmax_cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def _plain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qweight, absmax) in the stored layout; transient copies when the panels are held."""
+        if self._k is None:
+            return self.qweight, self.absmax
+        N, K = self.out_features, self.in_features
+        if _bits(self.scheme) == 8:
+            q = unblock_weight(self._panels)
+        else:
+            c = _unpack4_panels(self._panels).reshape(-1)
+            q = c[0::2] | (c[1::2] << 4)
+        return q, self._am_panels.permute(0, 2, 1).reshape(-1)
+
+    def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.numel() > KERNEL_MAX_M * self.in_features:
+            return None
+        return self._k.lut_mm(x, self._panels, self._am_panels, self._lut_bf16, _bits(self.scheme), self.blocksize,
+                              self._bias_f32)
 
     def _weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight [N, K] in dtype, in a scratch buffer (valid until the next JIT dequant)."""
-        am = self._absmax_cast.get(dtype)
+        q, am32 = self._plain()
+        am = self._absmax_cast.get(dtype) if self._k is None else None
         if am is None:
-            am = self._absmax_cast[dtype] = self.absmax.to(dtype)
+            am = am32.to(dtype)
+            if self._k is None:
+                self._absmax_cast[dtype] = am
         N, K = self.out_features, self.in_features
-        q = self.qweight
         out = scratch("cb_w", max(N * K, 2 * q.numel()), dtype)
         idx = scratch("cb_idx", q.numel(), torch.int32)
         return _dequant_into(self.scheme, q, am, N, K, self.blocksize, dtype, out, idx)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self._k is not None and x.shape[0] <= KERNEL_MAX_M:
+            y = self._k.lut_mm(x.to(torch.bfloat16).contiguous(), self._panels, self._am_panels, self._lut_bf16,
+                               _bits(self.scheme), self.blocksize, None)
+            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         return F.linear(x, self._weight(x.dtype))
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.scheme, {"qweight": self.qweight, "absmax": self.absmax,
+        q, am = self._plain()
+        return dequantize(self.scheme, {"qweight": q, "absmax": am,
                                         "meta": torch.tensor([self.out_features, self.in_features, self.blocksize])})
