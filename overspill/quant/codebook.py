@@ -213,7 +213,6 @@ class CodebookLinear(QuantLinear):
         """(qweight, absmax) in the stored layout; transient copies when the panels are held."""
         if self._k is None:
             return self.qweight, self.absmax
-        N, K = self.out_features, self.in_features
         if _bits(self.scheme) == 8:
             q = unblock_weight(self._panels)
         else:
