@@ -27,12 +27,18 @@ INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
 
 
 def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    w = weight.detach().to("cpu", torch.float32)
-    # bf16 scales, and q computed against the *rounded* scale: dequant -> quantize reproduces q exactly
-    # (127 * s_bf16 is exact in fp32 and /127 rounds back to s_bf16).
-    s = (w.abs().amax(1) / 127).clamp_(min=1e-30).to(torch.bfloat16)
-    q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return {"qweight": q.contiguous(), "scales": s.contiguous()}
+    N, K = weight.shape
+    q = torch.empty(N, K, dtype=torch.int8)
+    s = torch.empty(N, dtype=torch.bfloat16)
+    step = max(1, (1 << 22) // max(1, K))   # rows per chunk: fp32 temporaries of ~16 MB, not 4x the weight
+    for r0 in range(0, N, step):
+        w = weight[r0:r0 + step].detach().to("cpu", torch.float32)
+        # bf16 scales, and q computed against the *rounded* scale: dequant -> quantize reproduces q exactly
+        # (127 * s_bf16 is exact in fp32 and /127 rounds back to s_bf16).
+        sc = (w.abs().amax(1) / 127).clamp_(min=1e-30).to(torch.bfloat16)
+        q[r0:r0 + step] = torch.round(w / sc.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        s[r0:r0 + step] = sc
+    return {"qweight": q, "scales": s}
 
 
 def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
