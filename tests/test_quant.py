@@ -206,3 +206,20 @@ def test_int8_prefill_sized_batches_use_dequantized_matmul():
     assert ((got - ref).norm() / ref.norm()).item() < 0.01
     small = lin(x[:4]).float()   # kernel path on the same rows agrees
     assert ((small - got[:4]).norm() / small.norm()).item() < 0.01
+
+
+def test_quantize_in_row_chunks_equals_whole_rows():
+    """int8/int4 quantize long rows in chunks (bounded fp32 temporaries); a chunk's bytes are what those rows give
+    alone, and the padded tail block comes out as in a one-chunk call."""
+    torch.manual_seed(0)
+    K = 1 << 16                                   # int4: 64-row chunks; int8: 64-row chunks
+    w = torch.randn(200, K) * 0.02
+    t4 = Q.quantize(w, "int4", group_size=64)
+    head = Q.quantize(w[:64], "int4", group_size=64)
+    assert torch.equal(t4["qweight"].reshape(-1)[: 64 * K // 2], head["qweight"].reshape(-1))
+    tail = Q.quantize(w[192:], "int4", group_size=64)
+    assert torch.equal(t4["qweight"].reshape(-1)[192 * K // 2:], tail["qweight"].reshape(-1))
+    assert torch.equal(t4["scales_zeros"][:, 192:200], tail["scales_zeros"][:, :8])
+    t8 = Q.quantize(w, "int8")
+    assert torch.equal(t8["qweight"][130:140], Q.quantize(w[130:140], "int8")["qweight"])
+    assert rel(Q.dequantize("int8", t8), w) < WEIGHT_ERR["int8"]

@@ -122,18 +122,27 @@ def quantize(weight: torch.Tensor, group_size: int | None = None) -> dict[str, t
     gs = _default_gs(K) if group_size is None else int(group_size)
     _check(N, K, gs)
     Np = -(-N // 16) * 16
-    w = weight.detach().to("cpu", torch.float32)
-    if Np != N:
-        w = torch.cat([w, w.new_zeros(Np - N, K)])
-    wg = w.view(Np, K // gs, gs)
-    mn, mx = wg.amin(-1), wg.amax(-1)
-    s = ((mx - mn) / 15).clamp_(min=1e-10).to(torch.bfloat16)
-    z = (mn + 8 * s.float()).to(torch.bfloat16)
-    # q against the stored (rounded) scale/zero so that dequant -> quantize reproduces the bytes
-    lo = z.float() - 8 * s.float()
-    q = torch.round((wg - lo[..., None]) / s.float()[..., None]).clamp_(0, 15).to(torch.int32).view(Np, K)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-    sz = torch.stack([s, z], -1).transpose(0, 1).contiguous()   # [K/gs, Np, 2]
+    # Rows in chunks (whole 64-row int4pack blocks, so the packed chunks concatenate): fp32/int32 temporaries of
+    # ~16 MB instead of several times the weight (an LM head is 50400 x 4096).
+    step = max(64, (1 << 22) // K // 64 * 64)
+    packed, ss, zs = [], [], []
+    for r0 in range(0, Np, step):
+        w = weight[r0:r0 + step].detach().to("cpu", torch.float32)
+        rows = min(step, Np - r0)
+        if w.shape[0] < rows:   # zero padding rows up to Np
+            w = torch.cat([w, w.new_zeros(rows - w.shape[0], K)])
+        wg = w.view(rows, K // gs, gs)
+        mn, mx = wg.amin(-1), wg.amax(-1)
+        s = ((mx - mn) / 15).clamp_(min=1e-10).to(torch.bfloat16)
+        z = (mn + 8 * s.float()).to(torch.bfloat16)
+        # q against the stored (rounded) scale/zero so that dequant -> quantize reproduces the bytes
+        lo = z.float() - 8 * s.float()
+        q = torch.round((wg - lo[..., None]) / s.float()[..., None]).clamp_(0, 15).to(torch.int32).view(rows, K)
+        packed.append(torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2).reshape(-1))
+        ss.append(s)
+        zs.append(z)
+    packed = torch.cat(packed).view(Np, K // 2)
+    sz = torch.stack([torch.cat(ss), torch.cat(zs)], -1).transpose(0, 1).contiguous()   # [K/gs, Np, 2]
     meta = torch.tensor([N, K, gs, native_layout()], dtype=torch.int32)
     return {"qweight": packed.contiguous(), "scales_zeros": sz, "meta": meta}
 
