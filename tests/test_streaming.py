@@ -1,5 +1,6 @@
 """Every placement (all resident, some blocks streamed, everything streamed) gives float32 logits
 bitwise-equal to the all-resident run and identical greedy tokens, for each architecture."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -234,3 +235,35 @@ def test_quantize_head_on_the_fly(ref_dir, tmp_path, variant, scheme):
     ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     a, b = dense.logits(ids).float(), qh.logits(ids).float()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.99
+
+
+def _held_storage_bytes(obj, seen=None) -> int:
+    """Bytes of the distinct storages reachable from a unit's weight object (tensors, tuples, linears' attributes)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage()
+        if st.data_ptr() in seen:
+            return 0
+        seen.add(st.data_ptr())
+        return st.nbytes()
+    if isinstance(obj, (tuple, list)):
+        return sum(_held_storage_bytes(x, seen) for x in obj)
+    if dataclasses.is_dataclass(obj):
+        return sum(_held_storage_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    attrs = getattr(obj, "__dict__", None) or {s: getattr(obj, s, None) for s in getattr(type(obj), "__slots__", ())}
+    return sum(_held_storage_bytes(v, seen) for k, v in attrs.items() if isinstance(v, (torch.Tensor, tuple, list)))
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "int8-dynamic", "nf4"])
+def test_resident_units_hold_no_more_than_their_bytes(ref_dir, tmp_path, scheme):
+    """What a resident unit keeps alive is what the planner counts: no tensor left viewing the unit's read buffer
+    next to the kernel-layout copies (that doubled a GPT-J-6B int8 store's RSS under cpu=4GiB)."""
+    from overspill.checkpoint.store import convert
+    from overspill.runtime.accounting import weights_nbytes
+
+    path, _ = ref_dir("llama_gqa")
+    store = convert(path, str(tmp_path / "s"), dtype="bfloat16", quantize=scheme, progress=False)
+    for m in (overspill.load(store), overspill.load(path, dtype="bfloat16", quantize=scheme)):
+        for w in m.executor.source.weights:
+            counted = weights_nbytes(w)
+            assert _held_storage_bytes(w) <= 1.3 * counted + 4096, (type(w).__name__, counted)

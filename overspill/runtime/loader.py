@@ -161,8 +161,9 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
 
 def _load_unit(src, store, cfg, unit, dt, make_linear, resident, quantize_head=False):
     if store is not None:
-        t = store.read_unit(unit)
-        t = {k: v.clone() if store.quantize is None else v for k, v in t.items()}  # own memory, not the read buffer
+        # Own memory, not views of the unit's read buffer: one tensor left viewing it (a scale, a norm) would keep
+        # the whole buffer alive next to the kernel-layout copies the quantized linears make of it.
+        t = {k: v.clone() for k, v in store.read_unit(unit).items()}
         return _bind_store_unit(store, cfg, unit, t, make_linear, resident)
     if unit == "head" and cfg.tie_embeddings and 0 in resident:
         t = src.read_unit_except(unit, dt, "lm.weight")
