@@ -89,6 +89,10 @@ def test_big_budget_is_all_resident(ref_dir):
     path, _ = ref_dir("llama_gqa")
     m = overspill.load(path, dtype="float32", max_memory="cpu=1GiB", max_seq_len=64)
     assert {p.tier for p in m.plan.placements} == {"resident"}
+    m = overspill.load(path, dtype="float32", max_memory={"cpu": "1GiB"}, max_seq_len=64)   # accelerate's form
+    assert {p.tier for p in m.plan.placements} == {"resident"}
+    with pytest.raises(overspill.OverspillError, match=r"max_memory: bad size 'lots'"):
+        overspill.load(path, max_memory={"cpu": "lots"})
 
 
 def test_impossible_budget_is_refused_with_minimum(ref_dir):
