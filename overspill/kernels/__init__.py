@@ -157,5 +157,9 @@ def pack_int8_(q: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     assert q.is_contiguous() and N % PANEL == 0 and K % 4 == 0
     u = q.view(torch.uint8).view(N // PANEL, PANEL * K)
-    convert_stripes_(u, lambda c: c.view(-1, PANEL, K // 4, 4).permute(0, 2, 1, 3).bitwise_xor(0x80))
+    kern = cpu_kernels()
+    if kern is not None:
+        kern.stripe_transpose_(u, PANEL, K // 4, 4, 0x80)
+    else:
+        convert_stripes_(u, lambda c: c.view(-1, PANEL, K // 4, 4).permute(0, 2, 1, 3).bitwise_xor(0x80))
     return u.view(N // PANEL, K // 4, 4 * PANEL)

@@ -682,6 +682,30 @@ torch::Tensor lut_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
   return y;
 }
 
+// In-place re-layout of weights in a streaming staging buffer: buf [S, R * G * E] bytes, each stripe [R][G][E]
+// becomes [G][R][E] (optionally XOR-ing every byte with `flip`). Stripes in parallel, one stripe-sized scratch per
+// thread: the conversion runs at memory speed in the prefetch thread instead of ~3 GB/s of torch copies.
+void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64_t flip) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte, "stripe_transpose_: uint8 CPU buffer");
+  const int64_t SB = R * G * E;
+  TORCH_CHECK(SB > 0 && buf.numel() % SB == 0, "stripe_transpose_: buffer is not whole stripes of ", SB, " bytes");
+  uint8_t* base = buf.data_ptr<uint8_t>();
+  const uint8_t f = (uint8_t)flip;
+  at::parallel_for(0, buf.numel() / SB, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<uint8_t> tmp(SB);
+    for (int64_t st = s0; st < s1; st++) {
+      uint8_t* p = base + st * SB;
+      std::memcpy(tmp.data(), p, SB);
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t r = 0; r < R; r++) {
+          const uint8_t* src = tmp.data() + (r * G + g) * E;
+          uint8_t* dst = p + (g * R + r) * E;
+          for (int64_t e = 0; e < E; e++) dst[e] = src[e] ^ f;
+        }
+    }
+  });
+}
+
 inline void check_x(const torch::Tensor& x, int64_t KB, const char* who) {
   TORCH_CHECK(x.device().is_cpu(), who, ": CPU kernels need CPU tensors");
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), who, ": x must be contiguous bf16 [..., K]");
@@ -785,6 +809,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attn", &decode_attn, "one-token attention over a (strided) bf16 KV cache, fp32 softmax");
   m.def("decode_step", &decode_step, "rotary + KV-cache write + one-token attention from the fused qkv output");
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(g) * u over h = (g, u), bf16");
+  m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("lut_mm", &lut_mm, "y = x @ (code[Q] * absmax)^T (+ bias), code-book weights decoded in registers");
   m.def("int8_vnni_mm", &int8_vnni_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, VNNI)");
   m.def("int4_vnni_mm", &int4_vnni_mm, "y = x @ ((Q-8)*s+z)^T (+ bias), x quantized to int8 per group (w4a8, VNNI)");

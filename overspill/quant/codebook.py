@@ -190,14 +190,14 @@ class CodebookLinear(QuantLinear):
             if repack == "inplace":   # the staging buffer's own bytes become the panels
                 if _bits(scheme) == 8:
                     qs = q.view(N // PANEL, PANEL * K)
-                    convert_stripes_(qs, lambda c: c.view(-1, PANEL, K // 2, 2).permute(0, 2, 1, 3))
+                    self._k.stripe_transpose_(qs, PANEL, K // 2, 2, 0)       # = block_weight, in place
                     self._panels = qs.view(N // PANEL, K // 2, PANEL, 2)
                 else:
                     qs = q.view(N // PANEL, PANEL * K // 2)
                     convert_stripes_(qs, lambda c: _pack4_panels(_unpack4(c.reshape(-1), c.shape[0] * PANEL, K)))
                     self._panels = qs.view(N // PANEL, K // 4, 2 * PANEL)
                 ams = am.view(N // PANEL, PANEL * G)
-                convert_stripes_(ams, lambda c: c.view(-1, PANEL, G).permute(0, 2, 1))
+                self._k.stripe_transpose_(ams.view(torch.uint8).view(N // PANEL, -1), PANEL, G, 4, 0)  # fp32 as 4 bytes
                 self._am_panels = ams.view(N // PANEL, G, PANEL)
             else:
                 codes = q.view(N, K) if _bits(scheme) == 8 else _unpack4(q, N, K)
