@@ -158,7 +158,8 @@ def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear
         if name == "lm" and not include_head:
             return default_make_linear(name, weight, bias)
         try:
-            return quant.make_linear(scheme, quant.quantize(weight, scheme), bias)
+            # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
+            return quant.make_linear(scheme, quant.quantize(weight, scheme), bias, repack="inplace")
         except ValueError as e:
             raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
 

@@ -398,3 +398,14 @@ def test_codebook_inplace_conversion_matches_the_copying_one(monkeypatch, scheme
     x = torch.randn(40, 128).bfloat16()                 # > KERNEL_MAX_M rows: the dequantize-then-matmul path
     assert torch.equal(lin(x), ref(x)) and rel(ref(x), F.linear(x.float(), Q.dequantize(scheme, t))) < 6e-3
     assert Q.make_linear(scheme, t, repack=False)._k is None
+
+
+@needs_kernels
+def test_blocked_linear_in_place_equals_the_copying_one():
+    w = torch.randn(48, 96).bfloat16()
+    want = BlockedLinear(w.clone(), torch.randn(48).bfloat16())
+    buf = w.clone()
+    got = BlockedLinear.from_blocked_(buf, want.bias)
+    assert torch.equal(got.blocked, want.blocked) and got.blocked.data_ptr() == buf.data_ptr()
+    x = torch.randn(3, 96).bfloat16()
+    assert torch.equal(got(x), want(x)) and got.nbytes == want.nbytes and torch.equal(got.dequantize(), w)

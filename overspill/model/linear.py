@@ -115,6 +115,23 @@ class BlockedLinear:
         self.bias = bias
         self._bias_f32 = None if bias is None else bias.float().contiguous()
 
+    @classmethod
+    def from_blocked_(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "BlockedLinear":
+        """Block ``weight`` [N, K] in place (its own bytes become the panels; no second copy) and wrap it."""
+        from ..kernels import PANEL, cpu_kernels
+        N, K = weight.shape
+        k = cpu_kernels()
+        assert k is not None and weight.is_contiguous() and weight.dtype == torch.bfloat16
+        u = weight.view(torch.uint8).view(N // PANEL, -1)
+        k.stripe_transpose_(u, PANEL, K // 2, 4, 0)         # [16][K/2][2 x bf16] -> [K/2][16][2 x bf16] per stripe
+        self = cls.__new__(cls)
+        self._k, self.out_features, self.in_features = k, N, K
+        self.blocked = weight.view(N // PANEL, K // 2, PANEL, 2)
+        self.bias = bias
+        self._bias_f32 = None if bias is None else bias.float().contiguous()
+        self._nbytes = _nbytes(weight) + _nbytes(bias)
+        return self
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward: exact dense path
             w = self.dequantize().to(x.dtype)

@@ -10,7 +10,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import OverspillError
 from ..model.kv_cache import KVCache
-from ..model.linear import DenseLinear
+from ..model.linear import BlockedLinear, DenseLinear, blocked_available
 from ..model.weights import MakeLinear, bind, default_make_linear, units
 from .executor import Executor
 from .sources import ResidentSource
@@ -161,9 +161,12 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
 
 def _load_unit(src, store, cfg, unit, dt, make_linear, resident, quantize_head=False):
     if store is not None:
-        # Own memory, not views of the unit's read buffer: one tensor left viewing it (a scale, a norm) would keep
-        # the whole buffer alive next to the kernel-layout copies the quantized linears make of it.
-        t = {k: v.clone() for k, v in store.read_unit(unit).items()}
+        # A fresh read buffer per unit. Quantized linears keep views of it and convert their bytes to the kernels'
+        # layouts in place (repack="inplace" below): those bytes stay in use, nothing is copied. A dense matmul weight
+        # is re-laid out into a copy, so no other view may keep the buffer alive after that: 1-D tensors (norms,
+        # biases, scales) get their own memory (dense stores: every tensor, as their linears all copy).
+        t = store.read_unit(unit)
+        t = {k: v.clone() if store.quantize is None or v.dim() <= 1 else v for k, v in t.items()}
         return _bind_store_unit(store, cfg, unit, t, make_linear, resident)
     if unit == "head" and cfg.tie_embeddings and 0 in resident:
         t = src.read_unit_except(unit, dt, "lm.weight")
@@ -179,12 +182,18 @@ def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
     from ..checkpoint.store import split_quantized
 
     plain, q = split_quantized(t)
-    # streamed units (dense_streamed): convert the staging buffer in place to the kernels' layout, no copy outside
-    # the budget, and the same kernels (so the same logits) as resident units
-    repack = "inplace" if make_linear is dense_streamed else True
+    # Convert to the kernels' layouts in place: streamed units' tensors live in the staging buffer, resident units'
+    # in their own read buffer (_load_unit). No second copy of a weight at any time, and streamed units run the same
+    # kernels (so give the same logits) as resident ones.
     for lin, tensors in q.items():
-        plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack=repack)
+        plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack="inplace")
     if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
         tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].clone()
         plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
+    w = plain.get("lm.weight")
+    if q and make_linear is not dense_streamed and w is not None and blocked_available(w) and w.is_contiguous():
+        # a dense head beside quantized blocks, in this unit's own read buffer: block it in place (the copy that
+        # dense_linear makes would briefly double it: 0.4 GB for GPT-J-6B, over a 4 GiB budget)
+        plain["lm"] = BlockedLinear.from_blocked_(w, plain.pop("lm.bias", None))
+        del plain["lm.weight"]
     return bind(cfg, unit, plain, make_linear)
