@@ -338,7 +338,17 @@ def test_fused_decode_step_equals_the_unfused_ops(monkeypatch, nh, nkv, hs, rot,
     step = L.Step(pos, start, cos, sin, mask)
     kc, vc = torch.randn(B, nkv, cap, hs).bfloat16(), torch.randn(B, nkv, cap, hs).bfloat16()
     k2, v2 = kc.clone(), vc.clone()
+    calls = []
+    kern = L.cpu_kernels()
+
+    class Spy:   # the fused call must actually be taken
+        def __getattr__(self, name):
+            if name == "decode_step":
+                calls.append(name)
+            return getattr(kern, name)
+    monkeypatch.setattr(L, "cpu_kernels", lambda: Spy())
     got = L.attention(cfg, w, x, step, kc, vc)
+    assert calls == ["decode_step"]
     monkeypatch.setattr(L, "FUSED", False)
     want = L.attention(cfg, w, x, step, k2, v2)
     assert got.shape == (B, 1, nh * hs)
@@ -409,3 +419,14 @@ def test_blocked_linear_in_place_equals_the_copying_one():
     assert torch.equal(got.blocked, want.blocked) and got.blocked.data_ptr() == buf.data_ptr()
     x = torch.randn(3, 96).bfloat16()
     assert torch.equal(got(x), want(x)) and got.nbytes == want.nbytes and torch.equal(got.dequantize(), w)
+
+
+def test_pack_int8_inplace_torch_fallback(monkeypatch):
+    """Without the kernels pack_int8_ converts with chunked torch copies: same bytes."""
+    import overspill.kernels as KM
+    monkeypatch.setattr(KM, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(KM, "INPLACE_CHUNK", 1000)
+    q = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    want = KM.pack_int8(q)
+    buf = q.clone()
+    assert torch.equal(KM.pack_int8_(buf), want)

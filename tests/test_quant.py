@@ -195,11 +195,12 @@ def test_dynamic_code_map():
 
 
 def test_int8_prefill_sized_batches_use_dequantized_matmul():
-    """M > 32 rows take the dequantize + dense path: same result as the kernel path within bf16 rounding."""
+    """Weight-only mode: M > 32 rows take the dequantize + dense path, within bf16 rounding of the float result."""
     torch.manual_seed(0)
     w = torch.randn(96, 64) * 0.02
     t = Q.quantize(w, "int8")
-    lin = Q.make_linear("int8", t)
+    lin = Q.make_linear("int8", t, act_quant="never")
+    assert lin._k is None
     x = torch.randn(int8_mod.DEQUANT_MIN_M + 8, 64, dtype=torch.bfloat16)
     ref = torch.nn.functional.linear(x.float(), Q.dequantize("int8", t))
     got = lin(x).float()
@@ -223,3 +224,13 @@ def test_quantize_in_row_chunks_equals_whole_rows():
     t8 = Q.quantize(w, "int8")
     assert torch.equal(t8["qweight"][130:140], Q.quantize(w[130:140], "int8")["qweight"])
     assert rel(Q.dequantize("int8", t8), w) < WEIGHT_ERR["int8"]
+
+
+def test_int8_default_without_kernels_keeps_one_copy(monkeypatch):
+    """Where the integer kernel is unavailable the default is weight-only: no oneDNN prepacked second copy of the
+    weight (which memory budgets do not count) appears on a batched call."""
+    monkeypatch.setattr(int8_mod, "cpu_kernels", lambda: None)
+    lin = Q.make_linear("int8", Q.quantize(W(96, 64), "int8"))
+    assert lin._k is None and lin.act_quant == "never"
+    lin(torch.randn(5, 64))
+    assert lin._packed is None

@@ -92,6 +92,7 @@ inline void rows(int64_t mr, const uint16_t* x, int64_t ldx, const WT* w, int64_
 // Optional bias as contiguous fp32 [N] (undefined tensor when absent).
 inline torch::Tensor bias_f32(const c10::optional<torch::Tensor>& bias, int64_t N) {
   if (!bias.has_value() || !bias->defined()) return torch::Tensor();
+  TORCH_CHECK(bias->device().is_cpu(), "CPU kernels need a CPU bias");
   TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
   return bias->to(at::kFloat).contiguous();
 }
@@ -176,7 +177,8 @@ torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10
   const bool* vp = nullptr;
   torch::Tensor valid_c;
   if (valid.has_value() && valid->defined()) {
-    TORCH_CHECK(valid->scalar_type() == at::kBool && valid->numel() == B * S, "valid must be bool [B, S]");
+    TORCH_CHECK(valid->device().is_cpu() && valid->scalar_type() == at::kBool && valid->numel() == B * S,
+                "valid must be a CPU bool [B, S]");
     valid_c = valid->contiguous();
     vp = valid_c.data_ptr<bool>();
   }
@@ -709,8 +711,8 @@ void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64
 inline void check_x(const torch::Tensor& x, int64_t KB, const char* who) {
   TORCH_CHECK(x.device().is_cpu(), who, ": CPU kernels need CPU tensors");
   TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), who, ": x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(KB > 0 && KB % 16 == 0 && x.size(-1) % KB == 0, who, ": K=", x.size(-1),
-              " must be a multiple of the activation block ", KB, " (itself a multiple of 16)");
+  TORCH_CHECK(KB > 0 && KB % 16 == 0 && KB <= 16384 && x.size(-1) % KB == 0, who, ": K=", x.size(-1),
+              " must be a multiple of the activation block ", KB, " (a multiple of 16, at most 16384: int32 sums)");
 }
 
 // qp: uint8 [N/16, K/4, 64] (q + 128); scales fp32 [N]; block: inputs per activation scale. Returns bf16 [..., N].

@@ -32,7 +32,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..kernels import PANEL, block_weight, convert_stripes_, cpu_kernels, unblock_weight
+from ..kernels import PANEL, block_weight, convert_stripes_, cpu_kernels
 from ._base import QuantLinear, nbytes_of, scratch
 
 DEFAULT_BLOCKSIZE = 64
@@ -213,8 +213,11 @@ class CodebookLinear(QuantLinear):
         """(qweight, absmax) in the stored layout; transient copies when the panels are held."""
         if self._k is None:
             return self.qweight, self.absmax
-        if _bits(self.scheme) == 8:
-            q = unblock_weight(self._panels)
+        if _bits(self.scheme) == 8:   # into a scratch buffer: prefill calls this once per linear
+            N, K = self.out_features, self.in_features
+            q = scratch("cb_codes", N * K, torch.uint8).view(N // PANEL, PANEL, K // 2, 2)
+            q.copy_(self._panels.permute(0, 2, 1, 3))
+            q = q.view(N, K)
         else:
             c = _unpack4_panels(self._panels).reshape(-1)
             q = c[0::2] | (c[1::2] << 4)

@@ -186,7 +186,8 @@ class Int4Linear(QuantLinear):
         self.group_size, self.Np, self.act_quant = gs, Np, act_quant
         ok = repack and act_quant == "auto" and qw.device.type == "cpu" and vnni_block(N, K, gs)
         self._k = cpu_kernels() if ok else None
-        if self._k is not None and repack == "inplace" and sz.dtype != torch.bfloat16:
+        if self._k is not None and repack == "inplace" and (sz.dtype != torch.bfloat16 or not qw.is_contiguous()
+                                                            or not sz.is_contiguous()):
             self._k = None   # (stores hold bf16 scales; anything else converts with a copy, so use it as it is)
         if self._k is not None:   # hold only the kernel's panel layout
             if repack == "inplace":

@@ -3,14 +3,14 @@
 Stored: {"qweight": int8 [N, K], "scales": bf16 [N]}; w[n, k] = qweight[n, k] * scales[n].
 
 Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``act_quant``:
-* "auto" (default) where overspill's CPU kernels build (AVX512-BF16 + VNNI) and N % 16 == 0, K % 32 == 0:
+* "auto" (the default where the kernels build) where overspill's CPU kernels build (AVX512-BF16 + VNNI) and N % 16 == 0, K % 32 == 0:
   ``kernels.int8_vnni_mm`` at every batch size (w8a8): activations quantized on the fly to int8 with one scale per
   ACT_BLOCK inputs of each row, as llama.cpp's Q8_0 does, and multiplied on vpdpbusd. The weight is held only in
   the kernel's panel layout. Batch 1 at about the read bandwidth; prefill faster than bf16 (integer MACs are 2x
   denser), so no dequantization pass ever runs. The activation rounding is in the quality table (quality.py).
-  Without the kernels, "auto" means torch's ``_weight_int8pack_mm`` at M == 1 (w8a16) and oneDNN
-  ``qlinear_pointwise`` u8 x s8 with per-token activation scales at M >= 2 (its prepacked weight is a second
-  N*K-byte copy, built on the first M >= 2 call).
+  Without the kernels the default is "never" (below); an explicit "auto" there means torch's
+  ``_weight_int8pack_mm`` at M == 1 (w8a16) and oneDNN ``qlinear_pointwise`` u8 x s8 with per-token activation
+  scales at M >= 2, whose prepacked weight is a second N*K-byte copy that memory budgets do not count.
 * "never": weight-only, exact bf16 activations: ``_weight_int8pack_mm`` up to DEQUANT_MIN_M rows, above that a
   transient bf16 weight and one dense matmul.
 ``repack=False`` (the stored tensors used as they are) takes the no-kernel paths of the chosen mode.
@@ -64,18 +64,18 @@ def _act_block(K: int) -> int | None:
 class Int8Linear(QuantLinear):
     scheme = "int8"
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str = "auto",
+    def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str | None = None,
                  repack: bool | str = True):
         q, s = tensors["qweight"], tensors["scales"]
         if q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
             raise ValueError(f"int8: expected qweight int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)}, {tuple(s.shape)}")
-        if act_quant not in ("auto", "never", "always"):
+        if act_quant not in (None, "auto", "never", "always"):
             raise ValueError(f"int8: act_quant must be auto|never|always, got {act_quant!r}")
         super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s))
         N, K = q.shape
         self._block = _act_block(K)
         ok = (repack and act_quant != "never" and q.device.type == "cpu" and self._block is not None
-              and vnni_block(N, K, self._block))
+              and vnni_block(N, K, self._block) and (repack != "inplace" or q.is_contiguous()))
         self._k = cpu_kernels() if ok else None
         # Kernel path: the weight is held only in the panel layout (no second copy).
         self._qpanels = None if self._k is None else pack_int8_(q) if repack == "inplace" else pack_int8(q)
@@ -84,6 +84,8 @@ class Int8Linear(QuantLinear):
         self.scales_f32 = s.float().contiguous()
         self._fast_ok = self._k is not None
         self._bias_f32 = None if bias is None else bias.float().contiguous()
+        if act_quant is None:   # the default: w8a8 on our kernel; without it weight-only, which needs no second copy
+            act_quant = "auto" if self._k is not None else "never"
         self.act_quant = act_quant if act_quant == "never" or _onednn_int8_ok() or self._k is not None else "never"
         self._packed = None
         self._zp = None

@@ -164,9 +164,9 @@ def _load_unit(src, store, cfg, unit, dt, make_linear, resident, quantize_head=F
         # A fresh read buffer per unit. Quantized linears keep views of it and convert their bytes to the kernels'
         # layouts in place (repack="inplace" below): those bytes stay in use, nothing is copied. A dense matmul weight
         # is re-laid out into a copy, so no other view may keep the buffer alive after that: 1-D tensors (norms,
-        # biases, scales) get their own memory (dense stores: every tensor, as their linears all copy).
+        # biases) get their own memory (dense stores: every tensor, as their linears all copy).
         t = store.read_unit(unit)
-        t = {k: v.clone() if store.quantize is None or v.dim() <= 1 else v for k, v in t.items()}
+        t = {k: v.clone() if store.quantize is None or (".q." not in k and v.dim() <= 1) else v for k, v in t.items()}
         return _bind_store_unit(store, cfg, unit, t, make_linear, resident)
     if unit == "head" and cfg.tie_embeddings and 0 in resident:
         t = src.read_unit_except(unit, dt, "lm.weight")
@@ -191,7 +191,7 @@ def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
         tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].clone()
         plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
     w = plain.get("lm.weight")
-    if q and make_linear is not dense_streamed and w is not None and blocked_available(w) and w.is_contiguous():
+    if store.quantize and make_linear is not dense_streamed and w is not None and blocked_available(w) and w.is_contiguous():
         # a dense head beside quantized blocks, in this unit's own read buffer: block it in place (the copy that
         # dense_linear makes would briefly double it: 0.4 GB for GPT-J-6B, over a 4 GiB budget)
         plain["lm"] = BlockedLinear.from_blocked_(w, plain.pop("lm.bias", None))
