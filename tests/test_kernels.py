@@ -430,3 +430,14 @@ def test_pack_int8_inplace_torch_fallback(monkeypatch):
     want = KM.pack_int8(q)
     buf = q.clone()
     assert torch.equal(KM.pack_int8_(buf), want)
+
+
+def test_panel_empty_is_a_plain_tensor_and_can_be_switched_off(monkeypatch):
+    """Huge-page advice changes nothing about the tensor (and is skipped on request or for small tensors)."""
+    from overspill.kernels import panel_empty
+    w = torch.randn(64, 96).bfloat16()
+    for flag in ("1", "0"):
+        monkeypatch.setenv("OVERSPILL_HUGEPAGES", flag)
+        big = panel_empty((3 << 20,), torch.uint8)
+        assert big.shape == (3 << 20,) and big.is_contiguous() and big.dtype == torch.uint8
+        assert torch.equal(unblock_weight(block_weight(w)), w)

@@ -411,8 +411,9 @@ class LayerStore:
         """One positional read of the unit's data section into ``buf`` (or a fresh buffer), then views.
         With a tied embedding the head has no "lm.weight": use the embed unit's "tok.weight"."""
         d0, n = self.unit_span(unit)
-        if buf is None:
-            buf = torch.empty(n, dtype=torch.uint8)
+        if buf is None:   # resident units keep (views of) this buffer: huge pages for the decode stream
+            from ..kernels import panel_empty
+            buf = panel_empty((n,), torch.uint8)
         elif buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or buf.numel() < n:
             raise ValueError(f"{unit}: need a contiguous 1-D uint8 buffer of at least {n} bytes")
         path = self.unit_file(unit)

@@ -90,10 +90,42 @@ def blockable(N: int, K: int) -> bool:
     return N % PANEL == 0 and K % 2 == 0 and N > 0 and K > 0
 
 
+_HUGE = 2 << 20
+
+
+def _advise_huge(t: torch.Tensor) -> None:
+    """Ask for transparent huge pages on the 2 MiB-aligned interior of a fresh (untouched) CPU tensor.
+
+    Decode streams every weight once per token; with 4 KiB pages the hardware prefetchers restart at every page
+    boundary. Measured (interleaved, 12 rounds): panel weights read at 33.8 vs 32.5 GB/s (llama.cpp's mmapped
+    GGUFs get large folios from the page cache). No memory overhead: the ragged edges stay small pages. A no-op where
+    THP is off, on non-Linux systems, or with OVERSPILL_HUGEPAGES=0."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < 2 * _HUGE or t.device.type != "cpu" or os.environ.get("OVERSPILL_HUGEPAGES", "1") == "0":
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
+        if end > start:
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)   # MADV_HUGEPAGE
+    except (OSError, AttributeError):
+        pass
+
+
+def panel_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor for kernel-layout weights, huge-page advised before its pages are first touched."""
+    t = torch.empty(shape, dtype=dtype)
+    _advise_huge(t)
+    return t
+
+
 def block_weight(w: torch.Tensor) -> torch.Tensor:
     """[N, K] -> panels [N/16, K/2, 16, 2]: element [p, k/2, c, k%2] = w[16p + c, k]."""
     N, K = w.shape
-    return w.reshape(N // PANEL, PANEL, K // 2, 2).permute(0, 2, 1, 3).contiguous()
+    out = panel_empty((N // PANEL, K // 2, PANEL, 2), w.dtype)
+    return out.copy_(w.reshape(N // PANEL, PANEL, K // 2, 2).permute(0, 2, 1, 3))
 
 
 def unblock_weight(wb: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import cpu_kernels, pack_int8, pack_int8_, unpack_int8, vnni_block
+from ..kernels import cpu_kernels, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
 from ._base import QuantLinear, nbytes_of
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
@@ -28,7 +28,7 @@ INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
 
 def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     N, K = weight.shape
-    q = torch.empty(N, K, dtype=torch.int8)
+    q = panel_empty((N, K), torch.int8)   # converted to the kernel's panels in place later: huge pages from the start
     s = torch.empty(N, dtype=torch.bfloat16)
     step = max(1, (1 << 22) // max(1, K))   # rows per chunk: fp32 temporaries of ~16 MB, not 4x the weight
     for r0 in range(0, N, step):
