@@ -132,6 +132,12 @@ def resolve_ckpt(text: str) -> Path:
     raise SystemExit(f"no checkpoint at {text} (make one with benchmarks/make_checkpoint.py)")
 
 
+def split_scheme(spec: str) -> tuple[str | None, bool]:
+    """'int4+head' -> ('int4', True); 'int8' -> ('int8', False); 'bf16' / 'none' -> (None, False)."""
+    scheme, head = (spec[:-5], True) if spec.endswith("+head") else (spec, False)
+    return (None, False) if scheme in ("bf16", "none") else (scheme, head)
+
+
 def parse_side(side: str, a: argparse.Namespace) -> tuple[str, str | None, bool]:
     """'hf' | 'overspill' | 'overspill:SCHEME' | 'overspill:SCHEME+head' -> (kind, scheme, quantize_head).
     Plain 'overspill' takes --quantize / --quantize-head."""
@@ -140,8 +146,8 @@ def parse_side(side: str, a: argparse.Namespace) -> tuple[str, str | None, bool]
         raise SystemExit(f"--sides: unknown side {side!r}; expected hf, overspill or overspill:SCHEME[+head]")
     if not spec:
         return kind, (a.quantize if kind == "overspill" else None), bool(a.quantize and a.quantize_head)
-    scheme, head = (spec[:-5], True) if spec.endswith("+head") else (spec, False)
-    if scheme in ("bf16", "none"):
+    scheme, head = split_scheme(spec)
+    if scheme is None:
         return kind, None, False
     from overspill.quant import SCHEMES
     if scheme not in SCHEMES:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import common  # noqa: E402
-from bench_decode import quantized_bytes_per_token, resolve_ckpt
+from bench_decode import quantized_bytes_per_token, resolve_ckpt, split_scheme
 
 
 def llama_bench(exe: str, gguf: str, threads: int) -> dict:
@@ -33,8 +33,8 @@ def llama_bench(exe: str, gguf: str, threads: int) -> dict:
 def overspill_run(ckpt: Path, scheme: str, threads: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).with_name("bench_decode.py")), "--worker", "overspill", "--ckpt", str(ckpt),
            "--batch", "1", "--prompt-len", "128", "--new-tokens", "64", "--threads", str(threads)]
-    if scheme != "bf16":
-        s, head = (scheme[:-5], True) if scheme.endswith("+head") else (scheme, False)
+    s, head = split_scheme(scheme)
+    if s:
         cmd += ["--quantize", s] + (["--quantize-head"] if head else [])
     r = common.run_worker(cmd)
     return {"prefill_tok_s": 128 / r["prefill_s"], "decode_tok_s": r["decode_tok_s"]}
@@ -70,8 +70,8 @@ def main() -> None:
         o = [r for r in rows if r["side"] == "overspill" and r["scheme"] == scheme]
         l = [r for r in rows if r["side"] == "llama.cpp" and r["scheme"] == scheme]
         ratios = [x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(o, l)]
-        s, head = (scheme[:-5], True) if scheme.endswith("+head") else (scheme, False)
-        nb = common.weight_bytes_per_token(ckpt) if s == "bf16" else quantized_bytes_per_token(ckpt, s, head)
+        s, head = split_scheme(scheme)
+        nb = quantized_bytes_per_token(ckpt, s, head) if s else common.weight_bytes_per_token(ckpt)
         print(f"| {scheme} | {Path(gguf).name} | {common.median(r['decode_tok_s'] for r in o):.1f} | "
               f"{common.median(r['decode_tok_s'] for r in l):.1f} | {common.median(ratios):.2f}x "
               f"({', '.join(f'{x:.2f}' for x in ratios)}) | {nb / 1e9:.3f} GB | {mem * 1e9 / nb:.1f} | "

@@ -531,20 +531,31 @@ inline void micro_w4a8(const int8_t* xq, int64_t ldx, const float* d, const int3
   }
 }
 
-// Dispatch a runtime (rows, panels) pair to the templates: F(mr_tag, np_tag).
+// The tile loop of the quantized kernels: groups of up to MAXNP panels in parallel (each output column is summed by
+// one thread, in a fixed order), passes of up to MAXR activation rows inside a group (the group's weights are re-read
+// from L2, not memory). Calls f(MR, NP, p0, m0) with MR, NP as compile-time constants (std::integral_constant).
 template <int MAXR, typename F>
-inline void by_shape(int64_t mr, int64_t np, F&& f) {
-  auto rows = [&](auto NPc) {
-    if constexpr (MAXR >= 3) if (mr == 3) return f(std::integral_constant<int, 3>{}, NPc);
-    if (mr == 2) return f(std::integral_constant<int, 2>{}, NPc);
-    return f(std::integral_constant<int, 1>{}, NPc);
-  };
-  switch (np) {
-    case 4: rows(std::integral_constant<int, 4>{}); break;
-    case 3: rows(std::integral_constant<int, 3>{}); break;
-    case 2: rows(std::integral_constant<int, 2>{}); break;
-    default: rows(std::integral_constant<int, 1>{}); break;
-  }
+inline void over_tiles(int64_t NPAN, int64_t M, F&& f) {
+  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
+  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0);
+      for (int64_t m0 = 0; m0 < M; m0 += MAXR) {
+        const int64_t mr = std::min<int64_t>(MAXR, M - m0);
+        auto rows = [&](auto NPc) {
+          if constexpr (MAXR >= 3) if (mr == 3) return f(std::integral_constant<int, 3>{}, NPc, p0, m0);
+          if (mr == 2) return f(std::integral_constant<int, 2>{}, NPc, p0, m0);
+          return f(std::integral_constant<int, 1>{}, NPc, p0, m0);
+        };
+        switch (np) {
+          case 4: rows(std::integral_constant<int, 4>{}); break;
+          case 3: rows(std::integral_constant<int, 3>{}); break;
+          case 2: rows(std::integral_constant<int, 2>{}); break;
+          default: rows(std::integral_constant<int, 1>{}); break;
+        }
+      }
+    }
+  });
 }
 
 // ---- code-book weights (int8-dynamic: 256-value table; nf4: 16 values), decoded in registers ------------------
@@ -663,23 +674,15 @@ torch::Tensor lut_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
   const float* amb = absmax.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t ps = K * PW * bits / 8, amps = G * PW;
-  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
-  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) {
-      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
-      for (int64_t m0 = 0; m0 < M; m0 += LMR) {
-        const int64_t mr = std::min<int64_t>(LMR, M - m0);
-        by_shape<LMR>(mr, np, [&](auto MRc, auto NPc) {
-          constexpr int MRv = decltype(MRc)::value, NPv = decltype(NPc)::value;
-          if (bits == 8)
-            micro_lut<MRv, NPv, 8>(xp + m0 * K, K, wbase + p0 * ps, ps, amb + p0 * amps, amps, G, bs, L,
-                                   bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
-          else
-            micro_lut<MRv, NPv, 4>(xp + m0 * K, K, wbase + p0 * ps, ps, amb + p0 * amps, amps, G, bs, L,
-                                   bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
-        });
-      }
-    }
+  over_tiles<LMR>(NPAN, M, [&](auto MRc, auto NPc, int64_t p0, int64_t m0) {
+    constexpr int MRv = decltype(MRc)::value, NPv = decltype(NPc)::value;
+    const int64_t n0 = p0 * PW;
+    if (bits == 8)
+      micro_lut<MRv, NPv, 8>(xp + m0 * K, K, wbase + p0 * ps, ps, amb + p0 * amps, amps, G, bs, L,
+                             bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
+    else
+      micro_lut<MRv, NPv, 4>(xp + m0 * K, K, wbase + p0 * ps, ps, amb + p0 * amps, amps, G, bs, L,
+                             bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
   });
   return y;
 }
@@ -736,19 +739,11 @@ torch::Tensor int8_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scal
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
-  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) {
-      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
-      for (int64_t m0 = 0; m0 < M; m0 += VMR8) {
-        const int64_t mr = std::min<int64_t>(VMR8, M - m0);
-        by_shape<VMR8>(mr, np, [&](auto MRc, auto NPc) {
-          micro_w8a8<decltype(MRc)::value, decltype(NPc)::value>(
-              a.q.data() + m0 * K, K, a.d.data() + m0 * NB, a.s.data() + m0 * NB, NB, wbase + p0 * ps, ps, NB, block,
-              sc + n0, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
-        });
-      }
-    }
+  over_tiles<VMR8>(NPAN, M, [&](auto MRc, auto NPc, int64_t p0, int64_t m0) {
+    const int64_t n0 = p0 * PW;
+    micro_w8a8<decltype(MRc)::value, decltype(NPc)::value>(
+        a.q.data() + m0 * K, K, a.d.data() + m0 * NB, a.s.data() + m0 * NB, NB, wbase + p0 * ps, ps, NB, block,
+        sc + n0, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
   });
   return y;
 }
@@ -774,19 +769,11 @@ torch::Tensor int4_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, 
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
   const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  const int64_t NG = (NPAN + MAXNP - 1) / MAXNP;
-  at::parallel_for(0, NG, 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) {
-      const int64_t p0 = g * MAXNP, np = std::min<int64_t>(MAXNP, NPAN - p0), n0 = p0 * PW;
-      for (int64_t m0 = 0; m0 < M; m0 += VMR4) {
-        const int64_t mr = std::min<int64_t>(VMR4, M - m0);
-        by_shape<VMR4>(mr, np, [&](auto MRc, auto NPc) {
-          micro_w4a8<decltype(MRc)::value, decltype(NPc)::value>(
-              a.q.data() + m0 * K, K, a.d.data() + m0 * G, a.s.data() + m0 * G, a.xs.data() + m0 * G, G,
-              wbase + p0 * ps, ps, szb + p0 * szps, szps, G, group_size, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
-        });
-      }
-    }
+  over_tiles<VMR4>(NPAN, M, [&](auto MRc, auto NPc, int64_t p0, int64_t m0) {
+    const int64_t n0 = p0 * PW;
+    micro_w4a8<decltype(MRc)::value, decltype(NPc)::value>(
+        a.q.data() + m0 * K, K, a.d.data() + m0 * G, a.s.data() + m0 * G, a.xs.data() + m0 * G, G,
+        wbase + p0 * ps, ps, szb + p0 * szps, szps, G, group_size, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
   });
   return y;
 }
