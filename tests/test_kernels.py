@@ -318,6 +318,40 @@ def test_inplace_panel_conversion_equals_the_copying_one(monkeypatch, chunk, N):
     assert got_q.data_ptr() == qw.data_ptr() and got_sz.data_ptr() == sz.data_ptr()
 
 
+def _int4pack(q: torch.Tensor, layout: int) -> torch.Tensor:
+    """torch's int4pack bytes of q [N, K] (0..15) in `layout` (64/32: split blocks, 0: row pairs; tails: row pairs)."""
+    N, K = q.shape
+    BN = layout or 32
+    full = N // BN * BN
+    b = q[:full].view(N // BN, BN, K)
+    if layout:
+        pk = b[:, :BN // 2] | (b[:, BN // 2:] << 4)                     # [nbf, BN/2, K]
+    else:
+        pk = b[:, 0::2] | (b[:, 1::2] << 4)
+    tail = q[full:]
+    parts = [pk.permute(0, 2, 1).reshape(-1), (tail[0::2] | (tail[1::2] << 4)).t().reshape(-1)]
+    return torch.cat(parts).to(torch.uint8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", [64, 32, 0])
+@pytest.mark.parametrize("N", [64, 80, 112, 16])
+def test_int4pack_to_panels_kernel_every_layout(layout, N):
+    """The C++ in-place int4pack -> panel conversion, for every int4pack layout torch builds on some CPU (blocks of
+    64 or 32 rows split in halves, or row pairs) and their 16/32/48-row tails, equals pack_int4 of the values."""
+    from overspill.quant import int4 as int4_mod
+    K = 96
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(N + layout))
+    pk = _int4pack(q, layout)
+    assert torch.equal(int4_mod._unpack_kn(pk, N, K, layout).t(), q)     # the helper builds what torch builds
+    import overspill.kernels as KM
+    buf = pk.clone()
+    K_.int4pack_to_panels_(buf, N, K, layout)
+    assert torch.equal(buf.view(N // 16, K // 8, 64), KM.pack_int4(q))
+    with pytest.raises(RuntimeError, match="int4pack_to_panels_"):
+        K_.int4pack_to_panels_(buf[1:], N, K, layout)
+
+
 @needs_kernels
 @pytest.mark.parametrize("nh,nkv,hs,rot", [(4, 2, 64, 64), (4, 4, 80, 16), (2, 1, 32, 0)])
 @pytest.mark.parametrize("padded", [False, True])

@@ -690,13 +690,34 @@ torch::Tensor lut_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
 // In-place re-layout of weights in a streaming staging buffer: buf [S, R * G * E] bytes, each stripe [R][G][E]
 // becomes [G][R][E] (optionally XOR-ing every byte with `flip`). Stripes in parallel, one stripe-sized scratch per
 // thread: the conversion runs at memory speed in the prefetch thread instead of ~3 GB/s of torch copies.
+template <typename T>
+inline void stripes_of(uint8_t* base, int64_t S, int64_t R, int64_t G, T f) {
+  // element-sized moves (T = 4 bytes for the VNNI panels, 2 for bf16-style pairs): ~4x the byte loop's rate
+  const int64_t SB = R * G * (int64_t)sizeof(T);
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    std::vector<T> tmp(R * G);
+    for (int64_t st = s0; st < s1; st++) {
+      T* p = reinterpret_cast<T*>(base + st * SB);
+      std::memcpy(tmp.data(), p, SB);
+      for (int64_t g = 0; g < G; g++) {
+        T* dst = p + g * R;
+        const T* src = tmp.data() + g;
+        for (int64_t r = 0; r < R; r++) dst[r] = src[r * G] ^ f;
+      }
+    }
+  });
+}
+
 void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64_t flip) {
   TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte, "stripe_transpose_: uint8 CPU buffer");
   const int64_t SB = R * G * E;
   TORCH_CHECK(SB > 0 && buf.numel() % SB == 0, "stripe_transpose_: buffer is not whole stripes of ", SB, " bytes");
   uint8_t* base = buf.data_ptr<uint8_t>();
+  const int64_t S = buf.numel() / SB;
   const uint8_t f = (uint8_t)flip;
-  at::parallel_for(0, buf.numel() / SB, 1, [&](int64_t s0, int64_t s1) {
+  if (E == 4) return stripes_of<uint32_t>(base, S, R, G, 0x01010101u * f);
+  if (E == 2) return stripes_of<uint16_t>(base, S, R, G, (uint16_t)(0x0101u * f));
+  at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     std::vector<uint8_t> tmp(SB);
     for (int64_t st = s0; st < s1; st++) {
       uint8_t* p = base + st * SB;
@@ -706,6 +727,56 @@ void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64
           const uint8_t* src = tmp.data() + (r * G + g) * E;
           uint8_t* dst = p + (g * R + r) * E;
           for (int64_t e = 0; e < E; e++) dst[e] = src[e] ^ f;
+        }
+    }
+  });
+}
+
+// 16 rows' 4-bit values at column k of one int4pack block (BN rows, bytes [K][BN/2]), rows r..r+15 (r % 16 == 0):
+// layout > 0 puts rows i and BN/2 + i in byte i's low and high nibble; layout 0 puts rows 2i and 2i+1 there.
+inline __m128i int4pack_rows16(const uint8_t* blk, int64_t half, int64_t r, int64_t k, bool pairs) {
+  const __m128i lo4 = _mm_set1_epi8(15);
+  const uint8_t* row = blk + k * half;
+  if (pairs) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + r / 2));
+    return _mm_unpacklo_epi8(_mm_and_si128(b, lo4), _mm_and_si128(_mm_srli_epi16(b, 4), lo4));
+  }
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + r % half));
+  return r < half ? _mm_and_si128(b, lo4) : _mm_and_si128(_mm_srli_epi16(b, 4), lo4);
+}
+
+// In place: torch's int4pack bytes of an [N, K] weight (blocks of BN = layout or 32 rows, a row-pair tail) become the
+// int4_vnni_mm panels [N/16, K/8, 64] (byte [p, o, 4c + j] = q[16p+c, 8o+j] | q[16p+c, 8o+4+j] << 4). Each block's
+// panels occupy exactly the block's own bytes, so blocks convert independently with one block of scratch.
+void int4pack_to_panels_(torch::Tensor buf, int64_t N, int64_t K, int64_t layout) {
+  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte && buf.numel() == N * K / 2,
+              "int4pack_to_panels_: uint8 CPU buffer of N*K/2 bytes");
+  TORCH_CHECK(N % PW == 0 && K % 8 == 0 && (layout == 0 || layout == 32 || layout == 64),
+              "int4pack_to_panels_: N % 16, K % 8 and layout in {0, 32, 64}");
+  const int64_t BN = layout ? layout : 32, nbf = N / BN, tail = N - nbf * BN;
+  uint8_t* base = buf.data_ptr<uint8_t>();
+  at::parallel_for(0, nbf + (tail ? 1 : 0), 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> tmp(BN * K / 2);
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t rows = b < nbf ? BN : tail;
+      const bool pairs = layout == 0 || b == nbf;
+      uint8_t* blk = base + b * BN * K / 2;
+      std::memcpy(tmp.data(), blk, rows * K / 2);
+      for (int64_t pp = 0; pp < rows / PW; pp++)
+        for (int64_t o = 0; o < K / 8; o++) {
+          __m128i a[4];
+          for (int j = 0; j < 4; j++) {
+            const __m128i lo = int4pack_rows16(tmp.data(), rows / 2, pp * PW, 8 * o + j, pairs);
+            const __m128i hi = int4pack_rows16(tmp.data(), rows / 2, pp * PW, 8 * o + 4 + j, pairs);
+            a[j] = _mm_or_si128(lo, _mm_slli_epi16(hi, 4));
+          }
+          const __m128i t0 = _mm_unpacklo_epi8(a[0], a[1]), t1 = _mm_unpacklo_epi8(a[2], a[3]);
+          const __m128i t2 = _mm_unpackhi_epi8(a[0], a[1]), t3 = _mm_unpackhi_epi8(a[2], a[3]);
+          __m128i* dst = reinterpret_cast<__m128i*>(blk + (pp * (K / 8) + o) * 4 * PW);
+          _mm_storeu_si128(dst + 0, _mm_unpacklo_epi16(t0, t1));
+          _mm_storeu_si128(dst + 1, _mm_unpackhi_epi16(t0, t1));
+          _mm_storeu_si128(dst + 2, _mm_unpacklo_epi16(t2, t3));
+          _mm_storeu_si128(dst + 3, _mm_unpackhi_epi16(t2, t3));
         }
     }
   });
@@ -799,6 +870,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "rotary + KV-cache write + one-token attention from the fused qkv output");
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(g) * u over h = (g, u), bf16");
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
+  m.def("int4pack_to_panels_", &int4pack_to_panels_, "in place: torch int4pack bytes -> int4_vnni_mm panels");
   m.def("lut_mm", &lut_mm, "y = x @ (code[Q] * absmax)^T (+ bias), code-book weights decoded in registers");
   m.def("int8_vnni_mm", &int8_vnni_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, VNNI)");
   m.def("int4_vnni_mm", &int4_vnni_mm, "y = x @ ((Q-8)*s+z)^T (+ bias), x quantized to int8 per group (w4a8, VNNI)");
