@@ -5,6 +5,7 @@
                            |
     reader thread ─────────┘  for u in cycle(streamed units):      compute thread
       slot = free.get()          read u's bytes into slot ──► ready ──► acquire(u): views -> Linear objects
+                                                                      (in-place layout conversion)
       (blocks while the ring       (one large read, several          run unit u
        is full: stays ring_slots   threads, O_DIRECT or            release(u): free.put(slot)
        units ahead)                evicted from the page cache)
@@ -114,7 +115,9 @@ class StreamingSource:
         slot_bytes = max((reader.slot_bytes(unit_names[i]) for i in streamed), default=0)
         self.slots = [aligned_buffer(slot_bytes, pin) if slot_bytes else None for _ in range(self.ring_slots)]
         self.staging_bytes = slot_bytes * self.ring_slots
-        self.stats = {"io_wait_s": 0.0, "bytes_read": 0, "units_read": 0}
+        # io_wait_s: compute thread blocked on the ring; read_s: reader thread reading bytes; build_s: compute thread
+        # turning a slot's bytes into Linear objects (in-place layout conversion)
+        self.stats = {"io_wait_s": 0.0, "read_s": 0.0, "build_s": 0.0, "bytes_read": 0, "units_read": 0}
         self._thread: threading.Thread | None = None
         self._cursor = 0
         self._in_use: dict[int, int] = {}
@@ -147,11 +150,12 @@ class StreamingSource:
             i = self.streamed[k % len(self.streamed)]
             unit = self.names[i]
             try:
+                t0 = time.perf_counter()
                 t = self.reader.fetch(unit, self.slots[slot])
-                w = self.make_weights(unit, t)
+                self.stats["read_s"] += time.perf_counter() - t0
                 self.stats["bytes_read"] += self.reader.stream_bytes(unit)
                 self.stats["units_read"] += 1
-                self._ready.put((i, w, slot, None))
+                self._ready.put((i, t, slot, None))
             except BaseException as e:  # hand the error to the compute thread
                 self._ready.put((i, None, slot, e))
                 return
@@ -183,8 +187,9 @@ class StreamingSource:
         if i in self.resident:
             return self.resident[i]
         t0 = time.perf_counter()
-        j, w, slot, err = self._ready.get()
-        self.stats["io_wait_s"] += time.perf_counter() - t0
+        j, t, slot, err = self._ready.get()
+        t1 = time.perf_counter()
+        self.stats["io_wait_s"] += t1 - t0
         if err is not None:
             self._free.put(slot)
             self._shutdown()
@@ -193,6 +198,11 @@ class StreamingSource:
         assert j == i, f"streaming order broken: expected unit {i}, reader produced {j}"
         self._in_use[i] = slot
         self._cursor += 1
+        # Built here, not in the reader: the layout conversion then overlaps the reader's next read instead of
+        # delaying it (a streamed pass is read-bound: the reader must never stop reading). An error here leaves the
+        # slot in use, so the next begin_pass restarts the reader.
+        w = self.make_weights(self.names[i], t)
+        self.stats["build_s"] += time.perf_counter() - t1
         return w
 
     def release(self, i: int) -> None:
