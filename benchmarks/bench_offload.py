@@ -7,7 +7,8 @@ inside a memory cgroup, page cache dropped first, sides interleaved and repeated
                 drop_caches()                                                 -> the run starts cold
                 fresh cgroup, limit = budget + overhead; fresh worker inside it:
                     load, one greedy generate of --new-tokens at --batch rows, per-token stamps,
-                    /proc/self/io read_bytes before/after, VmHWM, plan prediction (overspill)
+                    /proc/self/io read_bytes before/after, VmHWM, plan prediction (overspill: from its
+                    own probes taken fresh in the worker, as `overspill plan` does)
                 cgroup max usage / failcnt / OOM kills read by the driver
            ─► table per mode, raw rows appended to --out
 
@@ -85,6 +86,13 @@ def run_overspill(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
     import overspill
     from overspill.placement.planner import Bandwidths
 
+    from overspill.placement.bandwidth import measure
+
+    # The planner's own probes (memory, the model's files with O_DIRECT, matmul), fresh as `overspill plan` takes
+    # them: this machine's disk drifts 0.9-1.8 GB/s, so a cached probe predicts another day's speed.
+    t0 = time.perf_counter()
+    bw_fresh = measure(model_paths=[a.path], cache=False)
+    probe_s = time.perf_counter() - t0
     io0 = proc_io()
     kw = {"quantize": a.quantize} if a.quantize else {}
     dtype = "auto" if a.worker == "overspill-store" else "bfloat16"
@@ -127,7 +135,9 @@ def run_overspill(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
                      "usage": plan.usage, "ring_slots": plan.ring_slots, "staging_bytes": plan.staging_bytes,
                      "streamed_units": sum(p.tier == "stream" for p in plan.placements),
                      "units": len(plan.placements)}
-        r["predict"] = plan.predict(bw, batch=a.batch)  # with the driver's cached bandwidths
+        r["bw_fresh"], r["probe_s"] = dataclasses.asdict(bw_fresh), probe_s
+        r["predict"] = plan.predict(bw_fresh, batch=a.batch)          # what `overspill plan` prints on this run
+        r["predict_cached"] = plan.predict(bw, batch=a.batch)         # with the driver's cached bandwidths
         if a.disk_gbps:
             r["predict_run_disk"] = plan.predict(dataclasses.replace(bw, disk_gbps=a.disk_gbps), batch=a.batch)
         r["plan_table"] = plan.table(bw)
@@ -288,7 +298,7 @@ def one_run(a: argparse.Namespace, side: str, batch: int, rnd: int, bw, ctx: dic
         row["compute_bound_tok_s"] = ctx["tflops"] * 1e12 / (2 * ctx["params"])
         if row.get("agg_tok_s"):
             row["fraction_of_compute_bound"] = row["agg_tok_s"] / row["compute_bound_tok_s"]
-    for key in ("predict", "predict_run_disk"):
+    for key in ("predict", "predict_cached", "predict_run_disk"):
         p = res.get(key)
         if p and med:
             row[key + "_rel_err"] = abs(p["s_per_token"] - med) / med

@@ -1,6 +1,7 @@
 """Placement planner (pure, sizes only) and a smoke test of the bandwidth probes."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -316,6 +317,10 @@ def test_predict_bounds():
     assert r["bound"] == "compute"
     assert r["s_per_token"] == pytest.approx(2 * 8 * 11 * 10**9 / 2 / 1e9)
     assert r["tokens_per_s"] == pytest.approx(8 / r["s_per_token"])
+    # quantized weights: 1 byte per parameter, which only the units' own parameter counts tell the compute term
+    q = [dataclasses.replace(u, params=u.weight_bytes if u.name != "embed" else 0) for u in units]
+    r = plan_placement(q, {"cpu": 100 * 10**9}).predict(Bandwidths(mem_gbps=40.0, disk_gbps=1.0, matmul_tflops=1e-3), batch=8)
+    assert r["s_per_token"] == pytest.approx(2 * 8 * 11 * 10**9 / 1e9)
 
 
 def test_table_is_readable():

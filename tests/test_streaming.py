@@ -216,6 +216,21 @@ def test_planned_quantized_bytes_match_the_store(ref_dir, tmp_path, variant, sch
 
 
 
+@pytest.mark.parametrize("variant", ["gptj", "gpt_neox_parallel", "llama_gqa", "gpt2"])
+def test_unit_matmul_params_count_the_reference_linears(ref_dir, variant):
+    """The planner's compute term counts each unit's matmul weights from the config: they equal the reference
+    model's 2-D linear weights per block (GPT-2's Conv1D included), and the LM head's."""
+    from overspill.runtime.loader import unit_matmul_params
+    path, ref = ref_dir(variant)
+    cfg = overspill.load(path, dtype="float32").config
+    blocks = [m for m in ref.modules() if isinstance(m, torch.nn.ModuleList)][0]
+    for i, blk in enumerate(blocks):
+        want = sum(p.numel() for n, p in blk.named_parameters() if p.dim() == 2)
+        assert unit_matmul_params(cfg, f"block.{i}") == want, (variant, i)
+    assert unit_matmul_params(cfg, "head") == ref.get_output_embeddings().weight.numel()
+    assert unit_matmul_params(cfg, "embed") == 0
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama_gqa"])   # tied and untied embeddings
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantize_head_on_the_fly(ref_dir, tmp_path, variant, scheme):

@@ -119,6 +119,7 @@ class UnitCost:
     kv_bytes: int = 0               # KV cache for the planned batch x context (0 for embed/head)
     stream_bytes: int | None = None  # bytes read per forward if streamed (default weight_bytes;
     #                                  an embedding gathers only the rows it needs)
+    params: int | None = None       # matmul parameters (2 flops each per token); default weight_bytes / 2
 
     @property
     def read_bytes(self) -> int:
@@ -152,6 +153,7 @@ class Placement:
     weight_bytes: int = 0
     stream_bytes: int = 0
     kv_bytes: int = 0
+    params: int | None = None   # matmul parameters; None: weight_bytes / bytes_per_param in predict
 
 
 _USAGE_KEYS = ("weights", "kv", "staging", "activations", "total")
@@ -212,7 +214,8 @@ class Plan:
 
             t_d = max( (unit bytes + KV computed on d) / mem_bw(d),      mem_bw: mem_gbps for cpu,
                        2 * batch * params(d) / matmul_tflops )                    gpu_mem_gbps else
-        params(d) = weight_bytes of the non-embedding units computed on d / bytes_per_param.
+        params(d) = matmul parameters of the units computed on d (`Placement.params`; where unset,
+        weight_bytes / bytes_per_param of the non-embedding units: wrong for quantized weights).
         Units run one after another, so device times add; streaming runs in a prefetch thread
         (disk) and on the copy engine (h2d), overlapped with compute:
 
@@ -244,7 +247,8 @@ class Plan:
                 mem_s = 0.0
             else:
                 mem_s = nbytes / (gbps * 1e9)
-            flops = 2 * batch * sum(p.weight_bytes for p in on if p.unit != "embed") / bytes_per_param
+            flops = 2 * batch * sum(p.params if p.params is not None else
+                                    (p.weight_bytes / bytes_per_param if p.unit != "embed" else 0) for p in on)
             comp_s = flops / (bw.matmul_tflops * 1e12) if bw.matmul_tflops else 0.0
             if comp_s > mem_s:
                 parts["compute"] += comp_s
@@ -444,7 +448,7 @@ def _build(units, budgets, act, slots, accels, c, s, t, where) -> Plan:
             tier, dev, home = ("resident", "cpu", "cpu") if c == "cpu" else ("stream", c, "cpu")
         else:
             tier, dev, home = "stream", c, "disk"
-        placements.append(Placement(u.name, tier, dev, home, u.weight_bytes, u.read_bytes, u.kv_bytes))
+        placements.append(Placement(u.name, tier, dev, home, u.weight_bytes, u.read_bytes, u.kv_bytes, u.params))
     streams = any(p.tier == "stream" for p in placements)
     slot = max((p.stream_bytes for p in placements if p.tier == "stream"), default=0)
     host_slot = max((p.stream_bytes for p in placements if p.home == "disk"), default=0)

@@ -74,6 +74,14 @@ def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quan
     return total
 
 
+def unit_matmul_params(cfg: ModelConfig, unit: str) -> int:
+    """Weights a token multiplies by in this unit (2 flops each): the block linears, the LM head; 0 for the embedding."""
+    C, F = cfg.hidden_size, cfg.intermediate_size
+    if unit.startswith("block."):
+        return (cfg.q_size + 2 * cfg.kv_size) * C + C * cfg.q_size + (3 if cfg.gated_mlp else 2) * F * C
+    return cfg.vocab_size * C if unit == "head" else 0
+
+
 def _check_quantize_head(quantize: str | None, quantize_head: bool) -> None:
     if quantize_head and not quantize:
         raise OverspillError("--quantize-head / quantize_head=True needs a scheme: add --quantize int8|int4|int8-dynamic|nf4")
@@ -103,8 +111,8 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     from ..placement import UnitCost, plan_placement
 
     kv = reserve.kv_bytes_per_block(cfg, dt)
-    costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head), kv if u.startswith("block.") else 0)
-             for u in units(cfg)]
+    costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head), kv if u.startswith("block.") else 0,
+                      params=unit_matmul_params(cfg, u)) for u in units(cfg)]
     return plan_placement(costs, budgets, activation_bytes=reserve.activation_bytes(cfg, dt), ring_slots=ring_slots)
 
 
