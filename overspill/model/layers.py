@@ -85,6 +85,11 @@ class Step:
     def end(self) -> int:
         return self.start + self.positions.shape[1]
 
+    def rows(self, b0: int, b1: int) -> "Step":
+        """The same step for sequences [b0, b1) of the batch (a micro-batch)."""
+        cut = lambda t: None if t is None else t[b0:b1]
+        return Step(self.positions[b0:b1], self.start, cut(self.cos), cut(self.sin), cut(self.mask), self.causal)
+
     def to(self, device: torch.device) -> "Step":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Step(mv(self.positions), self.start, mv(self.cos), mv(self.sin), mv(self.mask), self.causal)

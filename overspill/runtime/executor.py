@@ -39,6 +39,14 @@ class Executor:
         T = positions.shape[1]
         return make_step(self.cfg, self.rope, positions, cache.length, cache.valid_prefix(cache.length + T), self.dtype)
 
+    def _block(self, w, x: torch.Tensor, step: Step, k: torch.Tensor, v: torch.Tensor, mb: int) -> torch.Tensor:
+        B = x.shape[0]
+        if mb >= B:
+            return block_forward(self.cfg, w, x, step, k, v)
+        # one read of the block's weights serves every micro-batch; activations stay micro-batch sized
+        return torch.cat([block_forward(self.cfg, w, x[b:b + mb], step.rows(b, b + mb), k[b:b + mb], v[b:b + mb])
+                          for b in range(0, B, mb)])
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """ids, positions [B, T] -> float32 logits [B, T or 1, V] on the CPU; appends T slots to the cache."""
@@ -49,11 +57,14 @@ class Executor:
         src.begin_pass()
         x = embed_forward(cfg, src.acquire(0), ids.to(devs[0]), at(0), self.dtype)
         src.release(0)
+        B, T = ids.shape
+        mb = self.reserve.micro_batch(T) if self.reserve is not None else B
         for layer in range(cfg.n_layers):
             i = layer + 1
             if self.multi and x.device != devs[i]:
                 x = x.to(devs[i], non_blocking=True)       # only activations cross devices
-            x = block_forward(cfg, src.acquire(i), x, at(i), cache.k[layer], cache.v[layer])
+            # no local keeps the unit's weights past release: a reader that allocates per fetch would hold one more
+            x = self._block(src.acquire(i), x, at(i), cache.k[layer], cache.v[layer], mb)
             src.release(i)
         if last_only:
             x = x[:, -1:]
