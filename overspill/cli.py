@@ -297,7 +297,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .placement.bandwidth import measure
 
     bw = measure(model_paths=[path], cache=a.cached)   # ~1 s: this machine's speed drifts, so probe by default
-    print(plan.table(bw))
+    print(plan.table(bw, batch=a.max_batch_size))
     return 0
 
 

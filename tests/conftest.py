@@ -33,10 +33,12 @@ MODEL_CLASS = {"GPTJConfig": "GPTJForCausalLM", "GPTNeoXConfig": "GPTNeoXForCaus
                "GPT2Config": "GPT2LMHeadModel", "LlamaConfig": "LlamaForCausalLM"}
 
 
-def build_reference(variant: str, seed: int = 0):
+def build_reference(variant: str, seed: int = 0, layers: int | None = None):
     import transformers
 
     cls_name, kw = VARIANTS[variant]
+    if layers is not None:
+        kw = {**kw, ("n_layer" if "n_layer" in kw else "num_hidden_layers"): layers}
     cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
     torch.manual_seed(seed)
     model = getattr(transformers, MODEL_CLASS[cls_name])(cfg).eval()
@@ -58,12 +60,18 @@ def ref_dir(tmp_path_factory):
     """variant -> (directory with a safetensors checkpoint, the transformers model)."""
     cache = {}
 
-    def get(variant: str):
-        if variant not in cache:
-            model = build_reference(variant)
-            d = tmp_path_factory.mktemp(variant)
+    def get(variant: str, layers: int | None = None):
+        if (variant, layers) not in cache:
+            model = build_reference(variant, layers=layers)
+            d = tmp_path_factory.mktemp(variant if layers is None else f"{variant}-{layers}")
             model.save_pretrained(d, safe_serialization=True)
-            cache[variant] = (str(d), model)
-        return cache[variant]
+            cache[variant, layers] = (str(d), model)
+        return cache[variant, layers]
 
     return get
+
+
+@pytest.fixture
+def deep_dir(ref_dir):
+    """variant -> a 6-block version of it: deep enough that streaming some blocks beats holding them all."""
+    return lambda variant: ref_dir(variant, layers=6)

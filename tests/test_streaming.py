@@ -27,7 +27,7 @@ def _budgets(path, n_resident_blocks):
     w = {u: unit_weight_bytes(ck, cfg, u, torch.float32, None) for u in ["embed", "block.0", "head"]}
     kv = r.kv_bytes_per_block(cfg, torch.float32)
     biggest = max(w.values())
-    fixed = 2 * biggest + cfg.n_layers * kv + r.activation_bytes(cfg, torch.float32)
+    fixed = 3 * biggest + cfg.n_layers * kv + r.activation_bytes(cfg, torch.float32)   # HF dir: ring of 2 + 1
     if n_resident_blocks < 0:
         return fixed
     return fixed + w["embed"] + n_resident_blocks * w["block.0"] + 16
@@ -47,8 +47,8 @@ def _stream_model(path, budget, **kw):
 
 @pytest.mark.parametrize("variant", ALL)
 @pytest.mark.parametrize("resident_blocks", [-1, 0])
-def test_streamed_logits_bitwise_equal_resident(ref_dir, variant, resident_blocks):
-    path, _ = ref_dir(variant)
+def test_streamed_logits_bitwise_equal_resident(deep_dir, variant, resident_blocks):
+    path, _ = deep_dir(variant)
     base = overspill.load(path, dtype="float32")
     m = _stream_model(path, _budgets(path, resident_blocks))
     tiers = [p.tier for p in m.plan.placements]
@@ -63,6 +63,35 @@ def test_streamed_logits_bitwise_equal_resident(ref_dir, variant, resident_block
     prompts = [[5, 6, 7, 8], [9, 10]]
     assert m.generate(prompts, max_new_tokens=12, ignore_eos=True) == \
         base.generate(prompts, max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("variant", ["gptj", "llama_gqa", "gpt2"])
+def test_micro_batches_equal_the_whole_batch(ref_dir, variant, monkeypatch):
+    """Under a budget, a forward over B x T tokens runs each block over micro-batches of micro_tokens // T sequences
+    (the block's weights read once for all of them). Left-padded prompts (per-row masks and positions) give the
+    same logits as the whole batch at once and the same greedy tokens; the activation reserve shrinks with it."""
+    import overspill.runtime.executor as E
+    path, _ = ref_dir(variant)
+    whole = overspill.load(path, dtype="float32", max_memory="cpu=1GiB", max_batch_size=6, max_seq_len=32)
+    micro = overspill.load(path, dtype="float32", max_memory="cpu=1GiB", max_batch_size=6, max_seq_len=32)
+    whole.executor.reserve.micro_tokens = 10**6
+    micro.executor.reserve.micro_tokens = 16                     # prompts of 7 tokens: 2 rows per micro-batch
+    rows = []
+    real = E.block_forward
+    monkeypatch.setattr(E, "block_forward", lambda cfg, w, x, *a: rows.append(tuple(x.shape[:2])) or real(cfg, w, x, *a))
+    prompts = [[5 + i] * (7 - i % 3) for i in range(6)]         # left padding: lengths 7, 6, 5, 7, 6, 5
+    got = micro.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    n = micro.config.n_layers
+    assert rows[:3 * n] == [(2, 7)] * (3 * n)                    # the prompt: 3 micro-batches of 2 per block
+    assert set(rows[3 * n:]) == {(6, 1)}                         # one-token steps: 6 tokens fit in one
+    rows.clear()
+    assert got == whole.generate(prompts, max_new_tokens=6, ignore_eos=True)
+    assert rows[:n] == [(6, 7)] * n
+    ids = torch.randint(3, VOCAB, (6, 7), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(micro.logits(ids), whole.logits(ids), rtol=1e-5, atol=1e-5)
+    cfg = micro.config
+    big, small = Reserve(64, 48, micro_tokens=10**6), Reserve(64, 48, micro_tokens=512)
+    assert small.activation_bytes(cfg, torch.bfloat16) < big.activation_bytes(cfg, torch.bfloat16) / 3
 
 
 @pytest.mark.parametrize("arch", ["GPTJ", "Llama"])
@@ -108,8 +137,8 @@ def test_request_beyond_kv_reserve_is_refused(ref_dir):
         m.generate([[3, 4, 5]] * 4, max_new_tokens=60)
 
 
-def test_stream_recovers_after_an_interrupted_pass(ref_dir):
-    path, _ = ref_dir("gpt_neox_parallel")
+def test_stream_recovers_after_an_interrupted_pass(deep_dir):
+    path, _ = deep_dir("gpt_neox_parallel")
     base = overspill.load(path, dtype="float32")
     m = _stream_model(path, _budgets(path, 0))
     src = m.executor.source
@@ -119,9 +148,9 @@ def test_stream_recovers_after_an_interrupted_pass(ref_dir):
     assert torch.equal(m.logits(ids), base.logits(ids))
 
 
-def test_streamed_read_error_names_the_file(ref_dir, tmp_path):
+def test_streamed_read_error_names_the_file(deep_dir, tmp_path):
     import shutil
-    src, _ = ref_dir("gpt2")
+    src, _ = deep_dir("gpt2")
     d = tmp_path / "m"
     shutil.copytree(src, d)
     m = _stream_model(str(d), _budgets(str(d), 0))
@@ -164,16 +193,16 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["gptj", "llama_tied", "gpt2"])
-def test_layer_store_resident_and_streamed_equal_hf(ref_dir, tmp_path, variant):
+def test_layer_store_resident_and_streamed_equal_hf(deep_dir, tmp_path, variant):
     from overspill.checkpoint.store import convert
 
-    path, _ = ref_dir(variant)
+    path, _ = deep_dir(variant)
     store = convert(path, str(tmp_path / "store"), dtype="float32", progress=False)
     base = overspill.load(path, dtype="float32")
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     want = base.logits(ids)
     assert torch.equal(overspill.load(store).logits(ids), want)
-    streamed = overspill.load(store, max_memory={"cpu": _budgets(path, -1)}, max_seq_len=64)
+    streamed = overspill.load(store, max_memory={"cpu": _minimum_budget(store)}, max_seq_len=64)
     assert {p.tier for p in streamed.plan.placements} == {"stream"}
     assert torch.equal(streamed.logits(ids), want)
     assert streamed.generate([[4, 5, 6]], max_new_tokens=8, ignore_eos=True) == \

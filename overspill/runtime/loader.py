@@ -19,23 +19,34 @@ from .streaming import HFUnitReader, StoreUnitReader, StreamingSource, dense_str
 
 @dataclass
 class Reserve:
-    """What the runtime must hold besides weights, for the largest request it will accept."""
+    """What the runtime must hold besides weights, for the largest request it will accept.
+
+    A forward over B sequences of T tokens runs each block over micro-batches of max(1, micro_tokens // T)
+    sequences (FlexGen's block schedule: the block's weights serve every micro-batch before the next block), so
+    a large prompt batch needs activations for about micro_tokens tokens, not B x T."""
     max_batch: int = 1
     max_seq_len: int = 1024
+    micro_tokens: int = 1024
 
     def kv_bytes_per_block(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         return KVCache.nbytes_for(cfg, self.max_batch, self.max_seq_len, dtype) // cfg.n_layers
 
-    def activation_bytes(self, cfg: ModelConfig, dtype: torch.dtype, prefill_chunk: int | None = None) -> int:
-        """Peak transient tensors of one block over a (B, T) chunk: residual, norm output, qkv,
-        attention output and scores, MLP hidden (x2 for a gated MLP), fp32 last-token logits."""
-        T = min(self.max_seq_len, prefill_chunk or self.max_seq_len)
-        tok = self.max_batch * T
+    def micro_batch(self, T: int) -> int:
+        """Sequences per micro-batch for a forward over T new tokens."""
+        return max(1, self.micro_tokens // max(1, T))
+
+    def activation_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Peak transient tensors of one block over the largest micro-batch (rows x T tokens, T up to max_seq_len):
+        residual, norm output, qkv, attention output and scores, MLP hidden (x2 for a gated MLP), plus the whole
+        batch's hidden state and fp32 last-token logits."""
+        L = self.max_seq_len
+        tok = max(min(self.max_batch * L, self.micro_tokens), L)     # rows * T over every T <= L
         es = torch.empty((), dtype=dtype).element_size()
         per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
-        scores = self.max_batch * cfg.n_heads * T * self.max_seq_len * 4 if T > 1 else 0
+        scores = tok * cfg.n_heads * L * 4 if L > 1 else 0
+        batch_x = 2 * self.max_batch * L * cfg.hidden_size * es       # the batch's hidden state, in and out
         logits = self.max_batch * cfg.vocab_size * 4 * 2
-        return tok * per_tok + scores + logits
+        return tok * per_tok + scores + batch_x + logits
 
 
 def _es(dtype: torch.dtype) -> int:
@@ -108,7 +119,14 @@ def open_source(path: str, dtype, quantize: str | None):
 
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
               reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False):
+    """The placement for this source. Streaming straight from a Hugging Face directory holds one more unit than
+    the ring: a fetch reads the unit's raw tensors and fuses them (qkv, gate/up) into new ones, while the other
+    slot's unit stays alive, so the plan counts ring_slots + 1 staging slots there (a layer store reads into the
+    preallocated slots, already fused)."""
     from ..placement import UnitCost, plan_placement
+
+    if not hasattr(src, "unit_bytes"):   # an HFCheckpoint, not a LayerStore
+        ring_slots += 1
 
     kv = reserve.kv_bytes_per_block(cfg, dt)
     costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head), kv if u.startswith("block.") else 0,
