@@ -91,3 +91,27 @@ def test_peak_rss_while_loading_stays_near_model_size(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grown = r["peak"] - r["base"]
     assert grown < 1.45 * model_bytes, f"peak grew {grown / 1e6:.1f} MB for a {model_bytes / 1e6:.1f} MB model"
+
+
+@pytest.mark.parametrize("threshold", [1 << 30, 1])
+def test_large_tensors_read_with_o_direct_equal_safetensors(tmp_path, monkeypatch, threshold):
+    """Large tensors are read with O_DIRECT into an aligned buffer (a view at the tensor's offset inside it);
+    every offset and dtype, including ones whose offset does not suit O_DIRECT's alignment for the dtype (buffered
+    fallback), reads what safetensors reads. threshold 1 takes the O_DIRECT path for every tensor."""
+    from safetensors.torch import load_file, save_file
+    import overspill.checkpoint.safetensors_io as S
+    monkeypatch.setattr(S, "DIRECT_MIN", threshold)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a_odd": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),   # shifts later offsets
+               "b_big": torch.randn(1100, 1000, generator=g),                           # 4.4 MB fp32
+               "c_bf16": torch.randn(777, 333, generator=g).to(torch.bfloat16),
+               "d_i64": torch.arange(5000), "e_small": torch.randn(7, generator=g)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    want = load_file(path)
+    f = S.SafetensorsFile(path)
+    for name in tensors:
+        got = f.read(name)
+        assert got.dtype == want[name].dtype and torch.equal(got, want[name]), name
+    assert f._direct is None if threshold > 1 else f._direct is not None
+    f.close()

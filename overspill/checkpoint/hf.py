@@ -152,12 +152,25 @@ class HFCheckpoint:
         return self.read_unit_except(unit, dtype)
 
     def read_unit_except(self, unit: str, dtype: torch.dtype, *skip: str) -> dict[str, torch.Tensor]:
+        return self.finish(unit, self.read_unit_raw(unit, dtype, *skip))
+
+    def read_unit_raw(self, unit: str, dtype: torch.dtype, *skip: str) -> dict[str, torch.Tensor]:
+        """The unit's tensors as stored (raw canonical names, in ``dtype``), before the family's transforms."""
+        names = {h: c for h, c in self.unit_names(unit).items() if c not in skip}
+        by_file: dict[str, list[str]] = {}
+        for h in names:
+            by_file.setdefault(self._where[h], []).append(h)
         raw = {}
-        for hf_name, canon in self.unit_names(unit).items():
-            if canon in skip:
-                continue
-            t = self.read(hf_name)
-            raw[canon] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        for fname, hs in by_file.items():   # a safetensors file reads all of them at once (parallel, O_DIRECT)
+            f = self._files[fname]
+            got = f.read_many(hs) if isinstance(f, SafetensorsFile) else {h: f.read(h) for h in hs}
+            for h in hs:
+                t = got[h]
+                raw[names[h]] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+        return raw
+
+    def finish(self, unit: str, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """read_unit_raw's tensors -> the canonical unit (fused, converted, shape-checked)."""
         return finish_unit(self.family, self.config, unit, raw, self.resolver.sources(unit), self.path)
 
 

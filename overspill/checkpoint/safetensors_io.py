@@ -18,6 +18,8 @@ import json
 import math
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +95,19 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, path: str = "?") -> None
         done += n
 
 
+DIRECT_MIN = 4 << 20   # tensors this large are read with O_DIRECT
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(4, thread_name_prefix="overspill-read")
+    return _POOL
+
+
 class SafetensorsFile:
     """One .safetensors file: validated header, tensors read on demand into fresh memory."""
 
@@ -100,6 +115,7 @@ class SafetensorsFile:
         self.path = path
         self.tensors, self.metadata = read_header(path)
         self._fd: int | None = None
+        self._direct = None   # DirectFile once opened; False where the filesystem refuses O_DIRECT
 
     @property
     def fd(self) -> int:
@@ -107,9 +123,11 @@ class SafetensorsFile:
             self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None, buffered: bool = False) -> torch.Tensor:
         info = self.tensors[name]
         if out is None:
+            if not buffered and info.nbytes >= DIRECT_MIN:
+                return self.read_many([name])[name]
             out = torch.empty(info.shape, dtype=info.dtype)
         assert out.is_contiguous() and out.numel() * out.element_size() == info.nbytes
         pread_into(self.fd, out, info.offset, self.path)
@@ -117,10 +135,51 @@ class SafetensorsFile:
             os.posix_fadvise(self.fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Several tensors; the large ones read with O_DIRECT together (see _direct_requests)."""
+        out, reqs = {}, []
+        if self._direct is not False:
+            for name in names:
+                r = self._direct_request(self.tensors[name]) if self.tensors[name].nbytes >= DIRECT_MIN else None
+                if r is not None:
+                    out[name] = r[0]
+                    reqs.append(r[1])
+        if reqs:
+            self._direct.read_many(reqs, _io_pool())
+        for name in names:
+            if name not in out:
+                out[name] = self.read(name, buffered=True)
+        return out
+
+    def _direct_request(self, info: TensorInfo):
+        """(tensor, (aligned buffer, aligned offset, span)) to read a large tensor with O_DIRECT into an aligned
+        buffer, the tensor a view at its offset within the 4 KiB-aligned span (at most 8 KiB more): no page-cache
+        copy, and several readers in flight (this virtual disk: ~1.5x one buffered reader). None where O_DIRECT is
+        unavailable or the offset does not suit the dtype."""
+        from ..runtime.io import ALIGN, DirectFile, aligned_buffer
+
+        item = torch.empty((), dtype=info.dtype).element_size()
+        lead = info.offset % ALIGN
+        if lead % item:
+            return None
+        if self._direct is None:
+            f = DirectFile(self.path, direct=True)
+            if not f.direct:
+                f.close()
+                self._direct = False
+                return None
+            self._direct = f
+        span = -(-(lead + info.nbytes) // ALIGN) * ALIGN
+        buf = aligned_buffer(span)
+        return buf[lead:lead + info.nbytes].view(info.dtype).view(info.shape), (buf, info.offset - lead, span)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._direct:
+            self._direct.close()
+        self._direct = None
 
     def __del__(self):
         try:

@@ -68,19 +68,28 @@ class DirectFile:
 
         For O_DIRECT the read is widened to ALIGN boundaries; ``buf`` must then start at an
         aligned offset position (callers pass offsets that are multiples of ALIGN)."""
-        if self.direct and offset % ALIGN:
-            raise CheckpointError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
-        span = -(-nbytes // ALIGN) * ALIGN if self.direct else nbytes
-        span = min(span, buf.numel())
-        mv = memoryview(buf.numpy())[:span]
-        pieces = [(i, min(chunk, span - i)) for i in range(0, span, chunk)]
+        self.read_many([(buf, offset, nbytes)], pool, chunk)
+
+    def read_many(self, requests: list[tuple[torch.Tensor, int, int]], pool: ThreadPoolExecutor | None = None,
+                  chunk: int = 8 << 20) -> None:
+        """read_into for several (buf, offset, nbytes) at once: all their chunks go to the pool together, so the
+        disk keeps several reads in flight across tensor boundaries (one tensor at a time drains the queue at
+        each tensor's end)."""
+        pieces = []
+        for buf, offset, nbytes in requests:
+            if self.direct and offset % ALIGN:
+                raise CheckpointError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
+            span = min(-(-nbytes // ALIGN) * ALIGN if self.direct else nbytes, buf.numel())
+            mv = memoryview(buf.numpy())[:span]
+            pieces += [(mv[i:i + chunk], offset + i) for i in range(0, span, chunk)]
         if pool is None or len(pieces) == 1:
-            for i, n in pieces:
-                self._pread(mv[i:i + n], offset + i)
+            for mv, off in pieces:
+                self._pread(mv, off)
         else:
-            list(pool.map(lambda p: self._pread(mv[p[0]:p[0] + p[1]], offset + p[0]), pieces))
+            list(pool.map(lambda p: self._pread(*p), pieces))
         if not self.direct:
-            evict(self.fd, offset, nbytes)
+            for _, offset, nbytes in requests:
+                evict(self.fd, offset, nbytes)
 
     def close(self) -> None:
         os.close(self.fd)

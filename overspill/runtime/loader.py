@@ -176,7 +176,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         else:
             reader = HFUnitReader(src, dt)
             qmake = make_linear if quantize else dense_streamed
-            make_w = lambda unit, t: bind(cfg, unit, t, qmake)
+            make_w = lambda unit, t: bind(cfg, unit, src.finish(unit, t), qmake)
         source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots)
     else:
         source = ResidentSource([resident[i] for i in range(len(names))])

@@ -65,7 +65,9 @@ class HFUnitReader:
         return 0
 
     def fetch(self, unit: str, slot: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        return self.ckpt.read_unit(unit, self.dtype)   # each tensor read is evicted from the page cache
+        # raw tensors only (O_DIRECT or evicted from the page cache): the family's transforms (qkv fusion, rotary
+        # layout) run where the unit is built, on the compute thread, overlapping the next read
+        return self.ckpt.read_unit_raw(unit, self.dtype)
 
 
 class StoreUnitReader:
