@@ -93,25 +93,52 @@ def test_peak_rss_while_loading_stays_near_model_size(tmp_path):
     assert grown < 1.45 * model_bytes, f"peak grew {grown / 1e6:.1f} MB for a {model_bytes / 1e6:.1f} MB model"
 
 
+def _write_safetensors(path, tensors):
+    """A safetensors file in the given tensor order (the library sorts by dtype; offsets here are what we choose)."""
+    import struct
+    names = {torch.uint8: "U8", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, off = {}, [], 0
+    for name, t in tensors.items():
+        b = t.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header).encode()
+    h += b" " * (-(8 + len(h)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
 @pytest.mark.parametrize("threshold", [1 << 30, 1])
 def test_large_tensors_read_with_o_direct_equal_safetensors(tmp_path, monkeypatch, threshold):
-    """Large tensors are read with O_DIRECT into an aligned buffer (a view at the tensor's offset inside it);
-    every offset and dtype, including ones whose offset does not suit O_DIRECT's alignment for the dtype (buffered
-    fallback), reads what safetensors reads. threshold 1 takes the O_DIRECT path for every tensor."""
-    from safetensors.torch import load_file, save_file
+    """Large tensors are read with O_DIRECT into an aligned buffer (a view at the tensor's offset inside it); every
+    tensor reads what safetensors reads, also one whose offset does not suit its dtype (3 bytes after the data start:
+    the buffered fallback). threshold 1 takes the O_DIRECT path wherever it can. A file that shrinks after it was
+    opened fails with its name, not with uninitialised bytes."""
+    from safetensors.torch import load_file
     import overspill.checkpoint.safetensors_io as S
+    from overspill.runtime.io import DirectFile
     monkeypatch.setattr(S, "DIRECT_MIN", threshold)
     g = torch.Generator().manual_seed(0)
-    tensors = {"a_odd": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),   # shifts later offsets
-               "b_big": torch.randn(1100, 1000, generator=g),                           # 4.4 MB fp32
+    tensors = {"a_odd": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),   # shifts the next offset by 3
+               "b_f32_unaligned": torch.randn(1100, 1000, generator=g),                 # 4.4 MB at data offset 3
+               "p_pad": torch.zeros(1, dtype=torch.uint8),
                "c_bf16": torch.randn(777, 333, generator=g).to(torch.bfloat16),
-               "d_i64": torch.arange(5000), "e_small": torch.randn(7, generator=g)}
+               "d_i64": torch.arange(5000)}
     path = str(tmp_path / "m.safetensors")
-    save_file(tensors, path)
+    _write_safetensors(path, tensors)
     want = load_file(path)
     f = S.SafetensorsFile(path)
     for name in tensors:
         got = f.read(name)
         assert got.dtype == want[name].dtype and torch.equal(got, want[name]), name
-    assert f._direct is None if threshold > 1 else f._direct is not None
+    if threshold > 1:
+        assert f._direct is None
+        return
+    if f._direct is False:
+        pytest.skip("this filesystem refuses O_DIRECT (the buffered path was tested above)")
+    assert isinstance(f._direct, DirectFile) and f._direct.direct
+    os.truncate(path, os.path.getsize(path) - 100)                          # d_i64's last bytes are gone
+    with pytest.raises(overspill.CheckpointError, match="m.safetensors.*end of file"):
+        f.read("d_i64")
     f.close()

@@ -322,3 +322,18 @@ def test_resident_units_hold_no_more_than_their_bytes(ref_dir, tmp_path, scheme)
         for w in m.executor.source.weights:
             counted = weights_nbytes(w)
             assert _held_storage_bytes(w) <= 1.3 * counted + 4096, (type(w).__name__, counted)
+
+
+def test_tied_store_head_counts_the_embedding_table(ref_dir, tmp_path):
+    """A tied layer store's head holds no LM weight: placed apart from the embedding it reads and keeps its own copy
+    of the table, so the plan counts the table in the head (a quantized head is its own weight: nothing added)."""
+    from overspill.checkpoint.store import LayerStore, convert
+    from overspill.runtime.loader import make_plan
+
+    path, _ = ref_dir("gpt2")
+    for scheme, head_extra in ((None, True), ("int8", False)):
+        store = LayerStore(convert(path, str(tmp_path / f"s-{scheme}"), dtype="float32", quantize=scheme,
+                                   quantize_head=scheme is not None, progress=False))
+        plan = make_plan(store, store.config, store.dtype, scheme, {"cpu": 1 << 30}, Reserve(1, 64))
+        want = store.unit_bytes("head") + (store.unit_bytes("embed") if head_extra else 0)
+        assert plan.placement("head").weight_bytes == plan.placement("head").stream_bytes == want, scheme

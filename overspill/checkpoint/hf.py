@@ -161,11 +161,15 @@ class HFCheckpoint:
         for h in names:
             by_file.setdefault(self._where[h], []).append(h)
         raw = {}
-        for fname, hs in by_file.items():   # a safetensors file reads all of them at once (parallel, O_DIRECT)
+        for fname, hs in by_file.items():
             f = self._files[fname]
-            got = f.read_many(hs) if isinstance(f, SafetensorsFile) else {h: f.read(h) for h in hs}
-            for h in hs:
-                t = got[h]
+            if isinstance(f, SafetensorsFile) and all(f.tensors[h].dtype == dtype or not f.tensors[h].dtype.is_floating_point
+                                                      for h in hs):
+                got = f.read_many(hs)       # all at once (parallel, O_DIRECT): no conversion, no extra copy
+                raw.update((names[h], got.pop(h)) for h in hs)
+                continue
+            for h in hs:                    # one tensor at a time: its stored-dtype copy dies once converted
+                t = f.read(h)
                 raw[names[h]] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
         return raw
 

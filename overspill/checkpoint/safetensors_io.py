@@ -136,7 +136,7 @@ class SafetensorsFile:
         return out
 
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Several tensors; the large ones read with O_DIRECT together (see _direct_requests)."""
+        """Several tensors; the large ones read with O_DIRECT together (see _direct_request)."""
         out, reqs = {}, []
         if self._direct is not False:
             for name in names:
@@ -152,7 +152,7 @@ class SafetensorsFile:
         return out
 
     def _direct_request(self, info: TensorInfo):
-        """(tensor, (aligned buffer, aligned offset, span)) to read a large tensor with O_DIRECT into an aligned
+        """(tensor, (aligned buffer, aligned offset, bytes needed from there)) to read a large tensor with O_DIRECT into an aligned
         buffer, the tensor a view at its offset within the 4 KiB-aligned span (at most 8 KiB more): no page-cache
         copy, and several readers in flight (this virtual disk: ~1.5x one buffered reader). None where O_DIRECT is
         unavailable or the offset does not suit the dtype."""
@@ -171,7 +171,7 @@ class SafetensorsFile:
             self._direct = f
         span = -(-(lead + info.nbytes) // ALIGN) * ALIGN
         buf = aligned_buffer(span)
-        return buf[lead:lead + info.nbytes].view(info.dtype).view(info.shape), (buf, info.offset - lead, span)
+        return buf[lead:lead + info.nbytes].view(info.dtype).view(info.shape), (buf, info.offset - lead, lead + info.nbytes)
 
     def close(self) -> None:
         if self._fd is not None:

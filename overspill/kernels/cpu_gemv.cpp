@@ -715,8 +715,9 @@ void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64
   uint8_t* base = buf.data_ptr<uint8_t>();
   const int64_t S = buf.numel() / SB;
   const uint8_t f = (uint8_t)flip;
-  if (E == 4) return stripes_of<uint32_t>(base, S, R, G, 0x01010101u * f);
-  if (E == 2) return stripes_of<uint16_t>(base, S, R, G, (uint16_t)(0x0101u * f));
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base);   // element moves need element-aligned stripes
+  if (E == 4 && addr % 4 == 0) return stripes_of<uint32_t>(base, S, R, G, 0x01010101u * f);
+  if (E == 2 && addr % 2 == 0) return stripes_of<uint16_t>(base, S, R, G, (uint16_t)(0x0101u * f));
   at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
     std::vector<uint8_t> tmp(SB);
     for (int64_t st = s0; st < s1; st++) {

@@ -17,8 +17,9 @@ Tiers, in the order units fill them (execution order is kept, accelerate's seque
 * Everything left is streamed from disk (tier "stream", home "disk").
 * CPU-only plans (no accelerator budget) instead read the fewest bytes from disk per forward: the
   embedding and head are placed freely, the blocks as a resident prefix and a streamed rest. A big
-  head kept resident shrinks every staging slot to a block's size, and an embedding that streams
-  only its rows costs almost nothing to stream.
+  head kept resident shrinks every staging slot to a block's size, and an embedding whose
+  `stream_bytes` are only its rows would cost almost nothing to stream (the loader reads whole units
+  today, so it does not claim that).
 * Streamed units compute on the compute device: `compute_device`, else the last accelerator whose
   budget has room for the staging ring, else the CPU. It holds the staging ring
   (`ring_slots` x the largest streamed unit's `stream_bytes`), the KV cache of every unit it
@@ -123,7 +124,7 @@ class UnitCost:
     kv_bytes: int = 0               # KV cache for the planned batch x context (0 for embed/head)
     stream_bytes: int | None = None  # bytes read per forward if streamed (default weight_bytes;
     #                                  an embedding gathers only the rows it needs)
-    params: int | None = None       # matmul parameters (2 flops each per token); default weight_bytes / 2
+    params: int | None = None       # matmul parameters (2 flops each per token); None: weight_bytes / bytes_per_param
 
     @property
     def read_bytes(self) -> int:

@@ -43,9 +43,12 @@ class Executor:
         B = x.shape[0]
         if mb >= B:
             return block_forward(self.cfg, w, x, step, k, v)
-        # one read of the block's weights serves every micro-batch; activations stay micro-batch sized
-        return torch.cat([block_forward(self.cfg, w, x[b:b + mb], step.rows(b, b + mb), k[b:b + mb], v[b:b + mb])
-                          for b in range(0, B, mb)])
+        # one read of the block's weights serves every micro-batch; activations stay micro-batch sized, and the
+        # outputs go straight into one batch-sized tensor (the reserve counts the input and this output)
+        out = torch.empty_like(x)
+        for b in range(0, B, mb):
+            out[b:b + mb] = block_forward(self.cfg, w, x[b:b + mb], step.rows(b, b + mb), k[b:b + mb], v[b:b + mb])
+        return out
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:

@@ -45,7 +45,10 @@ class DirectFile:
             self.fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self.fd).st_size
 
-    def _pread(self, mv: memoryview, offset: int) -> None:
+    def _pread(self, mv: memoryview, offset: int, need_end: int | None = None) -> None:
+        """Fill mv from offset. End of file is accepted only at or past need_end (the bytes the caller needs: an
+        O_DIRECT read is rounded up past them); the file's size when opened stands in where it is not given."""
+        need_end = self.size if need_end is None else need_end
         done = 0
         while done < len(mv):
             try:
@@ -57,7 +60,7 @@ class DirectFile:
                 else:
                     raise CheckpointError(f"{self.path}: read failed at byte {offset + done} ({e.strerror})") from None
             if n <= 0:
-                if offset + done >= self.size:       # O_DIRECT reads are rounded past EOF
+                if offset + done >= need_end:        # O_DIRECT reads are rounded past the needed bytes
                     return
                 raise CheckpointError(f"{self.path}: unexpected end of file at byte {offset + done}")
             done += n
@@ -81,10 +84,10 @@ class DirectFile:
                 raise CheckpointError(f"{self.path}: O_DIRECT read at unaligned offset {offset}")
             span = min(-(-nbytes // ALIGN) * ALIGN if self.direct else nbytes, buf.numel())
             mv = memoryview(buf.numpy())[:span]
-            pieces += [(mv[i:i + chunk], offset + i) for i in range(0, span, chunk)]
+            pieces += [(mv[i:i + chunk], offset + i, offset + nbytes) for i in range(0, span, chunk)]
         if pool is None or len(pieces) == 1:
-            for mv, off in pieces:
-                self._pread(mv, off)
+            for p in pieces:
+                self._pread(*p)
         else:
             list(pool.map(lambda p: self._pread(*p), pieces))
         if not self.direct:

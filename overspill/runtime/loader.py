@@ -129,8 +129,18 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
         ring_slots += 1
 
     kv = reserve.kv_bytes_per_block(cfg, dt)
-    costs = [UnitCost(u, unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head), kv if u.startswith("block.") else 0,
-                      params=unit_matmul_params(cfg, u)) for u in units(cfg)]
+    costs = []
+    for u in units(cfg):
+        w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head)
+        # what a streamed fetch reads and holds: an HF directory quantizing on the fly reads the stored weights
+        read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not hasattr(src, "unit_bytes") else w
+        if u == "head" and cfg.tie_embeddings and hasattr(src, "tensor_names") and \
+                not any(n == "lm.weight" or n.startswith("lm.q.") for n in src.tensor_names(u)):
+            # a tied store's head multiplies by the embedding table: resident or streamed beside a streamed
+            # embedding, it reads and holds its own copy (over-counted by the table when the embedding is resident)
+            table = src.unit_bytes("embed")
+            w, read = w + table, read + table
+        costs.append(UnitCost(u, w, kv if u.startswith("block.") else 0, read, params=unit_matmul_params(cfg, u)))
     return plan_placement(costs, budgets, activation_bytes=reserve.activation_bytes(cfg, dt), ring_slots=ring_slots)
 
 

@@ -12,7 +12,8 @@
 
 The reader walks the streamed units cyclically, so while the last blocks and the head of
 token t run, the first streamed blocks of token t+1 are already being read. Memory held:
-``ring_slots`` x the largest streamed unit, allocated once; nothing else grows per token.
+``ring_slots`` x the largest streamed unit (a layer store: allocated once; an HF directory: allocated per fetch,
+plus one unit's transform copies, which the plan counts as one more slot); nothing else grows per token.
 """
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ class UnitReader(Protocol):
         """Staging-buffer bytes this unit needs (0: the reader allocates per fetch)."""
 
     def fetch(self, unit: str, slot: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The unit's canonical tensors (views into ``slot`` where the reader uses one)."""
+        """The unit's tensors as the loader's make_weights takes them (views into ``slot`` where the reader uses
+        one; an HF directory's raw tensors, before the family's transforms)."""
 
 
 def dense_streamed(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
