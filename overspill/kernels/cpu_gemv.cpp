@@ -163,6 +163,8 @@ inline __m512 bf16x16_to_f32(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+inline __m512 exp_ps(__m512 x);
+
 torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                           double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU kernels need CPU tensors");
@@ -203,20 +205,37 @@ torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10
         const int64_t h = j * g + hq;
         const uint16_t* Q = qp + (b * nh + h) * hs;
         float mx = -INFINITY;
-        for (int64_t t = 0; t < S; t++) {
-          if (vp && !vp[b * S + t]) { s[t] = -INFINITY; continue; }
-          __m512 a = _mm512_setzero_ps();
+        // scores, 4 keys at a time: independent accumulators and reductions (one key at a time waited on each
+        // horizontal sum's latency)
+        for (int64_t t0 = 0; t0 < S; t0 += 4) {
+          const int64_t nt = std::min<int64_t>(4, S - t0);
+          __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
           for (int64_t d = 0; d < hs; d += 32) {
             const int64_t n = std::min<int64_t>(32, hs - d);
             const __mmask32 m = n == 32 ? 0xFFFFFFFFu : ((1u << n) - 1);
-            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(m, K + t * kt + d),
-                                 (__m512bh)_mm512_maskz_loadu_epi16(m, Q + d));
+            const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(m, Q + d);
+            for (int64_t u = 0; u < nt; u++)
+              a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_maskz_loadu_epi16(m, K + (t0 + u) * kt + d), qv);
           }
-          s[t] = _mm512_reduce_add_ps(a) * sc;
-          mx = std::max(mx, s[t]);
+          for (int64_t u = 0; u < nt; u++) {
+            const int64_t t = t0 + u;
+            s[t] = (vp && !vp[b * S + t]) ? -INFINITY : _mm512_reduce_add_ps(a[u]) * sc;
+            mx = std::max(mx, s[t]);
+          }
         }
-        float den = 0.f;
-        for (int64_t t = 0; t < S; t++) { s[t] = (s[t] == -INFINITY) ? 0.f : std::exp(s[t] - mx); den += s[t]; }
+        // softmax numerators 16 keys at a time (masked keys: exactly 0)
+        __m512 dv = _mm512_setzero_ps();
+        const __m512 mxv = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+        for (int64_t t = 0; t < S; t += 16) {
+          const int64_t n = std::min<int64_t>(16, S - t);
+          const __mmask16 m = n == 16 ? 0xFFFF : (__mmask16)((1u << n) - 1);
+          const __m512 x = _mm512_mask_loadu_ps(ninf, m, s.data() + t);
+          const __mmask16 live = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+          const __m512 e = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(x, mxv)));
+          _mm512_mask_storeu_ps(s.data() + t, m, e);
+          dv = _mm512_add_ps(dv, e);
+        }
+        const float den = mx == -INFINITY ? 0.f : _mm512_reduce_add_ps(dv);
         const float inv = den > 0.f ? 1.f / den : 0.f;
         for (int64_t c = 0; c < nv; c++) acc[c] = _mm512_setzero_ps();
         for (int64_t t = 0; t < S; t++) {
