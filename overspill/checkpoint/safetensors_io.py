@@ -18,8 +18,6 @@ import json
 import math
 import os
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -96,16 +94,6 @@ def pread_into(fd: int, buf: torch.Tensor, offset: int, path: str = "?") -> None
 
 
 DIRECT_MIN = 4 << 20   # tensors this large are read with O_DIRECT
-_POOL = None
-_POOL_LOCK = threading.Lock()
-
-
-def _io_pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(4, thread_name_prefix="overspill-read")
-    return _POOL
 
 
 class SafetensorsFile:
@@ -145,7 +133,8 @@ class SafetensorsFile:
                     out[name] = r[0]
                     reqs.append(r[1])
         if reqs:
-            self._direct.read_many(reqs, _io_pool())
+            from ..runtime.io import read_pool
+            self._direct.read_many(reqs, read_pool())
         for name in names:
             if name not in out:
                 out[name] = self.read(name, buffered=True)
@@ -158,9 +147,8 @@ class SafetensorsFile:
         unavailable or the offset does not suit the dtype."""
         from ..runtime.io import ALIGN, DirectFile, aligned_buffer
 
-        item = torch.empty((), dtype=info.dtype).element_size()
         lead = info.offset % ALIGN
-        if lead % item:
+        if lead % info.dtype.itemsize:
             return None
         if self._direct is None:
             f = DirectFile(self.path, direct=True)

@@ -4,6 +4,7 @@ and ~1.6 GB/s to eight), and page-cache eviction for buffered reads."""
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -11,6 +12,20 @@ import torch
 from ..errors import CheckpointError
 
 ALIGN = 4096
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def read_pool() -> ThreadPoolExecutor:
+    """The process's reader threads (4): every parallel chunked read (layer-store units, large safetensors tensors)
+    goes through them."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(4, thread_name_prefix="overspill-io")
+    return _POOL
 
 
 def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:

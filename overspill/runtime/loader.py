@@ -125,7 +125,8 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     preallocated slots, already fused)."""
     from ..placement import UnitCost, plan_placement
 
-    if not hasattr(src, "unit_bytes"):   # an HFCheckpoint, not a LayerStore
+    is_store = hasattr(src, "unit_bytes")   # a LayerStore, not an HFCheckpoint
+    if not is_store:
         ring_slots += 1
 
     kv = reserve.kv_bytes_per_block(cfg, dt)
@@ -133,8 +134,8 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     for u in units(cfg):
         w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head)
         # what a streamed fetch reads and holds: an HF directory quantizing on the fly reads the stored weights
-        read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not hasattr(src, "unit_bytes") else w
-        if u == "head" and cfg.tie_embeddings and hasattr(src, "tensor_names") and \
+        read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not is_store else w
+        if u == "head" and cfg.tie_embeddings and is_store and \
                 not any(n == "lm.weight" or n.startswith("lm.q.") for n in src.tensor_names(u)):
             # a tied store's head multiplies by the embedding table: resident or streamed beside a streamed
             # embedding, it reads and holds its own copy (over-counted by the table when the embedding is resident)

@@ -22,7 +22,6 @@ import queue
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 import torch
@@ -30,7 +29,7 @@ import torch
 from ..config import ModelConfig
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
-from .io import ALIGN, DirectFile, aligned_buffer
+from .io import ALIGN, DirectFile, aligned_buffer, read_pool
 
 
 class UnitReader(Protocol):
@@ -75,9 +74,8 @@ class HFUnitReader:
 class StoreUnitReader:
     """One large (parallel, O_DIRECT) read per unit from a layer store into a staging slot."""
 
-    def __init__(self, store, threads: int = 4, direct: bool = True):
+    def __init__(self, store, direct: bool = True):
         self.store = store
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="overspill-io") if threads > 1 else None
         self.files: dict[str, DirectFile] = {}
         self.direct = direct
 
@@ -92,7 +90,7 @@ class StoreUnitReader:
         if f is None:
             f = self.files[unit] = DirectFile(self.store.unit_file(unit), self.direct)
         off, n = self.store.unit_span(unit)
-        f.read_into(slot, off, n, self.pool)
+        f.read_into(slot, off, n, read_pool())
         return self.store.views(unit, slot[:n])
 
 
