@@ -372,3 +372,28 @@ def test_bandwidth_probes_smoke(tmp_path):
         d = bandwidth.disk_read_gbps(str(f), **kw)
         assert d > 0 and math.isfinite(d)
     assert bandwidth.disk_read_gbps([f, f], max_bytes=100) > 0
+
+
+@pytest.mark.parametrize("skip", [0, 4096, 3 * 4096 + 100, 20 * 4096, 11 * 4096, 10 ** 9])
+def test_disk_probe_segments_cover_the_region_after_skip(tmp_path, skip):
+    """The disk probe's pieces cover `max_bytes` of the concatenated files from `skip` on, each byte once, at aligned
+    in-file offsets (measure() probes distinct regions so a host-side cache cannot serve a re-read)."""
+    from overspill.placement import bandwidth
+    sizes = [9 * 4096 + 5, 4096, 15 * 4096]
+    paths = []
+    for i, n in enumerate(sizes):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x" * n)
+        paths.append(str(p))
+    concat = [(p, o) for p, n in zip(paths, sizes) for o in range(n)]
+    start = len(concat)
+    if skip < len(concat):   # the aligned offset at or before `skip` within the file where it falls
+        p, o = concat[skip]
+        start = concat.index((p, o // 4096 * 4096))
+    want = concat[start:start + 12 * 4096]
+    segs = bandwidth._segments(paths, 12 * 4096, 3, skip)
+    got = [(p, o) for piece in segs for p, off, n in piece for o in range(off, off + n)]
+    assert got == want
+    assert all(off % 4096 == 0 for piece in segs for _, off, _ in piece) and len(segs) <= 3
+    if want:
+        assert bandwidth.disk_read_gbps(paths, max_bytes=12 * 4096, skip=skip) > 0

@@ -24,6 +24,8 @@ import torch
 from .planner import Bandwidths
 
 _ALIGN = 4096  # O_DIRECT offset/length/buffer alignment that every common filesystem accepts
+DISK_SAMPLES = 3                 # measure(): disk reads of distinct regions, median taken
+DISK_SAMPLE_BYTES = 384 << 20
 CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "overspill" / "bandwidth.json"
 
 
@@ -57,19 +59,26 @@ def mem_read_gbps(nbytes: int = 1 << 30, reps: int = 5, device: str = "cpu") -> 
 # disk
 
 
-def _segments(paths: list[str], max_bytes: int, threads: int) -> list[list[tuple[str, int, int]]]:
-    """Split the first `max_bytes` of the concatenated files into `threads` contiguous pieces.
+def _segments(paths: list[str], max_bytes: int, threads: int, skip: int = 0) -> list[list[tuple[str, int, int]]]:
+    """Split `max_bytes` of the concatenated files, from byte `skip` on, into `threads` contiguous pieces.
 
     Returns per thread a list of (path, offset, length); offsets are _ALIGN-aligned.
+    The region starts in the file where byte `skip` falls, at the aligned offset at or before it.
     """
-    sizes = [(p, os.path.getsize(p)) for p in paths]
-    total = min(max_bytes, sum(s for _, s in sizes))
+    sizes = []
+    for p in paths:                      # drop whole files, then the head of the first kept one, before `skip`
+        size = os.path.getsize(p)
+        if skip >= size:
+            skip -= size
+            continue
+        sizes.append((p, size, skip // _ALIGN * _ALIGN))
+        skip = 0
+    total = min(max_bytes, sum(s - o for _, s, o in sizes))
     per = max(_ALIGN, -(-total // max(threads, 1) // _ALIGN) * _ALIGN)
     out: list[list[tuple[str, int, int]]] = []
     cur: list[tuple[str, int, int]] = []
     room, left = per, total
-    for p, size in sizes:
-        off = 0
+    for p, size, off in sizes:
         while off < size and left > 0:
             n = min(size - off, room, left)
             if off + n < size and n < left:  # a cut where reading resumes must stay aligned (O_DIRECT)
@@ -86,7 +95,8 @@ def _segments(paths: list[str], max_bytes: int, threads: int) -> list[list[tuple
     if cur:
         out.append(cur)
     while len(out) > max(threads, 1):  # rounding can leave a small extra piece: give it to the last reader
-        out[-2] += out.pop()
+        extra = out.pop()                # (not `out[-2] += out.pop()`: that target is taken before the pop)
+        out[-1] += extra
     return out
 
 
@@ -164,10 +174,10 @@ def _read_segments(segs: list[tuple[str, int, int]], direct: bool, block: int, c
 
 
 def disk_read_gbps(paths: list[str] | str, max_bytes: int = 2 << 30, threads: int = 4,
-                   direct: bool = True, block: int = 16 << 20) -> float:
+                   direct: bool = True, block: int = 16 << 20, skip: int = 0) -> float:
     """Sequential read bandwidth (GB/s) of existing files, `threads` readers in parallel.
 
-    The first `max_bytes` of the files (taken in order, as one concatenated stream) are split into
+    `max_bytes` of the files from byte `skip` on (taken in order, as one concatenated stream) are split into
     `threads` contiguous ranges, one reader thread each, reading `block` bytes per call. With
     `direct`, files are opened with O_DIRECT into page-aligned (mmap) buffers so the page cache
     cannot fake the number; where the filesystem refuses O_DIRECT the files are read buffered,
@@ -183,7 +193,7 @@ def disk_read_gbps(paths: list[str] | str, max_bytes: int = 2 << 30, threads: in
     if not direct:
         for p in paths:
             _evict(p)
-    plan = _segments(paths, max_bytes, threads)
+    plan = _segments(paths, max_bytes, threads, skip)
     counts = [0] * len(plan)
     errors: list[BaseException] = []
     start = threading.Barrier(len(plan) + 1)
@@ -345,16 +355,25 @@ def measure(model_paths=None, cache: bool = True, device: str | None = None) -> 
         fields = {f.name for f in dataclasses.fields(Bandwidths)}
         return Bandwidths(**{k: v for k, v in data[key].items() if k in fields})
 
-    mem = mem_read_gbps(256 << 20, reps=5)
+    # This kind of machine (a VM on shared hardware) swings 2x in memory and disk bandwidth over seconds: one
+    # short probe of each predicted runs 40% off. So: the median of DISK_SAMPLES disk reads of distinct regions of
+    # the model's files (a re-read could be served by a host-side cache), with a memory probe around each.
+    mems = [mem_read_gbps(256 << 20, reps=5)]
+    disks = []
     scratch = None
     try:
         if not files:
             scratch = _probe_file(probe_dir, 128 << 20)
             files = [scratch]
-        disk = disk_read_gbps(files, max_bytes=512 << 20, threads=4)
+        total = sum(os.path.getsize(f) for f in files)
+        for i in range(DISK_SAMPLES):
+            skip = max(0, min(i * total // DISK_SAMPLES, total - DISK_SAMPLE_BYTES))
+            disks.append(disk_read_gbps(files, max_bytes=DISK_SAMPLE_BYTES, threads=4, skip=skip))
+            mems.append(mem_read_gbps(256 << 20, reps=5))
     finally:
         if scratch:
             os.unlink(scratch)
+    mem, disk = statistics.median(mems), statistics.median(disks)
     h2d = gpu_mem = None
     tflops_dev = "cpu"
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
