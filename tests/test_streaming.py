@@ -340,3 +340,63 @@ def test_tied_store_head_counts_the_embedding_table(ref_dir, tmp_path):
         plan = make_plan(store, store.config, store.dtype, scheme, {"cpu": 1 << 30}, Reserve(1, 64))
         want = store.unit_bytes("head") + (store.unit_bytes("embed") if head_extra else 0)
         assert plan.placement("head").weight_bytes == plan.placement("head").stream_bytes == want, scheme
+
+
+def _unit_costs(path):
+    from overspill.checkpoint.hf import HFCheckpoint
+    ck = HFCheckpoint(path)
+    cfg, r = ck.config, Reserve(1, 64)
+    w = {u: unit_weight_bytes(ck, cfg, u, torch.float32, None) for u in ["embed", "block.0", "head"]}
+    return w, cfg.n_layers * r.kv_bytes_per_block(cfg, torch.float32), r.activation_bytes(cfg, torch.float32)
+
+
+@pytest.mark.parametrize("variant", ALL)
+def test_accelerator_plan_runs_its_code_paths(deep_dir, variant, monkeypatch):
+    """A plan over cuda:0 + cpu + disk, run with cuda:0 standing in as the CPU (loader.DEVICE_ALIAS): units resident
+    on the accelerator, units held in host RAM and copied over per forward, units read from disk and copied over,
+    all through the reader thread's DeviceCopier, give logits and greedy tokens equal to the all-resident run.
+    Then two accelerators: units split over both."""
+    from overspill.runtime import loader
+    from overspill.runtime.transfer import DeviceCopier
+    path, _ = deep_dir(variant)
+    base = overspill.load(path, dtype="float32")
+    w, kv, act = _unit_costs(path)
+    big = max(w.values())
+    monkeypatch.setattr(loader, "DEVICE_ALIAS", {"cuda:0": "cpu", "cuda:1": "cpu"})
+    copies = []
+    real_copy = DeviceCopier.copy
+    monkeypatch.setattr(DeviceCopier, "copy", lambda self, obj: copies.append(1) or real_copy(self, obj))
+    gpu = act + kv + 3 * big + w["embed"] + w["block.0"] + 16
+    load = lambda spec: overspill.load(path, dtype="float32", max_memory=spec, max_seq_len=64)
+    m = load(f"cuda:0={gpu},cpu={3 * big + w['block.0'] + 16}")
+    kinds = {(p.tier, p.device, p.home) for p in m.plan.placements}
+    assert kinds == {("resident", "cuda:0", "cuda:0"), ("stream", "cuda:0", "cpu"), ("stream", "cuda:0", "disk")}, kinds
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(m.logits(ids), base.logits(ids))
+    n_streamed = sum(p.tier == "stream" for p in m.plan.placements)
+    assert len(copies) >= n_streamed          # every streamed unit went through the copier
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    assert m.generate(prompts, max_new_tokens=8, ignore_eos=True) == \
+        base.generate(prompts, max_new_tokens=8, ignore_eos=True)
+
+    m2 = load(f"cuda:0={act + kv + w['embed'] + 2 * w['block.0'] + 16},cuda:1={10 * gpu}")
+    devs = [p.device for p in m2.plan.placements]
+    assert {p.tier for p in m2.plan.placements} == {"resident"} and devs[0] == "cuda:0" and devs[-1] == "cuda:1"
+    assert devs == sorted(devs)                # execution order kept: a prefix on cuda:0, the rest on cuda:1
+    assert torch.equal(m2.logits(ids), base.logits(ids))
+
+
+def test_accelerator_plan_without_cuda_is_refused(deep_dir):
+    path, _ = deep_dir("gpt2")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(overspill.OverspillError, match=r"cuda:0 but this torch .* sees no CUDA device"):
+        overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64)
+
+
+def test_quantized_weights_on_an_accelerator_are_refused(deep_dir, monkeypatch):
+    from overspill.runtime import loader
+    path, _ = deep_dir("gpt2")
+    monkeypatch.setattr(loader, "DEVICE_ALIAS", {"cuda:0": "meta"})   # an accelerator that is not the CPU
+    with pytest.raises(overspill.OverspillError, match=r"quantized weights \(int8\) run on the CPU kernels only"):
+        overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64, quantize="int8")

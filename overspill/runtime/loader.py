@@ -14,7 +14,8 @@ from ..model.linear import BlockedLinear, DenseLinear, blocked_available
 from ..model.weights import MakeLinear, bind, default_make_linear, units
 from .executor import Executor
 from .sources import ResidentSource
-from .streaming import HFUnitReader, StoreUnitReader, StreamingSource, dense_streamed
+from .streaming import HFUnitReader, HostUnitReader, MixedReader, StoreUnitReader, StreamingSource, dense_streamed
+from .transfer import DeviceCopier, map_tensors
 
 
 @dataclass
@@ -152,10 +153,36 @@ def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], re
     return make_plan(src, src.config, dt, quantize, budgets, reserve, quantize_head=quantize_head and not is_store), src
 
 
+# Planned device -> the device that stands in for it, e.g. {"cuda:0": "cpu"}: runs a GPU plan's code paths
+# (accelerator-resident units, host->device copies, activations between devices) on a machine without one. Tests.
+DEVICE_ALIAS: dict[str, str] = {}
+
+
+def _unit_devices(plan, device_alias: dict[str, str] | None, quantize: str | None) -> list[torch.device]:
+    """Where each unit computes, checked against this torch build (device_alias: see DEVICE_ALIAS)."""
+    alias = DEVICE_ALIAS if device_alias is None else device_alias
+    devs = [torch.device(alias.get(p.device, p.device)) for p in plan.placements]
+    accel = sorted({str(d) for d in devs if d.type != "cpu"})
+    if accel:
+        if any(d.type == "cuda" for d in devs) and not torch.cuda.is_available():
+            raise OverspillError(f"the memory plan places units on {', '.join(accel)} but this torch "
+                                 f"({torch.__version__}) sees no CUDA device; drop the cuda budgets or install a CUDA "
+                                 f"build of torch")
+        if quantize:
+            raise OverspillError(f"quantized weights ({quantize}) run on the CPU kernels only; the plan places units "
+                                 f"on {', '.join(accel)}: drop --quantize or the accelerator budgets")
+    return devs
+
+
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
-          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2, quantize_head: bool = False):
+          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2, quantize_head: bool = False,
+          device_alias: dict[str, str] | None = None):
     """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore)).
-    quantize_head applies to on-the-fly quantization; a layer store holds its head as it was converted."""
+    quantize_head applies to on-the-fly quantization; a layer store holds its head as it was converted.
+
+    With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
+    (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
+    reader (runtime/transfer.py), through pinned host buffers; activations, not weights, cross devices."""
     src, is_store, dt, quantize = open_source(path, dtype, quantize)
     _check_quantize_head(quantize, quantize_head)
     quantize_head = bool(quantize and quantize_head and not is_store)
@@ -164,36 +191,55 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     names = units(cfg)
     plan = None
     streamed: list[int] = []
+    devs = [torch.device("cpu")] * len(names)
+    homes = ["cpu"] * len(names)
     if max_memory is not None:
         plan = make_plan(src, cfg, dt, quantize, max_memory, reserve, ring_slots, quantize_head)
         streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
-        devices = {p.device for p in plan.placements}
-        if devices != {"cpu"}:
-            raise OverspillError(f"placement on {sorted(devices - {'cpu'})} needs a GPU build; this build runs on cpu")
+        devs = _unit_devices(plan, device_alias, quantize)
+        homes = [p.home for p in plan.placements]
     if quantize and make_linear is None:
         from ..api import quantized_make_linear
         make_linear = quantized_make_linear(quantize, include_head=quantize_head)
     make_linear = make_linear or default_make_linear
+    cpu = torch.device("cpu")
+    # units computed off the CPU: dense weights, moved there as read (CPU kernels' layouts cannot move)
+    dev_make = lambda i: make_linear if devs[i] == cpu else dense_streamed
+    pin = any(d.type == "cuda" for d in devs)
 
+    # a tied head shares the embedding table only on the embedding's own device (elsewhere it reads its own copy)
+    on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}
     resident = {}
     for i, u in enumerate(names):
         if i in streamed:
             continue
-        resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, resident, quantize_head)
+        w = _load_unit(src, store, cfg, u, dt, dev_make(i), on(devs[i]), quantize_head)
+        resident[i] = w if devs[i] == cpu else map_tensors(w, lambda t: t.to(devs[i]))
+    # units held in host RAM and computed on an accelerator (tier "stream", home "cpu"): dense, pinned
+    host = {names[i]: map_tensors(_load_unit(src, store, cfg, names[i], dt, dense_streamed, on(cpu), quantize_head),
+                                  lambda t: t.pin_memory() if pin else t)
+            for i in streamed if homes[i] == "cpu"}
     if streamed:
+        stream_dev = devs[streamed[0]]
         if store is not None:
             reader = StoreUnitReader(store)
-            make_w = lambda unit, t: _bind_store_unit(store, cfg, unit, t, dense_streamed, resident)
+            disk_make = lambda unit, t: _bind_store_unit(store, cfg, unit, t, dense_streamed, on(stream_dev))
         else:
             reader = HFUnitReader(src, dt)
             qmake = make_linear if quantize else dense_streamed
-            make_w = lambda unit, t: bind(cfg, unit, src.finish(unit, t), qmake)
-        source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots)
+            disk_make = lambda unit, t: bind(cfg, unit, src.finish(unit, t), qmake)
+        if host:
+            host_reader = HostUnitReader(host)
+            reader = MixedReader({names[i]: host_reader if names[i] in host else reader for i in streamed})
+        make_w = lambda unit, t: t if unit in host else disk_make(unit, t)
+        # streamed units computing on an accelerator are copied there by the reader thread
+        copier = DeviceCopier(stream_dev) if plan.compute_device not in (None, "cpu") else None
+        source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots, pin=pin, copier=copier)
     else:
         source = ResidentSource([resident[i] for i in range(len(names))])
     if store is None and not streamed:
         src.close()   # a streaming source keeps reading from it
-    return cfg, Executor(cfg, source, dt), plan, src
+    return cfg, Executor(cfg, source, dt, unit_devices=[str(d) for d in devs]), plan, src
 
 
 def _load_unit(src, store, cfg, unit, dt, make_linear, resident, quantize_head=False):

@@ -94,6 +94,40 @@ class StoreUnitReader:
         return self.store.views(unit, slot[:n])
 
 
+class HostUnitReader:
+    """Units held in host RAM that compute on an accelerator (plan tier "stream", home "cpu"): a fetch hands over
+    the held (pinned, where CUDA is used) weights, and the source's DeviceCopier copies them to the device."""
+
+    def __init__(self, held: dict[str, Weights]):
+        self.held = held
+
+    def stream_bytes(self, unit: str) -> int:
+        from .accounting import weights_nbytes
+        return weights_nbytes(self.held[unit])
+
+    def slot_bytes(self, unit: str) -> int:
+        return 0
+
+    def fetch(self, unit: str, slot: torch.Tensor | None) -> Weights:
+        return self.held[unit]
+
+
+class MixedReader:
+    """One reader per unit: host-held units and disk units streamed through the same ring, in execution order."""
+
+    def __init__(self, by_unit: dict[str, UnitReader]):
+        self.by_unit = by_unit
+
+    def stream_bytes(self, unit: str) -> int:
+        return self.by_unit[unit].stream_bytes(unit)
+
+    def slot_bytes(self, unit: str) -> int:
+        return self.by_unit[unit].slot_bytes(unit)
+
+    def fetch(self, unit: str, slot: torch.Tensor | None):
+        return self.by_unit[unit].fetch(unit, slot)
+
+
 _LIVE: "weakref.WeakSet[StreamingSource]" = weakref.WeakSet()
 
 
@@ -105,13 +139,15 @@ def _stop_all() -> None:
 
 
 class StreamingSource:
-    """Resident units are held; streamed units come through the prefetching ring."""
+    """Resident units are held; streamed units come through the prefetching ring. With a ``copier`` (streamed units
+    compute on an accelerator), the reader thread also copies each fetched unit onto that device, so the copy of
+    the next unit overlaps the compute of this one (runtime/transfer.py)."""
 
     def __init__(self, cfg: ModelConfig, resident: dict[int, Weights], streamed: list[int], unit_names: list[str],
                  reader: UnitReader, make_weights: Callable[[str, dict], Weights] | None = None,
-                 ring_slots: int = 2, pin: bool = False):
+                 ring_slots: int = 2, pin: bool = False, copier=None):
         self.cfg, self.resident, self.streamed, self.names = cfg, resident, streamed, unit_names
-        self.reader = reader
+        self.reader, self.copier = reader, copier
         self.make_weights = make_weights or (lambda unit, t: bind(cfg, unit, t, dense_streamed))
         self.ring_slots = max(1, min(ring_slots, len(streamed))) if streamed else 0
         slot_bytes = max((reader.slot_bytes(unit_names[i]) for i in streamed), default=0)
@@ -122,7 +158,7 @@ class StreamingSource:
         self.stats = {"io_wait_s": 0.0, "read_s": 0.0, "build_s": 0.0, "bytes_read": 0, "units_read": 0}
         self._thread: threading.Thread | None = None
         self._cursor = 0
-        self._in_use: dict[int, int] = {}
+        self._in_use: dict[int, tuple] = {}   # unit -> (ring slot, its device copy's event)
         _LIVE.add(self)
         self._start()
 
@@ -157,9 +193,12 @@ class StreamingSource:
                 self.stats["read_s"] += time.perf_counter() - t0
                 self.stats["bytes_read"] += self.reader.stream_bytes(unit)
                 self.stats["units_read"] += 1
-                self._ready.put((i, t, slot, None))
+                ev = None
+                if self.copier is not None:
+                    t, ev = self.copier.copy(t)
+                self._ready.put((i, t, slot, None, ev))
             except BaseException as e:  # hand the error to the compute thread
-                self._ready.put((i, None, slot, e))
+                self._ready.put((i, None, slot, e, None))
                 return
             k += 1
 
@@ -189,7 +228,7 @@ class StreamingSource:
         if i in self.resident:
             return self.resident[i]
         t0 = time.perf_counter()
-        j, t, slot, err = self._ready.get()
+        j, t, slot, err, ev = self._ready.get()
         t1 = time.perf_counter()
         self.stats["io_wait_s"] += t1 - t0
         if err is not None:
@@ -198,7 +237,9 @@ class StreamingSource:
             self._start()
             raise err
         assert j == i, f"streaming order broken: expected unit {i}, reader produced {j}"
-        self._in_use[i] = slot
+        self._in_use[i] = (slot, ev)
+        if self.copier is not None:
+            self.copier.ready(t, ev)
         self._cursor += 1
         # Built here, not in the reader: the layout conversion then overlaps the reader's next read instead of
         # delaying it (a streamed pass is read-bound: the reader must never stop reading). An error here leaves the
@@ -208,8 +249,11 @@ class StreamingSource:
         return w
 
     def release(self, i: int) -> None:
-        slot = self._in_use.pop(i, None)
-        if slot is not None:
+        held = self._in_use.pop(i, None)
+        if held is not None:
+            slot, ev = held
+            if ev is not None:   # the host slot is read again only after the copy out of it has finished
+                ev.synchronize()
             self._free.put(slot)
 
     def resident_bytes(self) -> int:

@@ -1,0 +1,72 @@
+"""Moving unit weights onto the device that computes them (an accelerator), overlapped with compute.
+
+A unit whose weights live elsewhere than where it computes (host RAM or disk, computing on cuda:N) is copied
+to the device for every forward. The streaming reader thread makes the copy on a side stream right after it has
+the host bytes, and records an event; the compute stream waits on that event (not the Python thread), so the
+copy of unit i+1 runs while unit i computes, as the host->device stage of FlexGen's and accelerate's offload.
+
+Device-agnostic: on a CUDA device the copy is asynchronous from pinned memory; on any other device it is a plain
+synchronous copy (``copy=True``, so tests on the CPU exercise the same path with real copies).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import OverspillError
+from ..model.linear import DenseLinear
+
+
+def map_tensors(obj, fn):
+    """``obj`` (a unit's tensor dict, a Weights dataclass, a tuple, a DenseLinear) with every tensor replaced by
+    fn(tensor). Only dense linears can move: packed and quantized linears are CPU kernels' layouts."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, DenseLinear):
+        return DenseLinear(fn(obj.weight), map_tensors(obj.bias, fn))
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj)})
+    raise OverspillError(f"{type(obj).__name__} weights cannot move to an accelerator (dense weights only)")
+
+
+def tensors(obj):
+    """Every tensor in ``obj`` (as map_tensors walks it)."""
+    found: list[torch.Tensor] = []
+    map_tensors(obj, lambda t: found.append(t) or t)
+    return found
+
+
+class DeviceCopier:
+    """Copies a fetched unit onto ``device`` from the reader thread; the compute side waits for it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def copy(self, obj):
+        """Reader thread: -> (obj on the device, event or None)."""
+        if not self.cuda:
+            return map_tensors(obj, lambda t: t.to(self.device, copy=True)), None
+        with torch.cuda.stream(self.stream):
+            out = map_tensors(obj, lambda t: t.to(self.device, non_blocking=True, copy=True))
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        return out, ev
+
+    def ready(self, obj, ev) -> None:
+        """Compute thread, before using obj: order the compute stream after the copy, and tell the caching
+        allocator the copies are used there (they were allocated on the copy stream)."""
+        if ev is None:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(ev)
+        for t in tensors(obj):
+            t.record_stream(cur)
