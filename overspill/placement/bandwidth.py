@@ -365,10 +365,9 @@ def measure(model_paths=None, cache: bool = True, device: str | None = None) -> 
         if not files:
             scratch = _probe_file(probe_dir, 128 << 20)
             files = [scratch]
-        total = sum(os.path.getsize(f) for f in files)
-        for i in range(DISK_SAMPLES):
-            skip = max(0, min(i * total // DISK_SAMPLES, total - DISK_SAMPLE_BYTES))
-            disks.append(disk_read_gbps(files, max_bytes=DISK_SAMPLE_BYTES, threads=4, skip=skip))
+        region = min(DISK_SAMPLE_BYTES, max(_ALIGN, sum(os.path.getsize(f) for f in files) // DISK_SAMPLES))
+        for i in range(DISK_SAMPLES):   # disjoint regions (on a small model or the scratch file, smaller ones)
+            disks.append(disk_read_gbps(files, max_bytes=region, threads=4, skip=i * region))
             mems.append(mem_read_gbps(256 << 20, reps=5))
     finally:
         if scratch:
