@@ -350,31 +350,46 @@ def _unit_costs(path):
     return w, cfg.n_layers * r.kv_bytes_per_block(cfg, torch.float32), r.activation_bytes(cfg, torch.float32)
 
 
-@pytest.mark.parametrize("variant", ALL)
-def test_accelerator_plan_runs_its_code_paths(deep_dir, variant, monkeypatch):
+ACCEL_CASES = [(v, "hf") for v in ALL] + [("llama_tied", "store"), ("gptj", "store")]
+
+
+@pytest.mark.parametrize("variant,fmt", ACCEL_CASES)
+def test_accelerator_plan_runs_its_code_paths(deep_dir, tmp_path, variant, fmt, monkeypatch):
     """A plan over cuda:0 + cpu + disk, run with cuda:0 standing in as the CPU (loader.DEVICE_ALIAS): units resident
-    on the accelerator, units held in host RAM and copied over per forward, units read from disk and copied over,
-    all through the reader thread's DeviceCopier, give logits and greedy tokens equal to the all-resident run.
-    Then two accelerators: units split over both."""
+    on the accelerator, units held in (packed) host RAM and copied over per forward, units read from disk and copied
+    over, all through the reader thread's DeviceCopier, give logits and greedy tokens equal to the all-resident run,
+    from an HF directory and from a layer store (a tied head streamed beside a resident embedding). Then two
+    accelerators: units split over both."""
+    from overspill.checkpoint.store import convert
     from overspill.runtime import loader
     from overspill.runtime.transfer import DeviceCopier
     path, _ = deep_dir(variant)
     base = overspill.load(path, dtype="float32")
     w, kv, act = _unit_costs(path)
-    big = max(w.values())
+    if fmt == "store":
+        path = convert(path, str(tmp_path / "store"), dtype="float32", progress=False)
+    slots = 3 if fmt == "hf" else 2             # staging: a ring of 2, +1 for fusing in an HF fetch
+    big = max(w["block.0"], w["head"] + (w["embed"] if fmt == "store" and "tied" in variant else 0), w["embed"])
     monkeypatch.setattr(loader, "DEVICE_ALIAS", {"cuda:0": "cpu", "cuda:1": "cpu"})
-    copies = []
+    copies, waits = [], []
     real_copy = DeviceCopier.copy
     monkeypatch.setattr(DeviceCopier, "copy", lambda self, obj: copies.append(1) or real_copy(self, obj))
-    gpu = act + kv + 3 * big + w["embed"] + w["block.0"] + 16
+
+    class ComputeDone:      # what a CUDA event does here: the reader must wait on it before reusing the slot
+        def synchronize(self):
+            waits.append(1)
+    monkeypatch.setattr(DeviceCopier, "compute_done", lambda self: ComputeDone())
     load = lambda spec: overspill.load(path, dtype="float32", max_memory=spec, max_seq_len=64)
-    m = load(f"cuda:0={gpu},cpu={3 * big + w['block.0'] + 16}")
+    gpu = act + kv + slots * big + w["embed"] + w["block.0"] + 16
+    m = load(f"cuda:0={gpu},cpu={slots * big + w['block.0'] + 16}")   # (a tied store head: its own table copy)
     kinds = {(p.tier, p.device, p.home) for p in m.plan.placements}
     assert kinds == {("resident", "cuda:0", "cuda:0"), ("stream", "cuda:0", "cpu"), ("stream", "cuda:0", "disk")}, kinds
     ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
     assert torch.equal(m.logits(ids), base.logits(ids))
     n_streamed = sum(p.tier == "stream" for p in m.plan.placements)
     assert len(copies) >= n_streamed          # every streamed unit went through the copier
+    # every fetch after the first ring_slots waited for the compute on the unit that last held its slot
+    assert len(waits) >= len(copies) - m.executor.source.ring_slots > 0
     prompts = [[5, 6, 7, 8], [9, 10]]
     assert m.generate(prompts, max_new_tokens=8, ignore_eos=True) == \
         base.generate(prompts, max_new_tokens=8, ignore_eos=True)
@@ -400,3 +415,22 @@ def test_quantized_weights_on_an_accelerator_are_refused(deep_dir, monkeypatch):
     monkeypatch.setattr(loader, "DEVICE_ALIAS", {"cuda:0": "meta"})   # an accelerator that is not the CPU
     with pytest.raises(overspill.OverspillError, match=r"quantized weights \(int8\) run on the CPU kernels only"):
         overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64, quantize="int8")
+
+
+def test_pack_copies_a_unit_into_one_aligned_buffer():
+    from overspill.model.linear import DenseLinear
+    from overspill.model.weights import BlockWeights
+    from overspill.runtime.transfer import pack, tensors
+    g = torch.Generator().manual_seed(0)
+    lin = lambda n, k, b: DenseLinear(torch.randn(n, k, generator=g), torch.randn(n, generator=g) if b else None)
+    w = BlockWeights((torch.randn(5, generator=g), None), None, lin(15, 5, True), lin(5, 5, False),
+                     lin(7, 5, True), lin(5, 7, False))
+    packed, buf = pack(w, pin=False)
+    before, after = tensors(w), tensors(packed)
+    assert len(before) == len(after) == 7 and all(torch.equal(a, b) for a, b in zip(before, after))
+    base = buf.data_ptr()
+    assert base % 4096 == 0
+    for t in after:   # views of the one buffer, at 64-byte-aligned offsets, not overlapping
+        assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() and (t.data_ptr() - base) % 64 == 0
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in after)
+    assert all(e <= s2 for (_, e), (s2, _) in zip(spans, spans[1:])) and spans[-1][1] <= base + buf.numel()

@@ -15,7 +15,7 @@ from ..model.weights import MakeLinear, bind, default_make_linear, units
 from .executor import Executor
 from .sources import ResidentSource
 from .streaming import HFUnitReader, HostUnitReader, MixedReader, StoreUnitReader, StreamingSource, dense_streamed
-from .transfer import DeviceCopier, map_tensors
+from .transfer import DeviceCopier, map_tensors, pack
 
 
 @dataclass
@@ -164,10 +164,16 @@ def _unit_devices(plan, device_alias: dict[str, str] | None, quantize: str | Non
     devs = [torch.device(alias.get(p.device, p.device)) for p in plan.placements]
     accel = sorted({str(d) for d in devs if d.type != "cpu"})
     if accel:
-        if any(d.type == "cuda" for d in devs) and not torch.cuda.is_available():
+        cuda = [d for d in devs if d.type == "cuda"]
+        if cuda and not torch.cuda.is_available():
             raise OverspillError(f"the memory plan places units on {', '.join(accel)} but this torch "
                                  f"({torch.__version__}) sees no CUDA device; drop the cuda budgets or install a CUDA "
                                  f"build of torch")
+        n = torch.cuda.device_count() if cuda else 0
+        missing = sorted({str(d) for d in cuda if (d.index or 0) >= n})
+        if missing:
+            raise OverspillError(f"the memory plan places units on {', '.join(missing)} but this machine has {n} CUDA "
+                                 f"device(s) (cuda:0..cuda:{n - 1}); fix the --max-memory budgets")
         if quantize:
             raise OverspillError(f"quantized weights ({quantize}) run on the CPU kernels only; the plan places units "
                                  f"on {', '.join(accel)}: drop --quantize or the accelerator budgets")
@@ -203,8 +209,6 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         make_linear = quantized_make_linear(quantize, include_head=quantize_head)
     make_linear = make_linear or default_make_linear
     cpu = torch.device("cpu")
-    # units computed off the CPU: dense weights, moved there as read (CPU kernels' layouts cannot move)
-    dev_make = lambda i: make_linear if devs[i] == cpu else dense_streamed
     pin = any(d.type == "cuda" for d in devs)
 
     # a tied head shares the embedding table only on the embedding's own device (elsewhere it reads its own copy)
@@ -213,12 +217,21 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     for i, u in enumerate(names):
         if i in streamed:
             continue
-        w = _load_unit(src, store, cfg, u, dt, dev_make(i), on(devs[i]), quantize_head)
-        resident[i] = w if devs[i] == cpu else map_tensors(w, lambda t: t.to(devs[i]))
-    # units held in host RAM and computed on an accelerator (tier "stream", home "cpu"): dense, pinned
-    host = {names[i]: map_tensors(_load_unit(src, store, cfg, names[i], dt, dense_streamed, on(cpu), quantize_head),
-                                  lambda t: t.pin_memory() if pin else t)
-            for i in streamed if homes[i] == "cpu"}
+        if devs[i] == cpu:
+            resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, on(cpu), quantize_head)
+        elif store is not None:   # straight from the read buffer to the device (no host clone)
+            t = map_tensors(store.read_unit(u), lambda x: x.to(devs[i]))
+            resident[i] = _bind_store_unit(store, cfg, u, t, dense_streamed, on(devs[i]))
+        else:
+            resident[i] = map_tensors(_load_unit(src, store, cfg, u, dt, dense_streamed, on(devs[i]), quantize_head),
+                                      lambda x: x.to(devs[i]))
+    # units held in host RAM and computed on an accelerator (tier "stream", home "cpu"): dense, each packed into one
+    # exactly-sized pinned buffer (the reader's copies from it are asynchronous)
+    host, host_bufs = {}, []
+    for i in streamed:
+        if homes[i] == "cpu":
+            host[names[i]], buf = pack(_load_unit(src, store, cfg, names[i], dt, dense_streamed, on(cpu), quantize_head), pin)
+            host_bufs.append(buf)
     if streamed:
         stream_dev = devs[streamed[0]]
         if store is not None:
@@ -235,6 +248,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         # streamed units computing on an accelerator are copied there by the reader thread
         copier = DeviceCopier(stream_dev) if plan.compute_device not in (None, "cpu") else None
         source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots, pin=pin, copier=copier)
+        source.pinned = host_bufs
     else:
         source = ResidentSource([resident[i] for i in range(len(names))])
     if store is None and not streamed:
@@ -271,7 +285,9 @@ def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
     for lin, tensors in q.items():
         plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack="inplace")
     if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
-        tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].clone()
+        # the embedding's table where it is resident on this unit's device, else this unit's own copy of it
+        dev = next(iter(t.values())).device if t else torch.device("cpu")
+        tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].to(dev, copy=True)
         plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
     w = plain.get("lm.weight")
     if store.quantize and make_linear is not dense_streamed and w is not None and blocked_available(w) and w.is_contiguous():

@@ -29,7 +29,7 @@ import torch
 from ..config import ModelConfig
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
-from .io import ALIGN, DirectFile, aligned_buffer, read_pool
+from .io import ALIGN, DirectFile, aligned_buffer, read_pool, unpin
 
 
 class UnitReader(Protocol):
@@ -153,12 +153,13 @@ class StreamingSource:
         slot_bytes = max((reader.slot_bytes(unit_names[i]) for i in streamed), default=0)
         self.slots = [aligned_buffer(slot_bytes, pin) if slot_bytes else None for _ in range(self.ring_slots)]
         self.staging_bytes = slot_bytes * self.ring_slots
+        self.pinned: list[torch.Tensor] = []   # other registered host buffers to release with this source
         # io_wait_s: compute thread blocked on the ring; read_s: reader thread reading bytes; build_s: compute thread
         # turning a slot's bytes into Linear objects (in-place layout conversion)
         self.stats = {"io_wait_s": 0.0, "read_s": 0.0, "build_s": 0.0, "bytes_read": 0, "units_read": 0}
         self._thread: threading.Thread | None = None
         self._cursor = 0
-        self._in_use: dict[int, tuple] = {}   # unit -> (ring slot, its device copy's event)
+        self._in_use: dict[int, int] = {}
         _LIVE.add(self)
         self._start()
 
@@ -170,6 +171,7 @@ class StreamingSource:
         self._free: queue.Queue[int] = queue.Queue()
         for s in range(self.ring_slots):
             self._free.put(s)
+        self._done: dict[int, object] = {}   # slot -> event: the compute that last used it has finished (GPU)
         self._ready: queue.Queue = queue.Queue()
         self._cursor = 0
         self._in_use = {}
@@ -185,6 +187,9 @@ class StreamingSource:
                 continue
             if self._stop.is_set():
                 return
+            done = self._done.pop(slot, None)
+            if done is not None:   # the GPU has finished with this slot's last unit (its copy too)
+                done.synchronize()
             i = self.streamed[k % len(self.streamed)]
             unit = self.names[i]
             try:
@@ -210,6 +215,8 @@ class StreamingSource:
 
     def close(self) -> None:
         self._shutdown()
+        for buf in self.slots + self.pinned:
+            unpin(buf)
 
     def __del__(self):
         try:
@@ -237,7 +244,7 @@ class StreamingSource:
             self._start()
             raise err
         assert j == i, f"streaming order broken: expected unit {i}, reader produced {j}"
-        self._in_use[i] = (slot, ev)
+        self._in_use[i] = slot
         if self.copier is not None:
             self.copier.ready(t, ev)
         self._cursor += 1
@@ -249,11 +256,12 @@ class StreamingSource:
         return w
 
     def release(self, i: int) -> None:
-        held = self._in_use.pop(i, None)
-        if held is not None:
-            slot, ev = held
-            if ev is not None:   # the host slot is read again only after the copy out of it has finished
-                ev.synchronize()
+        slot = self._in_use.pop(i, None)
+        if slot is not None:
+            if self.copier is not None:
+                done = self.copier.compute_done()
+                if done is not None:
+                    self._done[slot] = done
             self._free.put(slot)
 
     def resident_bytes(self) -> int:

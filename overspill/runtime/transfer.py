@@ -36,6 +36,25 @@ def map_tensors(obj, fn):
     raise OverspillError(f"{type(obj).__name__} weights cannot move to an accelerator (dense weights only)")
 
 
+def pack(obj, pin: bool):
+    """``obj`` with its tensors copied into one ALIGN-aligned host buffer (pinned where CUDA is used), and that
+    buffer (release it with io.unpin). Tensors keep 64-byte-aligned offsets."""
+    from .io import aligned_buffer
+    ts = tensors(obj)
+    size = lambda t: -(-t.numel() * t.element_size() // 64) * 64
+    buf = aligned_buffer(sum(size(t) for t in ts), pin)
+    off = 0
+
+    def put(t: torch.Tensor) -> torch.Tensor:
+        nonlocal off
+        n = t.numel() * t.element_size()
+        v = buf[off: off + n].view(t.dtype).view(t.shape)
+        v.copy_(t)
+        off += size(t)
+        return v
+    return map_tensors(obj, put), buf
+
+
 def tensors(obj):
     """Every tensor in ``obj`` (as map_tensors walks it)."""
     found: list[torch.Tensor] = []
@@ -60,6 +79,16 @@ class DeviceCopier:
             ev = torch.cuda.Event()
             ev.record(self.stream)
         return out, ev
+
+    def compute_done(self):
+        """Compute thread, after a unit's kernels are queued: an event the reader waits on before it reuses the
+        unit's ring slot, so at most ring_slots device copies exist, as the plan counts, even when the GPU runs
+        behind the Python thread (the caching allocator would otherwise hand out fresh memory for every copy)."""
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
 
     def ready(self, obj, ev) -> None:
         """Compute thread, before using obj: order the compute stream after the copy, and tell the caching
