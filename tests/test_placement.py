@@ -344,6 +344,22 @@ def test_predict_bounds():
     assert r["s_per_token"] == pytest.approx(2 * 8 * 11 * 10**9 / 1e9)
 
 
+def test_a_gpu_plan_predicted_on_a_machine_without_a_gpu_names_what_is_missing():
+    """No GPU probed: the CPU's matmul speed is not taken for the GPU's; the table says what it could not count."""
+    units = [UnitCost(f"block.{i}", 10**9) for i in range(4)]
+    cpu_only = Bandwidths(mem_gbps=40.0, disk_gbps=1.0, matmul_tflops=1e-3)
+    r = plan_placement(units, {"cuda:0": 10 * 10**9}).predict(cpu_only, batch=8)
+    assert r["s_per_token"] == 0 and r["compute_s"] == 0
+    assert r["missing"] == ["gpu_memory bandwidth for cuda:0", "matmul speed for cuda:0"]
+    assert "predicted: n/a (not measured on this machine: gpu_memory bandwidth for cuda:0, matmul speed for cuda:0)" \
+        in plan_placement(units, {"cuda:0": 10 * 10**9}).table(cpu_only)
+    text = plan_placement(units, {"cuda:0": 3 * 10**9, "cpu": 2 * 10**9}).table(cpu_only)   # from disk: a disk bound
+    assert "bound: disk" in text and "not in the prediction (not measured on this machine): h2d_gbps" in text
+    gpu = Bandwidths(mem_gbps=40.0, disk_gbps=1.0, h2d_gbps=20.0, gpu_mem_gbps=2000.0, matmul_tflops=1e-3)
+    r = plan_placement(units, {"cuda:0": 10 * 10**9}).predict(gpu, batch=8)   # a probed GPU: its matmul speed
+    assert r["bound"] == "compute" and r["missing"] == []
+
+
 def test_table_is_readable():
     plan = plan_placement(model(), {"cpu": 730}, activation_bytes=50)
     text = plan.table(Bandwidths(mem_gbps=40.0, disk_gbps=1.0))

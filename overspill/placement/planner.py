@@ -254,7 +254,11 @@ class Plan:
                 mem_s = nbytes / (gbps * 1e9)
             flops = 2 * batch * sum(p.params if p.params is not None else
                                     (p.weight_bytes / bytes_per_param if p.unit != "embed" else 0) for p in on)
-            comp_s = flops / (bw.matmul_tflops * 1e12) if bw.matmul_tflops else 0.0
+            # one measured matmul speed: the GPU's where a GPU was probed, else the CPU's
+            tflops = bw.matmul_tflops if (dev == "cpu") == (bw.gpu_mem_gbps is None) else None
+            if flops and not tflops:
+                missing.append(f"matmul speed for {dev}")
+            comp_s = flops / (tflops * 1e12) if tflops else 0.0
             if comp_s > mem_s:
                 parts["compute"] += comp_s
             else:
@@ -294,11 +298,15 @@ class Plan:
                     f"{self.compute_device}")
         if bw is not None:
             r = self.predict(bw, batch=batch)
+            if r["s_per_token"] == 0:
+                return out + f"\npredicted: n/a (not measured on this machine: {', '.join(r['missing'])})"
             detail = ", ".join(f"{k} {r[k + '_s']:.3g} s" for k in ("disk", "h2d", "memory", "gpu_memory", "compute")
                                if r[k + "_s"] > 0)
             per = f"s/step of {batch} tokens" if batch > 1 else "s/token"
             out += (f"\npredicted: {r['s_per_token']:.3g} {per} ({r['tokens_per_s']:.3g} tok/s), "
                     f"bound: {r['bound']} ({detail})")
+            if r["missing"]:
+                out += f"\nnot in the prediction (not measured on this machine): {', '.join(r['missing'])}"
         return out
 
 
