@@ -413,3 +413,20 @@ def test_disk_probe_segments_cover_the_region_after_skip(tmp_path, skip):
     assert all(off % 4096 == 0 for piece in segs for _, off, _ in piece) and len(segs) <= 3
     if want:
         assert bandwidth.disk_read_gbps(paths, max_bytes=12 * 4096, skip=skip) > 0
+
+
+def test_runtime_read_probe_reads_the_region(tmp_path):
+    """measure()'s disk probe reads through the runtime's own reader (O_DIRECT chunks on its thread pool): the bytes
+    it lands in the buffer are the region's, for an unaligned file end and a skip."""
+    from overspill.placement import bandwidth
+    from overspill.runtime.io import aligned_buffer
+    data = bytes(range(256)) * (4096 * 3 + 7)
+    f = tmp_path / "probe.bin"
+    f.write_bytes(data)
+    buf = aligned_buffer(len(data) + 4096)
+    for skip, n in ((0, len(data)), (8192, 100_000), (8192 + 5, len(data))):
+        buf.zero_()
+        assert bandwidth.runtime_read_gbps([str(f)], n, skip=skip, buf=buf) > 0
+        start = skip // 4096 * 4096
+        got = min(n, len(data) - start)
+        assert bytes(buf[:got].numpy()) == data[start:start + got]
