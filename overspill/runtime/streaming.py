@@ -220,7 +220,7 @@ class StreamingSource:
 
     def __del__(self):
         try:
-            self._shutdown()
+            self.close()   # also unregisters pinned buffers, which io keeps alive until then
         except Exception:
             pass
 
