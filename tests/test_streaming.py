@@ -161,16 +161,18 @@ def test_streamed_read_error_names_the_file(deep_dir, tmp_path):
 
 
 def test_peak_rss_within_budget_plus_overhead(tmp_path):
-    """A ~100 MB fp32 model under cpu=40MB: peak RSS over the baseline stays within the budget
+    """A ~235 MB fp32 model under cpu=44MiB: peak RSS over the baseline stays within the budget
     plus a fixed overhead (allocator slack, Python objects), far below the model size."""
     import transformers
 
-    cfg = transformers.GPTNeoXConfig(vocab_size=2048, hidden_size=512, num_hidden_layers=12, num_attention_heads=8,
+    # 18 layers: half the model (117 MB) stays well above budget + overhead (92 MiB, 96 MB), so the check below
+    # is not decided by allocator noise (with 12 layers, 80 MB, a run growing 77 MiB failed it while within budget)
+    cfg = transformers.GPTNeoXConfig(vocab_size=2048, hidden_size=512, num_hidden_layers=18, num_attention_heads=8,
                                      intermediate_size=2048, max_position_embeddings=128)
     torch.manual_seed(0)
     transformers.GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path)
     model_bytes = os.path.getsize(tmp_path / "model.safetensors")
-    budget = 40 << 20
+    budget = 44 << 20
     code = textwrap.dedent(f"""
         import json, torch, overspill
         def hwm():
@@ -185,11 +187,11 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert res["tiers"].count("stream") >= 8
+    assert res["tiers"].count("stream") >= 14
     grown = res["peak"] - res["base"]
     # documented in README: fixed runtime overhead on top of --max-memory (allocator slack: glibc's per-thread
-    # arenas keep fragments of tensors read on reader threads and freed on the compute thread; measured 53-70 MiB of
-    # growth for this 40 MiB budget, 52-56 with MALLOC_ARENA_MAX=1)
+    # arenas keep fragments of tensors read on reader threads and freed on the compute thread; measured 53-77 MiB of
+    # growth for a 40 MiB budget and 12 layers, 52-56 with MALLOC_ARENA_MAX=1; 62-73 MiB for this 44 MiB budget)
     overhead = 48 << 20
     assert grown <= budget + overhead, f"grew {grown / 2**20:.1f} MiB, budget {budget / 2**20:.0f} MiB"
     assert grown < model_bytes / 2
