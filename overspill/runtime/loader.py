@@ -158,10 +158,9 @@ def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], re
 DEVICE_ALIAS: dict[str, str] = {}
 
 
-def _unit_devices(plan, device_alias: dict[str, str] | None, quantize: str | None) -> list[torch.device]:
-    """Where each unit computes, checked against this torch build (device_alias: see DEVICE_ALIAS)."""
-    alias = DEVICE_ALIAS if device_alias is None else device_alias
-    devs = [torch.device(alias.get(p.device, p.device)) for p in plan.placements]
+def _unit_devices(plan, quantize: str | None) -> list[torch.device]:
+    """Where each unit computes (after DEVICE_ALIAS), checked against this torch build."""
+    devs = [torch.device(DEVICE_ALIAS.get(p.device, p.device)) for p in plan.placements]
     accel = sorted({str(d) for d in devs if d.type != "cpu"})
     if accel:
         cuda = [d for d in devs if d.type == "cuda"]
@@ -181,8 +180,7 @@ def _unit_devices(plan, device_alias: dict[str, str] | None, quantize: str | Non
 
 
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
-          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2, quantize_head: bool = False,
-          device_alias: dict[str, str] | None = None):
+          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2, quantize_head: bool = False):
     """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore)).
     quantize_head applies to on-the-fly quantization; a layer store holds its head as it was converted.
 
@@ -202,7 +200,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     if max_memory is not None:
         plan = make_plan(src, cfg, dt, quantize, max_memory, reserve, ring_slots, quantize_head)
         streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
-        devs = _unit_devices(plan, device_alias, quantize)
+        devs = _unit_devices(plan, quantize)
         homes = [p.home for p in plan.placements]
     if quantize and make_linear is None:
         from ..api import quantized_make_linear
@@ -211,9 +209,9 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     cpu = torch.device("cpu")
     pin = any(d.type == "cuda" for d in devs)
 
+    resident = {}
     # a tied head shares the embedding table only on the embedding's own device (elsewhere it reads its own copy)
     on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}
-    resident = {}
     for i, u in enumerate(names):
         if i in streamed:
             continue
