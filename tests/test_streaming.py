@@ -436,3 +436,37 @@ def test_pack_copies_a_unit_into_one_aligned_buffer():
         assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() and (t.data_ptr() - base) % 64 == 0
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in after)
     assert all(e <= s2 for (_, e), (s2, _) in zip(spans, spans[1:])) and spans[-1][1] <= base + buf.numel()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "store", "bin"])
+def test_streamed_embedding_reads_only_its_rows(deep_dir, tmp_path, fmt):
+    """An untied token table the plan streams stays on disk: each forward reads the rows of its distinct ids (the
+    plan counts one decode step's rows), with logits equal to the resident run. A pickled .bin has no fixed row
+    offsets: there the whole unit streams as before."""
+    from overspill.checkpoint.store import convert
+    from overspill.runtime.rows import RowTable
+    path, ref = deep_dir("llama_gqa")
+    base = overspill.load(path, dtype="float32")
+    if fmt == "store":
+        path = convert(path, str(tmp_path / "store"), dtype="float32", progress=False)
+    elif fmt == "bin":
+        (tmp_path / "bin").mkdir()    # transformers 5 writes only safetensors: a .bin as older versions wrote it
+        ref.config.save_pretrained(tmp_path / "bin")
+        torch.save({k: v.contiguous() for k, v in ref.state_dict().items()}, tmp_path / "bin" / "pytorch_model.bin")
+        path = str(tmp_path / "bin")
+    m = overspill.load(path, dtype="float32", max_memory={"cpu": _minimum_budget(path)}, max_seq_len=64)
+    embed = m.plan.placement("embed")
+    C = ref.config.hidden_size
+    assert embed.tier == "stream"
+    tok = m.executor.source.resident[0].tok if 0 in m.executor.source.resident else None
+    if fmt == "bin":
+        assert tok is None and embed.stream_bytes == VOCAB * C * 4
+        assert torch.equal(m.logits(torch.tensor([[5, 6, 7]])), base.logits(torch.tensor([[5, 6, 7]])))
+        return
+    assert isinstance(tok, RowTable) and embed.stream_bytes == 1 * C * 4     # max_batch_size 1: one row per step
+    ids = torch.tensor([[5, 9, 5, 30, 9, 7], [1, 1, 2, 3, 5, 8]])
+    before = tok.bytes_read
+    assert torch.equal(m.logits(ids), base.logits(ids))
+    assert tok.bytes_read - before == len(set(ids.flatten().tolist())) * C * 4
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    assert m.generate(prompts, max_new_tokens=6, ignore_eos=True) == base.generate(prompts, max_new_tokens=6, ignore_eos=True)

@@ -142,6 +142,18 @@ class HFCheckpoint:
         for f in self._files.values():
             f.close()
 
+    def tensor_location(self, unit: str, canon: str):
+        """(file, byte offset, dtype, shape) of the tensor that becomes ``canon`` of ``unit``, as stored, or None
+        (not in this unit, or in a pickled .bin file, whose bytes have no fixed place)."""
+        for name, c in self.unit_names(unit).items():
+            if c == canon:
+                f = self._files[self._where[name]]
+                if not isinstance(f, SafetensorsFile):
+                    return None
+                info = f.tensors[name]
+                return f.path, info.offset, info.dtype, tuple(info.shape)
+        return None
+
     # -- units ------------------------------------------------------------------------
     def unit_names(self, unit: str) -> dict[str, str]:
         """{hf name: raw canonical name} for 'embed', 'head' or 'block.N'."""

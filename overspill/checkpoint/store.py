@@ -391,6 +391,14 @@ class LayerStore:
     def unit_bytes(self, unit: str) -> int:
         return self._unit(unit)["data_bytes"]
 
+    def tensor_location(self, unit: str, name: str):
+        """(file, byte offset, dtype, shape) of one stored tensor, or None when the unit has no such tensor."""
+        t = self._unit(unit)["tensors"].get(name)
+        if t is None:
+            return None
+        dt, shape, off, _ = t
+        return self.unit_file(unit), off, dt, tuple(shape)
+
     def tensor_names(self, unit: str) -> list[str]:
         return list(self._unit(unit)["tensors"])
 

@@ -194,7 +194,8 @@ def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step
 
 
 def embed_forward(cfg: ModelConfig, w: EmbedWeights, ids: torch.Tensor, step: Step, dtype: torch.dtype) -> torch.Tensor:
-    x = F.embedding(ids, w.tok)                                       # (B, T, C)
+    # a table left on disk (runtime/rows.py) reads just these ids' rows; the same values as F.embedding
+    x = F.embedding(ids, w.tok) if isinstance(w.tok, torch.Tensor) else w.tok.gather(ids)   # (B, T, C)
     if w.pos is not None:
         x = x + F.embedding(step.positions, w.pos)
     return x.to(dtype)

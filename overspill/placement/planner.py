@@ -18,8 +18,8 @@ Tiers, in the order units fill them (execution order is kept, accelerate's seque
 * CPU-only plans (no accelerator budget) instead read the fewest bytes from disk per forward: the
   embedding and head are placed freely, the blocks as a resident prefix and a streamed rest. A big
   head kept resident shrinks every staging slot to a block's size, and an embedding whose
-  `stream_bytes` are only its rows would cost almost nothing to stream (the loader reads whole units
-  today, so it does not claim that).
+  `stream_bytes` are only its rows (an untied table at a fixed place in a file: the loader then reads
+  just the rows of each forward's ids, runtime/rows.py) costs almost nothing to stream.
 * Streamed units compute on the compute device: `compute_device`, else the last accelerator whose
   budget has room for the staging ring, else the CPU. It holds the staging ring
   (`ring_slots` x the largest streamed unit's `stream_bytes`), the KV cache of every unit it

@@ -11,8 +11,9 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..model.kv_cache import KVCache
 from ..model.linear import BlockedLinear, DenseLinear, blocked_available
-from ..model.weights import MakeLinear, bind, default_make_linear, units
+from ..model.weights import EmbedWeights, MakeLinear, bind, default_make_linear, units
 from .executor import Executor
+from .rows import RowTable
 from .sources import ResidentSource
 from .streaming import HFUnitReader, HostUnitReader, MixedReader, StoreUnitReader, StreamingSource, dense_streamed
 from .transfer import DeviceCopier, map_tensors, pack
@@ -118,6 +119,19 @@ def open_source(path: str, dtype, quantize: str | None):
     return ckpt, False, resolve_dtype(dtype, ckpt), quantize
 
 
+def embed_rows(src, cfg: ModelConfig):
+    """(file, offset, stored dtype, [V, C]) of the token table when a streamed embedding can read just the rows it
+    needs (runtime/rows.py): an untied table, alone in its unit, at a fixed place in a file; else None."""
+    if cfg.tie_embeddings:
+        return None
+    is_store = hasattr(src, "unit_bytes")
+    names = src.tensor_names("embed") if is_store else list(src.unit_names("embed").values())
+    if names != ["tok.weight"]:
+        return None
+    loc = src.tensor_location("embed", "tok.weight")
+    return loc if loc is not None and len(loc[3]) == 2 else None
+
+
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
               reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False):
     """The placement for this source. Streaming straight from a Hugging Face directory holds one more unit than
@@ -136,6 +150,9 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
         w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head)
         # what a streamed fetch reads and holds: an HF directory quantizing on the fly reads the stored weights
         read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not is_store else w
+        rows = embed_rows(src, cfg) if u == "embed" else None
+        if rows is not None:   # streamed, it reads a decode step's rows, not the table
+            read = reserve.max_batch * rows[3][1] * rows[2].itemsize
         if u == "head" and cfg.tie_embeddings and is_store and \
                 not any(n == "lm.weight" or n.startswith("lm.q.") for n in src.tensor_names(u)):
             # a tied store's head multiplies by the embedding table: resident or streamed beside a streamed
@@ -210,10 +227,14 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     pin = any(d.type == "cuda" for d in devs)
 
     resident = {}
+    rows = embed_rows(src, cfg) if 0 in streamed and homes[0] == "disk" else None
+    if rows is not None:   # the token table stays on disk: each forward reads its ids' rows (runtime/rows.py)
+        resident[0] = EmbedWeights(RowTable(*rows, dt))
+        streamed.remove(0)
     # a tied head shares the embedding table only on the embedding's own device (elsewhere it reads its own copy)
     on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}
     for i, u in enumerate(names):
-        if i in streamed:
+        if i in streamed or i in resident:
             continue
         if devs[i] == cpu:
             resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, on(cpu), quantize_head)

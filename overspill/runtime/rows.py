@@ -1,0 +1,56 @@
+"""An embedding table left on disk: a forward reads only the rows of its token ids.
+
+A decode step of a batch of B sequences needs B rows of the token embedding (8 KiB each for GPT-J-6B in bf16), not
+the whole table (394 MiB), so a plan under a tight budget can leave the table on disk at almost no cost and keep
+another block resident instead. The rows are read on the compute thread when the embedding runs (the reader thread
+cannot read them ahead: the ids of the next step are not known until this one ends).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import CheckpointError
+
+
+class RowTable:
+    """Rows of a [V, C] table stored contiguously at ``offset`` in ``path`` (a layer store's embed file or a
+    safetensors shard); ``gather(ids)`` reads the distinct ids' rows (positional reads, dropped from the page
+    cache after) and returns them in ``dtype``, shaped ids.shape + (C,), on the ids' device."""
+
+    nbytes = 0   # holds no table bytes (what the plan counts as its resident weights)
+
+    def __init__(self, path: str, offset: int, stored: torch.dtype, shape: tuple[int, int], dtype: torch.dtype):
+        self.path, self.offset, self.shape, self.stored, self.dtype = path, offset, tuple(shape), stored, dtype
+        self.row_bytes = shape[1] * stored.itemsize
+        self.fd = os.open(path, os.O_RDONLY)
+        self.bytes_read = 0
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        V, C = self.shape
+        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        if uniq.numel() and (uniq[0] < 0 or uniq[-1] >= V):
+            raise IndexError(f"token id {int(uniq[-1] if uniq[-1] >= V else uniq[0])} outside the embedding's {V} rows")
+        rows = torch.empty(uniq.numel(), self.row_bytes, dtype=torch.uint8)
+        buf = memoryview(rows.view(-1).numpy())
+        for j, i in enumerate(uniq.tolist()):
+            at = self.offset + i * self.row_bytes
+            if os.preadv(self.fd, [buf[j * self.row_bytes:(j + 1) * self.row_bytes]], at) != self.row_bytes:
+                raise CheckpointError(f"{self.path}: unexpected end of file reading embedding row {i} at byte {at}")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, at, self.row_bytes, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += rows.numel()
+        table = rows.view(self.stored).view(-1, C).to(self.dtype)
+        return table[inverse].to(ids.device)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
