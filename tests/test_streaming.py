@@ -464,6 +464,11 @@ def test_streamed_embedding_reads_only_its_rows(deep_dir, tmp_path, fmt):
         assert torch.equal(m.logits(torch.tensor([[5, 6, 7]])), base.logits(torch.tensor([[5, 6, 7]])))
         return
     assert isinstance(tok, RowTable) and embed.stream_bytes == 1 * C * 4     # max_batch_size 1: one row per step
+    # with an accelerator the table may be held in host RAM and copied whole: the plan counts it whole there
+    from overspill.runtime.loader import Reserve as R, make_plan, open_source
+    src = open_source(path, "float32", None)[0]
+    gpu_plan = make_plan(src, src.config, torch.float32, None, {"cuda:0": 1 << 30, "cpu": 1 << 30}, R(1, 64))
+    assert gpu_plan.placement("embed").stream_bytes == VOCAB * C * 4
     ids = torch.tensor([[5, 9, 5, 30, 9, 7], [1, 1, 2, 3, 5, 8]])
     before = tok.bytes_read
     assert torch.equal(m.logits(ids), base.logits(ids))

@@ -129,7 +129,9 @@ def embed_rows(src, cfg: ModelConfig):
     if names != ["tok.weight"]:
         return None
     loc = src.tensor_location("embed", "tok.weight")
-    return loc if loc is not None and len(loc[3]) == 2 else None
+    from ..checkpoint.hf import canonical_shapes
+    # a shape that disagrees with config.json: the unit's normal read reports it
+    return loc if loc is not None and loc[3] == canonical_shapes(cfg, "embed")["tok.weight"] else None
 
 
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
@@ -150,7 +152,9 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
         w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head)
         # what a streamed fetch reads and holds: an HF directory quantizing on the fly reads the stored weights
         read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not is_store else w
-        rows = embed_rows(src, cfg) if u == "embed" else None
+        # CPU-only plans stream the table from disk by rows; with accelerators it may be held in host RAM and copied
+        # whole (the loader reads rows only for a table whose home is disk), so it is counted whole there
+        rows = embed_rows(src, cfg) if u == "embed" and set(budgets) <= {"cpu", "disk"} else None
         if rows is not None:   # streamed, it reads a decode step's rows, not the table
             read = reserve.max_batch * rows[3][1] * rows[2].itemsize
         if u == "head" and cfg.tie_embeddings and is_store and \

@@ -28,20 +28,38 @@ class RowTable:
         self.bytes_read = 0
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        from .io import read_pool
         V, C = self.shape
-        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)   # sorted distinct ids
         if uniq.numel() and (uniq[0] < 0 or uniq[-1] >= V):
             raise IndexError(f"token id {int(uniq[-1] if uniq[-1] >= V else uniq[0])} outside the embedding's {V} rows")
         rows = torch.empty(uniq.numel(), self.row_bytes, dtype=torch.uint8)
         buf = memoryview(rows.view(-1).numpy())
-        for j, i in enumerate(uniq.tolist()):
-            at = self.offset + i * self.row_bytes
-            if os.preadv(self.fd, [buf[j * self.row_bytes:(j + 1) * self.row_bytes]], at) != self.row_bytes:
-                raise CheckpointError(f"{self.path}: unexpected end of file reading embedding row {i} at byte {at}")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, at, self.row_bytes, os.POSIX_FADV_DONTNEED)
+        # runs of consecutive ids are one read each; the reads go to the runtime's reader threads together (a prompt
+        # batch can need thousands of rows)
+        ids_l, runs, j = uniq.tolist(), [], 0
+        while j < len(ids_l):
+            k = j
+            while k + 1 < len(ids_l) and ids_l[k + 1] == ids_l[k] + 1:
+                k += 1
+            runs.append((j, ids_l[j], k - j + 1))
+            j = k + 1
+
+        def read(run):
+            j, i, n = run
+            at, nb = self.offset + i * self.row_bytes, n * self.row_bytes
+            if os.preadv(self.fd, [buf[j * self.row_bytes: j * self.row_bytes + nb]], at) != nb:
+                raise CheckpointError(f"{self.path}: unexpected end of file reading embedding rows {i}..{i + n - 1} "
+                                      f"at byte {at}")
+        if len(runs) > 1:
+            list(read_pool().map(read, runs))
+        elif runs:
+            read(runs[0])
+        if hasattr(os, "posix_fadvise"):   # whole pages of the table's span: rows smaller than a page are dropped too
+            os.posix_fadvise(self.fd, self.offset, V * self.row_bytes, os.POSIX_FADV_DONTNEED)
         self.bytes_read += rows.numel()
         table = rows.view(self.stored).view(-1, C).to(self.dtype)
+        del rows   # (a no-op conversion keeps it alive in ``table``)
         return table[inverse].to(ids.device)
 
     def close(self) -> None:
