@@ -54,10 +54,14 @@ def unpin(buf: torch.Tensor | None) -> None:
 
 
 def evict(fd: int, offset: int = 0, length: int = 0) -> None:
-    """Drop these file pages from the page cache so buffered streaming cannot grow it unboundedly."""
+    """Drop these file pages from the page cache so buffered streaming cannot grow it unboundedly. The range is
+    widened to whole pages (the kernel drops only pages wholly inside it: a read smaller than a page, such as an
+    embedding row, would otherwise stay cached); length 0 means to the end of the file."""
     if hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            start = offset // ALIGN * ALIGN
+            os.posix_fadvise(fd, start, -(-(offset + length) // ALIGN) * ALIGN - start if length else 0,
+                             os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
 

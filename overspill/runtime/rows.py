@@ -7,11 +7,9 @@ cannot read them ahead: the ids of the next step are not known until this one en
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..errors import CheckpointError
+from .io import DirectFile, read_pool
 
 
 class RowTable:
@@ -24,48 +22,35 @@ class RowTable:
     def __init__(self, path: str, offset: int, stored: torch.dtype, shape: tuple[int, int], dtype: torch.dtype):
         self.path, self.offset, self.shape, self.stored, self.dtype = path, offset, tuple(shape), stored, dtype
         self.row_bytes = shape[1] * stored.itemsize
-        self.fd = os.open(path, os.O_RDONLY)
+        self.file = DirectFile(path, direct=False)   # buffered positional reads, evicted after (rows are unaligned)
         self.bytes_read = 0
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        from .io import read_pool
         V, C = self.shape
         uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)   # sorted distinct ids
         if uniq.numel() and (uniq[0] < 0 or uniq[-1] >= V):
             raise IndexError(f"token id {int(uniq[-1] if uniq[-1] >= V else uniq[0])} outside the embedding's {V} rows")
         rows = torch.empty(uniq.numel(), self.row_bytes, dtype=torch.uint8)
-        buf = memoryview(rows.view(-1).numpy())
+        flat, rb = rows.view(-1), self.row_bytes
         # runs of consecutive ids are one read each; the reads go to the runtime's reader threads together (a prompt
         # batch can need thousands of rows)
-        ids_l, runs, j = uniq.tolist(), [], 0
+        ids_l, requests, j = uniq.tolist(), [], 0
         while j < len(ids_l):
             k = j
             while k + 1 < len(ids_l) and ids_l[k + 1] == ids_l[k] + 1:
                 k += 1
-            runs.append((j, ids_l[j], k - j + 1))
+            requests.append((flat[j * rb:(k + 1) * rb], self.offset + ids_l[j] * rb, (k + 1 - j) * rb))
             j = k + 1
-
-        def read(run):
-            j, i, n = run
-            at, nb = self.offset + i * self.row_bytes, n * self.row_bytes
-            if os.preadv(self.fd, [buf[j * self.row_bytes: j * self.row_bytes + nb]], at) != nb:
-                raise CheckpointError(f"{self.path}: unexpected end of file reading embedding rows {i}..{i + n - 1} "
-                                      f"at byte {at}")
-        if len(runs) > 1:
-            list(read_pool().map(read, runs))
-        elif runs:
-            read(runs[0])
-        if hasattr(os, "posix_fadvise"):   # whole pages of the table's span: rows smaller than a page are dropped too
-            os.posix_fadvise(self.fd, self.offset, V * self.row_bytes, os.POSIX_FADV_DONTNEED)
+        self.file.read_many(requests, read_pool())
         self.bytes_read += rows.numel()
         table = rows.view(self.stored).view(-1, C).to(self.dtype)
         del rows   # (a no-op conversion keeps it alive in ``table``)
         return table[inverse].to(ids.device)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def __del__(self):
         try:
