@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overspill.kernels import blockable, block_weight, cpu_kernels, cpu_supported, unblock_weight
+from overspill.kernels import _thp_madvise, blockable, block_weight, cpu_kernels, cpu_supported, panel_empty, unblock_weight
 from overspill.model.linear import BlockedLinear, DenseLinear, dense_linear
 
 K_ = cpu_kernels()
@@ -480,3 +480,31 @@ def test_panel_empty_is_a_plain_tensor_and_can_be_switched_off(monkeypatch):
         big = panel_empty((3 << 20,), torch.uint8)
         assert big.shape == (3 << 20,) and big.is_contiguous() and big.dtype == torch.uint8
         assert torch.equal(unblock_weight(block_weight(w)), w)
+
+
+def _huge_kib_at(addr: int) -> int | None:
+    """AnonHugePages (KiB) of the mapping that holds ``addr`` in this process, or None when no mapping does."""
+    import re
+    for m in re.finditer(r"^([0-9a-f]+)-([0-9a-f]+) [^\n]*\n(.*?)(?=^[0-9a-f]+-[0-9a-f]+ |\Z)",
+                         open("/proc/self/smaps").read(), re.S | re.M):
+        if int(m.group(1), 16) <= addr < int(m.group(2), 16):
+            return int(re.search(r"AnonHugePages:\s+(\d+)", m.group(3)).group(1))
+    return None
+
+
+@pytest.mark.skipif(not _thp_madvise(), reason="transparent huge pages are off on this system")
+def test_panel_empty_gets_huge_pages_even_after_heap_churn(monkeypatch):
+    """Kernel-layout weights sit on huge pages: the whole 2 MiB pages inside the tensor, and nothing beyond its bytes.
+    Heap churn first, as loading makes it: freed temporaries that glibc would hand back already mapped small."""
+    monkeypatch.setenv("OVERSPILL_HUGEPAGES", "1")
+    big = torch.ones(16 << 20, dtype=torch.uint8)     # freeing it raises glibc's mmap threshold above 10 MiB,
+    del big
+    junk = [torch.ones(10 << 20, dtype=torch.uint8) for _ in range(4)]   # so these come from the heap, touched,
+    del junk                                                               # and go back to it mapped small
+    n = (9 << 20) + 12345
+    t = panel_empty((n,), torch.uint8)
+    t.fill_(7)
+    assert t.shape == (n,) and t.is_contiguous() and int(t[-1]) == 7
+    start = -(-t.data_ptr() // (2 << 20)) * (2 << 20)
+    inner = (t.data_ptr() + n) // (2 << 20) * (2 << 20) - start
+    assert _huge_kib_at(start) == inner >> 10

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import mmap
 import os
 import sys
 import threading
@@ -93,32 +95,38 @@ def blockable(N: int, K: int) -> bool:
 _HUGE = 2 << 20
 
 
-def _advise_huge(t: torch.Tensor) -> None:
-    """Ask for transparent huge pages on the 2 MiB-aligned interior of a fresh (untouched) CPU tensor.
-
-    Decode streams every weight once per token; with 4 KiB pages the hardware prefetchers restart at every page
-    boundary. Measured (interleaved, 12 rounds): panel weights read at 33.8 vs 32.5 GB/s (llama.cpp's mmapped
-    GGUFs get large folios from the page cache). No memory overhead: the ragged edges stay small pages. A no-op where
-    THP is off, on non-Linux systems, or with OVERSPILL_HUGEPAGES=0."""
-    nbytes = t.numel() * t.element_size()
-    if nbytes < 2 * _HUGE or t.device.type != "cpu" or os.environ.get("OVERSPILL_HUGEPAGES", "1") == "0":
-        return
+def _thp_madvise() -> bool:
+    """Whether transparent huge pages can be had by asking for them (Linux, THP not "never", not switched off)."""
+    if os.environ.get("OVERSPILL_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
-        if end > start:
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)   # MADV_HUGEPAGE
-    except (OSError, AttributeError):
-        pass
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
 
 
 def panel_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """A new CPU tensor for kernel-layout weights, huge-page advised before its pages are first touched."""
-    t = torch.empty(shape, dtype=dtype)
-    _advise_huge(t)
-    return t
+    """A new CPU tensor for kernel-layout weights, on transparent huge pages where the system allows.
+
+    Decode streams every weight once per token; with 4 KiB pages the hardware prefetchers restart at every page
+    boundary and every page costs a TLB walk. Measured (20 interleaved rounds, 225 MB of panels): 4 KiB vs huge
+    pages read at 54.7 vs 59.5 GB/s in a fast memory phase (+9.5%), 35.6 vs 36.3 (+1.3%) in a slow one.
+    Advice on a ``torch.empty`` block is not enough: glibc hands back recycled heap pages that are already mapped
+    small (half of TinyLlama's weights were), so each tensor gets a fresh anonymous mapping, 2 MiB-aligned and
+    advised before its first touch. Only the whole 2 MiB pages inside the tensor are advised; the ragged tail stays
+    small, so no memory is held beyond the tensor's bytes. The mapping is unmapped when the storage is freed.
+    A plain ``torch.empty`` for small tensors, where THP is off, and with OVERSPILL_HUGEPAGES=0."""
+    n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if n < 2 * _HUGE or not _thp_madvise():
+        return torch.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, n + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(m, dtype=torch.uint8)        # the storage holds the mapping
+    off = -whole.data_ptr() % _HUGE
+    inner = n // _HUGE * _HUGE
+    m.madvise(mmap.MADV_HUGEPAGE, off, inner)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):                  # the tail stays small where THP is "always" too
+        m.madvise(mmap.MADV_NOHUGEPAGE, off + inner, len(m) - off - inner)
+    return whole[off:off + n].view(dtype).view(shape)
 
 
 def block_weight(w: torch.Tensor) -> torch.Tensor:

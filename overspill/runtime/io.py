@@ -66,6 +66,27 @@ def evict(fd: int, offset: int = 0, length: int = 0) -> None:
             pass
 
 
+_LIBC = None
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Loading frees each unit's read and transform temporaries; glibc keeps freed heap memory mapped, and the weights
+    themselves live in fresh mappings (kernels.panel_empty), so without this the temporaries of every unit would
+    stay in RSS: TinyLlama bf16 peaked at 3.49 GB instead of 2.5."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 class DirectFile:
     """A file opened for O_DIRECT reads when the filesystem allows it, else buffered + evict."""
 

@@ -13,6 +13,7 @@ from ..model.kv_cache import KVCache
 from ..model.linear import BlockedLinear, DenseLinear, blocked_available
 from ..model.weights import EmbedWeights, MakeLinear, bind, default_make_linear, units
 from .executor import Executor
+from .io import trim_heap
 from .rows import RowTable
 from .sources import ResidentSource
 from .streaming import HFUnitReader, HostUnitReader, MixedReader, StoreUnitReader, StreamingSource, dense_streamed
@@ -242,6 +243,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
             continue
         if devs[i] == cpu:
             resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, on(cpu), quantize_head)
+            trim_heap()   # the unit's temporaries: freed, and now out of RSS too
         elif store is not None:   # straight from the read buffer to the device (no host clone)
             t = map_tensors(store.read_unit(u), lambda x: x.to(devs[i]))
             resident[i] = _bind_store_unit(store, cfg, u, t, dense_streamed, on(devs[i]))
