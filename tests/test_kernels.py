@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overspill.kernels import _thp_madvise, blockable, block_weight, cpu_kernels, cpu_supported, panel_empty, unblock_weight
+from overspill.kernels import (_thp_madvise, blockable, block_weight, cpu_kernels, cpu_supported, panel_empty, transient,
+                               unblock_weight)
 from overspill.model.linear import BlockedLinear, DenseLinear, dense_linear
 
 K_ = cpu_kernels()
@@ -508,3 +509,18 @@ def test_panel_empty_gets_huge_pages_even_after_heap_churn(monkeypatch):
     start = -(-t.data_ptr() // (2 << 20)) * (2 << 20)
     inner = (t.data_ptr() + n) // (2 << 20) * (2 << 20) - start
     assert _huge_kib_at(start) == inner >> 10
+
+
+@pytest.mark.skipif(not _thp_madvise(), reason="transparent huge pages are off on this system")
+def test_panel_empty_inside_transient_is_plain_heap_memory(monkeypatch):
+    """A streamed unit's weights live one forward: inside transient() they are plain torch memory (exactly their
+    bytes), not a fresh mapping with 2 MiB of slack that every forward would map and fault in again."""
+    monkeypatch.setenv("OVERSPILL_HUGEPAGES", "1")
+    n = 9 << 20
+    assert panel_empty((n,), torch.uint8).untyped_storage().nbytes() > n      # its own mapping
+    with transient():
+        with transient():
+            pass
+        t = panel_empty((n,), torch.uint8)                                      # still transient after the inner exit
+    assert t.untyped_storage().nbytes() == n
+    assert panel_empty((n,), torch.uint8).untyped_storage().nbytes() > n

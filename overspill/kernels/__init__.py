@@ -105,6 +105,21 @@ def _thp_madvise() -> bool:
         return False
 
 
+_TRANSIENT = threading.local()
+
+
+class transient:
+    """``with transient():`` weights built inside live for one forward (a streamed unit): panel_empty hands out
+    plain (recycled) heap memory there, not a fresh huge-page mapping that every forward would fault in again."""
+
+    def __enter__(self):
+        self._was = getattr(_TRANSIENT, "on", False)
+        _TRANSIENT.on = True
+
+    def __exit__(self, *exc):
+        _TRANSIENT.on = self._was
+
+
 def panel_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """A new CPU tensor for kernel-layout weights, on transparent huge pages where the system allows.
 
@@ -115,9 +130,10 @@ def panel_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     small (half of TinyLlama's weights were), so each tensor gets a fresh anonymous mapping, 2 MiB-aligned and
     advised before its first touch. Only the whole 2 MiB pages inside the tensor are advised; the ragged tail stays
     small, so no memory is held beyond the tensor's bytes. The mapping is unmapped when the storage is freed.
-    A plain ``torch.empty`` for small tensors, where THP is off, and with OVERSPILL_HUGEPAGES=0."""
+    A plain ``torch.empty`` for small tensors, inside ``transient()``, where THP is off, and with
+    OVERSPILL_HUGEPAGES=0."""
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if n < 2 * _HUGE or not _thp_madvise():
+    if n < 2 * _HUGE or getattr(_TRANSIENT, "on", False) or not _thp_madvise():
         return torch.empty(shape, dtype=dtype)
     m = mmap.mmap(-1, n + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(m, dtype=torch.uint8)        # the storage holds the mapping

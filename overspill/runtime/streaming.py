@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..kernels import transient
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
 from .io import ALIGN, DirectFile, aligned_buffer, read_pool, unpin
@@ -251,7 +252,8 @@ class StreamingSource:
         # Built here, not in the reader: the layout conversion then overlaps the reader's next read instead of
         # delaying it (a streamed pass is read-bound: the reader must never stop reading). An error here leaves the
         # slot in use, so the next begin_pass restarts the reader.
-        w = self.make_weights(self.names[i], t)
+        with transient():   # lives for this forward only: no fresh huge-page mappings to fault in
+            w = self.make_weights(self.names[i], t)
         self.stats["build_s"] += time.perf_counter() - t1
         return w
 
