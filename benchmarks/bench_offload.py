@@ -95,6 +95,8 @@ def run_overspill(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
     probe_s = time.perf_counter() - t0
     io0 = proc_io()
     kw = {"quantize": a.quantize} if a.quantize else {}
+    if a.kv_cache:
+        kw["kv_cache"] = a.kv_cache
     dtype = "auto" if a.worker == "overspill-store" else "bfloat16"
     t0 = time.perf_counter()
     model = overspill.load(a.path, dtype=dtype, max_memory=f"cpu={a.budget}", max_batch_size=a.batch,
@@ -239,6 +241,8 @@ def worker_cmd(a: argparse.Namespace, side: str, batch: int, bw_json: str, disk_
            "--bw", bw_json, "--disk-gbps", repr(disk_gbps), "--vocab", str(a.vocab)]
     if side != "accelerate" and a.quantize:
         cmd += ["--quantize", a.quantize]
+    if side != "accelerate" and a.kv_cache:
+        cmd += ["--kv-cache", a.kv_cache]
     if a.offload_dir:
         cmd += ["--offload-dir", a.offload_dir]
     return cmd
@@ -269,7 +273,7 @@ def one_run(a: argparse.Namespace, side: str, batch: int, rnd: int, bw, ctx: dic
     with common.MemoryCgroup(f"bench-offload-{os.getpid()}", ctx["limit"]) as cg:
         res = common.run_worker(cmd, cgroup=cg.path, check=False, timeout=a.timeout)
         cg_stat = cgroup_memory_stat(cg.path)
-    scheme = (a.quantize or "bf16") if side != "accelerate" else "bf16"
+    scheme = ((a.quantize or "bf16") + (f" kv {a.kv_cache}" if a.kv_cache else "")) if side != "accelerate" else "bf16"
     row = {"kind": "run", "mode": a.mode, "time": ctx["stamp"], "hf": str(a.hf), "store": a.store, "side": side,
            "scheme": scheme, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
            "round": rnd, "budget": a.budget, "budget_bytes": ctx["budget_bytes"], "cgroup_limit": ctx["limit"],
@@ -466,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds")
     p.add_argument("--sides", default="overspill-hf,overspill-store,accelerate")
     p.add_argument("--quantize", default=None, help="scheme for the overspill sides (rows labelled by it)")
+    p.add_argument("--kv-cache", default=None, help="KV cache format for the overspill sides: int8")
     p.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                    help="do not drop the page cache before runs (plumbing checks only: not a cold run)")
     p.add_argument("--offload-dir", default=None, help="where accelerate's temporary offload_folder goes")

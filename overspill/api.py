@@ -168,7 +168,8 @@ def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear
 
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
          max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
-         max_batch_size: int = 1, max_seq_len: int | None = None, make_linear: MakeLinear | None = None) -> Model:
+         max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
+         make_linear: MakeLinear | None = None) -> Model:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -178,7 +179,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     quantize: int8 | int4 | int8-dynamic | nf4 for the block matmul weights.
     quantize_head: the LM head in the same scheme too (as llama.cpp's quantized files do); a layer store keeps
       the head it was converted with (``overspill convert --quantize-head``).
+    kv_cache: None (the compute dtype) or "int8": keys and values rounded per head and slot, a bit over half the
+      bytes of bf16 (model/kv_cache.QuantKV), so a budget holds about twice the batch x length.
     """
+    from .model.kv_cache import KV_FORMATS
     from .runtime.loader import Reserve, build
 
     path = str(path) if path is not None else default_model_path()
@@ -191,7 +195,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
                 {str(k): parse_size(v) if isinstance(v, str) else v for k, v in dict(max_memory).items()}
         except ValueError as e:
             raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
-    reserve = Reserve(max_batch_size, max_seq_len or 1024)
+    if kv_cache not in (None, *KV_FORMATS):
+        raise OverspillError(f"kv_cache: unknown format {kv_cache!r}; expected one of {', '.join(KV_FORMATS)} "
+                             f"(or none for the compute dtype)")
+    reserve = Reserve(max_batch_size, max_seq_len or 1024, kv_format=kv_cache)
     try:
         cfg, executor, plan, src = build(path, dtype, quantize, budgets, reserve, make_linear,
                                          quantize_head=quantize_head)
@@ -200,6 +207,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
             raise
         raise OverspillError(str(e)) from None
     executor.reserve = reserve if budgets is not None else None
+    executor.kv_format = kv_cache
     tok = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen = {}
     gcfg = getattr(src, "generation_config", None) or {}

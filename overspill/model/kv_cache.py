@@ -1,9 +1,60 @@
-"""Preallocated key/value cache: one (k, v) pair of [B, nkv, S_max, hs] tensors per block."""
+"""Preallocated key/value cache: one (k, v) pair of [B, nkv, S_max, hs] per block.
+
+Entries are plain tensors in the compute dtype, or (``kv_cache="int8"``) QuantKV: int8 codes with one scale per
+sequence, head and slot, a bit over half the bytes of bf16. That is what lets a large throughput batch fit
+beside streamed weights (FlexGen compresses its KV cache for the same reason).
+"""
 from __future__ import annotations
 
 import torch
 
 from ..config import ModelConfig
+
+KV_FORMATS = ("int8",)
+
+
+class QuantKV:
+    """One block's keys or values in int8: codes [B, nkv, S, hs] and fp32 scales [B, nkv, S, 1].
+
+    Each (sequence, head, slot) vector is rounded to absmax/127 steps when it is written; reads dequantize the
+    slots [0, end) into the compute dtype (a transient the memory plan counts). Rows slice like a tensor
+    (micro-batches) and ``index_select`` reorders them (beam search)."""
+
+    __slots__ = ("q", "s")
+
+    def __init__(self, q: torch.Tensor, s: torch.Tensor):
+        self.q, self.s = q, s
+
+    @classmethod
+    def empty(cls, shape: tuple, device) -> "QuantKV":
+        return cls(torch.empty(shape, dtype=torch.int8, device=device),
+                   torch.empty(shape[:-1] + (1,), dtype=torch.float32, device=device))
+
+    @staticmethod
+    def nbytes_per_vector(head_dim: int) -> int:
+        return head_dim + 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def __getitem__(self, rows) -> "QuantKV":
+        return QuantKV(self.q[rows], self.s[rows])
+
+    def index_select(self, dim: int, index: torch.Tensor) -> "QuantKV":
+        return QuantKV(self.q.index_select(dim, index), self.s.index_select(dim, index))
+
+    def write(self, start: int, x: torch.Tensor) -> None:
+        """x [B, nkv, T, hs] (any float dtype) into slots [start, start + T)."""
+        xf = x.float()
+        s = xf.abs().amax(-1, keepdim=True) / 127.0
+        end = start + x.shape[2]
+        self.q[:, :, start:end] = torch.round(xf / s.clamp_min(torch.finfo(torch.float32).tiny)).to(torch.int8)
+        self.s[:, :, start:end] = s
+
+    def read(self, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Slots [0, end) dequantized: [B, nkv, end, hs] in ``dtype`` (codes are exact in bf16/fp16; one rounding)."""
+        return self.q[:, :, :end].to(dtype).mul_(self.s[:, :, :end].to(dtype))
 
 
 class KVCache:
@@ -14,19 +65,24 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", layer_devices: list | None = None):
+                 device: torch.device | str = "cpu", layer_devices: list | None = None, kv_format: str | None = None):
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         devs = layer_devices or [device] * cfg.n_layers
         # torch.empty does not touch the pages: memory is committed only as slots fill.
-        self.k = [torch.empty(shape, dtype=dtype, device=d) for d in devs]
-        self.v = [torch.empty(shape, dtype=dtype, device=d) for d in devs]
+        new = (lambda d: QuantKV.empty(shape, d)) if kv_format == "int8" else \
+            (lambda d: torch.empty(shape, dtype=dtype, device=d))
+        self.k = [new(d) for d in devs]
+        self.v = [new(d) for d in devs]
         self.max_len = max_len
         self.length = 0
         self.key_valid: torch.Tensor | None = None   # [B, max_len] bool
 
     @staticmethod
-    def nbytes_for(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
-        return 2 * cfg.n_layers * batch * cfg.n_kv_heads * max_len * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    def nbytes_for(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, kv_format: str | None = None) -> int:
+        vectors = 2 * cfg.n_layers * batch * cfg.n_kv_heads * max_len
+        if kv_format == "int8":
+            return vectors * QuantKV.nbytes_per_vector(cfg.head_dim)
+        return vectors * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
     def valid_prefix(self, end: int) -> torch.Tensor | None:
         return None if self.key_valid is None else self.key_valid[:, :end]

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..kernels import cpu_kernels
+from .kv_cache import QuantKV
+from .weights import BlockWeights, EmbedWeights, HeadWeights
 
 # bf16 on CPU: use the kernels' fused RMSNorm and in-place rotary (same rounding as the torch expressions below).
 FUSED = True
-from .weights import BlockWeights, EmbedWeights, HeadWeights
 
 
 def norm(cfg: ModelConfig, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
@@ -123,7 +124,9 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
     nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     y = w.qkv(x)                                                       # (B, T, (nh+2nkv)*hs)
     kern = cpu_kernels() if y.dtype == torch.bfloat16 and y.device.type == "cpu" and not y.requires_grad else None
-    if FUSED and T == 1 and kern is not None and y.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous():
+    quant = isinstance(k_cache, QuantKV)
+    if FUSED and T == 1 and kern is not None and not quant and y.is_contiguous() and k_cache.is_contiguous() \
+            and v_cache.is_contiguous():
         # decode: rotary, cache write and attention in one call (same arithmetic as the lines below)
         return w.out(kern.decode_step(y, k_cache, v_cache, step.start, step.cos, step.sin, nh, nkv, step.mask, cfg.scale))
     qkv = y.view(B, T, nh + 2 * nkv, hs)                               # (B, T, nh+2nkv, hs)
@@ -133,9 +136,14 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
     elif step.cos is not None:
         qk = apply_rope(qk, step.cos, step.sin)                        # q and k heads in one go
     q = qk[:, :, :nh].transpose(1, 2)                                  # (B, nh, T, hs)
-    k_cache[:, :, step.start:step.end] = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hs)
-    v_cache[:, :, step.start:step.end] = qkv[:, :, nh + nkv:].transpose(1, 2)
-    k, v = k_cache[:, :, :step.end], v_cache[:, :, :step.end]          # (B, nkv, S, hs)
+    if quant:   # int8 cache: round the new slots in, read all slots back dequantized
+        k_cache.write(step.start, qk[:, :, nh:].transpose(1, 2))
+        v_cache.write(step.start, qkv[:, :, nh + nkv:].transpose(1, 2))
+        k, v = k_cache.read(step.end, q.dtype), v_cache.read(step.end, q.dtype)
+    else:
+        k_cache[:, :, step.start:step.end] = qk[:, :, nh:].transpose(1, 2)  # (B, nkv, T, hs)
+        v_cache[:, :, step.start:step.end] = qkv[:, :, nh + nkv:].transpose(1, 2)
+        k, v = k_cache[:, :, :step.end], v_cache[:, :, :step.end]          # (B, nkv, S, hs)
     if T == 1:
         o = decode_attention(q, k, v, step.mask, cfg.scale)            # (B, nh, 1, hs)
     else:

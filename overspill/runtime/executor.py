@@ -26,6 +26,7 @@ class Executor:
         self.multi = len(set(self.unit_devices)) > 1 or self.unit_devices[0].type != "cpu"
         self.rope = Rope(cfg) if cfg.rotary_dim else None
         self.reserve = None   # set under a memory budget: the largest batch x length planned for
+        self.kv_format = None  # None: KV cache in the compute dtype; "int8": model/kv_cache.QuantKV
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         r = self.reserve
@@ -33,7 +34,7 @@ class Executor:
             raise OverspillError(f"this request needs KV cache for {batch} x {max_len} tokens but the memory plan "
                                  f"reserved {r.max_batch} x {r.max_seq_len}; load with larger max_batch_size / "
                                  f"max_seq_len")
-        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, self.unit_devices[1:-1])
+        return KVCache(self.cfg, batch, max_len, self.dtype, self.device, self.unit_devices[1:-1], self.kv_format)
 
     def step(self, positions: torch.Tensor, cache: KVCache) -> Step:
         T = positions.shape[1]

@@ -30,9 +30,10 @@ class Reserve:
     max_batch: int = 1
     max_seq_len: int = 1024
     micro_tokens: int = 1024
+    kv_format: str | None = None      # None: the compute dtype; "int8": model/kv_cache.QuantKV
 
     def kv_bytes_per_block(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
-        return KVCache.nbytes_for(cfg, self.max_batch, self.max_seq_len, dtype) // cfg.n_layers
+        return KVCache.nbytes_for(cfg, self.max_batch, self.max_seq_len, dtype, self.kv_format) // cfg.n_layers
 
     def micro_batch(self, T: int) -> int:
         """Sequences per micro-batch for a forward over T new tokens."""
@@ -49,7 +50,9 @@ class Reserve:
         scores = tok * cfg.n_heads * L * 4 if L > 1 else 0
         batch_x = 2 * self.max_batch * L * cfg.hidden_size * es       # the batch's hidden state, in and out
         logits = self.max_batch * cfg.vocab_size * 4 * 2
-        return tok * per_tok + scores + batch_x + logits
+        # an int8 cache is read back dequantized: one micro-batch's keys and values over all L slots
+        kv_read = 2 * min(self.max_batch, self.micro_tokens) * L * cfg.kv_size * es if self.kv_format else 0
+        return tok * per_tok + scores + batch_x + logits + kv_read
 
 
 def _es(dtype: torch.dtype) -> int:
