@@ -28,22 +28,25 @@ def main() -> None:
     text = open(a.text or f"{path}/heldout.txt", encoding="utf-8").read()[: a.chars]
     rows = []
     base = None
-    for dtype, scheme, head in [("float32", None, False), ("bfloat16", None, False), ("float32", "int8", False),
-                                ("float32", "int8", True), ("float32", "int8-dynamic", False), ("float32", "int4", False),
-                                ("float32", "int4", True), ("float32", "nf4", False)]:
-        m = overspill.load(path, dtype=dtype, quantize=scheme, quantize_head=head)
+    for dtype, scheme, head, kv in [("float32", None, False, None), ("bfloat16", None, False, None),
+                                    ("float32", "int8", False, None), ("float32", "int8", True, None),
+                                    ("float32", "int8-dynamic", False, None), ("float32", "int4", False, None),
+                                    ("float32", "int4", True, None), ("float32", "nf4", False, None),
+                                    ("float32", None, False, "int8"), ("bfloat16", None, False, "int8")]:
+        m = overspill.load(path, dtype=dtype, quantize=scheme, quantize_head=head, kv_cache=kv)
         r = perplexity(m, m.encode(text), a.context, a.stride)
         base = base or r["perplexity"]
         lin = [w for w in m.executor.source.weights[1:-1]]
         from overspill.runtime.accounting import weights_nbytes
-        rows.append(dict(dtype=dtype, scheme=(scheme or "-") + (" + head" if head else ""), ppl=r["perplexity"], nll=r["nll"], tokens=r["tokens"],
+        rows.append(dict(dtype=dtype, scheme=(scheme or "-") + (" + head" if head else "") + (f", KV {kv}" if kv else ""),
+                         ppl=r["perplexity"], nll=r["nll"], tokens=r["tokens"],
                          vs_fp32=r["perplexity"] / base - 1, block_bytes=sum(weights_nbytes(w) for w in lin),
                          head_bytes=weights_nbytes(m.executor.source.weights[-1]),
                          tokens_per_s=r["tokens_per_s"]))
         print(json.dumps(rows[-1]), flush=True)
     print("\n| weights | block bytes | head bytes | perplexity | vs float32 |\n|---|---|---|---|---|")
     for r in rows:
-        name = r["dtype"] if r["scheme"] == "-" else r["scheme"]
+        name = r["dtype"] if r["scheme"] == "-" else r["dtype"] + r["scheme"][1:] if r["scheme"].startswith("-") else r["scheme"]
         print(f"| {name} | {r['block_bytes'] / 2**20:.2f} MiB | {r['head_bytes'] / 2**20:.2f} MiB | {r['ppl']:.3f} | "
               f"{100 * r['vs_fp32']:+.2f}% |")
     print(f"\n{rows[0]['tokens']} held-out tokens, context {a.context}, stride {a.stride}; quantized rows run the float32 model, "
