@@ -182,7 +182,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     kv_cache: None (the compute dtype) or "int8": keys and values rounded per head and slot, a bit over half the
       bytes of bf16 (model/kv_cache.QuantKV), so a budget holds about twice the batch x length.
     """
-    from .model.kv_cache import KV_FORMATS
+    from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
 
     path = str(path) if path is not None else default_model_path()
@@ -195,10 +195,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
                 {str(k): parse_size(v) if isinstance(v, str) else v for k, v in dict(max_memory).items()}
         except ValueError as e:
             raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
-    if kv_cache not in (None, *KV_FORMATS):
-        raise OverspillError(f"kv_cache: unknown format {kv_cache!r}; expected one of {', '.join(KV_FORMATS)} "
-                             f"(or none for the compute dtype)")
-    reserve = Reserve(max_batch_size, max_seq_len or 1024, kv_format=kv_cache)
+    reserve = Reserve(max_batch_size, max_seq_len or 1024, kv_format=check_kv_format(kv_cache))
     try:
         cfg, executor, plan, src = build(path, dtype, quantize, budgets, reserve, make_linear,
                                          quantize_head=quantize_head)

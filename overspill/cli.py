@@ -283,7 +283,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                  p.add_argument("--json", action="store_true")))
 def cmd_plan(a: argparse.Namespace) -> int:
     from .api import default_model_path
-    from .model.kv_cache import KV_FORMATS
+    from .model.kv_cache import check_kv_format
     from .placement import parse_memory
     from .runtime.loader import Reserve, plan_for
 
@@ -292,10 +292,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         budgets = parse_memory(a.max_memory)
     except ValueError as e:
         raise OverspillError(str(e)) from None
-    if a.kv_cache not in (None, *KV_FORMATS):
-        raise OverspillError(f"--kv-cache: unknown format {a.kv_cache!r}; expected one of {', '.join(KV_FORMATS)}")
-    plan, src = plan_for(path, a.dtype, a.quantize, budgets, Reserve(a.max_batch_size, a.max_seq_len, kv_format=a.kv_cache),
-                         a.quantize_head)
+    reserve = Reserve(a.max_batch_size, a.max_seq_len, kv_format=check_kv_format(a.kv_cache))
+    plan, src = plan_for(path, a.dtype, a.quantize, budgets, reserve, a.quantize_head)
     if a.json:
         print(plan.to_json())
         return 0

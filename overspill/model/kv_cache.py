@@ -9,8 +9,17 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..errors import OverspillError
 
 KV_FORMATS = ("int8",)
+
+
+def check_kv_format(kv_format: str | None) -> str | None:
+    """The format, or one clear error naming the ones there are (None: the compute dtype)."""
+    if kv_format not in (None, *KV_FORMATS):
+        raise OverspillError(f"kv_cache: unknown format {kv_format!r}; expected one of {', '.join(KV_FORMATS)} "
+                             f"(or none for the compute dtype)")
+    return kv_format
 
 
 class QuantKV:
