@@ -16,6 +16,7 @@ to rounding. The build (~40 s, once per machine and source version) is cached un
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -108,16 +109,16 @@ def _thp_madvise() -> bool:
 _TRANSIENT = threading.local()
 
 
-class transient:
+@contextlib.contextmanager
+def transient():
     """``with transient():`` weights built inside live for one forward (a streamed unit): panel_empty hands out
     plain (recycled) heap memory there, not a fresh huge-page mapping that every forward would fault in again."""
-
-    def __enter__(self):
-        self._was = getattr(_TRANSIENT, "on", False)
-        _TRANSIENT.on = True
-
-    def __exit__(self, *exc):
-        _TRANSIENT.on = self._was
+    was = getattr(_TRANSIENT, "on", False)
+    _TRANSIENT.on = True
+    try:
+        yield
+    finally:
+        _TRANSIENT.on = was
 
 
 def panel_empty(shape, dtype: torch.dtype) -> torch.Tensor:
@@ -135,13 +136,16 @@ def panel_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if n < 2 * _HUGE or getattr(_TRANSIENT, "on", False) or not _thp_madvise():
         return torch.empty(shape, dtype=dtype)
-    m = mmap.mmap(-1, n + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(m, dtype=torch.uint8)        # the storage holds the mapping
-    off = -whole.data_ptr() % _HUGE
-    inner = n // _HUGE * _HUGE
-    m.madvise(mmap.MADV_HUGEPAGE, off, inner)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):                  # the tail stays small where THP is "always" too
-        m.madvise(mmap.MADV_NOHUGEPAGE, off + inner, len(m) - off - inner)
+    try:
+        m = mmap.mmap(-1, n + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        whole = torch.frombuffer(m, dtype=torch.uint8)    # the storage holds the mapping
+        off = -whole.data_ptr() % _HUGE
+        inner = n // _HUGE * _HUGE
+        m.madvise(mmap.MADV_HUGEPAGE, off, inner)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):              # the tail stays small where THP is "always" too
+            m.madvise(mmap.MADV_NOHUGEPAGE, off + inner, len(m) - off - inner)
+    except OSError:   # a sandbox that refuses the advice, strict overcommit: plain memory, as small tensors get
+        return torch.empty(shape, dtype=dtype)
     return whole[off:off + n].view(dtype).view(shape)
 
 

@@ -55,15 +55,16 @@ class QuantKV:
 
     def write(self, start: int, x: torch.Tensor) -> None:
         """x [B, nkv, T, hs] (any float dtype) into slots [start, start + T)."""
-        xf = x.float()
+        xf = x.to(torch.float32, copy=True)              # the one fp32 temporary (a copy even for fp32 input)
         s = xf.abs().amax(-1, keepdim=True) / 127.0
         end = start + x.shape[2]
-        self.q[:, :, start:end] = torch.round(xf / s.clamp_min(torch.finfo(torch.float32).tiny)).to(torch.int8)
+        self.q[:, :, start:end] = xf.div_(s.clamp_min(torch.finfo(torch.float32).tiny)).round_()
         self.s[:, :, start:end] = s
 
     def read(self, end: int, dtype: torch.dtype) -> torch.Tensor:
-        """Slots [0, end) dequantized: [B, nkv, end, hs] in ``dtype`` (codes are exact in bf16/fp16; one rounding)."""
-        return self.q[:, :, :end].to(dtype).mul_(self.s[:, :, :end].to(dtype))
+        """Slots [0, end) dequantized: [B, nkv, end, hs] in ``dtype``. Codes are exact in bf16/fp16; the in-place
+        multiply by the fp32 scale computes in fp32 and rounds once."""
+        return self.q[:, :, :end].to(dtype).mul_(self.s[:, :, :end])
 
 
 class KVCache:
@@ -97,8 +98,10 @@ class KVCache:
         return None if self.key_valid is None else self.key_valid[:, :end]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Select/reorder sequences along the batch dimension (beam search)."""
-        self.k = [t.index_select(0, index.to(t.device)) for t in self.k]
-        self.v = [t.index_select(0, index.to(t.device)) for t in self.v]
+        """Select/reorder sequences along the batch dimension (beam search). One layer at a time, so the copy
+        in flight is one layer's keys or values, not the whole cache."""
+        for cache in (self.k, self.v):
+            for i, t in enumerate(cache):
+                cache[i] = t.index_select(0, index.to(t.device))
         if self.key_valid is not None:
             self.key_valid = self.key_valid.index_select(0, index)
