@@ -135,6 +135,10 @@ def test_request_beyond_kv_reserve_is_refused(ref_dir):
     m = _stream_model(path, _budgets(path, 0))
     with pytest.raises(overspill.OverspillError, match="reserved 1 x 64"):
         m.generate([[3, 4, 5]] * 4, max_new_tokens=60)
+    wide = _stream_model(path, 1 << 30, max_batch_size=4)                # 4 x 64 slots reserved
+    assert len(wide.generate([[3, 4, 5]] * 4, max_new_tokens=8)) == 4
+    with pytest.raises(overspill.OverspillError, match=r"1 x 103 tokens .* reserved 4 x 64"):
+        wide.generate([[3, 4, 5]], max_new_tokens=100)                   # 103 slots fit in 4 x 64, one row does not
 
 
 def test_stream_recovers_after_an_interrupted_pass(deep_dir):

@@ -30,7 +30,9 @@ class Executor:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         r = self.reserve
-        if r is not None and batch * max_len > r.max_batch * r.max_seq_len:
+        # the cache may be shaped differently (more, shorter sequences), but no sequence may be longer than
+        # planned: attention scores grow with the length squared
+        if r is not None and (batch * max_len > r.max_batch * r.max_seq_len or max_len > r.max_seq_len):
             raise OverspillError(f"this request needs KV cache for {batch} x {max_len} tokens but the memory plan "
                                  f"reserved {r.max_batch} x {r.max_seq_len}; load with larger max_batch_size / "
                                  f"max_seq_len")
