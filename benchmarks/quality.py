@@ -46,7 +46,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print("\n| weights | block bytes | head bytes | perplexity | vs float32 |\n|---|---|---|---|---|")
     for r in rows:
-        name = r["dtype"] if r["scheme"] == "-" else r["dtype"] + r["scheme"][1:] if r["scheme"].startswith("-") else r["scheme"]
+        name = r["dtype"] + r["scheme"][1:] if r["scheme"].startswith("-") else r["scheme"]   # "-, KV int8" -> dtype
         print(f"| {name} | {r['block_bytes'] / 2**20:.2f} MiB | {r['head_bytes'] / 2**20:.2f} MiB | {r['ppl']:.3f} | "
               f"{100 * r['vs_fp32']:+.2f}% |")
     print(f"\n{rows[0]['tokens']} held-out tokens, context {a.context}, stride {a.stride}; quantized rows run the float32 model, "
