@@ -383,6 +383,92 @@ def hf_generate_timed(model, prompts: list[list[int]], new_tokens: int) -> tuple
 
 
 def append_jsonl(path, row: dict) -> None:
-    """Append one result row (raw rows are kept per run so nothing is lost if a later run fails)."""
+    """Append one result row (raw rows are kept per run so nothing is lost if a later run fails).
+    Creates the file's directory: a fresh clone has no bench-cache/results/."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke mode: every script's --smoke runs its whole path on tiny random checkpoints in seconds
+#
+#   tempdir/                      made fresh, removed at the end (--keep leaves it)
+#     ckpt/<preset>/              tiny checkpoints written by make_checkpoint.py's function
+#     cache/                      XDG_CACHE_HOME: overspill's bandwidth cache stays out of ~/.cache
+#     bench-cache/results/*.jsonl the default --out: a directory that does not exist yet, as in a fresh clone
+#
+# A smoke run measures nothing: it checks that the benchmark runs, from a fresh clone, as its README says.
+
+
+class Smoke:
+    """`with common.Smoke(keep=False) as sm: ckpt = sm.checkpoint("llama-tiny")`."""
+
+    def __init__(self, keep: bool = False):
+        self.keep = keep
+        self.dir: Path | None = None
+
+    def __enter__(self) -> "Smoke":
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="overspill-smoke-"))
+        os.environ["XDG_CACHE_HOME"] = str(self.dir / "cache")   # before overspill's probes are imported
+        print(f"smoke: scratch in {self.dir}" + ("" if self.keep else " (removed at the end)"), file=sys.stderr,
+              flush=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.keep:
+            print(f"smoke: kept {self.dir}", file=sys.stderr)
+        else:
+            import shutil
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def out(self, name: str) -> Path:
+        """Default results file of a smoke run: under a results directory that does not exist yet."""
+        return self.dir / "bench-cache" / "results" / name
+
+    def checkpoint(self, preset: str, dtype: str = "bfloat16") -> Path:
+        """A tiny random checkpoint (make_checkpoint.py's PRESETS), written once per smoke run."""
+        from make_checkpoint import DTYPES, PRESETS, make_checkpoint
+
+        out = self.dir / "ckpt" / f"{preset}-{dtype}"
+        if not (out / "config.json").exists():
+            arch, fields = PRESETS[preset]
+            make_checkpoint(out, arch, dict(fields), DTYPES[dtype], 1 << 30, seed=0, log=lambda msg: None)
+        return out
+
+
+def bf16_matmul_ok() -> bool:
+    """Whether oneDNN runs bf16 matmuls on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    import torch
+
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return probe is None or probe()
+
+
+def compute_dtype(fallback: str = "running in float32") -> str:
+    """bfloat16 where this CPU runs bf16 matmuls, else float32, saying so with `fallback`: smoke runs use it so they
+    run on any x86-64 CPU."""
+    if bf16_matmul_ok():
+        return "bfloat16"
+    print(f"this CPU has no bf16 matmul in oneDNN (AVX-512 BW/VL/DQ or AVX-NE-CONVERT): {fallback}",
+          file=sys.stderr, flush=True)
+    return "float32"
+
+
+def smoke_check(path, min_runs: int = 1) -> list[dict]:
+    """After a smoke run: the results file holds rows and every run in it succeeded; prints one line."""
+    rows = read_jsonl(path)
+    runs = [r for r in rows if r.get("kind", "run") == "run"]
+    failed = [r for r in runs if r.get("ok") is False]
+    print(f"smoke: {len(rows)} rows ({len(runs)} runs, {len(failed)} failed) in {path}", flush=True)
+    if failed or len(runs) < min_runs:
+        raise SystemExit(f"smoke: FAILED: {len(failed)} failed runs, {len(runs)} runs (need {min_runs})")
+    return rows
