@@ -4,7 +4,7 @@
                (in-process)     (fresh process:      (fresh process)
                                  load, warm-up, timed generate, one JSON line)
 
-Each worker loads the checkpoint in bfloat16 (2 threads), runs one short warm-up generate (which
+Each worker loads the checkpoint in bfloat16 (--dtype; 2 threads), runs one short warm-up generate (which
 also pulls the weights into memory: transformers maps safetensors lazily), then one timed greedy
 generate of exactly --new-tokens tokens after a random --prompt-len token prompt at --batch rows.
 Sides alternate within every round so the machine's drift hits both alike; the driver quotes
@@ -21,6 +21,8 @@ Examples (from the repository root):
     # every weight format side by side, interleaved in each round (issue 4's table):
     .venv/bin/python benchmarks/bench_decode.py --ckpt tinyllama --repeats 2 \
         --sides overspill,overspill:int8,overspill:int8+head,overspill:int8-dynamic,overspill:int4,overspill:int4+head
+    # smoke: the whole path on a tiny random checkpoint in seconds (results under a temp dir)
+    .venv/bin/python benchmarks/bench_decode.py --smoke
 Worker (run by the driver; prints one JSON line):
     .venv/bin/python benchmarks/bench_decode.py --worker hf --ckpt DIR --batch 1
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -53,12 +56,12 @@ def make_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int) -> lis
     return torch.randint(0, vocab_size, (batch, prompt_len), generator=gen).tolist()
 
 
-def run_hf(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int) -> dict:
+def run_hf(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=getattr(torch, dtype))
     model.eval()
     load_s = time.perf_counter() - t0
 
@@ -72,12 +75,12 @@ def run_hf(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: 
 
 
 def run_overspill(ckpt: str, prompts: list[list[int]], new_tokens: int, warmup_tokens: int,
-                  quantize: str | None, quantize_head: bool = False) -> dict:
+                  quantize: str | None, quantize_head: bool = False, dtype: str = "bfloat16") -> dict:
     import overspill
 
     kw = {"quantize": quantize, "quantize_head": quantize_head} if quantize else {}
     t0 = time.perf_counter()
-    model = overspill.load(ckpt, dtype="bfloat16", **kw)
+    model = overspill.load(ckpt, dtype=dtype, **kw)
     load_s = time.perf_counter() - t0
 
     model.generate(prompts, max_new_tokens=warmup_tokens, temperature=0, ignore_eos=True)
@@ -104,9 +107,9 @@ def worker(a: argparse.Namespace) -> None:
     vocab = common.read_config(ckpt)["vocab_size"]
     prompts = make_prompts(vocab, a.batch, a.prompt_len, a.seed)
     if a.worker == "hf":
-        r = run_hf(ckpt, prompts, a.new_tokens, a.warmup_tokens)
+        r = run_hf(ckpt, prompts, a.new_tokens, a.warmup_tokens, a.dtype)
     else:
-        r = run_overspill(ckpt, prompts, a.new_tokens, a.warmup_tokens, a.quantize, a.quantize_head)
+        r = run_overspill(ckpt, prompts, a.new_tokens, a.warmup_tokens, a.quantize, a.quantize_head, a.dtype)
     steps = a.new_tokens - 1
     r["decode_tok_s"] = steps / r["decode_s"] if steps > 0 and r["decode_s"] > 0 else None  # per sequence
     r["agg_tok_s"] = r["decode_tok_s"] * a.batch if r["decode_tok_s"] else None
@@ -155,15 +158,19 @@ def parse_side(side: str, a: argparse.Namespace) -> tuple[str, str | None, bool]
     return kind, scheme, head
 
 
-def scheme_label(scheme: str | None, head: bool) -> str:
-    return (scheme or "bf16") + ("+head" if scheme and head else "")
+DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def scheme_label(scheme: str | None, head: bool, dtype: str = "bfloat16") -> str:
+    return (scheme or DTYPE_LABELS[dtype]) + ("+head" if scheme and head else "")
 
 
 def worker_cmd(a: argparse.Namespace, side: str, ckpt: Path, batch: int) -> list[str]:
     kind, scheme, head = parse_side(side, a)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--ckpt", str(ckpt),
            "--batch", str(batch), "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens),
-           "--warmup-tokens", str(a.warmup_tokens), "--seed", str(a.seed), "--threads", str(a.threads)]
+           "--warmup-tokens", str(a.warmup_tokens), "--seed", str(a.seed), "--threads", str(a.threads),
+           "--dtype", a.dtype]
     if scheme:
         cmd += ["--quantize", scheme] + (["--quantize-head"] if head else [])
     return cmd
@@ -202,15 +209,15 @@ def summarize(rows: list[dict], mem_gbps: float, wbpt: dict[str, int], sides: li
 def tokens_note(rows: list[dict], sides: list[str]) -> str:
     """Greedy decoding on the same weights and prompt should give the same tokens: compare row 0's
     first 16 new tokens across every successful run (bf16 rounding can split near-ties)."""
-    bf16 = [r for r in rows if r.get("ok") and "tokens0" in r and r["scheme"] == "bf16"]
-    seqs = {json.dumps(r["tokens0"]) for r in bf16}
-    if len({r["side"] for r in bf16}) < 2 or not seqs:
+    plain = [r for r in rows if r.get("ok") and "tokens0" in r and r["scheme"] in DTYPE_LABELS.values()]
+    seqs = {json.dumps(r["tokens0"]) for r in plain}
+    if len({r["side"] for r in plain}) < 2 or not seqs:
         return ""
     return ("\ngreedy tokens (row 0, first 16) identical across sides and rounds: "
-            + ("yes" if len(seqs) == 1 else f"NO ({len(seqs)} variants)") + " (bf16 sides)")
+            + ("yes" if len(seqs) == 1 else f"NO ({len(seqs)} variants)") + " (unquantized sides)")
 
 
-def quantized_bytes_per_token(ckpt: Path, scheme: str, quantize_head: bool) -> int:
+def quantized_bytes_per_token(ckpt: Path, scheme: str, quantize_head: bool, dtype: str = "bfloat16") -> int:
     import torch
 
     from overspill.checkpoint.hf import HFCheckpoint
@@ -218,11 +225,12 @@ def quantized_bytes_per_token(ckpt: Path, scheme: str, quantize_head: bool) -> i
     from overspill.runtime.loader import unit_weight_bytes
 
     ck = HFCheckpoint(str(ckpt))
-    return sum(unit_weight_bytes(ck, ck.config, u, torch.bfloat16, scheme, quantize_head)
+    return sum(unit_weight_bytes(ck, ck.config, u, getattr(torch, dtype), scheme, quantize_head)
                for u in units(ck.config) if u != "embed")
 
 
-def driver(a: argparse.Namespace) -> None:
+def driver(a: argparse.Namespace) -> Path:
+    """Runs every (checkpoint, batch), prints one table each; returns the results file."""
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     if not sides:
         raise SystemExit(f"--sides takes a comma list of hf, overspill, overspill:SCHEME[+head]; got {a.sides!r}")
@@ -230,21 +238,20 @@ def driver(a: argparse.Namespace) -> None:
     batches = [int(b) for b in a.batches.split(",")] if a.batches else [a.batch]
     ckpts = [resolve_ckpt(c) for c in a.ckpt]
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    labels = {side: scheme_label(sc, hd) for side, (_, sc, hd) in spec.items()}
+    labels = {side: scheme_label(sc, hd, a.dtype) for side, (_, sc, hd) in spec.items()}
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     reports = []
 
     for ckpt in ckpts:
         # quantized weights: the bytes overspill's planner counts (all units but the embedding)
-        wbpt = {side: quantized_bytes_per_token(ckpt, sc, hd) if sc else common.weight_bytes_per_token(ckpt)
+        wbpt = {side: quantized_bytes_per_token(ckpt, sc, hd, a.dtype) if sc else common.weight_bytes_per_token(ckpt)
                 for side, (_, sc, hd) in spec.items()}
         kv_step = common.kv_bytes_per_token(ckpt) * (a.prompt_len + a.new_tokens // 2)  # mid-decode, per seq
         for batch in batches:
             title = (f"{ckpt.name}  batch {batch}  prompt {a.prompt_len}  new {a.new_tokens}  weights/step "
                      + ", ".join(f"{labels[sd]} {wbpt[sd] / 1e9:.3f} GB" for sd in dict.fromkeys(sides)))
             print(f"== {title}", file=sys.stderr, flush=True)
-            probes = [common.mem_read_gbps()]
+            probes = [a.mem_probe()]
             rows: list[dict] = []
             for rnd, side in common.interleave(sides, a.repeats):
                 os.sync()  # dirty pages being flushed made steps erratic (shared/anchors/RESULTS.md)
@@ -266,7 +273,7 @@ def driver(a: argparse.Namespace) -> None:
                           + "\n".join("      " + ln for ln in row["stderr_tail"].splitlines()[-8:]),
                           file=sys.stderr, flush=True)
                 if side == sides[-1]:
-                    probes.append(common.mem_read_gbps())
+                    probes.append(a.mem_probe())
             mem = common.median(probes)
             table = summarize(rows, mem, wbpt, sides)
             table += tokens_note(rows, sides)
@@ -277,7 +284,7 @@ def driver(a: argparse.Namespace) -> None:
             summary = {"kind": "summary", "time": stamp, "ckpt": str(ckpt), "ckpt_name": ckpt.name,
                        "schemes": labels, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                        "repeats": a.repeats, "sides": sides, "mem_gbps_probes": probes, "mem_gbps": mem,
-                       "weight_bytes_per_token": wbpt,
+                       "weight_bytes_per_token": wbpt, "dtype": a.dtype,
                        "bound_tok_s_per_seq": {sd: mem * 1e9 / wbpt[sd] for sd in wbpt}}
             for side in sides:
                 ok = [r for r in rows if r["side"] == side and r.get("ok")]
@@ -289,12 +296,32 @@ def driver(a: argparse.Namespace) -> None:
             common.append_jsonl(out, summary)
             print(reports[-1], flush=True)
     print(f"raw rows appended to {out}", file=sys.stderr)
+    return out
+
+
+def smoke(a: argparse.Namespace) -> None:
+    """--smoke: a tiny random Llama, every side for one round, a few tokens; fails unless every run succeeded."""
+    with common.Smoke(a.keep) as sm:
+        if importlib.util.find_spec("transformers") is None:
+            print("smoke: transformers is not installed: the hf side is skipped", file=sys.stderr)
+            a.sides = ",".join(s for s in a.sides.split(",") if s.strip() != "hf")
+        a.dtype = a.dtype or common.compute_dtype()
+        a.ckpt = a.ckpt or [str(sm.checkpoint("llama-tiny", a.dtype))]
+        a.out = a.out or str(sm.out("decode.jsonl"))
+        a.mem_probe = lambda: common.mem_read_gbps(64 << 20, reps=1)
+        out = driver(a)
+        common.smoke_check(out, min_runs=len(a.sides.split(",")))
+
+
+# --smoke changes these defaults (flags given explicitly still win)
+SMOKE_DEFAULTS = dict(batches="1", prompt_len=8, new_tokens=4, warmup_tokens=2, repeats=1,
+                      sides="hf,overspill", threads=1, timeout=300)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint dirs (or names under bench-cache/)")
+    p.add_argument("--ckpt", nargs="+", help="checkpoint dirs (or names under bench-cache/)")
     p.add_argument("--batches", default="1,8", help="comma list of batch sizes (default 1,8)")
     p.add_argument("--batch", type=int, default=1, help="worker: batch size")
     p.add_argument("--prompt-len", type=int, default=128)
@@ -308,15 +335,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt token ids")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the raw rows are appended to")
+    p.add_argument("--dtype", default=None, help="weights and compute, both sides (default bfloat16)")
+    p.add_argument("--out", default=None, help=f"JSONL file the raw rows are appended to (default {DEFAULT_OUT})")
+    p.add_argument("--smoke", action="store_true", help="check the whole path in seconds: a tiny random checkpoint "
+                   "made in a temp dir, one round, a few tokens (measures nothing)")
+    p.add_argument("--keep", action="store_true", help="--smoke: keep the temp dir")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**SMOKE_DEFAULTS)
     a = p.parse_args(argv)
     if a.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
+    if a.smoke:
+        return smoke(a)
+    if not a.ckpt:
+        p.error("--ckpt is required (or --smoke)")
+    a.dtype = a.dtype or "bfloat16"
     if a.worker:
-        worker(a)
-    else:
-        driver(a)
+        return worker(a)
+    a.out = a.out or str(DEFAULT_OUT)
+    a.mem_probe = common.mem_read_gbps
+    driver(a)
 
 
 if __name__ == "__main__":

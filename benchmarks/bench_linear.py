@@ -8,6 +8,7 @@ only within one (shape, batch) block.
     .venv/bin/python benchmarks/bench_linear.py                 # all shapes, batch 1 and 8
     .venv/bin/python benchmarks/bench_linear.py 2048x5632 --batches 1,8,64
     .venv/bin/python benchmarks/bench_linear.py --int4-sweep   # int4pack vs dequant+matmul by batch size
+    .venv/bin/python benchmarks/bench_linear.py --smoke        # every method once on a small shape (seconds)
 """
 import argparse
 import math
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import common  # noqa: E402
 from overspill.model.linear import BlockedLinear, PackedLinear, blocked_available  # noqa: E402
 import overspill.quant as Q  # noqa: E402
 
@@ -67,8 +69,9 @@ def build(N, K, M, xdtype):
     n = n_copies(nb)
     Wd = [wb.clone() for _ in range(n)]
     m["bf16 F.linear"] = (lambda i: F.linear(x.to(torch.bfloat16), Wd[i]), n, nb, False)
-    Wp = [PackedLinear(wb.clone()) for _ in range(n)]
-    m["PackedLinear bf16"] = (lambda i: Wp[i](x.to(torch.bfloat16)), n, nb, False)
+    if common.bf16_matmul_ok():
+        Wp = [PackedLinear(wb.clone()) for _ in range(n)]
+        m["PackedLinear bf16"] = (lambda i: Wp[i](x.to(torch.bfloat16)), n, nb, False)
     if blocked_available(wb):
         Wk = [BlockedLinear(wb.clone()) for _ in range(n)]
         m["BlockedLinear bf16 (panel kernel)"] = (lambda i: Wk[i](x.to(torch.bfloat16)), n, nb, False)
@@ -93,12 +96,12 @@ def build(N, K, M, xdtype):
 
 def report(N, K, M, xdtype, res, methods):
     base = res["bf16 F.linear"][0]
-    pk = res["PackedLinear bf16"][0]
+    pk = res["PackedLinear bf16"][0] if "PackedLinear bf16" in res else None
     print(f"== W[{N}x{K}] batch {M} x {str(xdtype).replace('torch.', '')}")
     for k, (med, lo, hi) in sorted(res.items(), key=lambda kv: kv[1][0]):
         b = methods[k][2]
         print(f"  {k:36s} {b / med / 1e9:6.1f} GB/s [{b / hi / 1e9:5.1f}-{b / lo / 1e9:5.1f}]  {med * 1e3:8.3f} ms"
-              f"  x{base / med:5.2f} vs bf16 F.linear  x{pk / med:5.2f} vs PackedLinear")
+              f"  x{base / med:5.2f} vs bf16 F.linear" + (f"  x{pk / med:5.2f} vs PackedLinear" if pk else ""))
     sys.stdout.flush()
 
 
@@ -110,7 +113,7 @@ def int4_sweep(N=5632, K=2048):
     k = n_copies(b)
     lins = [Q.make_linear("int4", {kk: v.clone() for kk, v in t.items()}, repack=False) for _ in range(k)]
     wb = w.to(torch.bfloat16)
-    Wp = [PackedLinear(wb.clone()) for _ in range(n_copies(N * K * 2))]
+    Wp = [PackedLinear(wb.clone()) for _ in range(n_copies(N * K * 2))] if common.bf16_matmul_ok() else []
     for M in (4, 8, 16, 32, 64, 128, 256):
         x = torch.randn(M, K, dtype=torch.bfloat16)
         f = torch._weight_int4pack_mm_for_cpu
@@ -118,8 +121,9 @@ def int4_sweep(N=5632, K=2048):
             "int4pack one call": (lambda i: f(x, lins[i].qweight, lins[i].group_size, lins[i].scales_zeros), k, b, False),
             "int4pack chunks of 4": (lambda i: torch.cat([f(c, lins[i].qweight, lins[i].group_size, lins[i].scales_zeros) for c in x.split(4)]), k, b, False),
             "dequant bf16 + matmul": (lambda i: x @ lins[i]._dequant_bf16_t(), k, b, False),
-            "PackedLinear bf16 (ref)": (lambda i: Wp[i % len(Wp)](x), len(Wp), N * K * 2, False),
         }
+        if Wp:
+            meth["PackedLinear bf16 (ref)"] = (lambda i: Wp[i % len(Wp)](x), len(Wp), N * K * 2, False)
         res = bench(meth, repeats=3, warm=2, calls=10)
         print(f"== int4 W[{N}x{K}] M={M}: " + "  ".join(f"{kk} {v[0] * 1e3:.2f} ms" for kk, v in res.items()))
         sys.stdout.flush()
@@ -134,8 +138,17 @@ def main():
     ap.add_argument("--calls", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int4-sweep", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="every method once on one small shape, batch 1 and 2, a "
+                    "small weight pool (seconds; measures nothing)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if not common.bf16_matmul_ok():
+        print("oneDNN's bf16 path needs AVX-512 or AVX-NE-CONVERT on this CPU: PackedLinear left out", flush=True)
+    if a.smoke:
+        global POOL_BYTES
+        POOL_BYTES = 1 << 20
+        a.shapes, a.batches, a.repeats, a.calls = a.shapes or ["128x256"], "1,2", 1, 3
+        torch.set_num_threads(1)
     if a.int4_sweep:
         return int4_sweep()
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes] or SHAPES

@@ -21,6 +21,8 @@ Examples (from the repository root; see benchmarks/README.md section "Offload"):
         --store bench-cache/gptj-6b-store --budget 4GiB
     .venv/bin/python benchmarks/bench_offload.py --hf bench-cache/gptj-6b-bfloat16 \
         --store bench-cache/gptj-6b-store --budget 4GiB --mode throughput --batches 1,8,32
+    # smoke: a tiny random Llama and its layer store, streamed under a budget below its size, every side once
+    .venv/bin/python benchmarks/bench_offload.py --smoke
 Worker (run by the driver; prints one JSON line):
     .venv/bin/python benchmarks/bench_offload.py --worker accelerate --path DIR --budget 4GiB
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -84,20 +87,20 @@ def step_figures(first_token_s: float, steps: list[float], batch: int, new_token
 
 def run_overspill(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
     import overspill
-    from overspill.placement.planner import Bandwidths
-
+    from overspill.placement import Bandwidths
     from overspill.placement.bandwidth import measure
 
     # The planner's own probes (memory, the model's files with O_DIRECT, matmul), fresh as `overspill plan` takes
-    # them: this machine's disk drifts 0.9-1.8 GB/s, so a cached probe predicts another day's speed.
+    # them: this machine's disk drifts 0.9-1.8 GB/s, so a cached probe predicts another day's speed. (--smoke: the
+    # driver's quick probe instead.)
     t0 = time.perf_counter()
-    bw_fresh = measure(model_paths=[a.path], cache=False)
+    bw_fresh = Bandwidths(**json.loads(a.bw)) if a.smoke else measure(model_paths=[a.path], cache=False)
     probe_s = time.perf_counter() - t0
     io0 = proc_io()
     kw = {"quantize": a.quantize} if a.quantize else {}
     if a.kv_cache:
         kw["kv_cache"] = a.kv_cache
-    dtype = "auto" if a.worker == "overspill-store" else "bfloat16"
+    dtype = "auto" if a.worker == "overspill-store" else a.dtype   # a store keeps the dtype it was converted to
     t0 = time.perf_counter()
     model = overspill.load(a.path, dtype=dtype, max_memory=f"cpu={a.budget}", max_batch_size=a.batch,
                            max_seq_len=a.prompt_len + a.new_tokens, **kw)
@@ -160,7 +163,7 @@ def run_accelerate(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
     try:
         io0 = proc_io()
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(a.path, dtype=torch.bfloat16, device_map="auto",
+        model = AutoModelForCausalLM.from_pretrained(a.path, dtype=getattr(torch, a.dtype), device_map="auto",
                                                      max_memory={"cpu": a.budget}, offload_folder=offload)
         model.eval()
         load_s = time.perf_counter() - t0
@@ -238,7 +241,9 @@ def worker_cmd(a: argparse.Namespace, side: str, batch: int, bw_json: str, disk_
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--path", str(path),
            "--budget", a.budget, "--batch", str(batch), "--prompt-len", str(a.prompt_len),
            "--new-tokens", str(a.new_tokens), "--seed", str(a.seed), "--threads", str(a.threads),
-           "--bw", bw_json, "--disk-gbps", repr(disk_gbps), "--vocab", str(a.vocab)]
+           "--bw", bw_json, "--disk-gbps", repr(disk_gbps), "--vocab", str(a.vocab), "--dtype", a.dtype]
+    if a.smoke:
+        cmd += ["--smoke"]
     if side != "accelerate" and a.quantize:
         cmd += ["--quantize", a.quantize]
     if side != "accelerate" and a.kv_cache:
@@ -270,10 +275,14 @@ def one_run(a: argparse.Namespace, side: str, batch: int, rnd: int, bw, ctx: dic
     else:
         os.sync()
     cmd = worker_cmd(a, side, batch, json.dumps(dataclasses.asdict(bw)), disk)
-    with common.MemoryCgroup(f"bench-offload-{os.getpid()}", ctx["limit"]) as cg:
-        res = common.run_worker(cmd, cgroup=cg.path, check=False, timeout=a.timeout)
-        cg_stat = cgroup_memory_stat(cg.path)
-    scheme = ((a.quantize or "bf16") + (f" kv {a.kv_cache}" if a.kv_cache else "")) if side != "accelerate" else "bf16"
+    if ctx["cgroups"]:
+        with common.MemoryCgroup(f"bench-offload-{os.getpid()}", ctx["limit"]) as cg:
+            res = common.run_worker(cmd, cgroup=cg.path, check=False, timeout=a.timeout)
+            cg_stat = cgroup_memory_stat(cg.path)
+    else:   # --smoke where no memory cgroup can be made: the worker runs without a limit
+        res, cg_stat = common.run_worker(cmd, check=False, timeout=a.timeout), {}
+    unquantized = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[a.dtype]
+    scheme = ((a.quantize or unquantized) + (f" kv {a.kv_cache}" if a.kv_cache else "")) if side != "accelerate" else unquantized
     row = {"kind": "run", "mode": a.mode, "time": ctx["stamp"], "hf": str(a.hf), "store": a.store, "side": side,
            "scheme": scheme, "batch": batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
            "round": rnd, "budget": a.budget, "budget_bytes": ctx["budget_bytes"], "cgroup_limit": ctx["limit"],
@@ -372,9 +381,30 @@ def throughput_table(rows: list[dict], sides: list[str], batches: list[int]) -> 
     return "\n".join(lines)
 
 
-def driver(a: argparse.Namespace) -> None:
+def cgroups_available() -> str | None:
+    """None where this process can make a child memory cgroup (v1, root), else why not."""
+    try:
+        common.remove_cgroup(common.make_cgroup(f"bench-offload-probe-{os.getpid()}", 1 << 30))
+        return None
+    except (OSError, RuntimeError) as e:
+        return str(e)
+
+
+def quick_bandwidths(files: list[Path]):
+    """--smoke: short probes in place of overspill's full `measure` (tens of seconds on a slow machine)."""
+    import torch
+    from overspill.placement import Bandwidths
+    from overspill.placement.bandwidth import matmul_tflops
+
+    return Bandwidths(mem_gbps=common.mem_read_gbps(64 << 20, reps=1),
+                      disk_gbps=common.disk_read_gbps(files, max_bytes=64 << 20, threads=2, direct=False),
+                      matmul_tflops=matmul_tflops(torch.float32, m=64, n=256, k=256, reps=1))
+
+
+def driver(a: argparse.Namespace) -> Path:
+    """Runs every side and batch, prints the table; returns the results file."""
+    from overspill.placement import parse_size
     from overspill.placement.bandwidth import matmul_tflops, measure
-    from overspill.placement.planner import parse_size
 
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     bad = [s for s in sides if s not in SIDES]
@@ -383,6 +413,19 @@ def driver(a: argparse.Namespace) -> None:
     if "overspill-store" in sides and not a.store:
         print("no --store given: skipping overspill-store", file=sys.stderr)
         sides.remove("overspill-store")
+    if "accelerate" in sides and (importlib.util.find_spec("accelerate") is None
+                                  or importlib.util.find_spec("transformers") is None):
+        if not a.smoke:
+            raise SystemExit("the accelerate side needs transformers and accelerate: .venv/bin/pip install -e "
+                             "'.[bench]', or leave accelerate out of --sides")
+        print("smoke: accelerate side skipped: transformers or accelerate is not installed", file=sys.stderr)
+        sides.remove("accelerate")
+    no_cgroup = cgroups_available()
+    if no_cgroup and not a.smoke:
+        raise SystemExit(f"cannot make a memory cgroup ({no_cgroup}): the offload benchmark runs each side in one "
+                         "(cgroup v1 mounted at /sys/fs/cgroup/memory, as root)")
+    if no_cgroup:
+        print(f"smoke: no memory cgroup ({no_cgroup}): workers run without a memory limit", file=sys.stderr)
     if a.mode == "throughput":  # one overspill side: the store if given, else the HF dir
         osp = "overspill-store" if "overspill-store" in sides else ("overspill-hf" if "overspill-hf" in sides else None)
         sides = [s for s in (osp, "accelerate" if "accelerate" in sides else None) if s]
@@ -395,19 +438,19 @@ def driver(a: argparse.Namespace) -> None:
     limit = budget_bytes + parse_size(a.cgroup_overhead)
     batches = [int(b) for b in a.batches.split(",")] if a.mode == "throughput" else [a.batch]
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     hf = Path(a.hf)
     ctx = {"stamp": stamp, "limit": limit, "budget_bytes": budget_bytes, "sizes": common.tensor_bytes(hf),
-           "wbpt": common.weight_bytes_per_token(hf), "params": param_count(hf)}
-    bw = measure(cache=True)  # overspill's own probe (cached): what the plan's prediction uses
+           "wbpt": common.weight_bytes_per_token(hf), "params": param_count(hf), "cgroups": not no_cgroup}
+    # overspill's own probe (cached): what the plan's prediction uses
+    bw = quick_bandwidths(common.safetensors_files(hf)) if a.smoke else measure(cache=True)
     if a.mode == "throughput":
-        ctx["tflops"] = matmul_tflops(reps=5)
+        ctx["tflops"] = bw.matmul_tflops if a.smoke else matmul_tflops(reps=5)
     if not a.drop_caches:
         print("--no-drop-caches: runs may be served from the page cache (plumbing checks only)", file=sys.stderr)
     title = (f"{hf.name}{' / ' + Path(a.store).name if a.store else ''}  mode {a.mode}  budget cpu={a.budget}  "
              f"cgroup limit {limit / 2**30:.3g} GiB  prompt {a.prompt_len}  new {a.new_tokens}  "
-             f"scheme {a.quantize or 'bf16'}  params {ctx['params'] / 1e9:.3g} B  "
+             f"scheme {a.quantize or a.dtype}  params {ctx['params'] / 1e9:.3g} B  "
              f"weights/step {ctx['wbpt'] / 1e9:.3g} GB  drop caches {a.drop_caches}")
     print(f"== {title}", file=sys.stderr, flush=True)
     rows: list[dict] = []
@@ -450,6 +493,34 @@ def driver(a: argparse.Namespace) -> None:
                                        "bound_s", "first_token_bound_s", "peak_rss_bytes")}
     common.append_jsonl(out, summary)
     print(f"raw rows appended to {out}", file=sys.stderr)
+    return out
+
+
+def smoke(a: argparse.Namespace) -> None:
+    """--smoke: a tiny random Llama and its layer store (`overspill convert`), streamed under a tiny budget; every
+    side once, page cache not dropped. Fails unless every run succeeded."""
+    with common.Smoke(a.keep) as sm:
+        a.dtype = a.dtype or common.compute_dtype()
+        if not a.hf:
+            a.hf = str(sm.checkpoint("llama-tiny", a.dtype))
+            if not a.store and "overspill-store" in a.sides:
+                from overspill.cli import main as overspill_cli
+                a.store = str(sm.dir / "store")
+                rc = overspill_cli(["convert", a.hf, a.store, "--dtype", a.dtype]
+                                   + (["--quantize", a.quantize] if a.quantize else []))
+                if rc:
+                    raise SystemExit(f"smoke: overspill convert exited {rc}")
+        if a.budget is None:   # below the model's bytes, so units stream, above the planner's minimum
+            nbytes = sum(f.stat().st_size for f in common.safetensors_files(a.hf))
+            a.budget = f"{int(0.85 * nbytes) >> 10}KiB"
+        a.out = a.out or str(sm.out("offload.jsonl"))
+        out = driver(a)
+        common.smoke_check(out, min_runs=1)
+
+
+# --smoke changes these defaults (flags given explicitly still win)
+SMOKE_DEFAULTS = dict(budget=None, cgroup_overhead="1GiB", prompt_len=8, new_tokens=4, repeats=1, batches="1,2",
+                      drop_caches=False, threads=1, timeout=300)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -477,21 +548,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSONL file the raw rows are appended to")
+    p.add_argument("--dtype", default=None, help="weights and compute of overspill-hf and accelerate (default "
+                   "bfloat16); a store keeps the dtype it was converted to")
+    p.add_argument("--out", default=None, help=f"JSONL file the raw rows are appended to (default {DEFAULT_OUT})")
+    p.add_argument("--smoke", action="store_true", help="check the whole path in seconds: a tiny random checkpoint "
+                   "and store made in a temp dir, page cache not dropped, quick probes (measures nothing)")
+    p.add_argument("--keep", action="store_true", help="--smoke: keep the temp dir")
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--bw", default=None, help=argparse.SUPPRESS)
     p.add_argument("--disk-gbps", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**SMOKE_DEFAULTS)
     a = p.parse_args(argv)
     if a.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (per-token steps are measured after the first token)")
     if a.worker:
-        worker(a)
-    else:
-        if not a.hf:
-            p.error("--hf is required")
-        driver(a)
+        return worker(a)
+    if a.smoke:
+        return smoke(a)
+    if not a.hf:
+        p.error("--hf is required (or --smoke)")
+    a.dtype = a.dtype or "bfloat16"
+    a.out = a.out or str(DEFAULT_OUT)
+    driver(a)
 
 
 if __name__ == "__main__":

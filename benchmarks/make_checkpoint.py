@@ -23,6 +23,7 @@ Examples (from the repository root):
     .venv/bin/python benchmarks/make_checkpoint.py --preset gptj-6b --max-shard-size 2GB
     .venv/bin/python benchmarks/make_checkpoint.py --arch llama --set hidden_size=512 \
         --set num_hidden_layers=4 --set vocab_size=4096 --out bench-cache/llama-small
+    .venv/bin/python benchmarks/make_checkpoint.py --smoke    # the four tiny presets, sharded, in a temp dir
 """
 
 from __future__ import annotations
@@ -319,6 +320,26 @@ def default_out(preset: str | None, arch: str, sets: dict, dtype_name: str) -> P
     return DEFAULT_CACHE / f"{stem}-{dtype_name}"
 
 
+def smoke(keep: bool) -> int:
+    """Every tiny preset written with 1 MB shards into a temp dir, then read back from the headers: every tensor
+    the meta model names is there once, the index (where sharded) maps each to its file."""
+    from common import Smoke, safetensors_files, tensor_bytes
+
+    with Smoke(keep) as sm:
+        for preset in sorted(p for p in PRESETS if p.endswith("-tiny")):
+            arch, fields = PRESETS[preset]
+            out = sm.dir / preset
+            summary = make_checkpoint(out, arch, dict(fields), torch.bfloat16, 10**6, seed=0, log=lambda msg: None)
+            sizes = tensor_bytes(out)
+            ok = (len(sizes) == summary["tensors"] and sum(sizes.values()) == summary["bytes"]
+                  and len(safetensors_files(out)) == summary["shards"] and (out / "config.json").exists())
+            print(f"smoke: {preset}: {summary['params'] / 1e6:.2f} M params, {summary['tensors']} tensors in "
+                  f"{summary['shards']} shard(s): {'ok' if ok else 'MISMATCH'}", flush=True)
+            if not ok:
+                return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,7 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="default: bench-cache/<preset>-<dtype>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--smoke", action="store_true", help="write the tiny presets with small shards in a temp dir and "
+                   "check them (seconds)")
+    p.add_argument("--keep", action="store_true", help="--smoke: keep the temp dir")
     a = p.parse_args(argv)
+    if a.smoke:
+        return smoke(a.keep)
 
     if not a.preset and not a.arch:
         p.error("give --preset or --arch")
