@@ -1,0 +1,173 @@
+"""Every script in benchmarks/ runs from a fresh clone as benchmarks/README.md says.
+
+Each script's `--smoke` (tiny random checkpoints made on the fly in a temp dir, a few tokens, seconds) runs as a
+subprocess, `sys.executable benchmarks/X.py --smoke ...`, from a temporary working directory where bench-cache/
+does not exist; results go to `bench-cache/results/*.jsonl` relative to it, the README's default path, so a script
+that does not create that directory fails here. The scripts start together (they are mostly interpreter start-up
+and imports) and each test waits for its own.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+TIMEOUT_S = 600
+
+# script -> (extra arguments, python modules without which the script cannot run at all)
+SMOKES: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "make_checkpoint": ([], ("transformers",)),
+    "bench_decode": (["--out", "bench-cache/results/decode.jsonl"], ("transformers",)),
+    "bench_llamacpp": (["--out", "bench-cache/results/llamacpp.jsonl"], ("transformers",)),
+    "bench_offload": (["--out", "bench-cache/results/offload.jsonl"], ("transformers",)),
+    "bench_linear": ([], ()),
+    "quality": ([], ()),
+    "llamacpp_gguf": ([], ("transformers", "gguf")),
+}
+
+
+def missing(name: str) -> list[str]:
+    return [m for m in SMOKES[name][1] if importlib.util.find_spec(m) is None]
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request, tmp_path_factory):
+    """Starts the smoke run of every script this session's tests ask for, all at once; yields name -> run."""
+    wanted = {item.callspec.params["name"] for item in request.session.items
+              if item.module is request.module and "name" in getattr(getattr(item, "callspec", None), "params", {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env.pop("XDG_CACHE_HOME", None)
+    runs = {}
+    for name in sorted(wanted):
+        if missing(name):
+            continue
+        cwd = tmp_path_factory.mktemp(f"fresh-{name}")
+        assert not (cwd / "bench-cache").exists()
+        log = open(cwd / "output.txt", "w+")
+        proc = subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), "--smoke", *SMOKES[name][0]],
+                                cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        runs[name] = {"proc": proc, "cwd": cwd, "log": log}
+    yield runs
+    for run in runs.values():
+        if run["proc"].poll() is None:
+            run["proc"].kill()
+            run["proc"].wait()
+        run["log"].close()
+
+
+def finish(runs: dict, name: str) -> tuple[str, Path]:
+    """Wait for one smoke run; assert it exited 0; return its output and working directory."""
+    if missing(name):
+        pytest.skip(f"{name}.py --smoke needs {', '.join(missing(name))}, not installed")
+    run = runs[name]
+    try:
+        rc = run["proc"].wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        run["proc"].kill()
+        rc = run["proc"].wait()
+    run["log"].seek(0)
+    out = run["log"].read()
+    assert rc == 0, f"{name}.py --smoke exited {rc}:\n{out[-4000:]}"
+    return out, run["cwd"]
+
+
+def results(cwd: Path, name: str) -> list[dict]:
+    path = cwd / "bench-cache" / "results" / name
+    assert path.exists(), f"no {path}"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table_row(out: str, first_cell: str) -> list[str]:
+    """The cells of the markdown table row whose first cell is `first_cell`."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r} in:\n{out[-3000:]}")
+
+
+def test_append_jsonl_creates_the_results_directory(tmp_path):
+    """A fresh clone has no bench-cache/results/: the first row written must create it."""
+    spec = importlib.util.spec_from_file_location("bench_common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    path = tmp_path / "bench-cache" / "results" / "x.jsonl"
+    common.append_jsonl(path, {"kind": "run", "n": 1})
+    common.append_jsonl(path, {"kind": "summary"})
+    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["run", "summary"]
+
+
+@pytest.mark.parametrize("name", ["make_checkpoint"])
+def test_make_checkpoint_smoke(smoke_runs, name):
+    out, _ = finish(smoke_runs, name)
+    for preset in ("gpt2-tiny", "gptj-tiny", "llama-tiny", "neox-tiny"):
+        assert f"smoke: {preset}: " in out and "MISMATCH" not in out, out
+
+
+@pytest.mark.parametrize("name", ["bench_decode"])
+def test_bench_decode_smoke(smoke_runs, name):
+    out, cwd = finish(smoke_runs, name)
+    rows = results(cwd, "decode.jsonl")
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert {r["side"] for r in runs} == {"hf", "overspill"} and all(r["ok"] for r in runs), runs
+    assert all(r["decode_tok_s"] > 0 for r in runs)
+    assert [r["kind"] for r in rows].count("summary") == 1
+    for side in ("hf", "overspill"):
+        cells = table_row(out, side)
+        assert cells[2] == "1/1" and float(cells[4]) > 0, cells   # ok runs, decode tok/s/seq
+    assert "overspill/hf decode tok/s:" in out
+
+
+@pytest.mark.parametrize("name", ["bench_llamacpp"])
+def test_bench_llamacpp_smoke(smoke_runs, name):
+    """Without llama-bench (or gguf) the llama.cpp side is skipped with one line; overspill's side runs."""
+    out, cwd = finish(smoke_runs, name)
+    runs = results(cwd, "llamacpp.jsonl")
+    assert any(r["side"] == "overspill" and r["scheme"] == "int8+head" and r["decode_tok_s"] > 0 for r in runs), runs
+    cells = table_row(out, "int8+head")
+    assert float(cells[2]) > 0, cells                               # overspill decode tok/s
+    if not any(r["side"] == "llama.cpp" for r in runs):
+        assert "llama.cpp side skipped:" in out, out
+
+
+@pytest.mark.parametrize("name", ["bench_offload"])
+def test_bench_offload_smoke(smoke_runs, name):
+    """Under a budget below the model's size both overspill sides stream, and every side's run succeeds."""
+    out, cwd = finish(smoke_runs, name)
+    rows = results(cwd, "offload.jsonl")
+    runs = {r["side"]: r for r in rows if r["kind"] == "run"}
+    expected = {"overspill-hf", "overspill-store"} | ({"accelerate"} if importlib.util.find_spec("accelerate") else set())
+    assert set(runs) == expected and all(r["ok"] for r in runs.values()), rows
+    for side in ("overspill-hf", "overspill-store"):
+        assert runs[side]["plan"]["streamed_units"] > 0, runs[side]["plan"]
+        assert runs[side]["step_s_median"] > 0 and table_row(out, side)[2] == "1/1"
+    assert [r["kind"] for r in rows].count("summary") == 1
+
+
+@pytest.mark.parametrize("name", ["bench_linear"])
+def test_bench_linear_smoke(smoke_runs, name):
+    out, _ = finish(smoke_runs, name)
+    for batch in (1, 2):
+        assert f"== W[128x256] batch {batch} x bfloat16" in out, out
+    timed = {line.split("  ")[1].strip() for line in out.splitlines() if line.startswith("  ") and "GB/s" in line}
+    assert {"bf16 F.linear", "int8", "int8-dynamic", "int4", "nf4"} <= timed, timed
+
+
+@pytest.mark.parametrize("name", ["quality"])
+def test_quality_smoke(smoke_runs, name):
+    out, _ = finish(smoke_runs, name)
+    for label in ("float32", "int8", "int8 + head", "int8-dynamic", "int4", "int4 + head", "nf4", "float32, KV int8"):
+        cells = table_row(out, label)
+        assert float(cells[3]) > 1, cells                           # a perplexity
+
+
+@pytest.mark.parametrize("name", ["llamacpp_gguf"])
+def test_llamacpp_gguf_smoke(smoke_runs, name):
+    out, _ = finish(smoke_runs, name)
+    assert "in the checkpoint" in out and "FAILED" not in out, out
