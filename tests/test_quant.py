@@ -105,12 +105,15 @@ def test_batch_rows_independent(scheme):
 def test_int8_paths():
     t = Q.quantize(W(), "int8")
     d = Q.dequantize("int8", t)
-    x = torch.randn(8, 512, dtype=torch.bfloat16)
+    x = torch.randn(8, 512, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
     ref = F.linear(x.float(), d)
     never = Q.make_linear("int8", t, act_quant="never")(x)
-    always = Q.make_linear("int8", t, act_quant="always")(x[:1])
+    lin = Q.make_linear("int8", t, act_quant="always")
+    always = lin(x[:1])
     assert rel(never, ref) < 0.005   # weight-only: only bf16 rounding, measured ~0.002
-    assert rel(always, ref[:1]) < 0.012
+    # activations rounded to int8: per 64 inputs on overspill's kernel; without it (CPUs lacking AVX512-VNNI) oneDNN
+    # rounds per token, one scale for all 512 inputs, so each step is coarser (measured 0.014-0.029 over seeds)
+    assert rel(always, ref[:1]) < (0.012 if lin._k is not None else 0.04)
     with pytest.raises(ValueError):
         Q.make_linear("int8", t, act_quant="sometimes")
 

@@ -58,7 +58,12 @@ class DenseLinear:
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN's prepacked bf16 linear: built in, and this CPU has its bf16 path (AVX512-BW/VL/DQ or AVX-NE-CONVERT;
+    on AVX2-only CPUs the reorder refuses)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported()) if supported is not None else True
 
 
 class PackedLinear:
