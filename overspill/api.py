@@ -11,12 +11,9 @@ from .config import ModelConfig
 from .errors import OverspillError
 from .generate import GenerationConfig, generate_ids, stream_ids
 from .generate.beam import beam_search
-from .model.weights import MakeLinear, default_make_linear
+from .model.weights import LinearHook
 from .runtime.executor import Executor
 from .tokenizer import Detokenizer, Tokenizer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def default_model_path() -> str:
@@ -24,29 +21,32 @@ def default_model_path() -> str:
     return str(resources.files("overspill") / "data" / "shakespeare")
 
 
-def resolve_dtype(dtype: str | torch.dtype, ckpt) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        stored = ckpt.stored_dtype()
-        return torch.bfloat16 if stored in (torch.bfloat16, torch.float16) else torch.float32
-    if dtype not in DTYPES:
-        raise OverspillError(f"unknown dtype '{dtype}' (expected auto, float32, bfloat16 or float16)")
-    return DTYPES[dtype]
-
-
 class Model:
-    """A loaded model: logits, generation and streaming over one shared decoder."""
+    """A loaded model: logits, generation and streaming over one shared decoder.
+
+    ``close()`` (or ``with overspill.load(...) as m:``, or dropping the last reference) stops the streaming reader
+    thread and frees its staging buffers and open files; a closed model refuses further work."""
 
     def __init__(self, cfg: ModelConfig, executor: Executor, tokenizer: Tokenizer | None, path: str,
-                 generation_defaults: dict | None = None):
+                 generation_defaults: dict | None = None, plan=None):
         self.config, self.executor, self.tokenizer, self.path = cfg, executor, tokenizer, path
         self.generation_defaults = generation_defaults or {}
+        self.plan = plan          # placement.Plan under memory budgets, else None
         self.last_stats: dict = {}
 
     @property
     def dtype(self) -> torch.dtype:
         return self.executor.dtype
+
+    def close(self) -> None:
+        """Free the reader thread, staging buffers and files now (idempotent)."""
+        self.executor.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- text <-> ids -------------------------------------------------------------------
     def _tok(self) -> Tokenizer:
@@ -61,8 +61,8 @@ class Model:
         return self._tok().decode(list(ids))
 
     # -- forward ------------------------------------------------------------------------
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] (left-padded if attention_mask is given) -> float32 logits [B, T, V]."""
+    def _full_pass(self, input_ids, attention_mask):
+        """(ids [B, T], positions, a fresh cache) for a forward over whole sequences."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[None]
@@ -76,7 +76,31 @@ class Model:
             positions = (m.long().cumsum(-1) - 1).clamp(min=0)
         else:
             positions = torch.arange(T)[None].expand(B, T)
+        return ids, positions, cache
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] (left-padded if attention_mask is given) -> float32 logits [B, T, V].
+
+        The returned tensor is the caller's memory (B x T x V x 4 bytes), outside any budget; inside the runtime the
+        LM head runs over a bounded chunk of tokens at a time. To score text, ``logprobs`` never builds it."""
+        ids, positions, cache = self._full_pass(input_ids, attention_mask)
         return self.executor.forward(ids, positions, cache)
+
+    def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) for t < T - 1: float32 [B, T - 1].
+
+        Computed from each LM-head chunk as it is produced: the [B, T, V] logits never exist at once."""
+        ids, positions, cache = self._full_pass(input_ids, attention_mask)
+        B, T = ids.shape
+        out = torch.empty(B, max(T - 1, 0), dtype=torch.float32)
+
+        def consume(t0: int, t1: int, logits: torch.Tensor) -> None:
+            t1 = min(t1, T - 1)                          # the last position predicts nothing in the input
+            if t1 > t0:
+                lp = logits[:, : t1 - t0].log_softmax(-1)                            # (B, t1-t0, V)
+                out[:, t0:t1] = lp.gather(-1, ids[:, t0 + 1:t1 + 1, None]).squeeze(-1)
+        self.executor.forward(ids, positions, cache, consume=consume)
+        return out
 
     # -- generation -----------------------------------------------------------------------
     def _gen_config(self, **kw) -> GenerationConfig:
@@ -147,29 +171,10 @@ class Model:
 
 
 
-def quantized_make_linear(scheme: str, include_head: bool = False) -> MakeLinear:
-    """Quantize each block matmul weight at load time (the LM head stays dense unless include_head)."""
-    from . import quant
-
-    if scheme not in quant.SCHEMES:
-        raise OverspillError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(quant.SCHEMES)})")
-
-    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        if name == "lm" and not include_head:
-            return default_make_linear(name, weight, bias)
-        try:
-            # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
-            return quant.make_linear(scheme, quant.quantize(weight, scheme), bias, repack="inplace")
-        except ValueError as e:
-            raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
-
-    return make
-
-
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
          max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
          max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
-         make_linear: MakeLinear | None = None) -> Model:
+         linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None) -> Model:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -181,6 +186,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       the head it was converted with (``overspill convert --quantize-head``).
     kv_cache: None (the compute dtype) or "int8": keys and values rounded per head and slot, a bit over half the
       bytes of bf16 (model/kv_cache.QuantKV), so a budget holds about twice the batch x length.
+    linear_hook: ``hook(unit, name, linear) -> linear``, applied to every matmul of every unit wherever it lives
+      (resident, held in host RAM, streamed from disk; unit "block.N" or "head", name qkv|out|up|down|lm): how
+      adapters such as LoRA wrap the base weights.
+    stand_in: run a plan made for devices this machine lacks on ones it has, e.g. {"cuda:0": "cpu"} (testing).
     """
     from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
@@ -195,22 +204,18 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
                 {str(k): parse_size(v) if isinstance(v, str) else v for k, v in dict(max_memory).items()}
         except ValueError as e:
             raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
-    reserve = Reserve(max_batch_size, max_seq_len or 1024, kv_format=check_kv_format(kv_cache))
+    reserve = Reserve(max_batch_size, max_seq_len or 1024)
     try:
-        cfg, executor, plan, src = build(path, dtype, quantize, budgets, reserve, make_linear,
-                                         quantize_head=quantize_head)
+        built = build(path, dtype, quantize, budgets, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
+                      stand_in=stand_in, kv_cache=check_kv_format(kv_cache))
     except ValueError as e:   # PlanError and friends carry one clear line
         if isinstance(e, OverspillError):
             raise
         raise OverspillError(str(e)) from None
-    executor.reserve = reserve if budgets is not None else None
-    executor.kv_format = kv_cache
     tok = Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
     gen = {}
-    gcfg = getattr(src, "generation_config", None) or {}
+    gcfg = getattr(built.checkpoint, "generation_config", None) or {}
     if gcfg.get("eos_token_id") is not None:
         e = gcfg["eos_token_id"]
         gen["eos_token_ids"] = e if isinstance(e, list) else [e]
-    model = Model(cfg, executor, tok, path, gen)
-    model.plan = plan
-    return model
+    return Model(built.config, built.executor, tok, path, gen, built.plan)

@@ -117,7 +117,7 @@ def test_large_tensors_read_with_o_direct_equal_safetensors(tmp_path, monkeypatc
     opened fails with its name, not with uninitialised bytes."""
     from safetensors.torch import load_file
     import overspill.checkpoint.safetensors_io as S
-    from overspill.runtime.io import DirectFile
+    from overspill.io import DirectFile
     monkeypatch.setattr(S, "DIRECT_MIN", threshold)
     g = torch.Generator().manual_seed(0)
     tensors = {"a_odd": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),   # shifts the next offset by 3

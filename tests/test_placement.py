@@ -419,7 +419,7 @@ def test_runtime_read_probe_reads_the_region(tmp_path):
     """measure()'s disk probe reads through the runtime's own reader (O_DIRECT chunks on its thread pool): the bytes
     it lands in the buffer are the region's, for an unaligned file end and a skip."""
     from overspill.placement import bandwidth
-    from overspill.runtime.io import aligned_buffer
+    from overspill.io import aligned_buffer
     data = bytes(range(256)) * (4096 * 3 + 7)
     f = tmp_path / "probe.bin"
     f.write_bytes(data)

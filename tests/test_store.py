@@ -79,7 +79,7 @@ def test_layout_alignment_and_safetensors_compat(ref_dir, tmp_path):
 
 
 def test_views_alias_buffer_and_read_into_given_buffer(ref_dir, tmp_path):
-    from overspill.runtime.io import aligned_buffer
+    from overspill.io import aligned_buffer
 
     _, dst = _convert(ref_dir, tmp_path, "gpt_neox_sequential", dtype="float32")
     st = LayerStore(dst)

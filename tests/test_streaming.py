@@ -361,13 +361,12 @@ ACCEL_CASES = [(v, "hf") for v in ALL] + [("llama_tied", "store"), ("gptj", "sto
 
 @pytest.mark.parametrize("variant,fmt", ACCEL_CASES)
 def test_accelerator_plan_runs_its_code_paths(deep_dir, tmp_path, variant, fmt, monkeypatch):
-    """A plan over cuda:0 + cpu + disk, run with cuda:0 standing in as the CPU (loader.DEVICE_ALIAS): units resident
+    """A plan over cuda:0 + cpu + disk, run with cuda:0 standing in as the CPU (load(stand_in=...)): units resident
     on the accelerator, units held in (packed) host RAM and copied over per forward, units read from disk and copied
     over, all through the reader thread's DeviceCopier, give logits and greedy tokens equal to the all-resident run,
     from an HF directory and from a layer store (a tied head streamed beside a resident embedding). Then two
     accelerators: units split over both."""
     from overspill.checkpoint.store import convert
-    from overspill.runtime import loader
     from overspill.runtime.transfer import DeviceCopier
     path, _ = deep_dir(variant)
     base = overspill.load(path, dtype="float32")
@@ -376,7 +375,6 @@ def test_accelerator_plan_runs_its_code_paths(deep_dir, tmp_path, variant, fmt, 
         path = convert(path, str(tmp_path / "store"), dtype="float32", progress=False)
     slots = 3 if fmt == "hf" else 2             # staging: a ring of 2, +1 for fusing in an HF fetch
     big = max(w["block.0"], w["head"] + (w["embed"] if fmt == "store" and "tied" in variant else 0), w["embed"])
-    monkeypatch.setattr(loader, "DEVICE_ALIAS", {"cuda:0": "cpu", "cuda:1": "cpu"})
     copies, waits = [], []
     real_copy = DeviceCopier.copy
     monkeypatch.setattr(DeviceCopier, "copy", lambda self, obj: copies.append(1) or real_copy(self, obj))
@@ -385,7 +383,8 @@ def test_accelerator_plan_runs_its_code_paths(deep_dir, tmp_path, variant, fmt, 
         def synchronize(self):
             waits.append(1)
     monkeypatch.setattr(DeviceCopier, "compute_done", lambda self: ComputeDone())
-    load = lambda spec: overspill.load(path, dtype="float32", max_memory=spec, max_seq_len=64)
+    load = lambda spec: overspill.load(path, dtype="float32", max_memory=spec, max_seq_len=64,
+                                       stand_in={"cuda:0": "cpu", "cuda:1": "cpu"})
     gpu = act + kv + slots * big + w["embed"] + w["block.0"] + 16
     m = load(f"cuda:0={gpu},cpu={slots * big + w['block.0'] + 16}")   # (a tied store head: its own table copy)
     kinds = {(p.tier, p.device, p.home) for p in m.plan.placements}
@@ -415,12 +414,11 @@ def test_accelerator_plan_without_cuda_is_refused(deep_dir):
         overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64)
 
 
-def test_quantized_weights_on_an_accelerator_are_refused(deep_dir, monkeypatch):
-    from overspill.runtime import loader
+def test_quantized_weights_on_an_accelerator_are_refused(deep_dir):
     path, _ = deep_dir("gpt2")
-    monkeypatch.setattr(loader, "DEVICE_ALIAS", {"cuda:0": "meta"})   # an accelerator that is not the CPU
     with pytest.raises(overspill.OverspillError, match=r"quantized weights \(int8\) run on the CPU kernels only"):
-        overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64, quantize="int8")
+        overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64, quantize="int8",
+                       stand_in={"cuda:0": "meta"})   # an accelerator that is not the CPU
 
 
 def test_pack_copies_a_unit_into_one_aligned_buffer():
@@ -462,7 +460,7 @@ def test_streamed_embedding_reads_only_its_rows(deep_dir, tmp_path, fmt):
     embed = m.plan.placement("embed")
     C = ref.config.hidden_size
     assert embed.tier == "stream"
-    tok = m.executor.source.resident[0].tok if 0 in m.executor.source.resident else None
+    tok = m.executor.rows                      # the token table the executor reads rows from, if any
     if fmt == "bin":
         assert tok is None and embed.stream_bytes == VOCAB * C * 4
         assert torch.equal(m.logits(torch.tensor([[5, 6, 7]])), base.logits(torch.tensor([[5, 6, 7]])))

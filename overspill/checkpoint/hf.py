@@ -11,6 +11,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..families import config_from_hf
 from ..families.base import Family
+from ..model.weights import canonical_shapes
 from .safetensors_io import SafetensorsFile
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -217,19 +218,6 @@ def _shape_message(cfg, unit, raw, sources, where, canon=None, got=None, want=No
     if canon:
         return f"{where}: shape mismatch in {unit}: tensor {names} gives {canon} {list(got)}, config.json ({dims}) implies {list(want)}"
     return f"{where}: shape mismatch in {unit}: tensors {names} do not fit config.json ({dims})"
-
-
-def canonical_shapes(cfg: ModelConfig, unit: str) -> dict[str, tuple[int, ...]]:
-    C, V, F = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    if unit == "embed":
-        return {"tok.weight": (V, C), "pos.weight": (cfg.max_positions, C)}
-    if unit == "head":
-        return {"norm.weight": (C,), "norm.bias": (C,), "lm.weight": (V, C), "lm.bias": (V,)}
-    qkv = cfg.q_size + 2 * cfg.kv_size
-    up = 2 * F if cfg.gated_mlp else F
-    return {"attn_norm.weight": (C,), "attn_norm.bias": (C,), "mlp_norm.weight": (C,), "mlp_norm.bias": (C,),
-            "qkv.weight": (qkv, C), "qkv.bias": (qkv,), "out.weight": (C, cfg.q_size), "out.bias": (C,),
-            "up.weight": (up, C), "up.bias": (up,), "down.weight": (C, F), "down.bias": (C,)}
 
 
 def needed(cfg: ModelConfig, canon: str) -> bool:

@@ -133,7 +133,7 @@ class SafetensorsFile:
                     out[name] = r[0]
                     reqs.append(r[1])
         if reqs:
-            from ..runtime.io import read_pool
+            from ..io import read_pool
             self._direct.read_many(reqs, read_pool())
         for name in names:
             if name not in out:
@@ -145,7 +145,7 @@ class SafetensorsFile:
         buffer, the tensor a view at its offset within the 4 KiB-aligned span (at most 8 KiB more): no page-cache
         copy, and several readers in flight (this virtual disk: ~1.5x one buffered reader). None where O_DIRECT is
         unavailable or the offset does not suit the dtype."""
-        from ..runtime.io import ALIGN, DirectFile, aligned_buffer
+        from ..io import ALIGN, DirectFile, aligned_buffer
 
         lead = info.offset % ALIGN
         if lead % info.dtype.itemsize:

@@ -62,7 +62,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, OverspillError
-from ..model.weights import linear_names, units as unit_order
+from ..model.weights import linear_names, linear_shapes, units as unit_order
 from .safetensors_io import DTYPE_NAMES, DTYPES, pread_into
 
 FORMAT = "overspill-layer-store"
@@ -154,8 +154,6 @@ def _quantize_unit(unit: str, t: dict[str, torch.Tensor], scheme: str | None, qu
 def _planned_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: str | None,
                    quantize_head: bool, tied: bool) -> int:
     """Approximate output bytes of a unit (for the progress bar), from shapes only."""
-    from .hf import canonical_shapes
-
     item = torch.empty((), dtype=dtype).element_size()
     n = 0
     for hf_name, canon in ck.unit_names(unit).items():
@@ -165,11 +163,9 @@ def _planned_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: 
     if scheme is not None:
         from ..quant import quantized_nbytes
 
-        shapes = canonical_shapes(cfg, unit)
-        for lin in linear_names(unit):
+        for lin, (N, K) in linear_shapes(cfg, unit).items():
             if unit == "head" and not quantize_head:
                 continue
-            N, K = shapes[f"{lin}.weight"]
             try:
                 n += quantized_nbytes(scheme, N, K) - N * K * item
             except ValueError:
@@ -415,13 +411,13 @@ class LayerStore:
             out[name] = buf[off - d0: off - d0 + nb].view(dt).view(shape)
         return out
 
-    def read_unit(self, unit: str, buf: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One positional read of the unit's data section into ``buf`` (or a fresh buffer), then views.
-        With a tied embedding the head has no "lm.weight": use the embed unit's "tok.weight"."""
+    def read_unit(self, unit: str, buf: torch.Tensor | None = None, alloc=None) -> dict[str, torch.Tensor]:
+        """One positional read of the unit's data section into ``buf`` (or a fresh buffer from ``alloc(shape,
+        dtype)``, torch.empty by default: the runtime passes an allocator on huge pages for units it keeps), then
+        views. With a tied embedding the head has no "lm.weight": use the embed unit's "tok.weight"."""
         d0, n = self.unit_span(unit)
-        if buf is None:   # resident units keep (views of) this buffer: huge pages for the decode stream
-            from ..kernels import panel_empty
-            buf = panel_empty((n,), torch.uint8)
+        if buf is None:
+            buf = alloc((n,), torch.uint8) if alloc is not None else torch.empty(n, dtype=torch.uint8)
         elif buf.dtype != torch.uint8 or buf.dim() != 1 or not buf.is_contiguous() or buf.numel() < n:
             raise ValueError(f"{unit}: need a contiguous 1-D uint8 buffer of at least {n} bytes")
         path = self.unit_file(unit)

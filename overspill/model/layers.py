@@ -15,13 +15,11 @@ from ..kernels import cpu_kernels
 from .kv_cache import QuantKV
 from .weights import BlockWeights, EmbedWeights, HeadWeights
 
-# bf16 on CPU: use the kernels' fused RMSNorm and in-place rotary (same rounding as the torch expressions below).
-FUSED = True
 
-
-def norm(cfg: ModelConfig, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+def norm(cfg: ModelConfig, x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None], fused: bool = True) -> torch.Tensor:
+    """fused: bf16 on the CPU, the kernels' RMSNorm (one call, the same rounding as the torch expression)."""
     w, b = wb
-    if FUSED and cfg.norm == "rmsnorm" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not x.requires_grad:
+    if fused and cfg.norm == "rmsnorm" and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not x.requires_grad:
         kern = cpu_kernels()
         if kern is not None:   # one call for the 7 ops below (same rounding)
             return kern.rms_norm(x, w, cfg.norm_eps)
@@ -81,6 +79,7 @@ class Step:
     sin: torch.Tensor | None = None
     mask: torch.Tensor | None = None   # [B, 1, T, start+T] bool (True = attend), or None
     causal: bool = False               # use SDPA's built-in causal mask (prefill from slot 0, no padding)
+    fused: bool = True                 # bf16 on the CPU: the kernels' fused ops (same rounding as the torch lines)
 
     @property
     def end(self) -> int:
@@ -89,18 +88,19 @@ class Step:
     def rows(self, b0: int, b1: int) -> "Step":
         """The same step for sequences [b0, b1) of the batch (a micro-batch)."""
         cut = lambda t: None if t is None else t[b0:b1]
-        return Step(self.positions[b0:b1], self.start, cut(self.cos), cut(self.sin), cut(self.mask), self.causal)
+        return Step(self.positions[b0:b1], self.start, cut(self.cos), cut(self.sin), cut(self.mask), self.causal,
+                    self.fused)
 
     def to(self, device: torch.device) -> "Step":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Step(mv(self.positions), self.start, mv(self.cos), mv(self.sin), mv(self.mask), self.causal)
+        return Step(mv(self.positions), self.start, mv(self.cos), mv(self.sin), mv(self.mask), self.causal, self.fused)
 
 
 def make_step(cfg: ModelConfig, rope: Rope | None, positions: torch.Tensor, start: int,
-              key_valid: torch.Tensor | None, dtype: torch.dtype) -> Step:
+              key_valid: torch.Tensor | None, dtype: torch.dtype, fused: bool = True) -> Step:
     """key_valid: [B, start+T] bool over cache slots (False = padding), or None when nothing is padded."""
     B, T = positions.shape
-    step = Step(positions, start)
+    step = Step(positions, start, fused=fused)
     if rope is not None and cfg.rotary_dim:
         step.cos, step.sin = rope.cos_sin(positions, dtype)
     S = start + T
@@ -125,13 +125,13 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
     y = w.qkv(x)                                                       # (B, T, (nh+2nkv)*hs)
     kern = cpu_kernels() if y.dtype == torch.bfloat16 and y.device.type == "cpu" and not y.requires_grad else None
     quant = isinstance(k_cache, QuantKV)
-    if FUSED and T == 1 and kern is not None and not quant and y.is_contiguous() and k_cache.is_contiguous() \
+    if step.fused and T == 1 and kern is not None and not quant and y.is_contiguous() and k_cache.is_contiguous() \
             and v_cache.is_contiguous():
         # decode: rotary, cache write and attention in one call (same arithmetic as the lines below)
         return w.out(kern.decode_step(y, k_cache, v_cache, step.start, step.cos, step.sin, nh, nkv, step.mask, cfg.scale))
     qkv = y.view(B, T, nh + 2 * nkv, hs)                               # (B, T, nh+2nkv, hs)
     qk = qkv[:, :, : nh + nkv]
-    if FUSED and step.cos is not None and kern is not None and qkv.is_contiguous():
+    if step.fused and step.cos is not None and kern is not None and qkv.is_contiguous():
         kern.rope_(qkv, step.cos, step.sin, nh + nkv)                  # in place, same rounding as apply_rope
     elif step.cos is not None:
         qk = apply_rope(qk, step.cos, step.sin)                        # q and k heads in one go
@@ -176,10 +176,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(p, v).reshape(B, nh, 1, hs)                    # (B, nh, 1, hs)
 
 
-def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor) -> torch.Tensor:
+def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
     h = w.up(x)
     if cfg.gated_mlp:  # Shazeer 2020, "GLU Variants Improve Transformer", eq. 6 (SwiGLU)
-        if FUSED and cfg.activation == "silu" and h.dtype == torch.bfloat16 and h.device.type == "cpu" \
+        if fused and cfg.activation == "silu" and h.dtype == torch.bfloat16 and h.device.type == "cpu" \
                 and not h.requires_grad and h.is_contiguous() and cpu_kernels() is not None:
             return w.down(cpu_kernels().silu_mul(h))                   # one call, same roundings as below
         g, u = h.chunk(2, dim=-1)
@@ -192,22 +192,22 @@ def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor) -> torch.Tensor:
 def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """One transformer block; residual style per config (sequential, parallel, shared-norm parallel)."""
-    h = norm(cfg, x, w.attn_norm)
+    f = step.fused
+    h = norm(cfg, x, w.attn_norm, f)
     a = attention(cfg, w, h, step, k_cache, v_cache)
     if cfg.parallel_residual:
-        m = mlp(cfg, w, h if w.mlp_norm is None else norm(cfg, x, w.mlp_norm))
+        m = mlp(cfg, w, h if w.mlp_norm is None else norm(cfg, x, w.mlp_norm, f), f)
         return x + a + m
     x = x + a
-    return x + mlp(cfg, w, norm(cfg, x, w.mlp_norm))
+    return x + mlp(cfg, w, norm(cfg, x, w.mlp_norm, f), f)
 
 
 def embed_forward(cfg: ModelConfig, w: EmbedWeights, ids: torch.Tensor, step: Step, dtype: torch.dtype) -> torch.Tensor:
-    # a table left on disk (runtime/rows.py) reads just these ids' rows; the same values as F.embedding
-    x = F.embedding(ids, w.tok) if isinstance(w.tok, torch.Tensor) else w.tok.gather(ids)   # (B, T, C)
+    x = F.embedding(ids, w.tok)                                        # (B, T, C)
     if w.pos is not None:
         x = x + F.embedding(step.positions, w.pos)
     return x.to(dtype)
 
 
-def head_forward(cfg: ModelConfig, w: HeadWeights, x: torch.Tensor) -> torch.Tensor:
-    return w.lm(norm(cfg, x, w.norm))                                  # (B, T, V)
+def head_forward(cfg: ModelConfig, w: HeadWeights, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    return w.lm(norm(cfg, x, w.norm, fused))                           # (B, T, V)

@@ -226,7 +226,7 @@ def runtime_read_gbps(paths: list[str], max_bytes: int, skip: int = 0, buf: torc
     into an aligned buffer (runtime/io.py). `buf` (uint8, aligned, at least max_bytes + 4 KiB per file crossed) is
     reused when given. On this VM it reads 15-25% faster than 4 threads on 4 distant regions
     (disk_read_gbps), and so predicts streaming where that underestimates it."""
-    from ..runtime.io import ALIGN, DirectFile, aligned_buffer, evict, read_pool
+    from ..io import ALIGN, DirectFile, aligned_buffer, evict, read_pool
     pieces = [x for piece in _segments(paths, max_bytes, 1, skip) for x in piece]
     span = lambda n: -(-n // ALIGN) * ALIGN
     need = sum(span(n) for _, _, n in pieces)
@@ -395,7 +395,7 @@ def measure(model_paths=None, cache: bool = True, device: str | None = None) -> 
             scratch = _probe_file(probe_dir, 128 << 20)
             files = [scratch]
         region = min(DISK_SAMPLE_BYTES, max(_ALIGN, sum(os.path.getsize(f) for f in files) // DISK_SAMPLES))
-        from ..runtime.io import aligned_buffer
+        from ..io import aligned_buffer
         buf = aligned_buffer(region + _ALIGN * len(files))
         for i in range(DISK_SAMPLES):   # disjoint regions (on a small model or the scratch file, smaller ones)
             disks.append(runtime_read_gbps(files, region, skip=i * region, buf=buf))

@@ -14,6 +14,8 @@ API:
   make_linear(scheme, tensors, bias=None, **opts) -> Linear   (int8: act_quant="auto"|"never"|"always"; int4: act_quant="auto"|"never")
   dequantize(scheme, tensors) -> float32 [N, K]
   quantized_nbytes(scheme, out_features, in_features, **opts) -> bytes of the stored tensors
+  scratch_nbytes_for(scheme, out_features, in_features, dtype) -> bytes of reusable dequantization scratch a
+      prefill-sized call leaves allocated on its thread (0 where the kernels compute from the codes directly)
 Linear objects: lin(x[..., K] fp32|bf16) -> [..., N] in x.dtype; in_features, out_features, nbytes, dequantize();
 differentiable w.r.t. x (backward = grad @ dequant(W)) when grad is enabled and x.requires_grad.
 """
@@ -27,7 +29,7 @@ from ._base import QuantLinear, release_scratch, scratch_nbytes
 SCHEMES: tuple[str, ...] = ("int8", "int8-dynamic", "int4", "nf4")
 
 __all__ = ["SCHEMES", "quantize", "make_linear", "dequantize", "quantized_nbytes", "QuantLinear",
-           "scratch_nbytes", "release_scratch"]
+           "scratch_nbytes", "scratch_nbytes_for", "release_scratch"]
 
 
 def _check_scheme(scheme: str):
@@ -94,3 +96,15 @@ def quantized_nbytes(scheme: str, out_features: int, in_features: int, **opts) -
     if scheme == "int4":
         return int4.nbytes(N, K, **opts)
     return codebook.nbytes(scheme, N, K, **opts)
+
+
+def scratch_nbytes_for(scheme: str, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+    """Bytes of per-thread dequantization scratch (quant/_base.scratch) that a prefill-sized call of a linear of this
+    shape leaves allocated, activations in ``dtype``. The buffers are kept for reuse, so memory plans count them."""
+    _check_scheme(scheme)
+    N, K = int(out_features), int(in_features)
+    if scheme == "int4":
+        return int4.scratch_nbytes(N, K)
+    if scheme == "int8":
+        return 0
+    return codebook.scratch_nbytes(scheme, N, K, torch.empty((), dtype=dtype).element_size())

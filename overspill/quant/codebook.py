@@ -167,6 +167,14 @@ def _unpack4_panels(p: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1, 4, 3).reshape(NP * PANEL, KQ * 4)
 
 
+def scratch_nbytes(scheme: str, N: int, K: int, itemsize: int, blocksize: int = 64) -> int:
+    """Scratch a prefill call (more than KERNEL_MAX_M rows) leaves allocated: the dequantized weight in the
+    activations' dtype and its int32 code indices, plus (8-bit codes held in panels) the codes in plain layout."""
+    codes = N * K if _bits(scheme) == 8 else -(-N * K // 2)
+    panels = cpu_kernels() is not None and N % PANEL == 0 and K % blocksize == 0
+    return N * K * itemsize + 4 * codes + (N * K if panels and _bits(scheme) == 8 else 0)
+
+
 class CodebookLinear(QuantLinear):
     def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
                  repack: bool | str = True):

@@ -173,6 +173,15 @@ def nbytes(N: int, K: int, group_size: int | None = None) -> int:
     return Np * K // 2 + (K // gs) * Np * 2 * 2 + 4 * 4
 
 
+def scratch_nbytes(N: int, K: int) -> int:
+    """Scratch a prefill call leaves allocated: none with the w4a8 kernel, else the unpacked codes and the bf16
+    weight of _dequant_bf16_t."""
+    if cpu_kernels() is not None and vnni_block(N, K, _default_gs(K)):
+        return 0
+    Np = -(-N // 16) * 16
+    return K * Np * (1 + 2)
+
+
 class Int4Linear(QuantLinear):
     scheme = "int4"
 

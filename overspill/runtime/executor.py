@@ -1,9 +1,12 @@
 """Runs the units in order over a batch: embed -> blocks -> head.
 
-The executor calls each unit explicitly (no hooks, no patched ``forward``); a
-WeightSource decides where each unit's weights come from.
+The executor calls each unit explicitly (no hooks, no patched ``forward``); a WeightSource decides where each unit's
+weights come from. It is complete when constructed: the memory reserve it checks requests against, the KV-cache
+format, where each unit computes, and (when the plan leaves the token table on disk) the row table it reads.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -11,22 +14,43 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..model.kv_cache import KVCache
 from ..model.layers import Rope, Step, block_forward, embed_forward, head_forward, make_step
+from ..model.weights import EmbedWeights
+from .reserve import Reserve
+from .rows import RowTable
 from .sources import WeightSource
+
+# consume(t0, t1, logits): float32 logits [B, t1 - t0, V] of time steps [t0, t1) of a forward's output
+LogitsConsumer = Callable[[int, int, torch.Tensor], None]
 
 
 class Executor:
-    """``unit_devices`` (optional) names where each unit computes; activations, not weights, move
-    between devices, and each block's KV cache lives on its block's device."""
+    """``unit_devices`` (optional) names where each unit computes; activations, not weights, move between devices,
+    and each block's KV cache lives on its block's device. ``reserve`` (under a memory budget) is the largest request
+    the plan holds memory for: bigger ones are refused, and blocks run over micro-batches. ``rows``: the token table
+    left on disk; the embedding reads just its ids' rows. ``fused``: bf16 on the CPU, the kernels' fused ops."""
 
-    def __init__(self, cfg: ModelConfig, source: WeightSource, dtype: torch.dtype, device: str = "cpu",
-                 unit_devices: list[str] | None = None):
-        self.cfg, self.source, self.dtype, self.device = cfg, source, dtype, torch.device(device)
+    def __init__(self, cfg: ModelConfig, source: WeightSource, dtype: torch.dtype, *,
+                 unit_devices: list[str] | None = None, reserve: Reserve | None = None, kv_format: str | None = None,
+                 rows: RowTable | None = None, fused: bool = True):
+        self.cfg, self.source, self.dtype = cfg, source, dtype
         n = cfg.n_layers + 2
-        self.unit_devices = [torch.device(d) for d in (unit_devices or [device] * n)]
+        self.unit_devices = [torch.device(d) for d in (unit_devices or ["cpu"] * n)]
+        self.device = self.unit_devices[0]
         self.multi = len(set(self.unit_devices)) > 1 or self.unit_devices[0].type != "cpu"
         self.rope = Rope(cfg) if cfg.rotary_dim else None
-        self.reserve = None   # set under a memory budget: the largest batch x length planned for
-        self.kv_format = None  # None: KV cache in the compute dtype; "int8": model/kv_cache.QuantKV
+        self.reserve, self.kv_format, self.rows, self.fused = reserve, kv_format, rows, fused
+        self.head_reserve = reserve or Reserve()      # the LM-head chunk also bounds a run without a budget
+        self.closed = False
+
+    def close(self) -> None:
+        """Stop the source's reader thread, free its staging buffers and close every file (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                close()
+            if self.rows is not None:
+                self.rows.close()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         r = self.reserve
@@ -40,7 +64,8 @@ class Executor:
 
     def step(self, positions: torch.Tensor, cache: KVCache) -> Step:
         T = positions.shape[1]
-        return make_step(self.cfg, self.rope, positions, cache.length, cache.valid_prefix(cache.length + T), self.dtype)
+        return make_step(self.cfg, self.rope, positions, cache.length, cache.valid_prefix(cache.length + T), self.dtype,
+                         self.fused)
 
     def _block(self, w, x: torch.Tensor, step: Step, k: torch.Tensor, v: torch.Tensor, mb: int) -> torch.Tensor:
         B = x.shape[0]
@@ -53,16 +78,41 @@ class Executor:
             out[b:b + mb] = block_forward(self.cfg, w, x[b:b + mb], step.rows(b, b + mb), k[b:b + mb], v[b:b + mb])
         return out
 
+    def _embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
+        if self.rows is not None:   # the token table stays on disk: read just these ids' rows
+            table, local = self.rows.select(ids)
+            return embed_forward(self.cfg, EmbedWeights(table), local, step, self.dtype)
+        x = embed_forward(self.cfg, self.source.acquire(0), ids, step, self.dtype)
+        self.source.release(0)
+        return x
+
+    def _head(self, w, x: torch.Tensor, consume: LogitsConsumer | None) -> torch.Tensor | None:
+        """The LM head over at most reserve.head_chunk(B) time steps at a time: never [B, T, V] inside the runtime."""
+        B, T, _ = x.shape
+        tc = self.head_reserve.head_chunk(B)
+        out = None if consume is not None else torch.empty(B, T, self.cfg.vocab_size, dtype=torch.float32)
+        for t0 in range(0, T, tc):
+            t1 = min(T, t0 + tc)
+            logits = head_forward(self.cfg, w, x[:, t0:t1], self.fused)
+            if consume is not None:
+                consume(t0, t1, logits.float().cpu())
+            else:
+                out[:, t0:t1] = logits
+        return out
+
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """ids, positions [B, T] -> float32 logits [B, T or 1, V] on the CPU; appends T slots to the cache."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last_only: bool = False,
+                consume: LogitsConsumer | None = None) -> torch.Tensor | None:
+        """ids, positions [B, T] -> float32 logits [B, T or 1, V] on the CPU; appends T slots to the cache.
+        With ``consume``, each LM-head chunk's logits are handed to it instead and None is returned."""
+        if self.closed:
+            raise OverspillError("this model was closed; load it again")
         cfg, src, devs = self.cfg, self.source, self.unit_devices
         step = self.step(positions, cache)
-        steps = {torch.device("cpu"): step}
-        at = lambda i: steps.setdefault(devs[i], step.to(devs[i])) if self.multi else step
+        steps = {devs[0]: step.to(devs[0]) if self.multi else step}
+        at = lambda i: steps[devs[i]] if devs[i] in steps else steps.setdefault(devs[i], step.to(devs[i]))
         src.begin_pass()
-        x = embed_forward(cfg, src.acquire(0), ids.to(devs[0]), at(0), self.dtype)
-        src.release(0)
+        x = self._embed(ids.to(devs[0]), at(0))
         B, T = ids.shape
         mb = self.reserve.micro_batch(T) if self.reserve is not None else B
         for layer in range(cfg.n_layers):
@@ -75,7 +125,7 @@ class Executor:
         if last_only:
             x = x[:, -1:]
         i = cfg.n_layers + 1
-        logits = head_forward(cfg, src.acquire(i), x.to(devs[i]) if self.multi else x)
+        logits = self._head(src.acquire(i), x.to(devs[i]) if self.multi else x, consume)
         src.release(i)
         cache.length = step.end
-        return logits.float().cpu()
+        return logits

@@ -1,59 +1,87 @@
-"""Build an executor from a checkpoint (HF directory or layer store), a dtype, a quantization
-scheme and memory budgets: size every unit, plan placement, load resident units, stream the rest."""
+"""Build an executor from a checkpoint, in five steps, each a function of its own:
+
+    path ──open_source──► Source: an HF directory or a layer store, its dtype and weight scheme
+         ──unit_costs───► what each unit holds and reads (bytes, from shapes only)
+         ──make_plan────► Plan {unit: tier, device, home}          (placement/ plans from the costs)
+         ──unit_devices─► where each unit computes, checked against this torch build
+         ──wire─────────► resident units, host-held units, a streaming source for the rest ──► Executor
+
+Weight formats (dense, blocked bf16, int8, int4, ...) are chosen here from the dtype and scheme; a ``LinearHook``
+(LoRA, tests) is applied to every unit's linears on every tier: resident on the CPU or an accelerator, held in host
+RAM, streamed from disk.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import OverspillError
-from ..model.kv_cache import KVCache
-from ..model.linear import BlockedLinear, DenseLinear, blocked_available
-from ..model.weights import EmbedWeights, MakeLinear, bind, default_make_linear, units
+from ..io import trim_heap
+from ..kernels import panel_empty
+from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear
+from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_shapes, units
 from .executor import Executor
-from .io import trim_heap
+from .reserve import Reserve
 from .rows import RowTable
 from .sources import ResidentSource
 from .streaming import HFUnitReader, HostUnitReader, MixedReader, StoreUnitReader, StreamingSource, dense_streamed
 from .transfer import DeviceCopier, map_tensors, pack
 
+__all__ = ["Reserve", "Source", "Built", "DTYPES", "resolve_dtype", "open_source", "unit_weight_bytes",
+           "unit_matmul_params", "make_plan", "plan_for", "build"]
 
-@dataclass
-class Reserve:
-    """What the runtime must hold besides weights, for the largest request it will accept.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
-    A forward over B sequences of T tokens runs each block over micro-batches of max(1, micro_tokens // T)
-    sequences (FlexGen's block schedule: the block's weights serve every micro-batch before the next block), so
-    a large prompt batch needs activations for about micro_tokens tokens, not B x T."""
-    max_batch: int = 1
-    max_seq_len: int = 1024
-    micro_tokens: int = 1024
-    kv_format: str | None = None      # None: the compute dtype; "int8": model/kv_cache.QuantKV
 
-    def kv_bytes_per_block(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
-        return KVCache.nbytes_for(cfg, self.max_batch, self.max_seq_len, dtype, self.kv_format) // cfg.n_layers
+def resolve_dtype(dtype: str | torch.dtype, ckpt) -> torch.dtype:
+    """"auto" (bfloat16 for 16-bit checkpoints, else float32) or a dtype name -> torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        stored = ckpt.stored_dtype()
+        return torch.bfloat16 if stored in (torch.bfloat16, torch.float16) else torch.float32
+    if dtype not in DTYPES:
+        raise OverspillError(f"unknown dtype '{dtype}' (expected auto, float32, bfloat16 or float16)")
+    return DTYPES[dtype]
 
-    def micro_batch(self, T: int) -> int:
-        """Sequences per micro-batch for a forward over T new tokens."""
-        return max(1, self.micro_tokens // max(1, T))
 
-    def activation_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
-        """Peak transient tensors of one block over the largest micro-batch (rows x T tokens, T up to max_seq_len):
-        residual, norm output, qkv, attention output and scores, MLP hidden (x2 for a gated MLP), plus the whole
-        batch's hidden state and fp32 last-token logits."""
-        L = self.max_seq_len
-        tok = max(min(self.max_batch * L, self.micro_tokens), L)     # rows * T over every T <= L
-        es = torch.empty((), dtype=dtype).element_size()
-        per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
-        scores = tok * cfg.n_heads * L * 4 if L > 1 else 0
-        batch_x = 2 * self.max_batch * L * cfg.hidden_size * es       # the batch's hidden state, in and out
-        logits = self.max_batch * cfg.vocab_size * 4 * 2
-        # an int8 cache is read back dequantized: one micro-batch's keys and values over all L slots
-        kv_read = 2 * min(self.max_batch, self.micro_tokens) * L * cfg.kv_size * es if self.kv_format else 0
-        return tok * per_tok + scores + batch_x + logits + kv_read
+# -- 1. open ---------------------------------------------------------------------------------------------------------
 
+class Source(NamedTuple):
+    ckpt: object             # checkpoint.hf.HFCheckpoint | checkpoint.store.LayerStore
+    is_store: bool
+    dtype: torch.dtype
+    quantize: str | None     # the block linears' scheme (a store's own, when it is a store)
+
+
+def open_source(path: str, dtype, quantize: str | None) -> Source:
+    """The checkpoint at ``path`` with its dtype and scheme (a layer store's must match what was asked)."""
+    from ..checkpoint.hf import HFCheckpoint
+    from ..checkpoint.store import LayerStore, is_layer_store
+
+    if is_layer_store(path):
+        store = LayerStore(path)
+        if isinstance(dtype, str) and dtype not in ("auto", str(store.dtype).replace("torch.", "")):
+            raise OverspillError(f"{path}: this layer store holds {store.dtype}; convert again for dtype {dtype}")
+        if quantize and quantize != store.quantize:
+            raise OverspillError(f"{path}: this layer store holds {store.quantize or 'unquantized'} weights; "
+                                 f"convert again with --quantize {quantize}")
+        return Source(store, True, store.dtype, store.quantize)
+    ckpt = HFCheckpoint(path)
+    return Source(ckpt, False, resolve_dtype(dtype, ckpt), quantize)
+
+
+def _check_quantize_head(quantize: str | None, quantize_head: bool) -> None:
+    if quantize_head and not quantize:
+        raise OverspillError("--quantize-head / quantize_head=True needs a scheme: add --quantize int8|int4|int8-dynamic|nf4")
+
+
+# -- 2. size ---------------------------------------------------------------------------------------------------------
 
 def _es(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
@@ -73,54 +101,22 @@ def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quan
 
     total = 0
     for name, canon in src.unit_names(unit).items():
-        shape = src.shape(name)
-        n = math.prod(shape)
         lin = canon.split(".")[0]
         if quantize and canon.endswith(".weight") and lin in _RAW_LINEAR_PARTS and unit.startswith("block."):
             continue                                  # counted from the fused canonical shape below
-        total += n * _es(dtype)
+        total += math.prod(src.shape(name)) * _es(dtype)
     if quantize and unit.startswith("block."):
-        C, F = cfg.hidden_size, cfg.intermediate_size
-        shapes = {"qkv": (cfg.q_size + 2 * cfg.kv_size, C), "out": (C, cfg.q_size),
-                  "up": ((2 if cfg.gated_mlp else 1) * F, C), "down": (C, F)}
-        total += sum(quant.quantized_nbytes(quantize, n, k) for n, k in shapes.values())
+        total += sum(quant.quantized_nbytes(quantize, n, k) for n, k in linear_shapes(cfg, unit).values())
     if quantize and quantize_head and unit == "head":
         total -= sum(math.prod(src.shape(name)) * _es(dtype) for name, canon in src.unit_names(unit).items()
                      if canon == "lm.weight")
-        total += quant.quantized_nbytes(quantize, cfg.vocab_size, cfg.hidden_size)
+        total += quant.quantized_nbytes(quantize, *linear_shapes(cfg, "head")["lm"])
     return total
 
 
 def unit_matmul_params(cfg: ModelConfig, unit: str) -> int:
     """Weights a token multiplies by in this unit (2 flops each): the block linears, the LM head; 0 for the embedding."""
-    C, F = cfg.hidden_size, cfg.intermediate_size
-    if unit.startswith("block."):
-        return (cfg.q_size + 2 * cfg.kv_size) * C + C * cfg.q_size + (3 if cfg.gated_mlp else 2) * F * C
-    return cfg.vocab_size * C if unit == "head" else 0
-
-
-def _check_quantize_head(quantize: str | None, quantize_head: bool) -> None:
-    if quantize_head and not quantize:
-        raise OverspillError("--quantize-head / quantize_head=True needs a scheme: add --quantize int8|int4|int8-dynamic|nf4")
-
-
-def open_source(path: str, dtype, quantize: str | None):
-    """-> (source: LayerStore | HFCheckpoint, is_store, dtype, quantize) with dtype/scheme checked against a store."""
-    from ..checkpoint.hf import HFCheckpoint
-    from ..checkpoint.store import LayerStore, is_layer_store
-
-    if is_layer_store(path):
-        store = LayerStore(path)
-        if isinstance(dtype, str) and dtype not in ("auto", str(store.dtype).replace("torch.", "")):
-            raise OverspillError(f"{path}: this layer store holds {store.dtype}; convert again for dtype {dtype}")
-        if quantize and quantize != store.quantize:
-            raise OverspillError(f"{path}: this layer store holds {store.quantize or 'unquantized'} weights; "
-                                 f"convert again with --quantize {quantize}")
-        return store, True, store.dtype, store.quantize
-    from ..api import resolve_dtype
-
-    ckpt = HFCheckpoint(path)
-    return ckpt, False, resolve_dtype(dtype, ckpt), quantize
+    return sum(n * k for n, k in linear_shapes(cfg, unit).values())
 
 
 def embed_rows(src, cfg: ModelConfig):
@@ -133,10 +129,11 @@ def embed_rows(src, cfg: ModelConfig):
     if names != ["tok.weight"]:
         return None
     loc = src.tensor_location("embed", "tok.weight")
-    from ..checkpoint.hf import canonical_shapes
     # a shape that disagrees with config.json: the unit's normal read reports it
-    return loc if loc is not None and loc[3] == canonical_shapes(cfg, "embed")["tok.weight"] else None
+    return loc if loc is not None and loc[3] == (cfg.vocab_size, cfg.hidden_size) else None
 
+
+# -- 3. plan ---------------------------------------------------------------------------------------------------------
 
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
               reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False):
@@ -149,7 +146,7 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     is_store = hasattr(src, "unit_bytes")   # a LayerStore, not an HFCheckpoint
     if not is_store:
         ring_slots += 1
-
+    reserve = dataclasses.replace(reserve, quantize=quantize, quantize_head=bool(quantize and quantize_head))
     kv = reserve.kv_bytes_per_block(cfg, dt)
     costs = []
     for u in units(cfg):
@@ -173,19 +170,20 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
 
 def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], reserve: Reserve,
              quantize_head: bool = False):
-    src, is_store, dt, quantize = open_source(path, dtype, quantize)
-    _check_quantize_head(quantize, quantize_head)
-    return make_plan(src, src.config, dt, quantize, budgets, reserve, quantize_head=quantize_head and not is_store), src
+    """-> (plan, source checkpoint): what ``overspill plan`` shows."""
+    src = open_source(path, dtype, quantize)
+    _check_quantize_head(src.quantize, quantize_head)
+    qh = quantize_head and not src.is_store
+    return make_plan(src.ckpt, src.ckpt.config, src.dtype, src.quantize, budgets, reserve, quantize_head=qh), src.ckpt
 
 
-# Planned device -> the device that stands in for it, e.g. {"cuda:0": "cpu"}: runs a GPU plan's code paths
-# (accelerator-resident units, host->device copies, activations between devices) on a machine without one. Tests.
-DEVICE_ALIAS: dict[str, str] = {}
+# -- 4. devices ------------------------------------------------------------------------------------------------------
 
-
-def _unit_devices(plan, quantize: str | None) -> list[torch.device]:
-    """Where each unit computes (after DEVICE_ALIAS), checked against this torch build."""
-    devs = [torch.device(DEVICE_ALIAS.get(p.device, p.device)) for p in plan.placements]
+def unit_devices(plan, quantize: str | None, stand_in: dict[str, str] | None = None) -> list[torch.device]:
+    """Where each unit computes, checked against this torch build. ``stand_in`` maps a planned device to the one that
+    runs it (e.g. {"cuda:0": "cpu"}): a plan made for devices this machine lacks runs its code paths on ones it has."""
+    stand_in = stand_in or {}
+    devs = [torch.device(stand_in.get(p.device, p.device)) for p in plan.placements]
     accel = sorted({str(d) for d in devs if d.type != "cpu"})
     if accel:
         cuda = [d for d in devs if d.type == "cuda"]
@@ -204,123 +202,207 @@ def _unit_devices(plan, quantize: str | None) -> list[torch.device]:
     return devs
 
 
+# -- 5. wire ---------------------------------------------------------------------------------------------------------
+
+def linear_format(scheme: str | None, include_head: bool = False) -> MakeLinear:
+    """How the CPU builds a unit's linears: the fastest exact dense format, or ``scheme`` for the block matmuls
+    (and the LM head with include_head), quantized at load time."""
+    if scheme is None:
+        return dense_linear_format
+    from .. import quant
+
+    if scheme not in quant.SCHEMES:
+        raise OverspillError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(quant.SCHEMES)})")
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        if name == "lm" and not include_head:
+            return dense_linear(weight, bias)
+        try:
+            # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
+            return quant.make_linear(scheme, quant.quantize(weight, scheme), bias, repack="inplace")
+        except ValueError as e:
+            raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
+
+    return make
+
+
+def dense_linear_format(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+    return dense_linear(weight, bias)
+
+
+class UnitBuilder:
+    """Turns a unit's tensors into its weight object: read (for resident units) or handed over by a streaming reader,
+    bound with the right linear format for where it computes, then the hook. One per load."""
+
+    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None):
+        self.ckpt, self.store = src.ckpt, src.ckpt if src.is_store else None
+        self.cfg, self.dtype, self.scheme = src.ckpt.config, src.dtype, src.quantize
+        self.quantize_head, self.hook = quantize_head, hook
+        self.cpu_format = linear_format(src.quantize, include_head=quantize_head) if not src.is_store else \
+            dense_linear_format
+
+    def resident(self, unit: str, device: torch.device, shared: dict[int, Weights]) -> Weights:
+        """A unit held where it computes. ``shared``: units already resident on that device (a tied head shares
+        the embedding's table)."""
+        if device.type == "cpu":
+            w = self._read(unit, self.cpu_format, shared)
+            trim_heap()   # the unit's temporaries: freed, and now out of RSS too
+        elif self.store is not None:   # straight from the read buffer to the device (no host clone)
+            t = map_tensors(self.store.read_unit(unit), lambda x: x.to(device))
+            w = self._bind_store(unit, t, dense_streamed, shared)
+        else:
+            w = map_tensors(self._read(unit, dense_streamed, shared), lambda x: x.to(device))
+        return hook_linears(unit, w, self.hook)
+
+    def host(self, unit: str, shared: dict[int, Weights], pin: bool) -> tuple[Weights, torch.Tensor]:
+        """A unit held in host RAM and computed on an accelerator: dense, packed into one exactly-sized (pinned)
+        buffer, copied over per forward; the hook is applied there, after the copy (``finish``)."""
+        return pack(self._read(unit, dense_streamed, shared), pin)
+
+    def reader(self):
+        """The reader that streams this checkpoint's units from disk."""
+        return StoreUnitReader(self.store) if self.store is not None else HFUnitReader(self.ckpt, self.dtype)
+
+    def streamed(self, unit: str, t, shared: dict[int, Weights]) -> Weights:
+        """A unit fetched from disk (its tensors in a staging slot, or an HF directory's raw tensors)."""
+        if self.store is not None:
+            w = self._bind_store(unit, t, dense_streamed, shared)
+        else:   # an HF directory's raw tensors: the family's transforms run here, on the compute thread
+            w = bind(self.cfg, unit, self.ckpt.finish(unit, t), self.cpu_format if self.scheme else dense_streamed)
+        return hook_linears(unit, w, self.hook)
+
+    def finish(self, unit: str, w: Weights) -> Weights:
+        """A host-held unit after its copy to the device."""
+        return hook_linears(unit, w, self.hook)
+
+    def _read(self, unit: str, make: MakeLinear, shared: dict[int, Weights]) -> Weights:
+        cfg = self.cfg
+        if self.store is not None:
+            # A fresh read buffer per unit, on huge pages (panel_empty: resident units are read every token).
+            # Quantized linears keep views of it and convert their bytes to the kernels' layouts in place: those
+            # bytes stay in use, nothing is copied. A dense matmul weight is re-laid out into a copy, so no other
+            # view may keep the buffer alive after that: 1-D tensors (norms, biases) get their own memory (dense
+            # stores: every tensor, as their linears all copy).
+            t = self.store.read_unit(unit, alloc=panel_empty)
+            t = {k: v.clone() if self.store.quantize is None or (".q." not in k and v.dim() <= 1) else v
+                 for k, v in t.items()}
+            return self._bind_store(unit, t, make, shared)
+        if unit == "head" and cfg.tie_embeddings and 0 in shared:
+            t = self.ckpt.read_unit_except(unit, self.dtype, "lm.weight")
+            bias = t.pop("lm.bias", None)
+            # share, don't copy, the embedding; a quantized head is its own (smaller) copy
+            t["lm"] = make("lm", shared[0].tok, bias) if self.quantize_head else DenseLinear(shared[0].tok, bias)
+            return bind(cfg, unit, t, make)
+        return bind(cfg, unit, self.ckpt.read_unit(unit, self.dtype), make)
+
+    def _bind_store(self, unit: str, t: dict[str, torch.Tensor], make: MakeLinear, shared: dict[int, Weights]) -> Weights:
+        from .. import quant
+        from ..checkpoint.store import split_quantized
+
+        store, cfg = self.store, self.cfg
+        plain, q = split_quantized(t)
+        # Convert to the kernels' layouts in place: streamed units' tensors live in the staging buffer, resident
+        # units' in their own read buffer (_read). No second copy of a weight at any time, and streamed units run the
+        # same kernels (so give the same logits) as resident ones.
+        for lin, tensors in q.items():
+            plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack="inplace")
+        if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
+            # the embedding's table where it is resident on this unit's device, else this unit's own copy of it
+            dev = next(iter(t.values())).device if t else torch.device("cpu")
+            tok = shared[0].tok if 0 in shared else store.read_unit("embed")["tok.weight"].to(dev, copy=True)
+            plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
+        w = plain.get("lm.weight")
+        if store.quantize and make is not dense_streamed and w is not None and blocked_available(w) \
+                and w.is_contiguous():
+            # a dense head beside quantized blocks, in this unit's own read buffer: block it in place (the copy that
+            # dense_linear makes would briefly double it: 0.4 GB for GPT-J-6B, over a 4 GiB budget)
+            plain["lm"] = BlockedLinear.from_blocked_(w, plain.pop("lm.bias", None))
+            del plain["lm.weight"]
+        return bind(cfg, unit, plain, make)
+
+
+class _StreamedUnits:
+    """make_weights for the streaming source: host-held units (already bound, copied to the device) get the hook;
+    disk units are bound from their fetched tensors."""
+
+    def __init__(self, builder: UnitBuilder, host: set[str], shared: dict[int, Weights]):
+        self.builder, self.host, self.shared = builder, host, shared
+
+    def __call__(self, unit: str, t) -> Weights:
+        if unit in self.host:
+            return self.builder.finish(unit, t)
+        return self.builder.streamed(unit, t, self.shared)
+
+
+@dataclasses.dataclass
+class Built:
+    config: ModelConfig
+    executor: Executor
+    plan: object | None          # placement.Plan under budgets, else None
+    checkpoint: object           # HFCheckpoint | LayerStore (generation_config, tokenizer files)
+
+
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
-          reserve: Reserve, make_linear: MakeLinear | None = None, ring_slots: int = 2, quantize_head: bool = False):
-    """-> (config, executor, plan or None, source object (HFCheckpoint | LayerStore)).
-    quantize_head applies to on-the-fly quantization; a layer store holds its head as it was converted.
+          reserve: Reserve, *, quantize_head: bool = False, linear_hook: LinearHook | None = None,
+          stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None) -> Built:
+    """A runnable executor for ``path``. quantize_head applies to on-the-fly quantization; a layer store holds its
+    head as it was converted.
 
     With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
     (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
     reader (runtime/transfer.py), through pinned host buffers; activations, not weights, cross devices."""
-    src, is_store, dt, quantize = open_source(path, dtype, quantize)
-    _check_quantize_head(quantize, quantize_head)
-    quantize_head = bool(quantize and quantize_head and not is_store)
-    store = src if is_store else None
-    cfg = src.config
-    names = units(cfg)
+    src = open_source(path, dtype, quantize)
+    _check_quantize_head(src.quantize, quantize_head)
+    quantize_head = bool(src.quantize and quantize_head and not src.is_store)
+    cfg, names = src.ckpt.config, units(src.ckpt.config)
+    reserve = dataclasses.replace(reserve, quantize=src.quantize, quantize_head=quantize_head, kv_format=kv_cache)
     plan = None
     streamed: list[int] = []
     devs = [torch.device("cpu")] * len(names)
     homes = ["cpu"] * len(names)
     if max_memory is not None:
-        plan = make_plan(src, cfg, dt, quantize, max_memory, reserve, ring_slots, quantize_head)
+        plan = make_plan(src.ckpt, cfg, src.dtype, src.quantize, max_memory, reserve, ring_slots, quantize_head)
         streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
-        devs = _unit_devices(plan, quantize)
+        devs = unit_devices(plan, src.quantize, stand_in)
         homes = [p.home for p in plan.placements]
-    if quantize and make_linear is None:
-        from ..api import quantized_make_linear
-        make_linear = quantized_make_linear(quantize, include_head=quantize_head)
-    make_linear = make_linear or default_make_linear
-    cpu = torch.device("cpu")
-    pin = any(d.type == "cuda" for d in devs)
+    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes, plan,
+                     ring_slots, reserve if max_memory is not None else None, kv_cache)
+    return Built(cfg, executor, plan, src.ckpt)
 
-    resident = {}
-    rows = embed_rows(src, cfg) if 0 in streamed and homes[0] == "disk" else None
-    if rows is not None:   # the token table stays on disk: each forward reads its ids' rows (runtime/rows.py)
-        resident[0] = EmbedWeights(RowTable(*rows, dt))
-        streamed.remove(0)
-    # a tied head shares the embedding table only on the embedding's own device (elsewhere it reads its own copy)
-    on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}
+
+def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[int], devs: list[torch.device],
+          homes: list[str], plan, ring_slots: int, reserve: Reserve | None, kv_cache: str | None) -> Executor:
+    """Load the resident units, pack the host-held ones, and put the rest behind a streaming source."""
+    cfg, cpu = src.ckpt.config, torch.device("cpu")
+    pin = any(d.type == "cuda" for d in devs)
+    rows = None
+    loc = embed_rows(src.ckpt, cfg) if 0 in streamed and homes[0] == "disk" else None
+    if loc is not None:   # the token table stays on disk: each forward reads its ids' rows (runtime/rows.py)
+        rows = RowTable(*loc, src.dtype)
+        streamed = [i for i in streamed if i != 0]
+    resident: dict[int, Weights] = {}
+    on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}   # units sharing a device
     for i, u in enumerate(names):
-        if i in streamed or i in resident:
-            continue
-        if devs[i] == cpu:
-            resident[i] = _load_unit(src, store, cfg, u, dt, make_linear, on(cpu), quantize_head)
-            trim_heap()   # the unit's temporaries: freed, and now out of RSS too
-        elif store is not None:   # straight from the read buffer to the device (no host clone)
-            t = map_tensors(store.read_unit(u), lambda x: x.to(devs[i]))
-            resident[i] = _bind_store_unit(store, cfg, u, t, dense_streamed, on(devs[i]))
-        else:
-            resident[i] = map_tensors(_load_unit(src, store, cfg, u, dt, dense_streamed, on(devs[i]), quantize_head),
-                                      lambda x: x.to(devs[i]))
-    # units held in host RAM and computed on an accelerator (tier "stream", home "cpu"): dense, each packed into one
-    # exactly-sized pinned buffer (the reader's copies from it are asynchronous)
+        if i not in streamed and not (i == 0 and rows is not None):
+            resident[i] = builder.resident(u, devs[i], on(devs[i]))
     host, host_bufs = {}, []
     for i in streamed:
         if homes[i] == "cpu":
-            host[names[i]], buf = pack(_load_unit(src, store, cfg, names[i], dt, dense_streamed, on(cpu), quantize_head), pin)
+            host[names[i]], buf = builder.host(names[i], on(cpu), pin)
             host_bufs.append(buf)
     if streamed:
-        stream_dev = devs[streamed[0]]
-        if store is not None:
-            reader = StoreUnitReader(store)
-            disk_make = lambda unit, t: _bind_store_unit(store, cfg, unit, t, dense_streamed, on(stream_dev))
-        else:
-            reader = HFUnitReader(src, dt)
-            qmake = make_linear if quantize else dense_streamed
-            disk_make = lambda unit, t: bind(cfg, unit, src.finish(unit, t), qmake)
+        reader = builder.reader()
         if host:
             host_reader = HostUnitReader(host)
             reader = MixedReader({names[i]: host_reader if names[i] in host else reader for i in streamed})
-        make_w = lambda unit, t: t if unit in host else disk_make(unit, t)
         # streamed units computing on an accelerator are copied there by the reader thread
-        copier = DeviceCopier(stream_dev) if plan.compute_device not in (None, "cpu") else None
-        source = StreamingSource(cfg, resident, streamed, names, reader, make_w, ring_slots, pin=pin, copier=copier)
-        source.pinned = host_bufs
+        copier = DeviceCopier(devs[streamed[0]]) if plan.compute_device not in (None, "cpu") else None
+        make = _StreamedUnits(builder, set(host), on(devs[streamed[0]]))
+        source = StreamingSource(cfg, resident, streamed, names, reader, make, ring_slots, pin=pin, copier=copier,
+                                 pinned=host_bufs)
     else:
-        source = ResidentSource([resident[i] for i in range(len(names))])
-    if store is None and not streamed:
-        src.close()   # a streaming source keeps reading from it
-    return cfg, Executor(cfg, source, dt, unit_devices=[str(d) for d in devs]), plan, src
-
-
-def _load_unit(src, store, cfg, unit, dt, make_linear, resident, quantize_head=False):
-    if store is not None:
-        # A fresh read buffer per unit. Quantized linears keep views of it and convert their bytes to the kernels'
-        # layouts in place (repack="inplace" below): those bytes stay in use, nothing is copied. A dense matmul weight
-        # is re-laid out into a copy, so no other view may keep the buffer alive after that: 1-D tensors (norms,
-        # biases) get their own memory (dense stores: every tensor, as their linears all copy).
-        t = store.read_unit(unit)
-        t = {k: v.clone() if store.quantize is None or (".q." not in k and v.dim() <= 1) else v for k, v in t.items()}
-        return _bind_store_unit(store, cfg, unit, t, make_linear, resident)
-    if unit == "head" and cfg.tie_embeddings and 0 in resident:
-        t = src.read_unit_except(unit, dt, "lm.weight")
-        bias = t.pop("lm.bias", None)
-        # share, don't copy, the embedding; a quantized head is its own (smaller) copy
-        t["lm"] = make_linear("lm", resident[0].tok, bias) if quantize_head else DenseLinear(resident[0].tok, bias)
-        return bind(cfg, unit, t, make_linear)
-    return bind(cfg, unit, src.read_unit(unit, dt), make_linear)
-
-
-def _bind_store_unit(store, cfg, unit, t, make_linear, resident):
-    from .. import quant
-    from ..checkpoint.store import split_quantized
-
-    plain, q = split_quantized(t)
-    # Convert to the kernels' layouts in place: streamed units' tensors live in the staging buffer, resident units'
-    # in their own read buffer (_load_unit). No second copy of a weight at any time, and streamed units run the same
-    # kernels (so give the same logits) as resident ones.
-    for lin, tensors in q.items():
-        plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack="inplace")
-    if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
-        # the embedding's table where it is resident on this unit's device, else this unit's own copy of it
-        dev = next(iter(t.values())).device if t else torch.device("cpu")
-        tok = resident[0].tok if 0 in resident else store.read_unit("embed")["tok.weight"].to(dev, copy=True)
-        plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
-    w = plain.get("lm.weight")
-    if store.quantize and make_linear is not dense_streamed and w is not None and blocked_available(w) and w.is_contiguous():
-        # a dense head beside quantized blocks, in this unit's own read buffer: block it in place (the copy that
-        # dense_linear makes would briefly double it: 0.4 GB for GPT-J-6B, over a 4 GiB budget)
-        plain["lm"] = BlockedLinear.from_blocked_(w, plain.pop("lm.bias", None))
-        del plain["lm.weight"]
-    return bind(cfg, unit, plain, make_linear)
+        source = ResidentSource([resident.get(i) for i in range(len(names))])
+        if not src.is_store:
+            src.ckpt.close()   # a streaming source keeps reading from it
+    return Executor(cfg, source, src.dtype, unit_devices=[str(d) for d in devs], reserve=reserve, kv_format=kv_cache,
+                    rows=rows)

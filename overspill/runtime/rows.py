@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .io import DirectFile, read_pool
+from ..io import DirectFile, read_pool
 
 
 class RowTable:
     """Rows of a [V, C] table stored contiguously at ``offset`` in ``path`` (a layer store's embed file or a
-    safetensors shard); ``gather(ids)`` reads the distinct ids' rows (positional reads, dropped from the page
-    cache after) and returns them in ``dtype``, shaped ids.shape + (C,), on the ids' device."""
-
-    nbytes = 0   # holds no table bytes (what the plan counts as its resident weights)
+    safetensors shard). ``select(ids)`` reads the distinct ids' rows (positional reads, dropped from the page
+    cache after) and returns them in ``dtype`` with the ids renumbered into them, on the ids' device:
+    ``F.embedding(local_ids, rows)`` equals ``F.embedding(ids, table)``. The runtime calls it, never the model."""
 
     def __init__(self, path: str, offset: int, stored: torch.dtype, shape: tuple[int, int], dtype: torch.dtype):
         self.path, self.offset, self.shape, self.stored, self.dtype = path, offset, tuple(shape), stored, dtype
@@ -25,7 +24,7 @@ class RowTable:
         self.file = DirectFile(path, direct=False)   # buffered positional reads, evicted after (rows are unaligned)
         self.bytes_read = 0
 
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+    def select(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         V, C = self.shape
         uniq, inverse = torch.unique(ids.cpu(), return_inverse=True)   # sorted distinct ids
         if uniq.numel() and (uniq[0] < 0 or uniq[-1] >= V):
@@ -45,7 +44,7 @@ class RowTable:
         self.bytes_read += rows.numel()
         table = rows.view(self.stored).view(-1, C).to(self.dtype)
         del rows   # (a no-op conversion keeps it alive in ``table``)
-        return table[inverse].to(ids.device)
+        return table.to(ids.device), inverse.to(ids.device)
 
     def close(self) -> None:
         if self.file is not None:

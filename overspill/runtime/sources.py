@@ -22,6 +22,9 @@ class WeightSource(Protocol):
 
     def resident_bytes(self) -> int: ...
 
+    def close(self) -> None:
+        """Free what the source holds besides weights: reader threads, staging buffers, open files."""
+
 
 class ResidentSource:
     """All units bound in memory already."""
@@ -40,4 +43,7 @@ class ResidentSource:
 
     def resident_bytes(self) -> int:
         from .accounting import weights_nbytes
-        return sum(weights_nbytes(w) for w in self.weights)
+        return sum(weights_nbytes(w) for w in self.weights if w is not None)
+
+    def close(self) -> None:
+        pass

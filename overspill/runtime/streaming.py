@@ -17,7 +17,6 @@ plus one unit's transform copies, which the plan counts as one more slot); nothi
 """
 from __future__ import annotations
 
-import atexit
 import queue
 import threading
 import time
@@ -30,7 +29,7 @@ from ..config import ModelConfig
 from ..kernels import transient
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
-from .io import ALIGN, DirectFile, aligned_buffer, read_pool, unpin
+from ..io import ALIGN, DirectFile, aligned_buffer, read_pool, unpin
 
 
 class UnitReader(Protocol):
@@ -71,6 +70,9 @@ class HFUnitReader:
         # layout) run where the unit is built, on the compute thread, overlapping the next read
         return self.ckpt.read_unit_raw(unit, self.dtype)
 
+    def close(self) -> None:
+        self.ckpt.close()
+
 
 class StoreUnitReader:
     """One large (parallel, O_DIRECT) read per unit from a layer store into a staging slot."""
@@ -93,6 +95,11 @@ class StoreUnitReader:
         off, n = self.store.unit_span(unit)
         f.read_into(slot, off, n, read_pool())
         return self.store.views(unit, slot[:n])
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
 
 
 class HostUnitReader:
@@ -128,67 +135,55 @@ class MixedReader:
     def fetch(self, unit: str, slot: torch.Tensor | None):
         return self.by_unit[unit].fetch(unit, slot)
 
-
-_LIVE: "weakref.WeakSet[StreamingSource]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:
-    # A reader thread still inside a torch op at interpreter exit aborts the process: stop them first.
-    for s in list(_LIVE):
-        s.close()
+    def close(self) -> None:
+        for r in {id(r): r for r in self.by_unit.values()}.values():
+            close = getattr(r, "close", None)
+            if close is not None:
+                close()
 
 
-class StreamingSource:
-    """Resident units are held; streamed units come through the prefetching ring. With a ``copier`` (streamed units
-    compute on an accelerator), the reader thread also copies each fetched unit onto that device, so the copy of
-    the next unit overlaps the compute of this one (runtime/transfer.py)."""
+class StreamOrderError(RuntimeError):
+    """The reader handed over another unit than the one the executor asked for: a broken invariant, never a
+    recoverable condition (the weights would be another unit's)."""
 
-    def __init__(self, cfg: ModelConfig, resident: dict[int, Weights], streamed: list[int], unit_names: list[str],
-                 reader: UnitReader, make_weights: Callable[[str, dict], Weights] | None = None,
-                 ring_slots: int = 2, pin: bool = False, copier=None):
-        self.cfg, self.resident, self.streamed, self.names = cfg, resident, streamed, unit_names
-        self.reader, self.copier = reader, copier
-        self.make_weights = make_weights or (lambda unit, t: bind(cfg, unit, t, dense_streamed))
-        self.ring_slots = max(1, min(ring_slots, len(streamed))) if streamed else 0
-        slot_bytes = max((reader.slot_bytes(unit_names[i]) for i in streamed), default=0)
-        self.slots = [aligned_buffer(slot_bytes, pin) if slot_bytes else None for _ in range(self.ring_slots)]
-        self.staging_bytes = slot_bytes * self.ring_slots
-        self.pinned: list[torch.Tensor] = []   # other registered host buffers to release with this source
-        # io_wait_s: compute thread blocked on the ring; read_s: reader thread reading bytes; build_s: compute thread
-        # turning a slot's bytes into Linear objects (in-place layout conversion)
-        self.stats = {"io_wait_s": 0.0, "read_s": 0.0, "build_s": 0.0, "bytes_read": 0, "units_read": 0}
-        self._thread: threading.Thread | None = None
-        self._cursor = 0
-        self._in_use: dict[int, int] = {}
-        _LIVE.add(self)
-        self._start()
 
-    # -- reader thread ------------------------------------------------------------------
-    def _start(self) -> None:
-        if not self.streamed:
-            return
-        self._stop = threading.Event()
-        self._free: queue.Queue[int] = queue.Queue()
+class _Prefetcher:
+    """The reader thread and what it works with: the ring of staging slots, the reader, the queues.
+
+    It holds no reference to the StreamingSource that owns it, so dropping the source (the last reference to a
+    model) lets a finalizer stop this thread and free the slots; the thread keeps only this object alive."""
+
+    def __init__(self, streamed: list[int], names: list[str], reader: UnitReader, ring_slots: int, pin: bool,
+                 copier, stats: dict):
+        self.streamed, self.names, self.reader, self.copier, self.stats = streamed, names, reader, copier, stats
+        self.ring_slots = ring_slots
+        slot_bytes = max((reader.slot_bytes(names[i]) for i in streamed), default=0)
+        self.slots = [aligned_buffer(slot_bytes, pin) if slot_bytes else None for _ in range(ring_slots)]
+        self.staging_bytes = slot_bytes * ring_slots
+        self.pinned: list[torch.Tensor] = []   # other registered host buffers to release with the slots
+        self.thread: threading.Thread | None = None
+        self.closed = False
+
+    def start(self) -> None:
+        self.stop_event = threading.Event()
+        self.free: queue.Queue[int] = queue.Queue()
         for s in range(self.ring_slots):
-            self._free.put(s)
-        self._done: dict[int, object] = {}   # slot -> event: the compute that last used it has finished (GPU)
-        self._ready: queue.Queue = queue.Queue()
-        self._cursor = 0
-        self._in_use = {}
-        self._thread = threading.Thread(target=self._run, name="overspill-prefetch", daemon=True)
-        self._thread.start()
+            self.free.put(s)
+        self.done: dict[int, object] = {}   # slot -> event: the compute that last used it has finished (GPU)
+        self.ready: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="overspill-prefetch", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         k = 0
-        while not self._stop.is_set():
+        while not self.stop_event.is_set():
             try:
-                slot = self._free.get(timeout=0.1)
+                slot = self.free.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if self._stop.is_set():
+            if self.stop_event.is_set():
                 return
-            done = self._done.pop(slot, None)
+            done = self.done.pop(slot, None)
             if done is not None:   # the GPU has finished with this slot's last unit (its copy too)
                 done.synchronize()
             i = self.streamed[k % len(self.streamed)]
@@ -202,49 +197,97 @@ class StreamingSource:
                 ev = None
                 if self.copier is not None:
                     t, ev = self.copier.copy(t)
-                self._ready.put((i, t, slot, None, ev))
+                self.ready.put((i, t, slot, None, ev))
             except BaseException as e:  # hand the error to the compute thread
-                self._ready.put((i, None, slot, e, None))
+                self.ready.put((i, None, slot, e, None))
                 return
             k += 1
 
-    def _shutdown(self) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.stop_event.set()
+            self.thread.join()
+            self.thread = None
 
     def close(self) -> None:
-        self._shutdown()
+        """Stop the thread, release the staging slots and pinned buffers, close the reader's files (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.stop()
         for buf in self.slots + self.pinned:
             unpin(buf)
+        self.slots, self.pinned = [], []
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
 
-    def __del__(self):
-        try:
-            self.close()   # also unregisters pinned buffers, which io keeps alive until then
-        except Exception:
-            pass
+
+class StreamingSource:
+    """Resident units are held; streamed units come through the prefetching ring. With a ``copier`` (streamed units
+    compute on an accelerator), the reader thread also copies each fetched unit onto that device, so the copy of
+    the next unit overlaps the compute of this one (runtime/transfer.py).
+
+    ``close()`` (or dropping the last reference) stops the reader thread and frees the ring, pinned buffers and the
+    reader's open files; at interpreter exit live sources are closed first (a reader thread still inside a torch op
+    at exit would abort the process)."""
+
+    def __init__(self, cfg: ModelConfig, resident: dict[int, Weights], streamed: list[int], unit_names: list[str],
+                 reader: UnitReader, make_weights: Callable[[str, dict], Weights] | None = None,
+                 ring_slots: int = 2, pin: bool = False, copier=None, pinned: list[torch.Tensor] | None = None):
+        self.cfg, self.resident, self.streamed, self.names = cfg, resident, streamed, unit_names
+        self.reader, self.copier = reader, copier
+        self.make_weights = make_weights or (lambda unit, t: bind(cfg, unit, t, dense_streamed))
+        self.ring_slots = max(1, min(ring_slots, len(streamed))) if streamed else 0
+        # io_wait_s: compute thread blocked on the ring; read_s: reader thread reading bytes; build_s: compute thread
+        # turning a slot's bytes into Linear objects (in-place layout conversion)
+        self.stats = {"io_wait_s": 0.0, "read_s": 0.0, "build_s": 0.0, "bytes_read": 0, "units_read": 0}
+        self._pf = _Prefetcher(streamed, unit_names, reader, self.ring_slots, pin, copier, self.stats)
+        self._pf.pinned = list(pinned or [])
+        self.staging_bytes = self._pf.staging_bytes
+        self._cursor = 0
+        self._in_use: dict[int, int] = {}
+        # runs when this source is dropped, or at interpreter exit; holds the prefetcher, never the source
+        self._finalizer = weakref.finalize(self, _Prefetcher.close, self._pf)
+        if streamed:
+            self._pf.start()
+
+    @property
+    def slots(self) -> list[torch.Tensor | None]:
+        return self._pf.slots
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def _restart(self) -> None:
+        self._pf.stop()
+        self._cursor = 0
+        self._in_use = {}
+        self._pf.start()
 
     # -- WeightSource ---------------------------------------------------------------------
     def begin_pass(self) -> None:
         # A pass interrupted by an exception leaves the cycle mid-way: restart the reader in step.
         if self.streamed and (self._cursor % len(self.streamed) != 0 or self._in_use):
-            self._shutdown()
-            self._start()
+            self._restart()
 
     def acquire(self, i: int) -> Weights:
         if i in self.resident:
             return self.resident[i]
+        pf = self._pf
         t0 = time.perf_counter()
-        j, t, slot, err, ev = self._ready.get()
+        j, t, slot, err, ev = pf.ready.get()
         t1 = time.perf_counter()
         self.stats["io_wait_s"] += t1 - t0
         if err is not None:
-            self._free.put(slot)
-            self._shutdown()
-            self._start()
+            pf.free.put(slot)
+            self._restart()
             raise err
-        assert j == i, f"streaming order broken: expected unit {i}, reader produced {j}"
+        if j != i:   # a real check, not an assert: under python -O a unit would silently get another's weights
+            pf.free.put(slot)
+            self._restart()
+            raise StreamOrderError(f"streaming order broken: the executor asked for unit {self.names[i]} but the "
+                                   f"reader produced {self.names[j]}")
         self._in_use[i] = slot
         if self.copier is not None:
             self.copier.ready(t, ev)
@@ -263,8 +306,8 @@ class StreamingSource:
             if self.copier is not None:
                 done = self.copier.compute_done()
                 if done is not None:
-                    self._done[slot] = done
-            self._free.put(slot)
+                    self._pf.done[slot] = done
+            self._pf.free.put(slot)
 
     def resident_bytes(self) -> int:
         from .accounting import weights_nbytes

@@ -39,7 +39,7 @@ def map_tensors(obj, fn):
 def pack(obj, pin: bool):
     """``obj`` with its tensors copied into one ALIGN-aligned host buffer (pinned where CUDA is used), and that
     buffer (release it with io.unpin). Tensors keep 64-byte-aligned offsets."""
-    from .io import aligned_buffer
+    from ..io import aligned_buffer
     ts = tensors(obj)
     size = lambda t: -(-t.numel() * t.element_size() // 64) * 64
     buf = aligned_buffer(sum(size(t) for t in ts), pin)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..errors import CheckpointError
+from .errors import CheckpointError
 
 ALIGN = 4096
 
