@@ -10,7 +10,10 @@ synchronous copy (``copy=True``, so tests on the CPU exercise the same path with
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
+import time
 
 import torch
 
@@ -63,21 +66,59 @@ def tensors(obj):
 
 
 class DeviceCopier:
-    """Copies a fetched unit onto ``device`` from the reader thread; the compute side waits for it."""
+    """Copies a fetched unit onto ``device`` from the reader thread; the compute side waits for it.
+
+    ``stats`` (read them with read_stats(), which first sums the copies still in flight): copies / copy_bytes, the
+    units and bytes copied; pageable_bytes, those copied from unpinned host memory (CUDA makes such a copy
+    synchronous with the reader thread: it cannot run ahead); issue_s, reader-thread time spent issuing copies.
+    CUDA, timed with events on the GPU: copy_s, the copies on the side stream; stall_s, the compute stream waiting
+    for a copy. copy_s - stall_s is copy time hidden behind compute (or done ahead of it, while the host was busy
+    elsewhere). On other devices copies are synchronous: copy_s is the time they took and stall_s stays 0."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stats = {"copies": 0, "copy_bytes": 0, "pageable_bytes": 0, "issue_s": 0.0, "copy_s": 0.0, "stall_s": 0.0}
+        self._timed: collections.deque = collections.deque()   # (stat, start event, end event), not yet summed
+        self._lock = threading.Lock()   # the reader thread adds copies, the compute thread waits
+
+    def _time(self, key: str | None, start, end, block: bool = False) -> None:
+        """Queue an event pair timing ``key``; sum every pair that has completed (all of them when block)."""
+        with self._lock:
+            if key is not None:
+                self._timed.append((key, start, end))
+            while self._timed and (block or self._timed[0][2].query()):
+                k, a, b = self._timed.popleft()
+                b.synchronize()
+                self.stats[k] += a.elapsed_time(b) / 1e3
+
+    def read_stats(self) -> dict:
+        """A copy of ``stats`` with every copy and wait issued so far summed (waits for them on CUDA)."""
+        if self.cuda:
+            self._time(None, None, None, block=True)
+        return dict(self.stats)
 
     def copy(self, obj):
         """Reader thread: -> (obj on the device, event or None)."""
+        t0 = time.perf_counter()
+        ts = tensors(obj)
+        self.stats["copies"] += 1
+        self.stats["copy_bytes"] += sum(t.numel() * t.element_size() for t in ts)
         if not self.cuda:
-            return map_tensors(obj, lambda t: t.to(self.device, copy=True)), None
+            out = map_tensors(obj, lambda t: t.to(self.device, copy=True))
+            self.stats["issue_s"] += time.perf_counter() - t0
+            self.stats["copy_s"] += time.perf_counter() - t0
+            return out, None
+        self.stats["pageable_bytes"] += sum(t.numel() * t.element_size() for t in ts
+                                            if t.device.type == "cpu" and not t.is_pinned())
+        start, ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
+            start.record(self.stream)
             out = map_tensors(obj, lambda t: t.to(self.device, non_blocking=True, copy=True))
-            ev = torch.cuda.Event()
             ev.record(self.stream)
+        self.stats["issue_s"] += time.perf_counter() - t0
+        self._time("copy_s", start, ev)
         return out, ev
 
     def compute_done(self):
@@ -96,6 +137,10 @@ class DeviceCopier:
         if ev is None:
             return
         cur = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(cur)
         cur.wait_event(ev)
+        after.record(cur)   # before -> after: how long the compute stream stalled for this copy
+        self._time("stall_s", before, after)
         for t in tensors(obj):
             t.record_stream(cur)
