@@ -10,7 +10,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .errors import OverspillError
 
@@ -33,12 +32,10 @@ def perplexity(model, ids: list[int], context: int = 1024, stride: int = 512, pr
     for begin in it:
         end = min(begin + context, len(ids))
         window = data[begin:end][None]                              # (1, T)
-        logits = model.logits(window)[0, :-1]                        # predicts window[1:]
-        targets = window[0, 1:]
-        first = max(prev_end - begin - 1, 0)                         # logits[j] predicts ids[begin+j+1]: skip scored ones
-        lp = F.cross_entropy(logits[first:], targets[first:], reduction="sum")
-        nll += lp.item()
-        count += targets.numel() - first
+        lp = model.logprobs(window)[0]                               # lp[j] = log p(window[j+1]); no [T, V] logits
+        first = max(prev_end - begin - 1, 0)                         # lp[j] scores ids[begin+j+1]: skip scored ones
+        nll -= lp[first:].double().sum().item()
+        count += lp.numel() - first
         prev_end = end
         if end == len(ids):
             break

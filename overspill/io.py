@@ -112,9 +112,10 @@ class DirectFile:
             try:
                 n = os.preadv(self.fd, [mv[done:]], offset + done)
             except OSError as e:
-                if self.direct and e.errno == 22:     # EINVAL: unaligned; redo this piece buffered
-                    with open(self.path, "rb", buffering=0) as f:
+                if self.direct and e.errno == 22:     # EINVAL: unaligned; redo this piece buffered, then drop it
+                    with open(self.path, "rb", buffering=0) as f:   # from the page cache as buffered readers do
                         n = os.preadv(f.fileno(), [mv[done:]], offset + done)
+                        evict(f.fileno(), offset + done, max(n, 0))
                 else:
                     raise CheckpointError(f"{self.path}: read failed at byte {offset + done} ({e.strerror})") from None
             if n <= 0:

@@ -172,7 +172,8 @@ def scratch_nbytes(scheme: str, N: int, K: int, itemsize: int, blocksize: int = 
     activations' dtype and its int32 code indices, plus (8-bit codes held in panels) the codes in plain layout."""
     codes = N * K if _bits(scheme) == 8 else -(-N * K // 2)
     panels = cpu_kernels() is not None and N % PANEL == 0 and K % blocksize == 0
-    return N * K * itemsize + 4 * codes + (N * K if panels and _bits(scheme) == 8 else 0)
+    weight = max(N * K, 2 * codes) * itemsize          # _weight's "cb_w" buffer (room for the LUT's two passes)
+    return weight + 4 * codes + (N * K if panels and _bits(scheme) == 8 else 0)
 
 
 class CodebookLinear(QuantLinear):
