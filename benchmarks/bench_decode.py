@@ -18,7 +18,7 @@ Examples (from the repository root):
     .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/llama-tiny-bfloat16 --sides hf --repeats 1
     .venv/bin/python benchmarks/bench_decode.py --ckpt bench-cache/tinyllama-bfloat16 --sides overspill \
         --quantize int8 --batches 1
-    # every weight format side by side, interleaved in each round (issue 4's table):
+    # every weight format side by side, interleaved in each round:
     .venv/bin/python benchmarks/bench_decode.py --ckpt tinyllama --repeats 2 \
         --sides overspill,overspill:int8,overspill:int8+head,overspill:int8-dynamic,overspill:int4,overspill:int4+head
     # smoke: the whole path on a tiny random checkpoint in seconds (results under a temp dir)
@@ -254,7 +254,7 @@ def driver(a: argparse.Namespace) -> Path:
             probes = [a.mem_probe()]
             rows: list[dict] = []
             for rnd, side in common.interleave(sides, a.repeats):
-                os.sync()  # dirty pages being flushed made steps erratic (shared/anchors/RESULTS.md)
+                os.sync()  # dirty pages being flushed made steps erratic
                 res = common.run_worker(worker_cmd(a, side, ckpt, batch), check=False, timeout=a.timeout)
                 row = {"kind": "run", "time": stamp, "ckpt": str(ckpt), "ckpt_name": ckpt.name, "side": side,
                        "scheme": labels[side], "batch": batch,

@@ -1,6 +1,6 @@
 """Quantized linear throughput: GB/s of stored weight bytes, speed-up vs bf16 F.linear and vs PackedLinear.
 
-Method (as shared/anchors/kernels/common.py): every method rotates through a pool of distinct weight copies
+Method: every method rotates through a pool of distinct weight copies
 >= POOL_BYTES (default 300 MB) so nothing is served from the 32 MiB L3; methods interleaved in a shuffled
 order per repeat; value = median over repeats of the per-repeat median call time. Machine is shared: compare
 only within one (shape, batch) block.

@@ -34,6 +34,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import shutil
 import sys
@@ -349,7 +350,7 @@ def latency_table(rows: list[dict], sides: list[str], budget_bytes: int) -> str:
             f"{fmt(med_of(ok, 'predict_rel_err'), '.0%')} | {fmt(med_of(ok, 'predict_run_disk', 's_per_token'))} | "
             f"{fmt(med_of(ok, 'io_wait_s'))} | {fmt(rb / 1e9 if rb is not None else None)} | "
             f"{fmt(med_of(ok, 'peak_rss_bytes') / 2**30 if ok else None, '.2f')} | "
-            f"{fmt(max((r['cgroup'] or {}).get('max_usage_bytes') or 0 for r in all_) / 2**30, '.2f')} | "
+            f"{fmt(max((r.get('cgroup') or {}).get('max_usage_bytes') or 0 for r in all_) / 2**30, '.2f')} | "
             f"{budget_bytes / 2**30:.3g} | {sum(r.get('oom_kills') or 0 for r in all_)} |")
     return "\n".join(lines)
 
@@ -376,7 +377,7 @@ def throughput_table(rows: list[dict], sides: list[str], batches: list[int]) -> 
                 f"{fmt(med_of(ok, 'compute_bound_tok_s'))} | {fmt(med_of(ok, 'fraction_of_compute_bound'))} | "
                 f"{fmt(agg / acc_best if agg and acc_best else None, '.2f')} | {fmt(b / pred if pred else None)} | "
                 f"{fmt(med_of(ok, 'peak_rss_bytes') / 2**30 if ok else None, '.2f')} | "
-                f"{fmt(max((r['cgroup'] or {}).get('max_usage_bytes') or 0 for r in all_) / 2**30, '.2f')} | "
+                f"{fmt(max((r.get('cgroup') or {}).get('max_usage_bytes') or 0 for r in all_) / 2**30, '.2f')} | "
                 f"{sum(r.get('oom_kills') or 0 for r in all_)} |")
     return "\n".join(lines)
 
@@ -464,7 +465,7 @@ def driver(a: argparse.Namespace) -> Path:
                       f"first token {row['first_token_s']:.3f} s, {fmt(row['step_s_median'])} s/token "
                       f"(disk bound {fmt(row['disk_bound_s'])} @ {row['disk_gbps_run']:.2f} GB/s), "
                       f"peak RSS {row['peak_rss_bytes'] / 2**30:.2f} GiB, cgroup max "
-                      f"{(row['cgroup']['max_usage_bytes'] or 0) / 2**30:.2f} GiB, OOMs {row['oom_kills']}",
+                      f"{((row.get('cgroup') or {}).get('max_usage_bytes') or 0) / 2**30:.2f} GiB, OOMs {row['oom_kills']}",
                       file=sys.stderr, flush=True)
             else:
                 print(f"   batch {batch} round {rnd + 1}/{a.repeats} {side:15s}: FAILED (exit {row['returncode']}, "
@@ -510,9 +511,10 @@ def smoke(a: argparse.Namespace) -> None:
                                    + (["--quantize", a.quantize] if a.quantize else []))
                 if rc:
                     raise SystemExit(f"smoke: overspill convert exited {rc}")
-        if a.budget is None:   # below the model's bytes, so units stream, above the planner's minimum
-            nbytes = sum(f.stat().st_size for f in common.safetensors_files(a.hf))
-            a.budget = f"{int(0.85 * nbytes) >> 10}KiB"
+        if a.budget is None:   # below the model's bytes in a.dtype, so units stream, above the planner's minimum
+            elems = sum(math.prod(t["shape"]) for f in common.safetensors_files(a.hf)
+                        for t in common.safetensors_header(f).values())
+            a.budget = f"{int(0.85 * elems * (4 if a.dtype == 'float32' else 2)) >> 10}KiB"
         a.out = a.out or str(sm.out("offload.jsonl"))
         out = driver(a)
         common.smoke_check(out, min_runs=1)

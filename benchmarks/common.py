@@ -1,7 +1,7 @@
 """Pieces shared by the benchmarks: memory figures, page-cache control, memory cgroups, worker
 subprocesses, medians and interleaving, and how many weight bytes one decode step must read.
 
-Method (shared/anchors/RESULTS.md): this VM's speed drifts 2-10x for tens of seconds, so systems
+Method (benchmarks/RESULTS.md): this VM's speed drifts 2-10x for tens of seconds, so systems
 are compared interleaved in one run (A, B, A, B, ...), each run in a fresh worker process, and
 medians and paired ratios are quoted. Bounds use bandwidths measured in the same run.
 """
