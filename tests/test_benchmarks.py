@@ -3,8 +3,8 @@
 Each script's `--smoke` (tiny random checkpoints made on the fly in a temp dir, a few tokens, seconds) runs as a
 subprocess, `sys.executable benchmarks/X.py --smoke ...`, from a temporary working directory where bench-cache/
 does not exist; results go to `bench-cache/results/*.jsonl` relative to it, the README's default path, so a script
-that does not create that directory fails here. The scripts start together (they are mostly interpreter start-up
-and imports) and each test waits for its own.
+that does not create that directory fails here. The runs overlap, PARALLEL at a time (they are mostly interpreter
+start-up and imports), and each test waits for its own.
 """
 from __future__ import annotations
 
@@ -13,21 +13,24 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 TIMEOUT_S = 600
+PARALLEL = int(os.environ.get("SMOKE_PARALLEL", 2))   # runs at a time (2 cores: mostly start-up and imports)
 
-# script -> (extra arguments, python modules without which the script cannot run at all)
+# script -> (extra arguments, python modules without which the script cannot run at all); slowest first
 SMOKES: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "make_checkpoint": ([], ("transformers",)),
+    "bench_offload": (["--out", "bench-cache/results/offload.jsonl"], ("transformers",)),
     "bench_decode": (["--out", "bench-cache/results/decode.jsonl"], ("transformers",)),
     "bench_llamacpp": (["--out", "bench-cache/results/llamacpp.jsonl"], ("transformers",)),
-    "bench_offload": (["--out", "bench-cache/results/offload.jsonl"], ("transformers",)),
-    "bench_linear": ([], ()),
+    "make_checkpoint": ([], ("transformers",)),
     "quality": ([], ()),
+    "bench_linear": ([], ()),
     "llamacpp_gguf": ([], ("transformers", "gguf")),
 }
 
@@ -36,29 +39,55 @@ def missing(name: str) -> list[str]:
     return [m for m in SMOKES[name][1] if importlib.util.find_spec(m) is None]
 
 
+class SmokeRun:
+    """One script's smoke run in its own fresh working directory, started when a slot is free."""
+
+    def __init__(self, name: str, cwd: Path):
+        self.name, self.cwd = name, cwd
+        self.proc: subprocess.Popen | None = None
+        self.started = threading.Event()
+        self.log = open(cwd / "output.txt", "w+")
+
+    def start(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        env.pop("XDG_CACHE_HOME", None)
+        self.proc = subprocess.Popen([sys.executable, str(BENCH / f"{self.name}.py"), "--smoke", *SMOKES[self.name][0]],
+                                     cwd=self.cwd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.started.set()
+
+
 @pytest.fixture(scope="module")
 def smoke_runs(request, tmp_path_factory):
-    """Starts the smoke run of every script this session's tests ask for, all at once; yields name -> run."""
+    """Starts the smoke run of every script this session's tests ask for, PARALLEL at a time, slowest first;
+    yields name -> SmokeRun."""
     wanted = {item.callspec.params["name"] for item in request.session.items
               if item.module is request.module and "name" in getattr(getattr(item, "callspec", None), "params", {})}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    env.pop("XDG_CACHE_HOME", None)
     runs = {}
-    for name in sorted(wanted):
-        if missing(name):
-            continue
-        cwd = tmp_path_factory.mktemp(f"fresh-{name}")
-        assert not (cwd / "bench-cache").exists()
-        log = open(cwd / "output.txt", "w+")
-        proc = subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), "--smoke", *SMOKES[name][0]],
-                                cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        runs[name] = {"proc": proc, "cwd": cwd, "log": log}
+    for name in sorted(wanted, key=list(SMOKES).index):
+        if not missing(name):
+            cwd = tmp_path_factory.mktemp(f"fresh-{name}")
+            assert not (cwd / "bench-cache").exists()
+            runs[name] = SmokeRun(name, cwd)
+    stop = threading.Event()
+
+    def scheduler() -> None:
+        pending = list(runs.values())
+        while pending and not stop.is_set():
+            if sum(r.proc is not None and r.proc.poll() is None for r in runs.values()) < PARALLEL:
+                pending.pop(0).start()
+            else:
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=scheduler, daemon=True)
+    thread.start()
     yield runs
+    stop.set()
+    thread.join()
     for run in runs.values():
-        if run["proc"].poll() is None:
-            run["proc"].kill()
-            run["proc"].wait()
-        run["log"].close()
+        if run.proc is not None and run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        run.log.close()
 
 
 def finish(runs: dict, name: str) -> tuple[str, Path]:
@@ -66,15 +95,16 @@ def finish(runs: dict, name: str) -> tuple[str, Path]:
     if missing(name):
         pytest.skip(f"{name}.py --smoke needs {', '.join(missing(name))}, not installed")
     run = runs[name]
+    assert run.started.wait(TIMEOUT_S), f"{name}.py --smoke never started"
     try:
-        rc = run["proc"].wait(timeout=TIMEOUT_S)
+        rc = run.proc.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        run["proc"].kill()
-        rc = run["proc"].wait()
-    run["log"].seek(0)
-    out = run["log"].read()
+        run.proc.kill()
+        rc = run.proc.wait()
+    run.log.seek(0)
+    out = run.log.read()
     assert rc == 0, f"{name}.py --smoke exited {rc}:\n{out[-4000:]}"
-    return out, run["cwd"]
+    return out, run.cwd
 
 
 def results(cwd: Path, name: str) -> list[dict]:
