@@ -514,7 +514,7 @@ def smoke(a: argparse.Namespace) -> None:
         if a.budget is None:   # below the model's bytes in a.dtype, so units stream, above the planner's minimum
             elems = sum(math.prod(t["shape"]) for f in common.safetensors_files(a.hf)
                         for t in common.safetensors_header(f).values())
-            a.budget = f"{int(0.85 * elems * (4 if a.dtype == 'float32' else 2)) >> 10}KiB"
+            a.budget = f"{int(0.9 * elems * (4 if a.dtype == 'float32' else 2)) >> 10}KiB"
         a.out = a.out or str(sm.out("offload.jsonl"))
         out = driver(a)
         common.smoke_check(out, min_runs=1)
