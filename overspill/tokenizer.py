@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from .errors import CheckpointError
 
@@ -33,30 +34,42 @@ class Detokenizer:
     """Turns a growing list of token ids into text pieces, never splitting a character.
 
     Byte-level BPE can spread one UTF-8 character over several tokens; decoding a prefix
-    then ends in U+FFFD. We decode a short window (from ``prefix`` to the end) and emit the
-    new part only once it no longer ends in U+FFFD, as vLLM's incremental detokenizer does.
-    Decoding a window rather than one token keeps merges that depend on the left context
-    (e.g. SentencePiece's leading-space handling) right.
+    then ends in U+FFFD. We decode a short window (the ids of the last emitted piece plus
+    the new ones) and emit the new part only once it no longer ends in U+FFFD, as vLLM's
+    incremental detokenizer does. Decoding a window rather than one token keeps merges that
+    depend on the left context (e.g. SentencePiece's leading-space handling) right; ids left
+    of the window are dropped, so a push costs the same however long the text has grown.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None):
-        self.tok = tokenizer
-        self.ids: list[int] = list(prompt_ids or [])[-4:]   # a little left context
-        self.prefix = 0                                     # window start
+    __slots__ = ("decode", "ids", "read", "pending")
+
+    def __init__(self, tokenizer: Tokenizer | Callable[[list[int]], str], prompt_ids: list[int] | None = None):
+        self.decode: Callable[[list[int]], str] = getattr(tokenizer, "decode", tokenizer)
+        self.ids: list[int] = list(prompt_ids or [])[-4:]   # the window: a little left context, then new ids
         self.read = len(self.ids)                           # ids before this are emitted
+        self.pending = ""                                   # decoded but withheld (ends in a split character)
 
     def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes ("" while a character is still split)."""
         self.ids.append(token_id)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
+        before = self.decode(self.ids[: self.read])
+        after = self.decode(self.ids)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            piece = after[len(before):]
-            self.prefix, self.read = self.read, len(self.ids)
-            return piece
+            del self.ids[: self.read]                       # the emitted ids become the next left context
+            self.read, self.pending = len(self.ids), ""
+            return after[len(before):]
+        self.pending = after[len(before):]
         return ""
 
     def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix:self.read])
-        after = self.tok.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before):]
+        """The withheld text, if any (the output ended inside a character)."""
+        piece = self.decode(self.ids)[len(self.decode(self.ids[: self.read])):]
+        del self.ids[: self.read]
+        self.read, self.pending = len(self.ids), ""
+        return piece
+
+    def copy(self) -> "Detokenizer":
+        """An independent copy (beam search forks a hypothesis's text state)."""
+        d = Detokenizer.__new__(Detokenizer)
+        d.decode, d.ids, d.read, d.pending = self.decode, self.ids.copy(), self.read, self.pending
+        return d

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import OverspillError
 from ..runtime.executor import Executor
+from ..tokenizer import Detokenizer
 from .config import GenerationConfig
 from .sampling import Sampler
 
@@ -83,25 +84,51 @@ def decode_steps(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
 
 
 class StopChecker:
-    """EOS ids and stop strings for one sequence. Text is decoded only when stop strings are set."""
+    """EOS ids and stop strings for one sequence, fed one new token at a time.
+
+    Stop strings are found incrementally: a Detokenizer decodes a few ids per token (never the
+    whole output), and only the new text plus the ``keep`` characters before it (longest stop
+    string - 1) are searched, since a match ending earlier would already have ended the sequence.
+    The cut is the length of the sequence's text before the earliest stop string.
+    """
+
+    __slots__ = ("eos", "stop", "detok", "keep", "tail", "start")
 
     def __init__(self, gc: GenerationConfig, decode: Callable[[list[int]], str] | None):
-        self.eos = set() if gc.ignore_eos else set(gc.eos_token_ids)
+        self.eos = frozenset() if gc.ignore_eos else frozenset(gc.eos_token_ids)
         self.stop = gc.stop
-        if self.stop and decode is None:
-            raise OverspillError("stop strings need the model's tokenizer.json")
-        self.decode = decode
-
-    def check(self, new_ids: list[int]) -> tuple[bool, int | None]:
-        """(done, cut): cut is the text length to keep when a stop string matched."""
-        if new_ids and new_ids[-1] in self.eos:
-            return True, None
+        self.detok: Detokenizer | None = None
         if self.stop:
-            text = self.decode(new_ids)
-            hits = [text.find(s) for s in self.stop if s in text]
-            if hits:
-                return True, min(hits)
+            if decode is None:
+                raise OverspillError("stop strings need the model's tokenizer.json")
+            self.detok = Detokenizer(decode)
+        self.keep = max(map(len, self.stop), default=1) - 1
+        self.tail = ""        # the last `keep` characters of the emitted text
+        self.start = 0        # emitted text length before `tail`
+
+    def check(self, tok: int) -> tuple[bool, int | None]:
+        """Take the sequence's next token -> (done, cut): cut is the text length to keep when a stop string matched."""
+        if tok in self.eos:
+            return True, None
+        if self.detok is None:
+            return False, None
+        piece = self.detok.push(tok)
+        window = self.tail + piece + self.detok.pending   # pending: text withheld inside a split character
+        hits = [i for i in map(window.find, self.stop) if i >= 0]
+        if hits:
+            return True, self.start + min(hits)
+        if piece:
+            text = self.tail + piece
+            drop = max(0, len(text) - self.keep)
+            self.start, self.tail = self.start + drop, text[drop:]
         return False, None
+
+    def copy(self) -> "StopChecker":
+        """An independent copy (beam search forks hypotheses)."""
+        c = StopChecker.__new__(StopChecker)
+        c.eos, c.stop, c.keep, c.tail, c.start = self.eos, self.stop, self.keep, self.tail, self.start
+        c.detok = self.detok.copy() if self.detok is not None else None
+        return c
 
 
 def generate_ids(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
@@ -119,7 +146,7 @@ def generate_ids(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
             if finished[b]:
                 continue
             out[b].append(t)
-            finished[b], cuts[b] = checkers[b].check(out[b])
+            finished[b], cuts[b] = checkers[b].check(t)
     return out, cuts
 
 
@@ -128,11 +155,9 @@ def stream_ids(ex: Executor, prompt: list[int], gc: GenerationConfig, decode: Ca
     """Yield new token ids of one prompt as they are produced (EOS and stop handling included)."""
     stats = {} if stats is None else stats
     checker = StopChecker(gc, decode)
-    out: list[int] = []
     finished = [False]
     for toks in decode_steps(ex, [prompt], gc, finished, stats):
-        out.append(toks[0])
-        finished[0], _ = checker.check(out)
+        finished[0], _ = checker.check(toks[0])
         yield toks[0]
         if finished[0]:
             return

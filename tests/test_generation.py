@@ -1,0 +1,103 @@
+"""Generation correctness: stop strings in beam search, stats in every ending, per-sequence seeds,
+incremental stop-string search. Float32 models throughout, so equalities are exact."""
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+import overspill
+from overspill import cli
+from overspill.errors import OverspillError
+from overspill.generate import GenerationConfig, generate_ids
+from overspill.generate.beam import beam_search
+from overspill.generate.loop import StopChecker
+
+PROMPT = "ROMEO:\n"
+SAMPLE = dict(max_new_tokens=48, temperature=0.9, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return overspill.load(dtype="float32")
+
+
+class CountingDecode:
+    """Wraps a decode function, counting calls and ids decoded."""
+
+    def __init__(self, decode):
+        self.decode, self.calls, self.ids = decode, 0, 0
+
+    def __call__(self, ids: list[int]) -> str:
+        self.calls += 1
+        self.ids += len(ids)
+        return self.decode(ids)
+
+
+def _reference_stop(decode, ids: list[int], stops: list[str]) -> tuple[int, int] | None:
+    """The definition: the first step whose full decoded text holds a stop string, and the text
+    length before the earliest one."""
+    for n in range(1, len(ids) + 1):
+        text = decode(ids[:n])
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            return n, min(hits)
+    return None
+
+
+def _feed(checker: StopChecker, ids: list[int]) -> tuple[int, int] | None:
+    for n, t in enumerate(ids, 1):
+        done, cut = checker.check(t)
+        if done:
+            return n, cut
+    return None
+
+
+# -- 6: stop strings found incrementally -----------------------------------------------------
+
+
+@pytest.mark.parametrize("stops", [["\U0001F642"], ["caf\u00e9 \U0001F642 na"], ["ve \u2014"], ["\u00e6on"],
+                                   ["na", "f\u00e9"], ["zz"], [" ", "a"], ["O: c"]])
+def test_stop_checker_matches_full_decode(model, stops):
+    """Stop strings spanning several tokens and split characters end the sequence at the same token,
+    with the same cut, as searching the fully decoded text at every step."""
+    ids = model.tokenizer.encode("ROMEO: caf\u00e9 \U0001F642 na\u00efve \u2014 \u00e6on, and so on")
+    checker = StopChecker(GenerationConfig(stop=stops), model.decode)
+    assert _feed(checker, ids) == _reference_stop(model.decode, ids, stops)
+
+
+def test_stop_checker_matches_full_decode_on_samples(model):
+    """Same on sampled text, with stop strings taken from it (most span several tokens)."""
+    outs = model.generate([[1867, 26], [1867], [26], [26, 1867]], seed=1, **SAMPLE)
+    for k, ids in enumerate(outs):
+        text = model.decode(ids)
+        stops = [text[10 + 3 * k: 16 + 3 * k], text[-5:]]
+        assert len(model.tokenizer.encode(stops[0])) > 1
+        got = _feed(StopChecker(GenerationConfig(stop=stops), model.decode), ids)
+        assert got == _reference_stop(model.decode, ids, stops) and got is not None
+
+
+def test_stop_check_decodes_only_a_window_per_token(model):
+    """The search does not decode the whole output at each step: the ids decoded grow linearly."""
+    n = 200
+    counting = CountingDecode(model.decode)
+    ids = model.generate([[1867, 26]], max_new_tokens=n, seed=0, temperature=0.9, ignore_eos=True)[0]
+    checker = StopChecker(GenerationConfig(stop=["never in this text \u2014"]), counting)
+    assert _feed(checker, ids) is None
+    assert counting.calls <= 2 * n and counting.ids < 8 * n          # full decodes would be n * (n + 1) / 2
+
+
+def test_generate_stop_decodes_linearly_and_cuts(model, monkeypatch):
+    """End to end: a stop string of several tokens cuts the text where it starts, and the decoding
+    done for it stays linear in the output length."""
+    free = model.generate([PROMPT], seed=5, **SAMPLE)[0]
+    stop = free[20:27]
+    assert len(model.tokenizer.encode(stop)) > 1
+    counting = CountingDecode(model.tokenizer.decode)
+    monkeypatch.setattr(model.tokenizer, "decode", counting)
+    assert model.generate([PROMPT], seed=5, stop=[stop], **SAMPLE)[0] == free[: free.index(stop)]
+    counting.calls = counting.ids = 0
+    model.generate([PROMPT], seed=5, stop=["never in this text"], max_new_tokens=160, temperature=0.9,
+                   ignore_eos=True)
+    assert counting.ids < 8 * 160
