@@ -101,3 +101,42 @@ def test_generate_stop_decodes_linearly_and_cuts(model, monkeypatch):
     model.generate([PROMPT], seed=5, stop=["never in this text"], max_new_tokens=160, temperature=0.9,
                    ignore_eos=True)
     assert counting.ids < 8 * 160
+
+
+# -- 5: one seed per sequence -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(ref_dir):
+    return overspill.load(ref_dir("llama_gqa")[0], dtype="float32")
+
+
+SAMPLED = dict(max_new_tokens=24, temperature=1.2, top_k=50, repetition_penalty=1.1, ignore_eos=True)
+
+
+def test_seeded_prompt_samples_the_same_alone_and_in_any_batch(llama):
+    p, q, r = [5, 6, 7], [8, 9], [10, 11, 12, 13]
+    alone = llama.generate([p], seed=7, **SAMPLED)[0]
+    assert llama.generate([q, r, p], seed=[3, 4, 7], **SAMPLED)[2] == alone
+    assert llama.generate([q, p], seed=7, **SAMPLED)[1] == alone        # one int seeds every row alike
+    assert llama.generate([p, p], seed=[7, 7], **SAMPLED) == [alone, alone]
+
+
+def test_seeds_are_not_row_offsets(llama):
+    """Seed 1 at row 1 is not seed 2 at row 0."""
+    p = [5, 6, 7]
+    assert llama.generate([p, p], seed=1, **SAMPLED)[1] != llama.generate([p], seed=2, **SAMPLED)[0]
+
+
+def test_unseeded_rows_sample_independently(llama):
+    a, b = llama.generate([[5, 6, 7]] * 2, **SAMPLED)
+    assert a != b
+
+
+@pytest.mark.parametrize("seed, msg", [([1, 2, 3], "seed has 3 entries for 2 prompts"),
+                                       ("7", "seed must be an integer"), ([1, 2.5], "seed must be an integer"),
+                                       ([], "seed must be an integer"), (True, "seed must be an integer")])
+def test_bad_seeds_are_refused_in_one_line(llama, seed, msg):
+    with pytest.raises(OverspillError, match=msg) as e:
+        llama.generate([[5, 6], [7]], seed=seed, **SAMPLED)
+    assert "\n" not in str(e.value)

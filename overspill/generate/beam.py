@@ -23,6 +23,7 @@ def beam_search(ex: Executor, prompts: list[list[int]], gc: GenerationConfig, st
     stats = {} if stats is None else stats
     check_prompts(prompts, cfg.vocab_size, max(map(len, prompts)) + gc.max_new_tokens, cfg.max_positions,
                   cfg.learned_positions)
+    gc.check_batch(len(prompts))
     B, V = len(prompts), cfg.vocab_size
     eos = set() if gc.ignore_eos else set(gc.eos_token_ids)
     expanded = [p for p in prompts for _ in range(nb)]                       # (B*nb) sequences

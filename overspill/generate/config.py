@@ -18,7 +18,7 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     eos_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    seed: int | None = None
+    seed: int | list[int] | None = None  # int: every sequence alike; list: one per prompt; None: random per sequence
 
     @property
     def greedy(self) -> bool:
@@ -42,8 +42,24 @@ class GenerationConfig:
             bad(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and not self.greedy:
             bad("beam search is deterministic: use temperature=0 with num_beams > 1")
+        if isinstance(self.seed, tuple):
+            self.seed = list(self.seed)
+        if not (self.seed is None or _is_int(self.seed)
+                or (isinstance(self.seed, list) and self.seed and all(map(_is_int, self.seed)))):
+            bad(f"seed must be an integer, a list of integers (one per prompt) or None, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad(f"stop must be a list of non-empty strings, got {self.stop!r}")
         return self
+
+    def check_batch(self, n: int) -> None:
+        """A seed list must give one seed per prompt."""
+        if isinstance(self.seed, list) and len(self.seed) != n:
+            raise OverspillError(f"invalid generation setting: seed has {len(self.seed)} entries for {n} prompts "
+                                 f"(give one per prompt, or one integer for all)")
+
+
+def _is_int(x: object) -> bool:
+    """An integer torch.Generator.manual_seed accepts (bool excluded)."""
+    return isinstance(x, int) and not isinstance(x, bool) and -2**63 <= x < 2**64

@@ -65,6 +65,7 @@ def decode_steps(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
     cfg = ex.cfg
     check_prompts(prompts, cfg.vocab_size, max(map(len, prompts)) + gc.max_new_tokens, cfg.max_positions,
                   cfg.learned_positions)
+    gc.check_batch(len(prompts))
     sampler = Sampler(gc, len(prompts), cfg.vocab_size, prompts)
     t0 = time.perf_counter()
     logits, cache, pos = prefill(ex, prompts, gc.max_new_tokens)

@@ -1,14 +1,28 @@
 """Logit processing and token choice: repetition penalty, temperature, top-k, top-p, greedy.
 
 The order follows Hugging Face's (penalty, then temperature, top-k, top-p), so the same
-settings mean the same thing. Each sequence samples with its own seeded generator, so a
-sequence's tokens do not depend on which other sequences share its batch.
+settings mean the same thing. Each sequence samples with its own generator, seeded with that
+sequence's seed alone (not its row), so a seeded sequence gives the same tokens whatever batch
+it shares and at whichever row.
 """
 from __future__ import annotations
 
 import torch
 
+from ..errors import OverspillError
 from .config import GenerationConfig
+
+
+def row_seeds(seed: int | list[int] | None, batch: int) -> list[int]:
+    """One generator seed per row: the int for every row, the row's own list entry, or, for None,
+    an independent random seed per row (drawn from torch's global generator)."""
+    if seed is None:
+        return torch.randint(0, 2**62, (batch,)).tolist()
+    if isinstance(seed, int):
+        return [seed] * batch
+    if len(seed) != batch:
+        raise OverspillError(f"{len(seed)} seeds for {batch} sequences")
+    return list(seed)
 
 
 class Sampler:
@@ -19,10 +33,9 @@ class Sampler:
             self.seen = torch.zeros(batch, vocab, dtype=torch.bool)
             for b, p in enumerate(prompts):
                 self.seen[b, torch.tensor(p, dtype=torch.long)] = True
-        self.gens = None
+        self.gens: list[torch.Generator] | None = None
         if not gc.greedy:
-            base = gc.seed if gc.seed is not None else int(torch.randint(0, 2**62, ()).item())
-            self.gens = [torch.Generator().manual_seed(base + b) for b in range(batch)]
+            self.gens = [torch.Generator().manual_seed(s) for s in row_seeds(gc.seed, batch)]
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [B, V] float32 -> processed logits (new tensor)."""
