@@ -99,11 +99,13 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _print_stats(model) -> None:
+    """Timing of the last request: new tokens summed over its sequences, and the decode rate of those
+    after each sequence's first (which comes with the prefill)."""
     s = model.last_stats
-    dec = s.get("decode_s", 0.0)
-    rate = (s.get("new_tokens", 1) - 1) / dec if dec else float("nan")
-    print(f"prefill {s.get('prefill_s', 0):.3f}s, {s.get('new_tokens', 0)} new tokens x batch {s.get('batch', 1)}, "
-          f"decode {rate:.2f} tokens/s per sequence", file=sys.stderr)
+    gen, batch, dec = s.get("generated_tokens", 0), s.get("batch", 1), s.get("decode_s", 0.0)
+    rate = f"{(gen - batch) / dec:.2f} tokens/s" if gen > batch and dec > 0 else "n/a (one token per sequence)"
+    print(f"prefill {s.get('prefill_s', 0):.3f}s, {gen} new tokens over {batch} sequence(s), decode {rate}",
+          file=sys.stderr)
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -151,7 +153,7 @@ def _generate_file(a: argparse.Namespace) -> int:
             for i in range(0, len(prompts), bs):
                 batch = prompts[i:i + bs]
                 texts = model.generate(batch, **kw)
-                new_tokens += model.last_stats.get("new_tokens", 0) * len(batch)
+                new_tokens += model.last_stats.get("generated_tokens", 0)   # early-finished sequences count less
                 for p, t in zip(batch, texts):
                     f.write(json.dumps({"prompt": p, "text": t}) + "\n")
                 print(f"{min(i + bs, len(prompts))}/{len(prompts)} prompts, "

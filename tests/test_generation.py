@@ -103,6 +103,78 @@ def test_generate_stop_decodes_linearly_and_cuts(model, monkeypatch):
     assert counting.ids < 8 * 160
 
 
+# -- 4: stats in every ending ---------------------------------------------------------------
+
+
+def test_stream_stats_when_a_stop_string_ends_it(model):
+    pieces = list(model.stream(PROMPT, stop=[":"], max_new_tokens=60))
+    s = model.last_stats
+    assert ":" not in "".join(pieces) and 1 < s["generated_tokens"] == s["new_tokens"] < 60
+    assert s["decode_s"] > 0
+
+
+def test_stream_stats_when_eos_ends_it(model):
+    greedy = model.generate([model.encode(PROMPT)], max_new_tokens=30, ignore_eos=True)[0]
+    eos = next(t for n, t in enumerate(greedy) if n >= 4 and t not in greedy[:n])
+    n = greedy.index(eos)
+    text = "".join(model.stream(PROMPT, max_new_tokens=30, eos_token_ids=[eos]))
+    s = model.last_stats
+    assert s["generated_tokens"] == s["new_tokens"] == n + 1 and s["decode_s"] > 0
+    assert text == model.decode(greedy[:n])
+
+
+def test_stream_stats_when_the_reader_stops_early(model):
+    for n, _ in enumerate(model.stream(PROMPT, max_new_tokens=60, ignore_eos=True)):
+        if n == 10:
+            break
+    s = model.last_stats
+    assert s["decode_s"] > 0 and s["generated_tokens"] == s["new_tokens"] >= 11
+
+
+def test_generate_stats_count_tokens_per_sequence(model):
+    """Sequences that end early add only the tokens they generated."""
+    prompts = [[1867, 26], [1867], [26, 1867, 26]]
+    kw = dict(max_new_tokens=30, temperature=0.9, seed=[1, 2, 3])
+    eos = model.generate(prompts, ignore_eos=True, **kw)[0][4]     # ends the first sequence early
+    stats: dict = {}
+    outs, _ = generate_ids(model.executor, prompts, GenerationConfig(eos_token_ids=[eos], **kw), stats=stats)
+    assert min(map(len, outs)) <= 5 and max(map(len, outs)) == 30
+    assert stats["generated_tokens"] == sum(map(len, outs)) and stats["new_tokens"] == 30
+    assert stats["decode_s"] > 0
+
+
+def test_print_stats_rate_counts_generated_tokens(capsys):
+    fake = types.SimpleNamespace(last_stats=dict(batch=2, new_tokens=10, generated_tokens=12, prefill_s=0.5,
+                                                 decode_s=2.0))
+    cli._print_stats(fake)
+    err = capsys.readouterr().err
+    assert "12 new tokens" in err and "5.00 tokens/s" in err      # (12 - 2 first tokens) / 2 s
+
+
+def test_cli_stream_stats_have_a_rate_when_a_stop_string_ends_it(capsys):
+    assert cli.main(["generate", PROMPT, "--dtype", "float32", "-n", "60", "--stop", ":", "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens/s" in err and "nan" not in err and "n/a" not in err
+
+
+def test_generate_file_rate_counts_generated_tokens(tmp_path, monkeypatch, capsys):
+    """The --prompts progress rate adds each batch's generated tokens, not steps x batch size."""
+    class Fake:
+        last_stats: dict = {}
+
+        def generate(self, batch, **kw):
+            self.last_stats = dict(batch=len(batch), new_tokens=5, generated_tokens=7)
+            return ["x"] * len(batch)
+
+    clock = iter([0.0, 10.0])
+    monkeypatch.setattr(cli, "_load", lambda a, bs, seq: Fake())
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(clock))
+    src, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    src.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    assert cli.main(["generate", "--prompts", str(src), "--out", str(out), "--batch-size", "2"]) == 0
+    assert "0.70 tokens/s" in capsys.readouterr().err
+
+
 # -- 5: one seed per sequence -----------------------------------------------------------------
 
 

@@ -75,7 +75,8 @@ def beam_search(ex: Executor, prompts: list[list[int]], gc: GenerationConfig, st
             sampler.seen[torch.arange(B * nb), toks.view(-1)] = True
         logits = ex.forward(toks.view(-1, 1), pos, cache, last_only=True)[:, -1]
         pos = pos + 1
-    stats.update(batch=B, new_tokens=step + 1, decode_s=time.perf_counter() - t1)
+    stats.update(batch=B, prompt_tokens=sum(map(len, prompts)), new_tokens=step + 1,
+                 decode_s=time.perf_counter() - t1)
     results = []
     for b in range(B):
         hyps = list(finished[b])
@@ -85,6 +86,7 @@ def beam_search(ex: Executor, prompts: list[list[int]], gc: GenerationConfig, st
                 if s > float("-inf"):
                     _add(hyps, nb, s / len(seqs[b * nb + k]) ** gc.length_penalty, seqs[b * nb + k])
         results.append(max(hyps, key=lambda h: h[0])[1])
+    stats["generated_tokens"] = sum(map(len, results))
     return results
 
 

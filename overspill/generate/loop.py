@@ -61,7 +61,13 @@ def prefill(ex: Executor, prompts: list[list[int]], max_new: int, pad_id: int = 
 def decode_steps(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
                  finished: list[bool], stats: dict) -> Iterator[list[int]]:
     """Yield the next token of every sequence, step by step. The caller marks sequences
-    done in ``finished``; the loop stops when all are done or after max_new_tokens."""
+    done in ``finished``; the loop stops when all are done or after max_new_tokens.
+
+    ``stats`` is brought up to date before every yield, so it holds whenever the caller stops
+    reading: batch, prompt_tokens, prefill_s (prompt forward + first token), new_tokens (steps
+    so far: the longest sequence's new tokens), generated_tokens (new tokens summed over the
+    sequences, a finished one no longer counting) and decode_s (first token to latest token).
+    """
     cfg = ex.cfg
     check_prompts(prompts, cfg.vocab_size, max(map(len, prompts)) + gc.max_new_tokens, cfg.max_positions,
                   cfg.learned_positions)
@@ -69,19 +75,23 @@ def decode_steps(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
     sampler = Sampler(gc, len(prompts), cfg.vocab_size, prompts)
     t0 = time.perf_counter()
     logits, cache, pos = prefill(ex, prompts, gc.max_new_tokens)
-    stats.update(batch=len(prompts), prompt_tokens=sum(map(len, prompts)), new_tokens=0, decode_s=0.0)
+    stats.update(batch=len(prompts), prompt_tokens=sum(map(len, prompts)), new_tokens=0, generated_tokens=0,
+                 decode_s=0.0)
+    t1 = 0.0
     for i in range(gc.max_new_tokens):
         tok = sampler.choose(logits)
+        now = time.perf_counter()
         if i == 0:
-            stats["prefill_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
+            stats["prefill_s"] = now - t0
+            t1 = now
         stats["new_tokens"] = i + 1
+        stats["generated_tokens"] += finished.count(False)   # the sequences still running get this token
+        stats["decode_s"] = now - t1
         yield tok.tolist()
         if all(finished) or i == gc.max_new_tokens - 1:
             break
         logits = ex.forward(tok[:, None], pos, cache, last_only=True)[:, -1]
         pos = pos + 1
-    stats["decode_s"] = time.perf_counter() - t1
 
 
 class StopChecker:
