@@ -122,9 +122,13 @@ class Model:
 
     def generate(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, num_beams: int = 1,
-                 stop: list[str] | str | None = None, seed: int | None = None, ignore_eos: bool = False,
+                 stop: list[str] | str | None = None, seed: int | list[int] | None = None, ignore_eos: bool = False,
                  length_penalty: float = 1.0) -> list[str] | list[list[int]]:
-        """One entry per prompt: the new text (string prompts) or the new token ids (id prompts)."""
+        """One entry per prompt: the new text (string prompts) or the new token ids (id prompts).
+
+        ``seed``: an int seeds every sequence alike (a prompt samples the same tokens alone or in
+        any batch), a list gives one seed per prompt, None draws an independent seed per sequence.
+        A stop string ends a sequence (beam hypotheses too); the text is cut before it."""
         ids, as_text = self._prompt_ids(prompts)
         gc = self._gen_config(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, num_beams=num_beams, stop=stop, seed=seed,
@@ -132,7 +136,7 @@ class Model:
         stats: dict = {}
         decode = self.decode if (as_text or gc.stop) else None
         if gc.num_beams > 1:
-            outs, cuts = beam_search(self.executor, ids, gc, stats), [None] * len(ids)
+            outs, cuts = beam_search(self.executor, ids, gc, stats, decode)
         else:
             outs, cuts = generate_ids(self.executor, ids, gc, decode, stats)
         self.last_stats = stats
@@ -146,6 +150,8 @@ class Model:
 
     def stream(self, prompt: str | list[int], **kw) -> Iterator[str]:
         """Yield the new text piece by piece (never a split character; stop strings withheld)."""
+        from dataclasses import replace
+
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         gc = self._gen_config(**kw)
         if gc.num_beams > 1:
@@ -153,14 +159,15 @@ class Model:
         detok = Detokenizer(self._tok(), ids)
         held = ""          # text that might be the start of a stop string
         self.last_stats = {}
-        for tok in stream_ids(self.executor, ids, gc, self.decode if gc.stop else None, self.last_stats):
+        # Stop strings are found below, in the streamed text; stream_ids handles EOS and the length.
+        for tok in stream_ids(self.executor, ids, replace(gc, stop=[]), None, self.last_stats):
             if tok in gc.eos_token_ids and not gc.ignore_eos:
                 break
             held += detok.push(tok)
-            for s in gc.stop:
-                if s in held:
-                    yield held[: held.find(s)]
-                    return
+            hits = [i for i in map(held.find, gc.stop) if i >= 0]
+            if hits:                                   # the earliest stop string, as generate() cuts
+                yield held[: min(hits)]
+                return
             keep = max((k for s in gc.stop for k in range(len(s), 0, -1) if held.endswith(s[:k])), default=0)
             if len(held) > keep:
                 yield held[: len(held) - keep]

@@ -103,6 +103,37 @@ def test_generate_stop_decodes_linearly_and_cuts(model, monkeypatch):
     assert counting.ids < 8 * 160
 
 
+# -- 3: stop strings in beam search ---------------------------------------------------------
+
+
+def test_beam_search_honours_stop_strings(model):
+    """No beam output holds a stop string; a hypothesis ending in one is cut before it."""
+    free = model.generate([PROMPT, "JULIET:\n"], max_new_tokens=40, num_beams=3)
+    stops = ["tho", "lord?"]
+    assert all(any(s in f for s in stops) for f in free)
+    cut = model.generate([PROMPT, "JULIET:\n"], max_new_tokens=40, num_beams=3, stop=stops)
+    assert all(not any(s in c for s in stops) for c in cut)
+    assert cut != free
+
+
+def test_beam_stop_string_ranks_like_eos(model):
+    """A one-character stop string that only one token holds ("?") appears in a text exactly when
+    that token is generated: it must end hypotheses exactly as that token does as EOS."""
+    ex, prompt = model.executor, model.encode(PROMPT)
+    ids = beam_search(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3))[0][0]
+    texts = [model.decode([t]) for t in range(model.config.vocab_size)]
+    tok = next(t for t in ids if len(texts[t]) == 1 and sum(texts[t] in x for x in texts) == 1)
+    stop = texts[tok]
+    as_eos, eos_cuts = beam_search(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3,
+                                                                  eos_token_ids=[tok]))
+    as_stop, cuts = beam_search(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3, stop=[stop]),
+                                decode=model.decode)
+    assert as_stop == as_eos and as_eos[0][-1] == tok and eos_cuts == [None]
+    assert cuts == [len(model.decode(as_stop[0])) - len(stop)]
+    text = model.generate([PROMPT], max_new_tokens=40, num_beams=3, stop=[stop])[0]
+    assert text == model.decode(as_stop[0])[: cuts[0]]
+
+
 # -- 4: stats in every ending ---------------------------------------------------------------
 
 
