@@ -1,4 +1,4 @@
-"""overspill: run, serve and fine-tune GPT-style models bigger than your hardware."""
+"""overspill: run GPT-style language models bigger than your hardware."""
 from .api import Model, default_model_path, load
 from .errors import CheckpointError, ConfigError, OverspillError
 
