@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import OverspillError
-from ..io import trim_heap
+from ..io import ALIGN, DirectFile, read_pool, trim_heap
 from ..kernels import panel_empty
 from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear
 from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_shapes, units
@@ -241,11 +242,12 @@ class UnitBuilder:
         self.cpu_format = linear_format(src.quantize, include_head=quantize_head) if not src.is_store else \
             dense_linear_format
 
-    def resident(self, unit: str, device: torch.device, shared: dict[int, Weights]) -> Weights:
+    def resident(self, unit: str, device: torch.device, shared: dict[int, Weights], raw=None) -> Weights:
         """A unit held where it computes. ``shared``: units already resident on that device (a tied head shares
-        the embedding's table)."""
+        the embedding's table). ``raw``: what fetch(unit, ...) read for a CPU unit, when it was read ahead."""
         if device.type == "cpu":
-            w = self._read(unit, self.cpu_format, shared)
+            raw = self.fetch(unit, 0 in shared) if raw is None else raw
+            w = self._build(unit, raw, self.cpu_format, shared)
             trim_heap()   # the unit's temporaries: freed, and now out of RSS too
         elif self.store is not None:   # straight from the read buffer to the device (no host clone)
             t = map_tensors(self.store.read_unit(unit), lambda x: x.to(device))
@@ -253,6 +255,16 @@ class UnitBuilder:
         else:
             w = map_tensors(self._read(unit, dense_streamed, shared), lambda x: x.to(device))
         return hook_linears(unit, w, self.hook)
+
+    def fetch(self, unit: str, table_shared: bool):
+        """The I/O half of loading a CPU unit (safe on another thread): its stored tensors in fresh memory. A layer
+        store's unit is one parallel O_DIRECT read into a buffer on huge pages (panel_empty: resident units are read
+        every token); an HF directory's, its raw tensors (the large ones read in parallel with O_DIRECT).
+        table_shared: a tied head that will share the resident embedding's table reads no LM weight."""
+        if self.store is not None:
+            return _read_store_unit(self.store, unit)
+        skip = ("lm.weight",) if unit == "head" and self.cfg.tie_embeddings and table_shared else ()
+        return self.ckpt.read_unit_raw(unit, self.dtype, *skip)
 
     def host(self, unit: str, shared: dict[int, Weights], pin: bool) -> tuple[Weights, torch.Tensor]:
         """A unit held in host RAM and computed on an accelerator: dense, packed into one exactly-sized (pinned)
@@ -276,24 +288,25 @@ class UnitBuilder:
         return hook_linears(unit, w, self.hook)
 
     def _read(self, unit: str, make: MakeLinear, shared: dict[int, Weights]) -> Weights:
+        return self._build(unit, self.fetch(unit, 0 in shared), make, shared)
+
+    def _build(self, unit: str, raw, make: MakeLinear, shared: dict[int, Weights]) -> Weights:
+        """The compute half: the fetched tensors -> the unit's weight object in ``make``'s formats."""
         cfg = self.cfg
         if self.store is not None:
-            # A fresh read buffer per unit, on huge pages (panel_empty: resident units are read every token).
-            # Quantized linears keep views of it and convert their bytes to the kernels' layouts in place: those
-            # bytes stay in use, nothing is copied. A dense matmul weight is re-laid out into a copy, so no other
-            # view may keep the buffer alive after that: 1-D tensors (norms, biases) get their own memory (dense
-            # stores: every tensor, as their linears all copy).
-            t = self.store.read_unit(unit, alloc=panel_empty)
+            # Quantized linears keep views of the read buffer and convert their bytes to the kernels' layouts in
+            # place: those bytes stay in use, nothing is copied. A dense matmul weight is re-laid out into a copy,
+            # so no other view may keep the buffer alive after that: 1-D tensors (norms, biases) get their own
+            # memory (dense stores: every tensor, as their linears all copy).
             t = {k: v.clone() if self.store.quantize is None or (".q." not in k and v.dim() <= 1) else v
-                 for k, v in t.items()}
+                 for k, v in raw.items()}
             return self._bind_store(unit, t, make, shared)
+        t = self.ckpt.finish(unit, raw)
         if unit == "head" and cfg.tie_embeddings and 0 in shared:
-            t = self.ckpt.read_unit_except(unit, self.dtype, "lm.weight")
             bias = t.pop("lm.bias", None)
             # share, don't copy, the embedding; a quantized head is its own (smaller) copy
             t["lm"] = make("lm", shared[0].tok, bias) if self.quantize_head else DenseLinear(shared[0].tok, bias)
-            return bind(cfg, unit, t, make)
-        return bind(cfg, unit, self.ckpt.read_unit(unit, self.dtype), make)
+        return bind(cfg, unit, t, make)
 
     def _bind_store(self, unit: str, t: dict[str, torch.Tensor], make: MakeLinear, shared: dict[int, Weights]) -> Weights:
         from .. import quant
@@ -319,6 +332,20 @@ class UnitBuilder:
             plain["lm"] = BlockedLinear.from_blocked_(w, plain.pop("lm.bias", None))
             del plain["lm.weight"]
         return bind(cfg, unit, plain, make)
+
+
+def _read_store_unit(store, unit: str) -> dict[str, torch.Tensor]:
+    """One parallel O_DIRECT read of a store unit's data section into its own buffer, then views of it."""
+    d0, n = store.unit_span(unit)
+    if n < 4 << 20:                                  # small: one buffered read into exactly its bytes
+        return store.read_unit(unit, alloc=panel_empty)
+    buf = panel_empty((-(-n // ALIGN) * ALIGN,), torch.uint8)   # whole blocks: O_DIRECT reads the last one whole
+    f = DirectFile(store.unit_file(unit))
+    try:
+        f.read_into(buf, d0, n, read_pool())
+    finally:
+        f.close()
+    return store.views(unit, buf[:n])
 
 
 class _StreamedUnits:
@@ -382,9 +409,26 @@ def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[in
         streamed = [i for i in streamed if i != 0]
     resident: dict[int, Weights] = {}
     on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}   # units sharing a device
-    for i, u in enumerate(names):
-        if i not in streamed and not (i == 0 and rows is not None):
-            resident[i] = builder.resident(u, devs[i], on(devs[i]))
+    held = [i for i in range(len(names)) if i not in streamed and not (i == 0 and rows is not None)]
+    # CPU units: the next one is read while this one is built (layout conversion), so a cold load runs at about the
+    # disk's speed. The unit read ahead is held beside the ones loaded so far: within budget where the staging ring
+    # (allocated after the load) is at least a unit, and always without a budget.
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="overspill-load") if streamed or reserve is None else None
+    cpu_held = [i for i in held if devs[i] == cpu]
+    shares = lambda i: 0 in held and devs[0] == devs[i]
+    pending = None
+    try:
+        for i in held:
+            raw = None
+            if devs[i] == cpu and ahead is not None:
+                raw = pending.result() if pending is not None else builder.fetch(names[i], shares(i))
+                k = cpu_held.index(i) + 1
+                pending = ahead.submit(builder.fetch, names[cpu_held[k]], shares(cpu_held[k])) \
+                    if k < len(cpu_held) else None
+            resident[i] = builder.resident(names[i], devs[i], on(devs[i]), raw)
+    finally:
+        if ahead is not None:
+            ahead.shutdown(cancel_futures=True)
     host, host_bufs = {}, []
     for i in streamed:
         if homes[i] == "cpu":

@@ -206,7 +206,8 @@ class _Prefetcher:
     def stop(self) -> None:
         if self.thread is not None:
             self.stop_event.set()
-            self.thread.join()
+            if self.thread is not threading.current_thread():   # a finalizer run by a collection on this thread
+                self.thread.join()
             self.thread = None
 
     def close(self) -> None:
