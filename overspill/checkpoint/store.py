@@ -199,8 +199,9 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 
 
 def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = None, quantize_head: bool = False,
-            overwrite: bool = False, progress: bool = True) -> str:
-    """HF dir -> layer store at ``dst``; returns ``dst``.
+            overwrite: bool = False, progress: bool = True, config: str | None = None) -> str:
+    """HF dir (or an original EleutherAI checkpoint: GPT-J's mesh-transformer-jax shards, GPT-NeoX's DeepSpeed
+    layer files, see original.py; ``config`` its config file) -> layer store at ``dst``; returns ``dst``.
 
     Streams unit by unit (peak memory ~ a few units), writes into ``dst + '.tmp-<pid>'`` next to
     ``dst`` and renames it into place only once everything (files, manifest) is written and
@@ -209,7 +210,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
     replaced, after the new store is complete)."""
     from tqdm import tqdm
 
-    from .hf import HFCheckpoint
+    from .sources import open_source
 
     dst = os.path.abspath(dst.rstrip(os.sep) or dst)
     dname = _dtype_name(dtype)
@@ -223,7 +224,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
             raise OverspillError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
         if not (is_layer_store(dst) or (os.path.isdir(dst) and not os.listdir(dst))):
             raise OverspillError(f"{dst}: exists and is not a layer store; refusing to replace it")
-    ck = HFCheckpoint(src)   # bad src: its own one-line CheckpointError / ConfigError
+    ck = open_source(src, config)   # bad src: its own one-line CheckpointError / ConfigError
     cfg = ck.config
     tied = cfg.tie_embeddings and not (quantize is not None and quantize_head)
     names = unit_order(cfg)
@@ -247,12 +248,11 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
             entries.append({"name": u, "file": fname, **e})
             del t
             bar.update(planned[u])
-        extra = []
-        for f in EXTRA_FILES:
-            p = os.path.join(ck.path, f)
-            if os.path.isfile(p):
-                shutil.copyfile(p, os.path.join(tmp, f))
-                extra.append(f)
+        sources = ck.extra_files() if hasattr(ck, "extra_files") else \
+            {f: os.path.join(ck.path, f) for f in EXTRA_FILES if os.path.isfile(os.path.join(ck.path, f))}
+        for f, p in sources.items():
+            shutil.copyfile(p, os.path.join(tmp, f))
+        extra = list(sources)
         manifest = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "hf_config": ck.hf_config,
                     "dtype": dname, "quantize": quantize, "quantize_head": bool(quantize and quantize_head),
                     "tied": tied, "extra_files": extra, "units": entries}
