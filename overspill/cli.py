@@ -306,16 +306,29 @@ def cmd_plan(a: argparse.Namespace) -> int:
     return 0
 
 
-@command("convert", "write a layer store: one file per block for one sequential read each")
-@args(lambda p: (p.add_argument("src"), p.add_argument("dst"), p.add_argument("--dtype", default="bfloat16"),
+@command("convert", "write a layer store (one file per block for one sequential read each), or with --to hf a "
+                    "Hugging Face directory; SRC: a Hugging Face directory or EleutherAI's original GPT-J "
+                    "(mesh-transformer-jax step_N/shard_*) or GPT-NeoX (DeepSpeed layer_XX-model_YY) checkpoint")
+@args(lambda p: (p.add_argument("src"), p.add_argument("dst"),
+                 p.add_argument("--dtype", default=None, help="store default bfloat16; --to hf default: as stored"),
                  p.add_argument("--quantize", default=None), p.add_argument("--quantize-head", action="store_true"),
                  p.add_argument("--overwrite", action="store_true"),
+                 p.add_argument("--to", choices=("store", "hf"), default="store"),
+                 p.add_argument("--config", default=None, help="an original checkpoint's config: GPT-NeoX .yml, "
+                                "mesh-transformer-jax .json or Hugging Face config.json (default: the one it ships)"),
                  p.add_argument("--verify", action="store_true", help="re-read and check every checksum")))
 def cmd_convert(a: argparse.Namespace) -> int:
     from .checkpoint.store import LayerStore, convert
 
-    out = convert(a.src, a.dst, dtype=a.dtype, quantize=a.quantize, quantize_head=a.quantize_head,
-                  overwrite=a.overwrite, progress=True)
+    if a.to == "hf":
+        from .checkpoint.hf_writer import convert_to_hf
+
+        if a.quantize or a.quantize_head or a.verify:
+            raise OverspillError("--quantize, --quantize-head and --verify apply to layer stores, not --to hf")
+        convert_to_hf(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite, progress=True, config=a.config)
+        return 0
+    out = convert(a.src, a.dst, dtype=a.dtype or "bfloat16", quantize=a.quantize, quantize_head=a.quantize_head,
+                  overwrite=a.overwrite, progress=True, config=a.config)
     if a.verify:
         LayerStore(out).verify()
         print(f"{out}: all checksums verified", file=sys.stderr)
