@@ -160,6 +160,13 @@ def blocked_available(weight: torch.Tensor) -> bool:
             and blockable(*weight.shape) and cpu_kernels() is not None)
 
 
+def dense_linear_copies(weight: torch.Tensor) -> bool:
+    """Whether dense_linear(weight) re-lays the weight out into new memory (blocked or oneDNN-packed) rather than
+    using it where it is."""
+    return blocked_available(weight) or (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+                                         and onednn_available())
+
+
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> Linear:
     """The fastest exact linear for this weight on its device.
 

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..io import ALIGN, DirectFile, read_pool, trim_heap
 from ..kernels import panel_empty
-from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear
+from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear, dense_linear_copies
 from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_shapes, units
 from .executor import Executor
 from .reserve import Reserve
@@ -295,12 +295,15 @@ class UnitBuilder:
         cfg = self.cfg
         if self.store is not None:
             # Quantized linears keep views of the read buffer and convert their bytes to the kernels' layouts in
-            # place: those bytes stay in use, nothing is copied. A dense matmul weight is re-laid out into a copy,
-            # so no other view may keep the buffer alive after that: 1-D tensors (norms, biases) get their own
-            # memory (dense stores: every tensor, as their linears all copy).
-            t = {k: v.clone() if self.store.quantize is None or (".q." not in k and v.dim() <= 1) else v
-                 for k, v in raw.items()}
-            return self._bind_store(unit, t, make, shared)
+            # place: those bytes stay in use, nothing is copied. A dense matmul weight that the CPU re-lays out
+            # (blocked / oneDNN-packed) goes into a copy, so no other view may keep the buffer alive after that:
+            # 1-D tensors (norms, biases) get their own memory (dense stores: every tensor, as their linears all
+            # copy). Where dense weights run in place (F.linear), the buffer is the unit's memory as it is.
+            relaid = any(v.dim() == 2 and k != "tok.weight" and dense_linear_copies(v) for k, v in raw.items())
+            if relaid or self.store.quantize is not None:
+                raw = {k: v.clone() if (self.store.quantize is None and relaid) or (".q." not in k and v.dim() <= 1)
+                       else v for k, v in raw.items()}
+            return self._bind_store(unit, raw, make, shared)
         t = self.ckpt.finish(unit, raw)
         if unit == "head" and cfg.tie_embeddings and 0 in shared:
             bias = t.pop("lm.bias", None)
