@@ -325,10 +325,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
         if a.quantize or a.quantize_head or a.verify:
             raise OverspillError("--quantize, --quantize-head and --verify apply to layer stores, not --to hf")
-        convert_to_hf(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite, progress=True, config=a.config)
+        convert_to_hf(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite, progress=sys.stderr.isatty(), config=a.config)
         return 0
     out = convert(a.src, a.dst, dtype=a.dtype or "bfloat16", quantize=a.quantize, quantize_head=a.quantize_head,
-                  overwrite=a.overwrite, progress=True, config=a.config)
+                  overwrite=a.overwrite, progress=sys.stderr.isatty(), config=a.config)
     if a.verify:
         LayerStore(out).verify()
         print(f"{out}: all checksums verified", file=sys.stderr)

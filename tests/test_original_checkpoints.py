@@ -379,3 +379,50 @@ def test_conversion_holds_a_few_layers_not_the_model(tmp_path):
             fn(src, str(tmp_path / f"out-{i}-{to}"), dtype="float32", progress=False, config=cfg)
             grew = _status("VmHWM") - base
             assert grew < 0.3 * size and grew < 5 * block, (src, to, grew, size, block)
+
+
+
+@pytest.fixture
+def gptj_with_config(gptj, tmp_path):
+    """The slim shards with a Hugging Face config.json inside the step folder (found without --config)."""
+    step, _, model = gptj
+    dst = str(tmp_path / "step_100")
+    shutil.copytree(step, dst)
+    model.config.to_json_file(os.path.join(dst, "config.json"))
+    return dst
+
+
+def test_running_an_original_checkpoint_says_what_converting_writes(gptj_with_config, capsys):
+    """generate / plan on an original checkpoint: one line saying to convert it once, the store's size in bf16,
+    int8 and int4, and the free disk space, exit 2."""
+    rc = main(["plan", gptj_with_config, "--max-memory", "cpu=1GiB"])
+    err = capsys.readouterr().err
+    _one_error_line(rc, err, "original GPT-J mesh-transformer-jax checkpoint", "overspill convert", "GiB layer store",
+                    "int4", "free")
+    with pytest.raises(overspill.OverspillError, match="convert it once"):
+        overspill.load(gptj_with_config)
+
+
+def test_convert_removes_stale_temporaries_and_checks_free_space(gptj_with_config, tmp_path, capsys, monkeypatch):
+    """A conversion killed midway leaves DST.tmp-PID; the next run of the same destination removes it (a live
+    process's is kept). Too little free space is refused in one line before anything is written."""
+    from collections import namedtuple
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "store"
+    stale = out / "store.tmp-999999999"          # no such process
+    live = out / f"store.tmp-{os.getppid()}"     # a running process's conversion
+    for d in (stale, live):
+        d.mkdir()
+        (d / "block.0.safetensors").write_bytes(b"x" * 1000)
+    Usage = namedtuple("Usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(1 << 40, 1 << 40, 1 << 20))
+    rc, err = _cli(capsys, gptj_with_config, str(dst))
+    _one_error_line(rc, err, "converting writes about", "GiB free")
+    assert sorted(p.name for p in out.iterdir()) == [live.name]        # the stale one is gone, nothing new
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    stale.mkdir()
+    assert _cli(capsys, gptj_with_config, str(dst))[0] == 0
+    assert dst.is_dir() and not stale.exists() and live.exists()
+    assert overspill.load(str(dst), dtype="bfloat16").config.n_layers == 11

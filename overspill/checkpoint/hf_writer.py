@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -11,7 +12,7 @@ from ..errors import OverspillError
 from ..model.weights import units as unit_order
 from .original import OriginalCheckpoint, checked
 from .sources import is_hf_dir, open_source
-from .store import _fsync_dir
+from .store import _fsync_dir, staging_dir
 
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,10 +48,12 @@ def convert_to_hf(src: str, dst: str, dtype: str | None = None, overwrite: bool 
                              f"use the default --to store for a layer store)")
     tdtype = HF_DTYPES[dtype] if dtype is not None else ck.stored_dtype()
     names = unit_order(ck.config)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    try:
+        item = torch.empty((), dtype=tdtype).element_size()
+        tmp = staging_dir(dst, sum(math.prod(ck.shape(n)) * item for u in names for n in ck.unit_names(u)))
+    except BaseException:
+        ck.close()
+        raise
     bar = None
     try:
         bar = tqdm(total=len(names), unit="unit", desc=f"convert {os.path.basename(dst)}", disable=not progress,

@@ -186,6 +186,47 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_dir(dst: str, need_bytes: int) -> str:
+    """A fresh ``dst.tmp-<pid>`` to write a conversion into, renamed to ``dst`` when complete.
+
+    First removes stale temporaries of the same destination (``dst.tmp-<pid>`` whose process is gone: a conversion
+    killed midway leaves one, and for a 20B model it holds tens of GB), then refuses in one line when the
+    filesystem has less free space than ``need_bytes`` (plus 1% and 64 MiB of slack) for the new copy."""
+    parent = os.path.dirname(dst) or "."
+    prefix = os.path.basename(dst) + ".tmp-"
+    for name in os.listdir(parent) if os.path.isdir(parent) else ():
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+    free = shutil.disk_usage(parent).free
+    need = int(need_bytes * 1.01) + (64 << 20)
+    if free < need:
+        raise OverspillError(f"{dst}: converting writes about {need_bytes / 2**30:.2f} GiB but {parent} has "
+                             f"{free / 2**30:.2f} GiB free; free some space or choose another destination")
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
+    os.makedirs(tmp)
+    return tmp
+
+
+def planned_store_bytes(ck, dtype: str | torch.dtype = "bfloat16", quantize: str | None = None,
+                        quantize_head: bool = False) -> int:
+    """Bytes ``convert`` writes for this checkpoint reader (from shapes only)."""
+    tdtype = STORE_DTYPES[_dtype_name(dtype)]
+    cfg = ck.config
+    tied = cfg.tie_embeddings and not (quantize is not None and quantize_head)
+    return sum(_planned_bytes(ck, cfg, u, tdtype, quantize, quantize_head, tied) for u in unit_order(cfg))
+
+
 def _dtype_name(dtype: str | torch.dtype) -> str:
     if isinstance(dtype, torch.dtype):
         for k, v in STORE_DTYPES.items():
@@ -228,13 +269,14 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
     cfg = ck.config
     tied = cfg.tie_embeddings and not (quantize is not None and quantize_head)
     names = unit_order(cfg)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    if os.path.lexists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    planned = {u: _planned_bytes(ck, cfg, u, tdtype, quantize, quantize_head, tied) for u in names}
+    try:
+        tmp = staging_dir(dst, sum(planned.values()))
+    except BaseException:
+        ck.close()
+        raise
     bar = None
     try:
-        planned = {u: _planned_bytes(ck, cfg, u, tdtype, quantize, quantize_head, tied) for u in names}
         bar = tqdm(total=sum(planned.values()), unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"convert {os.path.basename(dst)}", disable=not progress, dynamic_ncols=True)
         entries = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -73,8 +74,37 @@ def open_source(path: str, dtype, quantize: str | None) -> Source:
             raise OverspillError(f"{path}: this layer store holds {store.quantize or 'unquantized'} weights; "
                                  f"convert again with --quantize {quantize}")
         return Source(store, True, store.dtype, store.quantize)
+    _refuse_original(path)
     ckpt = HFCheckpoint(path)
     return Source(ckpt, False, resolve_dtype(dtype, ckpt), quantize)
+
+
+def _refuse_original(path: str) -> None:
+    """An EleutherAI original checkpoint runs once converted: say so in one line, with what converting writes and
+    the free space beside it (one copy on disk: the store)."""
+    import shutil
+
+    from ..checkpoint import mesh_jax, neox_ds
+    from ..checkpoint.store import planned_store_bytes
+
+    for fmt, kind in ((mesh_jax, "GPT-J mesh-transformer-jax"), (neox_ds, "GPT-NeoX DeepSpeed")):
+        found = fmt.find(path) if os.path.isdir(path) else None
+        if found is None:
+            continue
+        try:
+            ck = fmt.open_checkpoint(found, None)
+        except OverspillError as e:   # no config beside it: convert needs --config, and says so
+            raise OverspillError(f"{path}: an original {kind} checkpoint; convert it first with `overspill "
+                                 f"convert {path} STORE --config ...` ({e})") from None
+        try:
+            gib = {q: planned_store_bytes(ck, "bfloat16", q) / 2**30 for q in (None, "int8", "int4")}
+        finally:
+            ck.close()
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2**30
+        raise OverspillError(f"{path}: an original {kind} checkpoint; convert it once, then run the result: "
+                             f"`overspill convert {path} STORE` writes a {gib[None]:.1f} GiB layer store (bfloat16; "
+                             f"--quantize int8: {gib['int8']:.1f} GiB, int4: {gib['int4']:.1f} GiB), and "
+                             f"{free:.1f} GiB is free there")
 
 
 def _check_quantize_head(quantize: str | None, quantize_head: bool) -> None:
