@@ -57,12 +57,14 @@ import math
 import os
 import shutil
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, OverspillError
 from ..model.weights import linear_names, linear_shapes, units as unit_order
+from ..io import DirectWriter
 from .safetensors_io import DTYPE_NAMES, DTYPES, pread_into
 
 FORMAT = "overspill-layer-store"
@@ -104,9 +106,12 @@ def layout(tensors: dict[str, torch.Tensor]) -> tuple[list[tuple[str, int, int]]
     return placed, pos
 
 
-def write_unit_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> dict:
-    """Write one unit file (see the module docstring) and fsync it. Returns its manifest entry
-    (without "name"/"file"): bytes, data_offset, data_bytes, sha256, tensors."""
+def write_unit_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                    fsync: bool = True) -> dict:
+    """Write one unit file (see the module docstring; O_DIRECT where possible, io.DirectWriter), and fsync it unless
+    the caller syncs it later. The SHA-256 runs on another thread over each chunk while it is written, so hashing
+    costs no time of its own. Returns its manifest entry (without "name"/"file"): bytes, data_offset, data_bytes,
+    sha256, tensors."""
     placed, data_bytes = layout(tensors)
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     for n, off, nb in placed:
@@ -119,15 +124,10 @@ def write_unit_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[
     hlen = len(hjson) + (-(8 + len(hjson))) % DATA_ALIGN
     data_offset = 8 + hlen
     h = hashlib.sha256()
-    with open(path, "wb") as f:
-        def put(b) -> None:
-            f.write(b)
-            h.update(b)
-        put(struct.pack("<Q", hlen) + hjson + b" " * (hlen - len(hjson)))
+    with DirectWriter(path, on_chunk=h.update, fsync=fsync) as f:
+        f.write(struct.pack("<Q", hlen) + hjson + b" " * (hlen - len(hjson)))
         for n, off, nb in placed:
-            put(_as_bytes(tensors[n]) if n in tensors else bytes(nb))
-        f.flush()
-        os.fsync(f.fileno())
+            f.write(_as_bytes(tensors[n]) if n in tensors else bytes(nb))
     entries = {n: {"dtype": header[n]["dtype"], "shape": header[n]["shape"], "offset": data_offset + off, "nbytes": nb}
                for n, off, nb in placed if n in tensors}
     return {"bytes": data_offset + data_bytes, "data_offset": data_offset, "data_bytes": data_bytes,
@@ -280,16 +280,29 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
         bar = tqdm(total=sum(planned.values()), unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"convert {os.path.basename(dst)}", disable=not progress, dynamic_ncols=True)
         entries = []
-        for u in names:
-            bar.set_postfix_str(u, refresh=False)
+
+        def prepare(u: str) -> dict[str, torch.Tensor]:   # read (+ quantize) a unit: on the read-ahead thread
             skip = ("lm.weight",) if (u == "head" and tied) else ()
-            t = ck.read_unit_except(u, tdtype, *skip)
-            t = _quantize_unit(u, t, quantize, quantize_head)
-            fname = f"{u}.safetensors"
-            e = write_unit_file(os.path.join(tmp, fname), t, {"overspill_unit": u})
-            entries.append({"name": u, "file": fname, **e})
-            del t
-            bar.update(planned[u])
+            return _quantize_unit(u, ck.read_unit_except(u, tdtype, *skip), quantize, quantize_head)
+
+        # unit i+1 is read and quantized while unit i is written: at most two units in memory
+        with ThreadPoolExecutor(1, thread_name_prefix="overspill-convert") as ahead:
+            nxt = ahead.submit(prepare, names[0])
+            for k, u in enumerate(names):
+                bar.set_postfix_str(u, refresh=False)
+                t = nxt.result()
+                nxt = ahead.submit(prepare, names[k + 1]) if k + 1 < len(names) else None
+                fname = f"{u}.safetensors"
+                e = write_unit_file(os.path.join(tmp, fname), t, {"overspill_unit": u}, fsync=False)
+                entries.append({"name": u, "file": fname, **e})
+                del t
+                bar.update(planned[u])
+        for e in entries:   # durable before the rename; writeback of the early files ran meanwhile
+            fd = os.open(os.path.join(tmp, e["file"]), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         sources = ck.extra_files() if hasattr(ck, "extra_files") else \
             {f: os.path.join(ck.path, f) for f in EXTRA_FILES if os.path.isfile(os.path.join(ck.path, f))}
         for f, p in sources.items():
