@@ -164,7 +164,7 @@ class DirectWriter:
     ``on_chunk(bytes)`` (e.g. a hash update) runs on a worker thread over each chunk while it is written; both
     release the GIL. Use as a context manager; ``close()`` flushes (and fsyncs when asked)."""
 
-    def __init__(self, path: str, chunk: int = 8 << 20, on_chunk=None, fsync: bool = True):
+    def __init__(self, path: str, chunk: int = 2 << 20, on_chunk=None, fsync: bool = True):
         self.path, self.chunk, self.on_chunk, self.fsync = path, chunk, on_chunk, fsync
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = False

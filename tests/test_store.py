@@ -163,11 +163,11 @@ def test_interrupted_conversion_leaves_nothing(ref_dir, tmp_path, monkeypatch, e
     src, _ = ref_dir("gpt_neox_sequential")
     real, calls = store_mod.write_unit_file, []
 
-    def flaky(path, tensors, metadata=None):
+    def flaky(path, tensors, metadata=None, **kw):
         calls.append(path)
         if len(calls) == 3:
             raise exc("boom")
-        return real(path, tensors, metadata)
+        return real(path, tensors, metadata, **kw)
 
     monkeypatch.setattr(store_mod, "write_unit_file", flaky)
     dst = tmp_path / "out"
