@@ -186,6 +186,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
     max_memory: budgets like "cpu=4GiB" (or {"cpu": 4 << 30} or {"cpu": "4GiB"}); what does not fit is streamed from disk.
+      "cpu=auto": this process's memory cgroup limit (else the RAM available) less ~0.45 GiB for the process itself.
       Budgets cover weights, staging buffers, the KV cache for max_batch_size x max_seq_len tokens,
       and activations; requests larger than that reserve are refused.
     quantize: int8 | int4 | int8-dynamic | nf4 for the block matmul weights.
@@ -205,10 +206,11 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     budgets = None
     if max_memory is not None:
         from .placement import parse_memory
-        from .placement.planner import parse_size
-        try:   # "cpu=4GiB,..." or {"cpu": 4 << 30} or, as accelerate takes it, {"cpu": "4GiB"}
-            budgets = parse_memory(max_memory) if isinstance(max_memory, str) else \
-                {str(k): parse_size(v) if isinstance(v, str) else v for k, v in dict(max_memory).items()}
+        from .placement.machine import resolve_auto
+        try:   # "cpu=4GiB,..." or "cpu=auto" or {"cpu": 4 << 30} or, as accelerate takes it, {"cpu": "4GiB"}
+            if not isinstance(max_memory, str):
+                max_memory = ",".join(f"{k}={v}" for k, v in dict(max_memory).items())
+            budgets = parse_memory(resolve_auto(max_memory))
         except ValueError as e:
             raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
     reserve = Reserve(max_batch_size, max_seq_len or 1024)

@@ -32,7 +32,9 @@ def args(fn: Callable[[argparse.ArgumentParser], None]):
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="Hugging Face model directory (default: the built-in model)")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    p.add_argument("--max-memory", default=None, help="budgets, e.g. cpu=4GiB or cuda:0=10GiB,cpu=8GiB; the rest streams from disk")
+    p.add_argument("--max-memory", default=None, help="budgets, e.g. cpu=4GiB or cuda:0=10GiB,cpu=8GiB (cpu=auto: this "
+                   "process's memory cgroup limit, else the RAM available, less the process's own ~0.45 GiB); the rest "
+                   "streams from disk")
     p.add_argument("--quantize", default=None, help="int8 | int4 | int8-dynamic | nf4 (on the fly)")
     p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too (with --quantize)")
     p.add_argument("--kv-cache", default=None, help="int8: keys and values in int8 (about half the KV memory of bf16)")
@@ -286,12 +288,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_plan(a: argparse.Namespace) -> int:
     from .api import default_model_path
     from .model.kv_cache import check_kv_format
-    from .placement import parse_memory
+    from .placement import fmt_bytes, parse_memory
     from .runtime.loader import Reserve, plan_for
+
+    from .placement.machine import PROCESS_OVERHEAD, memory_limit, resolve_auto
 
     path = a.model or default_model_path()
     try:
-        budgets = parse_memory(a.max_memory)
+        budgets = parse_memory(resolve_auto(a.max_memory))
     except ValueError as e:
         raise OverspillError(str(e)) from None
     reserve = Reserve(a.max_batch_size, a.max_seq_len, kv_format=check_kv_format(a.kv_cache))
@@ -303,6 +307,12 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     bw = measure(model_paths=[path], cache=a.cached)   # ~1 s: this machine's speed drifts, so probe by default
     print(plan.table(bw, batch=a.max_batch_size))
+    limit, what = memory_limit()
+    if limit is not None and "cpu" in plan.usage:
+        need = plan.usage["cpu"]["total"] + PROCESS_OVERHEAD
+        print(f"host memory: the plan holds {fmt_bytes(plan.usage['cpu']['total'])} + ~{fmt_bytes(PROCESS_OVERHEAD)} "
+              f"for the process = {fmt_bytes(need)}, {100 * need / limit:.0f}% of the {what} ({fmt_bytes(limit)})"
+              + ("" if need <= limit else ": it will not fit; lower --max-memory cpu or use cpu=auto"))
     return 0
 
 
