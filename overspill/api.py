@@ -205,12 +205,14 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     path = str(path) if path is not None else default_model_path()
     budgets = None
     if max_memory is not None:
-        from .placement import parse_memory
+        from .placement import parse_memory, parse_size
         from .placement.machine import resolve_auto
         try:   # "cpu=4GiB,..." or "cpu=auto" or {"cpu": 4 << 30} or, as accelerate takes it, {"cpu": "4GiB"}
-            if not isinstance(max_memory, str):
-                max_memory = ",".join(f"{k}={v}" for k, v in dict(max_memory).items())
-            budgets = parse_memory(resolve_auto(max_memory))
+            if isinstance(max_memory, str):
+                budgets = parse_memory(resolve_auto(max_memory))
+            else:
+                budgets = {str(k): (parse_memory(resolve_auto(f"{k}=auto"))[str(k)] if v == "auto" else
+                                    parse_size(v) if isinstance(v, str) else v) for k, v in dict(max_memory).items()}
         except ValueError as e:
             raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
