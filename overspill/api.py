@@ -196,7 +196,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       bytes of bf16 (model/kv_cache.QuantKV), so a budget holds about twice the batch x length.
     linear_hook: ``hook(unit, name, linear) -> linear``, applied to every matmul of every unit wherever it lives
       (resident, held in host RAM, streamed from disk; unit "block.N" or "head", name qkv|out|up|down|lm): how
-      adapters such as LoRA wrap the base weights.
+      adapters such as LoRA wrap the base weights. Resident units are hooked once at load; streamed and host-held
+      units every forward, as their weights arrive (keep the hook cheap: look adapters up, don't build them).
     stand_in: run a plan made for devices this machine lacks on ones it has, e.g. {"cuda:0": "cpu"} (testing).
     """
     from .model.kv_cache import check_kv_format

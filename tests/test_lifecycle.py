@@ -60,6 +60,8 @@ def test_dropped_models_free_threads_files_and_memory(deep_dir, tmp_path):
 
 def test_close_and_context_manager(deep_dir):
     path, _ = deep_dir("llama_gqa")
+    with _streamed(path, _min_budget(path)) as m:   # warm-up: the process-wide reader pool starts once
+        m.generate([[4, 5]], max_new_tokens=2, ignore_eos=True)
     threads = threading.active_count()
     with _streamed(path, _min_budget(path)) as m:
         assert threading.active_count() == threads + 1          # the prefetch thread
@@ -68,6 +70,27 @@ def test_close_and_context_manager(deep_dir):
     with pytest.raises(overspill.OverspillError, match="closed"):
         m.generate([[4, 5]], max_new_tokens=2)
     m.close()                                                    # idempotent
+
+
+def test_dropping_a_model_on_a_reader_thread_does_not_wait_for_itself(deep_dir):
+    """A model in a reference cycle is freed by whichever thread's allocation triggers a collection, which can be one
+    of the reader pool's threads while it reads for the prefetcher: closing there must not wait for the prefetch
+    thread (it waits for that very read). The thread stops and frees its buffers and files itself."""
+    import gc
+    from overspill.io import read_pool
+    path, _ = deep_dir("gptj")
+    fds = _fds()
+    m = _streamed(path, _min_budget(path))
+    m.generate([[4, 5]], max_new_tokens=2, ignore_eos=True)
+    pf = m.executor.source._pf
+    m.me = m                                  # a cycle: only a collection frees it
+    del m
+    assert read_pool().submit(gc.collect).result(timeout=30) is not None     # a collection on a reader thread
+    deadline = __import__("time").time() + 30
+    while pf.slots and __import__("time").time() < deadline:
+        __import__("time").sleep(0.05)
+    assert pf.closed and pf.slots == [] and pf.thread is None
+    assert _fds() <= fds
 
 
 def test_stream_order_is_checked_even_under_python_O(deep_dir):

@@ -223,7 +223,7 @@ def disk_read_gbps(paths: list[str] | str, max_bytes: int = 2 << 30, threads: in
 def runtime_read_gbps(paths: list[str], max_bytes: int, skip: int = 0, buf: torch.Tensor | None = None) -> float:
     """Cold read bandwidth (GB/s) of `max_bytes` of the files from byte `skip` on, read the way the streaming runtime
     reads a unit: O_DIRECT (else buffered, evicted before and after) 8 MiB chunks through its pool of reader threads
-    into an aligned buffer (runtime/io.py). `buf` (uint8, aligned, at least max_bytes + 4 KiB per file crossed) is
+    into an aligned buffer (overspill/io.py). `buf` (uint8, aligned, at least max_bytes + 4 KiB per file crossed) is
     reused when given. On this VM it reads 15-25% faster than 4 threads on 4 distant regions
     (disk_read_gbps), and so predicts streaming where that underestimates it."""
     from ..io import ALIGN, DirectFile, aligned_buffer, evict, read_pool

@@ -87,17 +87,28 @@ class Executor:
         return x
 
     def _head(self, w, x: torch.Tensor, consume: LogitsConsumer | None) -> torch.Tensor | None:
-        """The LM head over at most reserve.head_chunk(B) time steps at a time: never [B, T, V] inside the runtime."""
+        """The LM head over at most reserve.head_tokens tokens at a time (rows x time steps): never [B, T, V] inside
+        the runtime. Without ``consume`` the float32 logits are the caller's result."""
         B, T, _ = x.shape
-        tc = self.head_reserve.head_chunk(B)
+        n = self.head_reserve.head_tokens
+        if consume is None and B * T <= n:      # a decode step: one chunk, no copy
+            return head_forward(self.cfg, w, x, self.fused).float().cpu()
+        rb = min(B, n)                          # rows per chunk, then time steps per chunk
+        tc = max(1, n // rb)
         out = None if consume is not None else torch.empty(B, T, self.cfg.vocab_size, dtype=torch.float32)
         for t0 in range(0, T, tc):
             t1 = min(T, t0 + tc)
-            logits = head_forward(self.cfg, w, x[:, t0:t1], self.fused)
-            if consume is not None:
-                consume(t0, t1, logits.float().cpu())
-            else:
-                out[:, t0:t1] = logits
+            if consume is not None and rb < B:  # a consumer takes whole rows: gather the row blocks first
+                part = torch.cat([head_forward(self.cfg, w, x[b:b + rb, t0:t1], self.fused).float().cpu()
+                                  for b in range(0, B, rb)])
+                consume(t0, t1, part)
+                continue
+            for b in range(0, B, rb):
+                logits = head_forward(self.cfg, w, x[b:b + rb, t0:t1], self.fused)
+                if consume is not None:
+                    consume(t0, t1, logits.float().cpu())
+                else:
+                    out[b:b + rb, t0:t1] = logits
         return out
 
     @torch.inference_mode()

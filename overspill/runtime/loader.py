@@ -25,7 +25,7 @@ from ..errors import OverspillError
 from ..io import ALIGN, DirectFile, read_pool, trim_heap
 from ..kernels import panel_empty
 from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear, dense_linear_copies
-from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_shapes, units
+from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_names, linear_shapes, units
 from .executor import Executor
 from .reserve import Reserve
 from .rows import RowTable
@@ -329,7 +329,8 @@ class UnitBuilder:
             # (blocked / oneDNN-packed) goes into a copy, so no other view may keep the buffer alive after that:
             # 1-D tensors (norms, biases) get their own memory (dense stores: every tensor, as their linears all
             # copy). Where dense weights run in place (F.linear), the buffer is the unit's memory as it is.
-            relaid = any(v.dim() == 2 and k != "tok.weight" and dense_linear_copies(v) for k, v in raw.items())
+            lins = {f"{n}.weight" for n in linear_names(unit)}
+            relaid = any(k in lins and dense_linear_copies(v) for k, v in raw.items())
             if relaid or self.store.quantize is not None:
                 raw = {k: v.clone() if (self.store.quantize is None and relaid) or (".q." not in k and v.dim() <= 1)
                        else v for k, v in raw.items()}

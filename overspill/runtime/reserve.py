@@ -24,7 +24,9 @@ class Reserve:
     sequences (FlexGen's block schedule: the block's weights serve every micro-batch before the next block), so
     a large prompt batch needs activations for about micro_tokens tokens, not B x T. The LM head runs over at most
     max(head_tokens, max_batch) tokens at a time, so a forward over many tokens never builds [B, T, V] logits
-    inside the runtime (``Model.logits`` returns them: that tensor is the caller's; ``eval`` never holds it)."""
+    inside the runtime (``Model.logits`` returns them: that tensor is the caller's; ``eval`` never holds it).
+    A decode step's float32 last-token logits are counted for max_batch rows; a wider batch of shorter sequences
+    (which the KV reserve also admits) returns B x V of them, outside the count."""
     max_batch: int = 1
     max_seq_len: int = 1024
     micro_tokens: int = 1024
@@ -40,10 +42,6 @@ class Reserve:
         """Sequences per micro-batch for a forward over T new tokens."""
         return max(1, self.micro_tokens // max(1, T))
 
-    def head_chunk(self, B: int) -> int:
-        """Time steps per LM-head chunk for a batch of B rows (at least one)."""
-        return max(1, self.head_tokens // max(1, B))
-
     def activation_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         """Peak transient tensors of one block over the largest micro-batch (rows x T tokens, T up to max_seq_len):
         residual, norm output, qkv, attention output and scores, MLP hidden (x2 for a gated MLP), plus the whole
@@ -55,7 +53,7 @@ class Reserve:
         per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
         scores = tok * cfg.n_heads * L * 4 if L > 1 else 0
         batch_x = 2 * self.max_batch * L * cfg.hidden_size * es       # the batch's hidden state, in and out
-        head = max(self.head_tokens, self.max_batch) * cfg.vocab_size * (es + 4) + self.max_batch * cfg.vocab_size * 4
+        head = self.head_tokens * cfg.vocab_size * (es + 4) + self.max_batch * cfg.vocab_size * 4
         # an int8 cache is read back dequantized: one micro-batch's keys and values over all L slots
         kv_read = 2 * min(self.max_batch, self.micro_tokens) * L * cfg.kv_size * es if self.kv_format else 0
         return tok * per_tok + scores + batch_x + head + kv_read + self.scratch_bytes(cfg, dtype)

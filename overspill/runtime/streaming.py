@@ -26,6 +26,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..errors import OverspillError
 from ..kernels import transient
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
@@ -165,6 +166,8 @@ class _Prefetcher:
         self.closed = False
 
     def start(self) -> None:
+        if self.closed:
+            raise OverspillError("this model was closed; load it again")
         self.stop_event = threading.Event()
         self.free: queue.Queue[int] = queue.Queue()
         for s in range(self.ring_slots):
@@ -175,6 +178,13 @@ class _Prefetcher:
         self.thread.start()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            if self.closed:   # closed from a thread that could not wait for this one: free what it used here
+                self._free_buffers()
+
+    def _loop(self) -> None:
         k = 0
         while not self.stop_event.is_set():
             try:
@@ -206,16 +216,30 @@ class _Prefetcher:
     def stop(self) -> None:
         if self.thread is not None:
             self.stop_event.set()
-            if self.thread is not threading.current_thread():   # a finalizer run by a collection on this thread
-                self.thread.join()
+            self.thread.join()
             self.thread = None
 
     def close(self) -> None:
-        """Stop the thread, release the staging slots and pinned buffers, close the reader's files (idempotent)."""
+        """Stop the thread, release the staging slots and pinned buffers, close the reader's files (idempotent).
+
+        Called when the source is dropped, that can happen on any thread (a garbage collection runs wherever it
+        is triggered): on one of overspill's own threads (the prefetcher, a reader-pool worker serving it) waiting
+        for the prefetch thread could deadlock, so there it only asks the thread to stop, and the thread frees
+        the buffers and files itself as it exits."""
         if self.closed:
             return
         self.closed = True
-        self.stop()
+        if self.thread is not None:
+            self.stop_event.set()
+            self.ready.put((None, None, None, OverspillError("this model was closed; load it again"), None))
+            if threading.current_thread().name.startswith("overspill-") and self.thread.is_alive():
+                self.thread = None
+                return                      # _run frees the buffers when the thread ends
+            self.thread.join()
+            self.thread = None
+        self._free_buffers()
+
+    def _free_buffers(self) -> None:
         for buf in self.slots + self.pinned:
             unpin(buf)
         self.slots, self.pinned = [], []
@@ -281,6 +305,8 @@ class StreamingSource:
         t1 = time.perf_counter()
         self.stats["io_wait_s"] += t1 - t0
         if err is not None:
+            if pf.closed:
+                raise err
             pf.free.put(slot)
             self._restart()
             raise err
