@@ -21,6 +21,7 @@ in `OUT.tmp` and renamed to `OUT` last, so an interrupted run leaves nothing tha
 Examples (from the repository root):
     .venv/bin/python benchmarks/make_checkpoint.py --preset gptj-tiny
     .venv/bin/python benchmarks/make_checkpoint.py --preset gptj-6b --max-shard-size 2GB
+    .venv/bin/python benchmarks/make_checkpoint.py --preset neox-20b     # GPT-NeoX-20B's shape, 41.1 GB
     .venv/bin/python benchmarks/make_checkpoint.py --arch llama --set hidden_size=512 \
         --set num_hidden_layers=4 --set vocab_size=4096 --out bench-cache/llama-small
     .venv/bin/python benchmarks/make_checkpoint.py --smoke    # the four tiny presets, sharded, in a temp dir
@@ -66,6 +67,12 @@ PRESETS: dict[str, tuple[str, dict]] = {
                              n_positions=2048)),
     "gptj-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400,
                              n_positions=2048)),
+    # GPT-NeoX-20B's shape (EleutherAI/gpt-neox-20b's config.json): 20.55 B params, 41.1 GB bf16. The fields are
+    # those of the `--arch gpt_neox --set ...` command benchmarks/README.md gives; the rest are GPTNeoXConfig's
+    # defaults, which are 20B's too (2048 positions, rotary base 10000, layer norm eps 1e-5).
+    "neox-20b": ("gpt_neox", dict(hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
+                                  intermediate_size=24576, vocab_size=50432, rotary_pct=0.25,
+                                  use_parallel_residual=True, tie_word_embeddings=False)),
     "tinyllama": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                 num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
                                 rope_theta=10000.0, max_position_embeddings=2048,
