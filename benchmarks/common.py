@@ -276,6 +276,30 @@ def disk_read_gbps(paths: Sequence[str | Path], max_bytes: int = 2 << 30, thread
     return probe([str(p) for p in paths], max_bytes=max_bytes, threads=threads, direct=direct)
 
 
+def disk_write_gbps(directory: str | Path, nbytes: int = 1 << 30, block: int = 16 << 20) -> float:
+    """Sequential write bandwidth (GB/s) of the disk holding `directory`, written the way a layer store's unit files
+    are (`overspill convert`): `nbytes` of random bytes to a scratch file in `block`-sized buffered writes, timed up
+    to the end of its fsync. The file is removed; at most `nbytes` is written (overspill's bandwidth module only
+    probes reads)."""
+    import tempfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    chunk = os.urandom(min(block, max(nbytes, 1)))
+    fd, name = tempfile.mkstemp(prefix="diskwrite-", dir=directory)
+    try:
+        left = max(nbytes, 1)
+        t0 = time.perf_counter()
+        while left > 0:
+            left -= os.write(fd, chunk[:min(left, len(chunk))])
+        os.fsync(fd)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return max(nbytes, 1) / max(dt, 1e-9) / 1e9
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoint byte accounting (safetensors headers only)
 
