@@ -26,6 +26,7 @@ PARALLEL = int(os.environ.get("SMOKE_PARALLEL", 2))   # runs at a time (2 cores:
 # script -> (extra arguments, python modules without which the script cannot run at all); slowest first
 SMOKES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "bench_offload": (["--out", "bench-cache/results/offload.jsonl"], ("transformers",)),
+    "bench_flagship": (["--out", "bench-cache/results/flagship.jsonl"], ("transformers",)),
     "bench_decode": (["--out", "bench-cache/results/decode.jsonl"], ("transformers",)),
     "bench_llamacpp": (["--out", "bench-cache/results/llamacpp.jsonl"], ("transformers",)),
     "make_checkpoint": ([], ("transformers",)),
@@ -177,6 +178,40 @@ def test_bench_offload_smoke(smoke_runs, name):
     for side in ("overspill-hf", "overspill-store"):
         assert runs[side]["plan"]["streamed_units"] > 0, runs[side]["plan"]
         assert runs[side]["step_s_median"] > 0 and table_row(out, side)[2] == "1/1"
+    assert [r["kind"] for r in rows].count("summary") == 1
+
+
+@pytest.mark.parametrize("name", ["bench_flagship"])
+def test_bench_flagship_smoke(smoke_runs, name):
+    """A tiny GPT-NeoX: both conversions, both stores (cold load, batch 1, batch 8), bf16 under a budget below its
+    size (streaming) and accelerate, each run once and every one succeeding; the three tables and both targets."""
+    out, cwd = finish(smoke_runs, name)
+    rows = results(cwd, "flagship.jsonl")
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert all(r["ok"] for r in runs), runs
+    got = {(r["side"], r.get("scheme")) for r in runs if r["side"] in ("convert", "store-int8", "store-int4")}
+    assert got == {("convert", "int8"), ("convert", "int4"), ("store-int8", "int8"), ("store-int4", "int4")}, got
+    sides = {r["side"]: r for r in runs}
+    expected = {"convert", "store-int8", "store-int4", "bf16"} | \
+        ({"accelerate"} if importlib.util.find_spec("accelerate") else set())
+    assert set(sides) == expected, set(sides)
+    for r in runs:
+        if r["side"] == "convert":
+            assert r["store_bytes"] > 0 and r["write_bound_s"] > 0 and r["peak_rss_bytes"] > 0, r
+        elif r["side"].startswith("store-"):
+            assert r["first_token_from_load_s"] >= r["load_s"] > 0 and r["step_s_median"] > 0 and r["bound_s"] > 0
+            assert r["agg_tok_s"] > 0 and r["compute_bound_tok_s"] > 0 and r["batch"] == 8, r
+        else:
+            assert r["first_token_from_load_s"] >= r["load_s"] > 0 and r["step_s_median"] > 0, r
+            assert r["ckpt_read_s"] > 0 and r["first_token_target_s"] == pytest.approx(1.1 * r["ckpt_read_s"])
+    assert sides["bf16"]["plan"]["streamed_units"] > 0, sides["bf16"]["plan"]   # the budget is below the model's size
+    for scheme in ("int8", "int4"):
+        assert float(table_row(out, scheme)[2]) > 0           # the convert table: seconds
+    cells = table_row(out, "bf16")
+    assert cells[2] == "1/1" and float(cells[7]) > 0, cells   # ok runs, s/token
+    assert "bf16 first token from start of load / one read of the checkpoint:" in out
+    if "accelerate" in sides:
+        assert "overspill / accelerate s/token (same-round ratios, median):" in out
     assert [r["kind"] for r in rows].count("summary") == 1
 
 
