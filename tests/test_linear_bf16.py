@@ -1,0 +1,42 @@
+"""bf16 weights on a CPU without native bf16 matmuls: prefill-sized inputs run in fp32 a weight slice at a time."""
+import torch
+import torch.nn.functional as F
+
+import overspill.model.linear as L
+from overspill.runtime.reserve import Reserve
+
+
+def test_prefill_through_fp32_slices_matches_fp32_math(monkeypatch):
+    monkeypatch.setattr(L, "bf16_native", lambda: False)
+    monkeypatch.setattr(L, "F32_SCRATCH_ELEMS", 40 * 96)              # 40 rows per slice: 3 slices of a 100-row weight
+    monkeypatch.setattr(L._F32_TLS, "buf", None, raising=False)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(100, 96, generator=g).to(torch.bfloat16)
+    b = torch.randn(100, generator=g).to(torch.bfloat16)
+    lin = L.DenseLinear(w, b)
+    x = torch.randn(2, 20, 96, generator=g).to(torch.bfloat16)       # 40 rows >= F32_MIN_ROWS
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(L.F, "linear", lambda a, ww, bb=None: calls.append(ww.dtype) or real(a, ww, bb))
+    y = lin(x)
+    assert calls == [torch.float32] * 3 and y.dtype == torch.bfloat16 and y.shape == (2, 20, 100)
+    want = (x.float() @ w.float().t() + b.float()).to(torch.bfloat16)
+    torch.testing.assert_close(y, want, rtol=1 / 128, atol=1e-2)     # one bf16 rounding of fp32 math
+    assert L._F32_TLS.buf.numel() == 40 * 96
+    calls.clear()
+    lin(x[:, :1])                                                    # decode rows stay on bf16
+    assert calls == [torch.bfloat16]
+
+
+def test_reserve_counts_the_fp32_slice(monkeypatch, ref_dir):
+    import overspill
+    path, _ = ref_dir("llama_gqa")
+    cfg = overspill.load(path, dtype="float32").config
+    monkeypatch.setattr(L, "bf16_native", lambda: False)
+    r = Reserve(1, 64)
+    biggest = max(n * k for n, k in [(cfg.vocab_size, cfg.hidden_size), (2 * cfg.intermediate_size, cfg.hidden_size),
+                                     (cfg.hidden_size, cfg.intermediate_size)])
+    assert r.scratch_bytes(cfg, torch.bfloat16) == 4 * biggest
+    assert r.scratch_bytes(cfg, torch.float32) == 0
+    monkeypatch.setattr(L, "bf16_native", lambda: True)
+    assert r.scratch_bytes(cfg, torch.bfloat16) == 0
