@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..kernels import cpu_kernels
 from .kv_cache import QuantKV
+from .linear import bf16_native
 from .weights import BlockWeights, EmbedWeights, HeadWeights
 
 
@@ -166,6 +167,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         kern = cpu_kernels()
         if kern is not None:   # reads the cache slice in place (bf16 bmm would copy it), fp32 softmax
             return kern.decode_attn(q, k, v, None if mask is None else mask.reshape(B, S), scale)
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not bf16_native():
+        # bf16 x bf16 matmuls crawl without native bf16 (15 ms for these tiny shapes on an AVX2 EPYC); fp32 copies of
+        # one layer's slice cost microseconds, and the scores are softmaxed in fp32 anyway
+        return decode_attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     qg = q.reshape(B, nkv, nh // nkv, hs)                              # (B, nkv, g, hs)
     # K @ q^T rather than q @ K^T: the cache slice is row-major in (S, hs), so bmm reads it in place
     # (q @ K^T made matmul copy the transposed K slice on every call: ~0.6 ms/layer at batch 8).
