@@ -12,7 +12,7 @@ from ..errors import OverspillError
 from ..model.weights import units as unit_order
 from .original import OriginalCheckpoint, checked
 from .sources import is_hf_dir, open_source
-from .store import _fsync_dir, staging_dir
+from .store import publish, staging_dir
 
 HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,15 +82,7 @@ def convert_to_hf(src: str, dst: str, dtype: str | None = None, overwrite: bool 
         for fname in os.listdir(tmp):
             with open(os.path.join(tmp, fname), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if os.path.lexists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.rename(dst, old)
-        os.rename(tmp, dst)
-        _fsync_dir(os.path.dirname(dst))
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

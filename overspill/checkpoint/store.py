@@ -218,6 +218,21 @@ def staging_dir(dst: str, need_bytes: int) -> str:
     return tmp
 
 
+def publish(tmp: str, dst: str) -> None:
+    """Make a complete conversion in ``tmp`` (its files fsynced) ``dst``: the directory synced, a previous ``dst``
+    moved aside, ``tmp`` renamed into place, the parent synced, the previous one removed. A crash at any point
+    leaves either the old ``dst`` or the new one, never a mix."""
+    _fsync_dir(tmp)
+    old = None
+    if os.path.lexists(dst):
+        old = f"{dst}.old-{os.getpid()}"
+        os.rename(dst, old)
+    os.rename(tmp, dst)
+    _fsync_dir(os.path.dirname(dst))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def planned_store_bytes(ck, dtype: str | torch.dtype = "bfloat16", quantize: str | None = None,
                         quantize_head: bool = False) -> int:
     """Bytes ``convert`` writes for this checkpoint reader (from shapes only)."""
@@ -315,15 +330,7 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if os.path.lexists(dst):
-            old = f"{dst}.old-{os.getpid()}"
-            os.rename(dst, old)
-        os.rename(tmp, dst)
-        _fsync_dir(os.path.dirname(dst))
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
