@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -439,13 +438,7 @@ def driver(a: argparse.Namespace) -> Path:
                          ".venv/bin/python benchmarks/make_checkpoint.py --preset neox-20b")
     a.ckpt = str(ckpt)
     a.store_dir = str(Path(a.store_dir).resolve()) if a.store_dir else str(ckpt.parent)
-    if "accelerate" in sides and (importlib.util.find_spec("accelerate") is None
-                                  or importlib.util.find_spec("transformers") is None):
-        if not a.smoke:
-            raise SystemExit("the accelerate side needs transformers and accelerate: .venv/bin/pip install -e "
-                             "'.[bench]', or leave accelerate out of --sides")
-        print("smoke: accelerate side skipped: transformers or accelerate is not installed", file=sys.stderr)
-        sides.remove("accelerate")
+    offload.drop_unavailable_accelerate(sides, a.smoke)
     cgroup_sides = [s for s in sides if s in OFFLOAD_SIDE]
     no_cgroup = offload.cgroups_available() if cgroup_sides or any(s.startswith("store-") for s in sides) else None
     if no_cgroup and cgroup_sides and not a.smoke:

@@ -53,6 +53,17 @@ DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1}
 # worker
 
 
+def drop_unavailable_accelerate(sides: list[str], smoke: bool) -> None:
+    """Without transformers + accelerate: a full run refuses in one line; a smoke run drops that side, saying so."""
+    if "accelerate" in sides and (importlib.util.find_spec("accelerate") is None
+                                  or importlib.util.find_spec("transformers") is None):
+        if not smoke:
+            raise SystemExit("the accelerate side needs transformers and accelerate: .venv/bin/pip install -e "
+                             "'.[bench]', or leave accelerate out of --sides")
+        print("smoke: accelerate side skipped: transformers or accelerate is not installed", file=sys.stderr)
+        sides.remove("accelerate")
+
+
 def proc_io() -> dict:
     """This process's /proc/self/io (all threads): read_bytes = bytes fetched from the block
     device on its behalf (page-cache misses incl. readahead and mmap faults, O_DIRECT reads)."""
@@ -414,13 +425,7 @@ def driver(a: argparse.Namespace) -> Path:
     if "overspill-store" in sides and not a.store:
         print("no --store given: skipping overspill-store", file=sys.stderr)
         sides.remove("overspill-store")
-    if "accelerate" in sides and (importlib.util.find_spec("accelerate") is None
-                                  or importlib.util.find_spec("transformers") is None):
-        if not a.smoke:
-            raise SystemExit("the accelerate side needs transformers and accelerate: .venv/bin/pip install -e "
-                             "'.[bench]', or leave accelerate out of --sides")
-        print("smoke: accelerate side skipped: transformers or accelerate is not installed", file=sys.stderr)
-        sides.remove("accelerate")
+    drop_unavailable_accelerate(sides, a.smoke)
     no_cgroup = cgroups_available()
     if no_cgroup and not a.smoke:
         raise SystemExit(f"cannot make a memory cgroup ({no_cgroup}): the offload benchmark runs each side in one "
