@@ -42,6 +42,13 @@ class Model:
         """Free the reader thread, staging buffers and files now (idempotent)."""
         self.executor.close()
 
+    def wait_loaded(self) -> "Model":
+        """Until every resident weight is read (a background load's error, if any, is raised here)."""
+        wait = getattr(self.executor.source, "wait_loaded", None)
+        if wait is not None:
+            wait()
+        return self
+
     def __enter__(self) -> "Model":
         return self
 
@@ -181,7 +188,8 @@ class Model:
 def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto", *,
          max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
          max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
-         linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None) -> Model:
+         linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None,
+         background: bool = True) -> Model:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -199,6 +207,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       adapters such as LoRA wrap the base weights. Resident units are hooked once at load; streamed and host-held
       units every forward, as their weights arrive (keep the hook cheap: look adapters up, don't build them).
     stand_in: run a plan made for devices this machine lacks on ones it has, e.g. {"cuda:0": "cpu"} (testing).
+    background: on the CPU, return once the plan is made and read the resident weights on a thread while the first
+      forward runs, each unit computed as soon as it is in (the first token then costs about one read of the
+      checkpoint, not a load followed by a pass); an unreadable weight is reported by the forward that needs it.
+      False: read everything before returning (``Model.wait_loaded()`` does that for a background load).
     """
     from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
@@ -219,7 +231,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
     try:
         built = build(path, dtype, quantize, budgets, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
-                      stand_in=stand_in, kv_cache=check_kv_format(kv_cache))
+                      stand_in=stand_in, kv_cache=check_kv_format(kv_cache), background=background)
     except ValueError as e:   # PlanError and friends carry one clear line
         if isinstance(e, OverspillError):
             raise

@@ -64,6 +64,7 @@ def test_close_and_context_manager(deep_dir):
         m.generate([[4, 5]], max_new_tokens=2, ignore_eos=True)
     threads = threading.active_count()
     with _streamed(path, _min_budget(path)) as m:
+        m.wait_loaded()                                          # the background load's thread has ended
         assert threading.active_count() == threads + 1          # the prefetch thread
         m.generate([[4, 5]], max_new_tokens=2, ignore_eos=True)
     assert threading.active_count() == threads

@@ -190,6 +190,16 @@ class HFCheckpoint:
         """read_unit_raw's tensors -> the canonical unit (fused, converted, shape-checked)."""
         return finish_unit(self.family, self.config, unit, raw, self.resolver.sources(unit), self.path)
 
+    def check_shapes(self) -> None:
+        """Every unit's transforms and shape checks run on the headers' shapes alone (meta tensors, nothing read):
+        a tensor that does not fit config.json is reported before any weight is read, in the same words as a read."""
+        for unit in ["embed"] + [f"block.{i}" for i in range(self.config.n_layers)] + ["head"]:
+            raw = {c: torch.empty(self.shape(h), device="meta") for h, c in self.unit_names(unit).items()}
+            try:
+                self.finish(unit, raw)
+            except NotImplementedError:   # a transform with no meta kernel: checked when the unit is read
+                pass
+
 
 def finish_unit(family: Family, cfg: ModelConfig, unit: str, raw: dict[str, torch.Tensor],
                 sources: dict[str, str], where: str) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ def fuse_rows(*ts: torch.Tensor | None) -> torch.Tensor | None:
         return None
     assert all(t is not None for t in ts), "either all parts of a fused weight have a bias or none"
     assert len({t.shape[1:] for t in ts}) == 1, f"cannot fuse shapes {[tuple(t.shape) for t in ts]}"
+    if ts[0].is_meta:   # a shape check (HFCheckpoint.check_shapes): torch.cat on meta costs a 1.5 s first import
+        return ts[0].new_empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]))
     return torch.cat(ts, dim=0)
 
 
@@ -48,4 +50,4 @@ def interleaved_to_half_rotary(t: torch.Tensor, n_heads: int, head_dim: int, rot
     assert t.shape[0] == n_heads * head_dim
     perm = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2), torch.arange(rotary_dim, head_dim)])
     x = t.reshape(n_heads, head_dim, *t.shape[1:])  # (nh, hs, [C])
-    return x[:, perm].reshape(t.shape).contiguous()
+    return x.index_select(1, perm).reshape(t.shape)

@@ -26,6 +26,7 @@ from ..io import ALIGN, DirectFile, read_pool, trim_heap
 from ..kernels import panel_empty
 from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear, dense_linear_copies
 from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_names, linear_shapes, units
+from .background import BackgroundLoad
 from .executor import Executor
 from .reserve import Reserve
 from .rows import RowTable
@@ -76,6 +77,7 @@ def open_source(path: str, dtype, quantize: str | None) -> Source:
         return Source(store, True, store.dtype, store.quantize)
     _refuse_original(path)
     ckpt = HFCheckpoint(path)
+    ckpt.check_shapes()   # before a background load starts: a misfit tensor is a load error, not a forward's
     return Source(ckpt, False, resolve_dtype(dtype, ckpt), quantize)
 
 
@@ -382,6 +384,62 @@ def _read_store_unit(store, unit: str) -> dict[str, torch.Tensor]:
     return store.views(unit, buf[:n])
 
 
+class _HeldLoader:
+    """Loads the held (resident) units in execution order. On the CPU the next unit is read while this one is built
+    (layout conversion), so a cold load runs at about the disk's speed; the unit read ahead is held beside the ones
+    loaded so far, which is within budget where the staging ring (not filled before the load ends) is at least a
+    unit, and always without a budget (``read_ahead``)."""
+
+    def __init__(self, builder: UnitBuilder, names: list[str], held: list[int], devs: list[torch.device],
+                 shared, read_ahead: bool):
+        self.builder, self.names, self.held, self.devs, self.shared = builder, names, held, devs, shared
+        cpu = torch.device("cpu")
+        self.cpu_held = [i for i in held if devs[i] == cpu]
+        self.read_ahead = read_ahead
+        self.pending = None
+
+    def _shares(self, i: int) -> bool:
+        return 0 in self.held and self.devs[0] == self.devs[i]
+
+    def one(self, i: int) -> Weights:
+        """Unit i (the units must be asked for in the order of ``held``)."""
+        try:
+            return self._one(i)
+        except BaseException:
+            self.close()
+            raise
+
+    def _one(self, i: int) -> Weights:
+        b, names, dev = self.builder, self.names, self.devs[i]
+        raw = None
+        if dev.type == "cpu" and self.read_ahead:
+            raw = self.pending.result() if self.pending is not None else b.fetch(names[i], self._shares(i))
+            k = self.cpu_held.index(i) + 1
+            if k < len(self.cpu_held):
+                if not hasattr(self, "pool"):
+                    self.pool = ThreadPoolExecutor(1, thread_name_prefix="overspill-load")
+                nxt = self.cpu_held[k]
+                self.pending = self.pool.submit(b.fetch, names[nxt], self._shares(nxt))
+            else:
+                self.close()
+        return b.resident(names[i], dev, self.shared(dev), raw)
+
+    def run(self, into: dict[int, Weights]) -> None:
+        try:
+            for i in self.held:
+                into[i] = self.one(i)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop reading ahead and drop what was read ahead (idempotent)."""
+        self.pending = None
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+            del self.pool
+
+
 class _StreamedUnits:
     """make_weights for the streaming source: host-held units (already bound, copied to the device) get the hook;
     disk units are bound from their fetched tensors."""
@@ -405,7 +463,8 @@ class Built:
 
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
           reserve: Reserve, *, quantize_head: bool = False, linear_hook: LinearHook | None = None,
-          stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None) -> Built:
+          stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None,
+          background: bool = False) -> Built:
     """A runnable executor for ``path``. quantize_head applies to on-the-fly quantization; a layer store holds its
     head as it was converted.
 
@@ -427,13 +486,15 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         devs = unit_devices(plan, src.quantize, stand_in)
         homes = [p.home for p in plan.placements]
     executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes, plan,
-                     ring_slots, reserve if max_memory is not None else None, kv_cache)
+                     ring_slots, reserve if max_memory is not None else None, kv_cache, background)
     return Built(cfg, executor, plan, src.ckpt)
 
 
 def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[int], devs: list[torch.device],
-          homes: list[str], plan, ring_slots: int, reserve: Reserve | None, kv_cache: str | None) -> Executor:
-    """Load the resident units, pack the host-held ones, and put the rest behind a streaming source."""
+          homes: list[str], plan, ring_slots: int, reserve: Reserve | None, kv_cache: str | None,
+          background: bool = False) -> Executor:
+    """Load the resident units (now, or with ``background`` on a thread while the first forward runs), pack the
+    host-held ones, and put the rest behind a streaming source."""
     cfg, cpu = src.ckpt.config, torch.device("cpu")
     pin = any(d.type == "cuda" for d in devs)
     rows = None
@@ -444,25 +505,15 @@ def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[in
     resident: dict[int, Weights] = {}
     on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}   # units sharing a device
     held = [i for i in range(len(names)) if i not in streamed and not (i == 0 and rows is not None)]
-    # CPU units: the next one is read while this one is built (layout conversion), so a cold load runs at about the
-    # disk's speed. The unit read ahead is held beside the ones loaded so far: within budget where the staging ring
-    # (allocated after the load) is at least a unit, and always without a budget.
-    ahead = ThreadPoolExecutor(1, thread_name_prefix="overspill-load") if streamed or reserve is None else None
-    cpu_held = [i for i in held if devs[i] == cpu]
-    shares = lambda i: 0 in held and devs[0] == devs[i]
-    pending = None
-    try:
-        for i in held:
-            raw = None
-            if devs[i] == cpu and ahead is not None:
-                raw = pending.result() if pending is not None else builder.fetch(names[i], shares(i))
-                k = cpu_held.index(i) + 1
-                pending = ahead.submit(builder.fetch, names[cpu_held[k]], shares(cpu_held[k])) \
-                    if k < len(cpu_held) else None
-            resident[i] = builder.resident(names[i], devs[i], on(devs[i]), raw)
-    finally:
-        if ahead is not None:
-            ahead.shutdown(cancel_futures=True)
+    # Background: all on the CPU, the load returns now and the resident units are read and built on a thread while
+    # the first forward runs (runtime/background.py): each is computed as soon as it is in, overlapping the reads
+    # of the next ones. A tied head then shares the live dict of held units (the embedding is in before the head).
+    background = background and all(d == cpu for d in devs)
+    shared = (lambda d: resident) if background else on
+    load_held = _HeldLoader(builder, names, held, devs, shared,
+                            read_ahead=bool(streamed) or reserve is None)
+    if not background:
+        load_held.run(resident)
     host, host_bufs = {}, []
     for i in streamed:
         if homes[i] == "cpu":
@@ -475,12 +526,15 @@ def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[in
             reader = MixedReader({names[i]: host_reader if names[i] in host else reader for i in streamed})
         # streamed units computing on an accelerator are copied there by the reader thread
         copier = DeviceCopier(devs[streamed[0]]) if plan.compute_device not in (None, "cpu") else None
-        make = _StreamedUnits(builder, set(host), on(devs[streamed[0]]))
+        make = _StreamedUnits(builder, set(host), shared(devs[streamed[0]]))
+        loading = (lambda then: BackgroundLoad(held, load_held.one, resident, then, load_held.close)) if background else None
         source = StreamingSource(cfg, resident, streamed, names, reader, make, ring_slots, pin=pin, copier=copier,
-                                 pinned=host_bufs)
+                                 pinned=host_bufs, loading=loading)
     else:
-        source = ResidentSource([resident.get(i) for i in range(len(names))])
-        if not src.is_store:
-            src.ckpt.close()   # a streaming source keeps reading from it
+        close = src.ckpt.close if not src.is_store else None   # a streaming source keeps reading from it
+        loading = BackgroundLoad(held, load_held.one, resident, close, load_held.close) if background else None
+        source = ResidentSource([resident.get(i) for i in range(len(names))], loading)
+        if close is not None and not background:
+            close()
     return Executor(cfg, source, src.dtype, unit_devices=[str(d) for d in devs], reserve=reserve, kv_format=kv_cache,
                     rows=rows)

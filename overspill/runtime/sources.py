@@ -7,9 +7,11 @@ recycles the buffer on release. Units never know which kind served them.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Protocol
 
 from ..model.weights import Weights
+from .background import BackgroundLoad
 
 
 class WeightSource(Protocol):
@@ -27,23 +29,43 @@ class WeightSource(Protocol):
 
 
 class ResidentSource:
-    """All units bound in memory already."""
+    """All units bound in memory (``loading``: the ones still None are being loaded by a BackgroundLoad, and a
+    forward waits for each as it reaches it)."""
 
-    def __init__(self, weights: list[Weights]):
-        self.weights = weights
+    def __init__(self, weights: list[Weights | None], loading: BackgroundLoad | None = None):
+        self._weights = weights
+        self._loading = loading
+        self._finalizer = weakref.finalize(self, loading.cancel) if loading is not None else None
 
     def begin_pass(self) -> None:
         pass
 
+    @property
+    def weights(self) -> list[Weights | None]:
+        """Every unit's weights (waits for a background load)."""
+        self.wait_loaded()
+        return self._weights
+
     def acquire(self, i: int) -> Weights:
-        return self.weights[i]
+        w = self._weights[i]
+        if w is None and self._loading is not None:
+            w = self._weights[i] = self._loading.get(i)
+        return w
+
+    def wait_loaded(self) -> None:
+        if self._loading is not None:
+            self._loading.wait()
+            for i, w in self._loading.into.items():
+                self._weights[i] = w
 
     def release(self, i: int) -> None:
         pass
 
     def resident_bytes(self) -> int:
         from .accounting import weights_nbytes
+        self.wait_loaded()
         return sum(weights_nbytes(w) for w in self.weights if w is not None)
 
     def close(self) -> None:
-        pass
+        if self._finalizer is not None:
+            self._finalizer()

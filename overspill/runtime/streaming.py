@@ -31,6 +31,7 @@ from ..kernels import transient
 from ..model.linear import DenseLinear
 from ..model.weights import Weights, bind
 from ..io import ALIGN, DirectFile, aligned_buffer, read_pool, unpin
+from .background import BackgroundLoad
 
 
 class UnitReader(Protocol):
@@ -164,8 +165,20 @@ class _Prefetcher:
         self.pinned: list[torch.Tensor] = []   # other registered host buffers to release with the slots
         self.thread: threading.Thread | None = None
         self.closed = False
+        self.lock = threading.Lock()   # start/stop come from the compute thread and a background load's thread
+
+    def ensure_started(self) -> None:
+        """Start the reader unless it runs (or the source was closed): what a background load calls when the
+        resident units are in, and the compute thread when it reaches a streamed unit first."""
+        with self.lock:
+            if self.thread is None and not self.closed:
+                self._start()
 
     def start(self) -> None:
+        with self.lock:
+            self._start()
+
+    def _start(self) -> None:
         if self.closed:
             raise OverspillError("this model was closed; load it again")
         self.stop_event = threading.Event()
@@ -214,10 +227,11 @@ class _Prefetcher:
             k += 1
 
     def stop(self) -> None:
-        if self.thread is not None:
-            self.stop_event.set()
-            self.thread.join()
-            self.thread = None
+        with self.lock:
+            if self.thread is not None:
+                self.stop_event.set()
+                self.thread.join()
+                self.thread = None
 
     def close(self) -> None:
         """Stop the thread, release the staging slots and pinned buffers, close the reader's files (idempotent).
@@ -259,7 +273,10 @@ class StreamingSource:
 
     def __init__(self, cfg: ModelConfig, resident: dict[int, Weights], streamed: list[int], unit_names: list[str],
                  reader: UnitReader, make_weights: Callable[[str, dict], Weights] | None = None,
-                 ring_slots: int = 2, pin: bool = False, copier=None, pinned: list[torch.Tensor] | None = None):
+                 ring_slots: int = 2, pin: bool = False, copier=None, pinned: list[torch.Tensor] | None = None,
+                 loading: Callable[[Callable[[], None]], BackgroundLoad] | None = None):
+        """``loading``: the resident units are still being loaded; ``loading(then)`` starts that load into
+        ``resident`` and calls ``then`` (starting this source's reader) when it is done."""
         self.cfg, self.resident, self.streamed, self.names = cfg, resident, streamed, unit_names
         self.reader, self.copier = reader, copier
         self.make_weights = make_weights or (lambda unit, t: bind(cfg, unit, t, dense_streamed))
@@ -272,9 +289,10 @@ class StreamingSource:
         self.staging_bytes = self._pf.staging_bytes
         self._cursor = 0
         self._in_use: dict[int, int] = {}
+        self._loading = loading(self._pf.ensure_started) if loading is not None else None
         # runs when this source is dropped, or at interpreter exit; holds the prefetcher, never the source
-        self._finalizer = weakref.finalize(self, _Prefetcher.close, self._pf)
-        if streamed:
+        self._finalizer = weakref.finalize(self, _close, self._pf, self._loading)
+        if streamed and self._loading is None:
             self._pf.start()
 
     @property
@@ -288,7 +306,9 @@ class StreamingSource:
         self._pf.stop()
         self._cursor = 0
         self._in_use = {}
-        self._pf.start()
+        if self._pf.closed:
+            raise OverspillError("this model was closed; load it again")
+        self._pf.ensure_started()
 
     # -- WeightSource ---------------------------------------------------------------------
     def begin_pass(self) -> None:
@@ -299,7 +319,11 @@ class StreamingSource:
     def acquire(self, i: int) -> Weights:
         if i in self.resident:
             return self.resident[i]
+        if self._loading is not None and i in self._loading.units:
+            return self._loading.get(i)
         pf = self._pf
+        if pf.thread is None:   # reached a streamed unit before the background load finished
+            pf.ensure_started()
         t0 = time.perf_counter()
         j, t, slot, err, ev = pf.ready.get()
         t1 = time.perf_counter()
@@ -336,6 +360,17 @@ class StreamingSource:
                     self._pf.done[slot] = done
             self._pf.free.put(slot)
 
+    def wait_loaded(self) -> None:
+        if self._loading is not None:
+            self._loading.wait()
+
     def resident_bytes(self) -> int:
         from .accounting import weights_nbytes
+        self.wait_loaded()
         return sum(weights_nbytes(w) for w in self.resident.values())
+
+
+def _close(pf: _Prefetcher, loading: BackgroundLoad | None) -> None:
+    if loading is not None:
+        loading.cancel()
+    _Prefetcher.close(pf)
