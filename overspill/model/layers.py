@@ -119,17 +119,55 @@ def make_step(cfg: ModelConfig, rope: Rope | None, positions: torch.Tensor, star
     return step
 
 
-def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
+@dataclass
+class Segment:
+    """One sequence's tokens in a ragged step: rows [t0, t1) of the packed tokens, cache row ``row``, and the
+    ordinary Step of those tokens alone (their positions, start slot, rotary tables, causal mask)."""
+    row: int
+    t0: int
+    t1: int
+    step: Step
+
+
+@dataclass
+class RaggedStep:
+    """A forward over several sequences' new tokens packed into one [1, N, C] batch (continuous batching): each
+    sequence has its own cache row and length. Linears, norms and the MLP run over all N tokens at once (one read
+    of the weights); attention runs per segment with exactly the arithmetic of that sequence's forward alone.
+    Tokens [n_real, N) are padding (so the linears see a row count that keeps their results row-invariant)."""
+    segments: list[Segment]
+    n_real: int
+    fused: bool = True
+
+    def to(self, device: torch.device) -> "RaggedStep":
+        return RaggedStep([Segment(s.row, s.t0, s.t1, s.step.to(device)) for s in self.segments], self.n_real,
+                          self.fused)
+
+
+def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step | RaggedStep,
               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    B, T, _ = x.shape
-    nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     y = w.qkv(x)                                                       # (B, T, (nh+2nkv)*hs)
+    if isinstance(step, RaggedStep):
+        B, N, _ = x.shape
+        o = y.new_zeros(B, N, cfg.n_heads * cfg.head_dim)              # padding tokens attend to nothing
+        for s in step.segments:
+            o[:, s.t0:s.t1] = attend(cfg, y[:, s.t0:s.t1], s.step, k_cache[s.row:s.row + 1],
+                                     v_cache[s.row:s.row + 1])
+        return w.out(o)
+    return w.out(attend(cfg, y, step, k_cache, v_cache))
+
+
+def attend(cfg: ModelConfig, y: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """The fused qkv projection's output y (B, T, (nh+2nkv)*hs) -> attention output (B, T, nh*hs), before the output
+    projection: rotary, the cache write at [start, start+T), softmax(q k^T * scale) v over slots [0, start+T)."""
+    B, T, _ = y.shape
+    nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kern = cpu_kernels() if y.dtype == torch.bfloat16 and y.device.type == "cpu" and not y.requires_grad else None
     quant = isinstance(k_cache, QuantKV)
     if step.fused and T == 1 and kern is not None and not quant and y.is_contiguous() and k_cache.is_contiguous() \
             and v_cache.is_contiguous():
         # decode: rotary, cache write and attention in one call (same arithmetic as the lines below)
-        return w.out(kern.decode_step(y, k_cache, v_cache, step.start, step.cos, step.sin, nh, nkv, step.mask, cfg.scale))
+        return kern.decode_step(y, k_cache, v_cache, step.start, step.cos, step.sin, nh, nkv, step.mask, cfg.scale)
     qkv = y.view(B, T, nh + 2 * nkv, hs)                               # (B, T, nh+2nkv, hs)
     qk = qkv[:, :, : nh + nkv]
     if step.fused and step.cos is not None and kern is not None and qkv.is_contiguous():
@@ -150,7 +188,7 @@ def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.causal,
                                            scale=cfg.scale, enable_gqa=nkv != nh)  # (B, nh, T, hs)
-    return w.out(o.transpose(1, 2).reshape(B, T, nh * hs))
+    return o.transpose(1, 2).reshape(B, T, nh * hs)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -13,7 +13,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import OverspillError
 from ..model.kv_cache import KVCache
-from ..model.layers import Rope, Step, block_forward, embed_forward, head_forward, make_step
+from ..model.layers import RaggedStep, Rope, Segment, Step, block_forward, embed_forward, head_forward, make_step
 from ..model.weights import EmbedWeights
 from .reserve import Reserve
 from .rows import RowTable
@@ -140,3 +140,51 @@ class Executor:
         src.release(i)
         cache.length = step.end
         return logits
+
+    @torch.inference_mode()
+    def forward_ragged(self, segments: list[tuple[int, int, list[int]]], cache: KVCache, logit_rows: list[int],
+                       consume: LogitsConsumer, pad_to: int = 4) -> None:
+        """One pass over the weights for several sequences at once (continuous batching).
+
+        segments: (cache row, start slot, new token ids) per sequence; the tokens take slots [start, start + n) of
+        their row, at positions start.. (a row holds one sequence). logit_rows: indices into the packed tokens
+        (segment after segment) whose logits are wanted, handed to ``consume(r0, r1, logits [1, r1 - r0, V])``
+        in LM-head chunks. The packed batch is padded to a multiple of ``pad_to`` tokens: the CPU BLAS computes a
+        row alike in any batch whose row count is a multiple of 4, so a sequence's float32 logits do not depend
+        on what else runs (tested)."""
+        if self.closed:
+            raise OverspillError("this model was closed; load it again")
+        cfg, src, devs = self.cfg, self.source, self.unit_devices
+        ids, pos, segs, t = [], [], [], 0
+        for row, start, toks in segments:
+            n = len(toks)
+            p = torch.arange(start, start + n)[None]
+            segs.append(Segment(row, t, t + n, make_step(cfg, self.rope, p, start, None, self.dtype, self.fused)))
+            ids += toks
+            pos.append(p[0])
+            t += n
+        pad = -t % pad_to
+        ids_t = torch.tensor(ids + [0] * pad, dtype=torch.long)[None]
+        pos_t = torch.cat(pos + [torch.zeros(pad, dtype=torch.long)])[None]
+        rope = Step(pos_t, 0, fused=self.fused)     # the embedding's positions (learned tables)
+        step = RaggedStep(segs, t, self.fused)
+        steps = {devs[0]: step.to(devs[0]) if self.multi else step}
+        at = lambda i: steps[devs[i]] if devs[i] in steps else steps.setdefault(devs[i], step.to(devs[i]))
+        src.begin_pass()
+        x = self._embed(ids_t.to(devs[0]), rope.to(devs[0]) if self.multi else rope)
+        for layer in range(cfg.n_layers):
+            i = layer + 1
+            if self.multi and x.device != devs[i]:
+                x = x.to(devs[i], non_blocking=True)
+            x = block_forward(cfg, src.acquire(i), x, at(i), cache.k[layer], cache.v[layer])
+            src.release(i)
+        rows = torch.tensor(logit_rows, dtype=torch.long)
+        pad = -len(logit_rows) % pad_to
+        if pad:
+            rows = torch.cat([rows, torch.zeros(pad, dtype=torch.long)])
+        i = cfg.n_layers + 1
+        xs = x[:, rows.to(x.device)]
+        n = len(logit_rows)
+        self._head(src.acquire(i), xs.to(devs[i]) if self.multi else xs,
+                   lambda t0, t1, lg: consume(t0, min(t1, n), lg[:, : max(0, min(t1, n) - t0)]) if t0 < n else None)
+        src.release(i)

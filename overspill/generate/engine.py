@@ -1,0 +1,377 @@
+"""Continuous batching: one engine thread, one pass over the weights per step for every running sequence.
+
+    submit(Request) ──► waiting (FCFS, bounded) ──admit: a free cache row──► running
+                                                                              │
+    step:  every running sequence contributes its next tokens to one ragged forward (Executor.forward_ragged):
+           a decoding sequence 1 token, a sequence still in its prompt a chunk of it (the prompt rides the same
+           weight pass as the others' next tokens: with streamed weights a pass of its own costs a read of the model)
+           ──► logits of each sequence's last token ──► its own sampler, stop check, events on its Handle
+           ──► finished or cancelled sequences leave at once and free their row for the next waiting one
+
+Each sequence has its own cache row, length, sampler (seeded generator, penalties) and stop conditions, and its
+attention runs alone over its row, so its tokens do not depend on what else runs (float32: bitwise; see
+Executor.forward_ragged). Memory: the KV cache is max_batch_size rows of max_seq_len slots, the reserve the model
+was loaded with; a step holds at most ``step_tokens`` new tokens (activations within the reserve).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import OverspillError
+from ..tokenizer import Detokenizer
+from .config import GenerationConfig
+from .requests import EngineBusy, EngineClosed, Finished, Handle, Request, RequestTooLong, TokenEvent
+from .sampling import Sampler
+
+
+class EngineObserver:
+    """Hooks for metrics (no-ops here); called on the engine thread, keep them cheap."""
+
+    def on_step(self, batch_size: int, prompt_tokens: int, decode_tokens: int, seconds: float) -> None:
+        pass
+
+    def on_first_token(self, seconds: float) -> None:
+        pass
+
+    def on_finish(self, finished: Finished) -> None:
+        pass
+
+
+def check_request(req: Request, vocab: int, max_seq_len: int) -> None:
+    """One clear line for what a request gets wrong (RequestTooLong names both numbers)."""
+    if not req.prompt:
+        raise OverspillError("the prompt is empty: give at least one token")
+    bad = [t for t in req.prompt if not (isinstance(t, int) and 0 <= t < vocab)]
+    if bad:
+        raise OverspillError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+    if not isinstance(req.max_tokens, int) or req.max_tokens < 0:
+        raise OverspillError(f"max_tokens must be an integer >= 0, got {req.max_tokens!r}")
+    if req.temperature < 0:
+        raise OverspillError(f"temperature must be >= 0, got {req.temperature}")
+    if not 0 < req.top_p <= 1:
+        raise OverspillError(f"top_p must be in (0, 1], got {req.top_p}")
+    if req.top_k < 0:
+        raise OverspillError(f"top_k must be >= 0, got {req.top_k}")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+        raise OverspillError(f"logprobs must be between 0 and 20, got {req.logprobs}")
+    need = len(req.prompt) + req.max_tokens
+    if need > max_seq_len:
+        raise RequestTooLong(f"this request needs {need} tokens (prompt {len(req.prompt)} + max_tokens "
+                             f"{req.max_tokens}) but the context holds {max_seq_len}")
+
+
+class _TextStop:
+    """Text deltas of one sequence with its stop strings withheld until they can no longer match (as Model.stream)."""
+
+    def __init__(self, decode, prompt: list[int], stop: list[str]):
+        self.detok = Detokenizer(decode, prompt) if decode is not None else None
+        self.stop, self.held, self.text = stop, "", ""
+
+    def push(self, tok: int) -> tuple[str, bool]:
+        """-> (text to emit now, stopped by a stop string)."""
+        if self.detok is None:
+            return "", False
+        self.held += self.detok.push(tok)
+        hits = [i for i in map(self.held.find, self.stop) if i >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            self.text += out
+            return out, True
+        keep = max((k for s in self.stop for k in range(len(s), 0, -1) if self.held.endswith(s[:k])), default=0)
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(out):]
+        self.text += out
+        return out, False
+
+    def flush(self) -> str:
+        """At the end (length or a stop id): what was withheld, and a trailing split character."""
+        if self.detok is None:
+            return ""
+        out = self.held + self.detok.flush()
+        self.held = ""
+        self.text += out
+        return out
+
+
+@dataclass
+class _Seq:
+    handle: Handle
+    req: Request
+    row: int
+    submitted: float
+    sampler: Sampler
+    text: _TextStop
+    done: int = 0                      # prompt tokens already in the cache
+    out: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)   # generated token -> occurrences (penalties)
+    first_token_s: float | None = None
+    prompt_lp: list | None = None
+    prompt_top: list | None = None
+
+    @property
+    def length(self) -> int:           # tokens in the cache
+        return self.done + max(0, len(self.out) - 1)
+
+
+def _sampler(req: Request, vocab: int) -> Sampler:
+    seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    gc = GenerationConfig(max_new_tokens=max(1, req.max_tokens), temperature=req.temperature, top_k=req.top_k,
+                          top_p=req.top_p, seed=seed)
+    return Sampler(gc, 1, vocab, [req.prompt])
+
+
+def _top(lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    v, i = lp.topk(k)
+    return list(zip(i.tolist(), v.tolist()))
+
+
+class Engine:
+    """Serves Requests from one thread (``start()``) over a loaded Model; see the module docstring."""
+
+    def __init__(self, model, *, max_batch_size: int = 16, max_seq_len: int | None = None, max_queue: int = 64,
+                 step_tokens: int | None = None, observer: EngineObserver | None = None):
+        ex = model.executor
+        reserve = ex.reserve
+        cfg = model.config
+        if reserve is not None:   # a budgeted model: its reserve bounds rows and lengths
+            max_batch_size = min(max_batch_size, reserve.max_batch * reserve.max_seq_len //
+                                 (max_seq_len or reserve.max_seq_len))
+            max_seq_len = min(max_seq_len or reserve.max_seq_len, reserve.max_seq_len)
+        self.max_seq_len = min(max_seq_len or cfg.max_positions, cfg.max_positions)
+        if max_batch_size < 1:
+            raise OverspillError("max_batch_size must be at least 1")
+        self.model, self.ex, self.cfg = model, ex, cfg
+        self.max_batch, self.max_queue = max_batch_size, max_queue
+        # a step's new tokens: within the activation reserve (micro_tokens), and at least one per running row
+        self.step_tokens = max(max_batch_size, step_tokens or (reserve.micro_tokens if reserve else 512))
+        # Prompts are cut at fixed boundaries, multiples of this (never where the step's budget happened to end), so
+        # a prompt's attention is computed over the same chunks whatever else runs; a chunk always fits beside a
+        # decode token of every other row
+        self.prefill_chunk = max(1, self.step_tokens - (max_batch_size - 1))
+        self.observer = observer or EngineObserver()
+        self.decode = model.decode if model.tokenizer is not None else None
+        self.cache = ex.new_cache(max_batch_size, self.max_seq_len)
+        self.free_rows = list(range(max_batch_size))[::-1]
+        self.waiting: collections.deque[_Seq] = collections.deque()
+        self.running: list[_Seq] = []
+        self.cv = threading.Condition()
+        self.accepting, self.stopping = True, False
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # -- client side ----------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self._run, name="overspill-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def submit(self, req: Request) -> Handle:
+        check_request(req, self.cfg.vocab_size, self.max_seq_len)
+        h = Handle(req)
+        seq = _Seq(h, req, -1, time.perf_counter(), _sampler(req, self.cfg.vocab_size),
+                   _TextStop(self.decode, req.prompt, list(req.stop)))
+        with self.cv:
+            if not self.accepting or self.error is not None:
+                raise EngineClosed("the server is shutting down" if self.error is None else
+                                   f"the engine stopped: {self.error}")
+            if len(self.waiting) >= self.max_queue:
+                raise EngineBusy(f"{len(self.waiting)} requests are waiting (the queue holds {self.max_queue}); "
+                                 f"retry later")
+            self.waiting.append(seq)
+            self.cv.notify()
+        return h
+
+    def status(self) -> dict:
+        with self.cv:
+            used = sum(s.length for s in self.running)
+            return {"running": len(self.running), "waiting": len(self.waiting), "kv_tokens_used": used,
+                    "kv_tokens_total": self.max_batch * self.max_seq_len, "rows_used": len(self.running),
+                    "rows_total": self.max_batch}
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting; let running and queued requests finish for up to ``timeout`` s, cancel the rest."""
+        with self.cv:
+            self.accepting = False
+            self.cv.notify()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self.cv:
+                if not self.running and not self.waiting:
+                    break
+            time.sleep(0.02)
+        with self.cv:
+            for s in list(self.waiting) + self.running:
+                s.handle.cancel()
+            self.stopping = True
+            self.cv.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=max(5.0, timeout))
+
+    # -- engine thread ---------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cv:
+                    self._admit()
+                    while not self.running and not self.stopping:
+                        self.cv.wait(timeout=0.5)
+                        self._admit()
+                    if self.stopping and not self.running:
+                        break
+                self._step()
+        except BaseException as e:   # the model failed: every request gets the error, new ones are refused
+            with self.cv:
+                self.error = e
+                for s in list(self.waiting) + self.running:
+                    self._finish(s, "error", error=str(e))
+                self.waiting.clear()
+                self.running = []
+        finally:
+            with self.cv:
+                for s in list(self.waiting):
+                    self._finish(s, "cancelled")
+                self.waiting.clear()
+
+    def _admit(self) -> None:
+        """Under the lock: drop cancelled waiting requests; FCFS into free rows."""
+        for s in [s for s in self.waiting if s.handle.cancelled.is_set()]:
+            self.waiting.remove(s)
+            self._finish(s, "cancelled")
+        while self.waiting and self.free_rows:
+            s = self.waiting.popleft()
+            if s.req.max_tokens == 0 and not s.req.prompt_logprobs:
+                self._finish(s, "length")
+                continue
+            s.row = self.free_rows.pop()
+            if s.req.prompt_logprobs:
+                s.prompt_lp, s.prompt_top = [None], [None]
+            self.running.append(s)
+
+    def _finish(self, s: _Seq, reason: str, error: str | None = None, flush: bool = True) -> None:
+        """End a sequence (under the lock): withheld text out (unless a stop string ended it), its row freed."""
+        tail = s.text.flush() if flush and reason in ("stop", "length") else ""
+        if tail:
+            s.handle.put(TokenEvent(-1, tail))
+        f = Finished(reason, len(s.req.prompt), len(s.out), s.text.text, list(s.out), error, s.prompt_lp, s.prompt_top,
+                     s.first_token_s)
+        if s.row >= 0:
+            self.free_rows.append(s.row)
+            s.row = -1
+        s.handle.put(f)
+        self.observer.on_finish(f)
+
+    def _step(self) -> None:
+        with self.cv:
+            for s in [s for s in self.running if s.handle.cancelled.is_set()]:
+                self.running.remove(s)
+                self._finish(s, "cancelled")
+            running = list(self.running)
+        if not running:
+            return
+        # decoding sequences first (one token each), then prompt chunks in FCFS order within the token budget
+        budget = self.step_tokens
+        plan: list[tuple[_Seq, list[int], int]] = []
+        for s in running:
+            if s.done == len(s.req.prompt):
+                plan.append((s, [s.out[-1]], s.length))
+                budget -= 1
+        for s in running:
+            P = len(s.req.prompt)
+            n = min(P - s.done, self.prefill_chunk)
+            if s.done < P and n <= budget:
+                plan.append((s, s.req.prompt[s.done:s.done + n], s.done))
+                budget -= n
+        # logits wanted: each segment's last token when it ends the prompt or decodes; every prompt token for
+        # prompt log-probabilities
+        segments, rows, owners, t = [], [], [], 0
+        for s, toks, start in plan:
+            segments.append((s.row, start, toks))
+            n = len(toks)
+            ends_prompt = start + n >= len(s.req.prompt)
+            if s.prompt_lp is not None and start < len(s.req.prompt):
+                for j in range(n):
+                    rows.append(t + j)
+                    owners.append((s, "prompt", start + j))
+            elif ends_prompt:
+                rows.append(t + n - 1)
+                owners.append((s, "next", None))
+            t += n
+        nexts: dict[int, torch.Tensor] = {}
+
+        def consume(r0: int, r1: int, logits: torch.Tensor) -> None:
+            for j in range(r0, r1):
+                s, kind, p = owners[j]
+                row = logits[0, j - r0]
+                if kind == "prompt":
+                    lp = None
+                    if p + 1 < len(s.req.prompt):          # position p predicts prompt token p + 1
+                        lps = row.log_softmax(-1)
+                        tok = s.req.prompt[p + 1]
+                        s.prompt_lp.append(float(lps[tok]))
+                        s.prompt_top.append(_top(lps, s.req.logprobs or 0))
+                        continue
+                    nexts[id(s)] = row.clone()             # the last prompt position predicts the first new token
+                else:
+                    nexts[id(s)] = row.clone()
+
+        t0 = time.perf_counter()
+        self.ex.forward_ragged(segments, self.cache, rows, consume)
+        dt = time.perf_counter() - t0
+        n_prompt = sum(len(toks) for s, toks, start in plan if start < len(s.req.prompt))
+        self.observer.on_step(len(plan), n_prompt, len(plan) - sum(1 for s, toks, start in plan
+                                                                   if start < len(s.req.prompt)), dt)
+        now = time.perf_counter()
+        with self.cv:
+            for s, toks, start in plan:
+                if start < len(s.req.prompt):
+                    s.done = start + len(toks)
+                    if s.done < len(s.req.prompt):
+                        continue                           # more prompt next step
+                    if s.req.max_tokens == 0:              # scoring only
+                        self.running.remove(s)
+                        self._finish(s, "length")
+                        continue
+                logits = nexts.get(id(s))
+                if logits is None:
+                    continue
+                if self._sample(s, logits, now):
+                    self.running.remove(s)
+
+    def _sample(self, s: _Seq, logits: torch.Tensor, now: float) -> bool:
+        """Choose the sequence's next token, emit it; True when the sequence is done (and finished)."""
+        req = s.req
+        raw = logits
+        if s.counts and (req.presence_penalty or req.frequency_penalty):
+            ids = torch.tensor(list(s.counts), dtype=torch.long)
+            c = torch.tensor(list(s.counts.values()), dtype=torch.float32)
+            logits = logits.clone()
+            logits[ids] -= c * req.frequency_penalty + req.presence_penalty
+        tok = int(s.sampler.choose(logits[None])[0])
+        s.counts[tok] = s.counts.get(tok, 0) + 1
+        s.out.append(tok)
+        if s.first_token_s is None:
+            s.first_token_s = now - s.submitted
+            self.observer.on_first_token(s.first_token_s)
+        if tok in req.stop_token_ids:
+            self._finish(s, "stop")
+            return True
+        lp = top = None
+        if req.logprobs is not None:
+            lps = raw.log_softmax(-1)
+            lp, top = float(lps[tok]), _top(lps, req.logprobs)
+        text, stopped = s.text.push(tok)
+        s.handle.put(TokenEvent(tok, text, lp, top))
+        if stopped:
+            self._finish(s, "stop", flush=False)
+            return True
+        if len(s.out) >= req.max_tokens or s.done + len(s.out) >= self.max_seq_len:
+            self._finish(s, "length")
+            return True
+        return False
