@@ -19,6 +19,7 @@ LAYERS = [
     {"runtime"},
     {"generate"},
     {"api", "evaluate"},
+    {"serve"},
     {"cli", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
