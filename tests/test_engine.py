@@ -163,3 +163,28 @@ def test_streamed_weights_one_pass_serves_every_sequence(deep_dir, engine_for):
     assert max(obs.sizes) == 4
     # every step read each streamed unit once (the reader may have read ahead by at most its ring)
     assert src.stats["units_read"] - units0 <= streamed * len(obs.sizes) + src.ring_slots
+
+
+def test_a_pass_nobody_waits_for_stops_between_blocks(deep_dir, engine_for, monkeypatch):
+    """Cancelling the only sequence of a long (streamed) pass stops it at the next block, not at its end."""
+    from overspill.model import layers
+    path, _ = deep_dir("gptj")
+    m = overspill.load(path, dtype="float32")
+    e = engine_for(m, max_batch_size=1, max_seq_len=64)
+    calls, started = [], threading.Event()
+    real = layers.block_forward
+
+    def slow_block(*a, **kw):
+        calls.append(1)
+        started.set()
+        time.sleep(0.2)
+        return real(*a, **kw)
+    monkeypatch.setattr("overspill.runtime.executor.block_forward", slow_block)
+    h = e.submit(Request([5, 6, 7], max_tokens=4, temperature=0))
+    started.wait(5)
+    h.cancel()
+    assert h.wait().finish_reason == "cancelled"
+    assert len(calls) < m.config.n_layers, f"the pass ran {len(calls)} of {m.config.n_layers} blocks after cancel"
+    monkeypatch.setattr("overspill.runtime.executor.block_forward", real)
+    ok = e.submit(Request([5, 6, 7], max_tokens=4, temperature=0)).wait()     # the engine goes on
+    assert ok.tokens == m.generate([[5, 6, 7]], max_new_tokens=4, temperature=0, ignore_eos=True)[0]

@@ -322,7 +322,11 @@ class Engine:
                     nexts[id(s)] = row.clone()
 
         t0 = time.perf_counter()
-        self.ex.forward_ragged(segments, self.cache, rows, consume)
+        # a pass whose every sequence was cancelled stops at the next block (a streamed pass takes seconds); one
+        # with a live sequence runs on, and the cancelled ones leave after it
+        everyone_gone = lambda: all(s.handle.cancelled.is_set() for s, _, _ in plan)
+        if not self.ex.forward_ragged(segments, self.cache, rows, consume, abort=everyone_gone):
+            return                                         # the next step drops them
         dt = time.perf_counter() - t0
         n_prompt = sum(len(toks) for s, toks, start in plan if start < len(s.req.prompt))
         self.observer.on_step(len(plan), n_prompt, len(plan) - sum(1 for s, toks, start in plan

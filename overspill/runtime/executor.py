@@ -143,7 +143,7 @@ class Executor:
 
     @torch.inference_mode()
     def forward_ragged(self, segments: list[tuple[int, int, list[int]]], cache: KVCache, logit_rows: list[int],
-                       consume: LogitsConsumer, pad_to: int = 4) -> None:
+                       consume: LogitsConsumer, pad_to: int = 4, abort: Callable[[], bool] | None = None) -> bool:
         """One pass over the weights for several sequences at once (continuous batching).
 
         segments: (cache row, start slot, new token ids) per sequence; the tokens take slots [start, start + n) of
@@ -151,7 +151,8 @@ class Executor:
         (segment after segment) whose logits are wanted, handed to ``consume(r0, r1, logits [1, r1 - r0, V])``
         in LM-head chunks. The packed batch is padded to a multiple of ``pad_to`` tokens: the CPU BLAS computes a
         row alike in any batch whose row count is a multiple of 4, so a sequence's float32 logits do not depend
-        on what else runs (tested)."""
+        on what else runs (tested). ``abort()`` is asked before every block: True stops the pass there (its cache
+        slots are rewritten by the next pass over them) and returns False; a finished pass returns True."""
         if self.closed:
             raise OverspillError("this model was closed; load it again")
         cfg, src, devs = self.cfg, self.source, self.unit_devices
@@ -174,6 +175,8 @@ class Executor:
         x = self._embed(ids_t.to(devs[0]), rope.to(devs[0]) if self.multi else rope)
         for layer in range(cfg.n_layers):
             i = layer + 1
+            if abort is not None and abort():
+                return False   # a streaming source restarts its reader at the next begin_pass
             if self.multi and x.device != devs[i]:
                 x = x.to(devs[i], non_blocking=True)
             x = block_forward(cfg, src.acquire(i), x, at(i), cache.k[layer], cache.v[layer])
@@ -188,3 +191,4 @@ class Executor:
         self._head(src.acquire(i), xs.to(devs[i]) if self.multi else xs,
                    lambda t0, t1, lg: consume(t0, min(t1, n), lg[:, : max(0, min(t1, n) - t0)]) if t0 < n else None)
         src.release(i)
+        return True
