@@ -355,6 +355,44 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    _model_arg(p)
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences run together per step")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence: prompt + max_tokens "
+                   "(default: the model's, within the KV reserve)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (default: "
+                   "$OVERSPILL_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the "
+                   "directory's name; 'shakespeare' for the built-in model)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish "
+                   "on SIGTERM / Ctrl-C")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+
+
+@command("serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, a chat page at /)")
+@args(_serve_args)
+def cmd_serve(a: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .serve.backend import ServeConfig
+        from .serve.server import serve
+    except ImportError as e:
+        raise OverspillError(f"overspill serve needs the serve extra: pip install 'overspill[serve]' ({e})") from None
+    for name in ("max_batch_size", "max_queue"):
+        if getattr(a, name) < 1:
+            raise OverspillError(f"--{name.replace('_', '-')} must be at least 1")
+    cfg = ServeConfig(model=a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
+                      quantize_head=a.quantize_head, kv_cache=a.kv_cache, max_batch_size=a.max_batch_size,
+                      max_seq_len=a.max_seq_len, max_queue=a.max_queue, served_model_name=a.served_model_name,
+                      api_key=a.api_key or os.environ.get("OVERSPILL_API_KEY") or None,
+                      drain_timeout=a.drain_timeout)
+    return serve(cfg, a.host, a.port, a.log_level)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="overspill", description="Run GPT-style models bigger than your hardware.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
