@@ -107,6 +107,17 @@ def test_chat_whole_and_streamed(server, client, ref):
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+def test_chat_n_streamed_equals_whole(client):
+    kw = dict(model="shakespeare", messages=[{"role": "user", "content": "Who goes there?"}], n=2, seed=3,
+              temperature=0.9, max_tokens=12)
+    whole = client.chat.completions.create(**kw)
+    texts = {0: "", 1: ""}
+    for c in client.chat.completions.create(stream=True, **kw):
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+
+
 def test_chat_max_tokens_defaults_to_the_rest_of_the_context(server, client):
     long = [{"role": "user", "content": "O " * 490}]
     n = http(server, "/tokenize", {"messages": long}).json()["count"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -86,6 +85,19 @@ def test_full_queue_is_429_with_retry_after():
         assert len(done) == 2 and all(d.usage.completion_tokens == 3 for d in done)
 
 
+def test_keep_alive_comments_while_a_step_runs():
+    gate = threading.Event()   # shut: no token comes
+    with live_server(engine_factory=throttled(gate=gate), keepalive_s=0.3) as s:
+        body = {"prompt": "ROMEO:", "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            waiting = [next(lines) for _ in range(4)]   # two events: comment, blank, comment, blank
+            assert waiting == [": keep-alive", "", ": keep-alive", ""]
+            gate.set()
+            rest = [ln for ln in lines if ln.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
 def test_disconnect_cancels_and_frees_the_slot():
     with live_server(engine_factory=throttled(delay=0.02), max_batch_size=2) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
@@ -110,6 +122,11 @@ def test_disconnect_cancels_and_frees_the_slot():
         after = metrics(s.url)
         assert after["overspill_num_requests_running"] == 0 and after["overspill_kv_cache_tokens_used"] == 0
         assert after["overspill_generation_tokens_total"] - before["overspill_generation_tokens_total"] < 200
+        # a client that gives up on a whole (not streamed) answer is noticed too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=1.0)
+        wait_for(lambda: metrics(s.url)[cancelled] - before.get(cancelled, 0) == 2, timeout=3, what="the 2nd cancel")
+        assert metrics(s.url)["overspill_num_requests_running"] == 0
 
 
 def test_health_is_503_while_loading():
@@ -126,6 +143,14 @@ def test_health_is_503_while_loading():
         assert "loading" in err["message"]
         release.set()
         wait_for(lambda: httpx.get(s.url + "/health").status_code == 200, what="ready")
+
+
+def test_a_model_that_fails_to_load_ends_the_server(tmp_path, caplog):
+    from overspill import cli
+
+    (tmp_path / "config.json").write_text("{}")
+    assert cli.main(["serve", "--model", str(tmp_path), "--port", str(free_port()), "--log-level", "error"]) == 2
+    assert any("loading failed" in r.getMessage() and str(tmp_path) in r.getMessage() for r in caplog.records)
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0():

@@ -58,10 +58,7 @@ def create_app(cfg: ServeConfig, model=None, engine_factory: EngineFactory | Non
 
     @app.get("/health")
     async def health():
-        status = 200 if backend.state == "ready" else 503
-        body = {"status": "ok" if status == 200 else backend.state}
-        if backend.error:
-            body["error"] = backend.error
+        status, body = backend.health()
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics", include_in_schema=False)

@@ -37,6 +37,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     drain_timeout: float = 30.0               # SIGTERM: in-flight requests get this long to finish
+    keepalive_s: float = 3.0                  # an SSE comment after this long without a token
 
     def name(self) -> str:
         if self.served_model_name:
@@ -104,8 +105,8 @@ class Backend:
             log.info("%s ready in %.1f s (context %d tokens, chat template: %s)", self.name,
                      time.perf_counter() - t0, engine.max_seq_len, self.template.origin)
         except Exception as e:   # noqa: BLE001 - any failure is reported by /health and ends the server
-            self.state, self.error = "failed", f"{type(e).__name__}: {e}" if not isinstance(e, OverspillError) \
-                else str(e)
+            self.state = "failed"
+            self.error = str(e) if isinstance(e, OverspillError) else f"{type(e).__name__}: {e}"
             log.error("loading failed: %s", self.error)
             self.on_failure()
         finally:
@@ -125,9 +126,22 @@ class Backend:
             self.engine.shutdown(self.cfg.drain_timeout if timeout is None else timeout)
         if self.owns_model and self.model is not None and self.state != "closed":
             self.model.close()
-        self.state = "closed"
+        if self.state != "failed":
+            self.state = "closed"
 
     # -- what routes ask -------------------------------------------------------------------
+    def health(self) -> tuple[int, dict]:
+        """(status, body) for /health: 200 only when ready with a live engine."""
+        error = self.error
+        if self.state == "ready" and getattr(self.engine, "error", None) is not None:
+            error = f"the engine stopped: {self.engine.error}"
+        if self.state == "ready" and error is None:
+            return 200, {"status": "ok"}
+        body = {"status": "failed" if self.state == "ready" else self.state}
+        if error:
+            body["error"] = error
+        return 503, body
+
     def require_ready(self, model_name: str | None = None) -> None:
         """503 unless ready; 404 for another model's name."""
         if self.state != "ready":

@@ -2,11 +2,15 @@
 
 Choice ``i`` of a request runs prompt ``i // n`` with seed ``seed + i % n`` (when a seed is given), so choices
 come back ordered by ``index``. Usage counts each prompt once and every choice's generated tokens.
+
+Log-probabilities report each token's text as ``decode([id])`` (a piece of a character split across tokens reads
+as U+FFFD), and ``text_offset`` counts those texts from the start of the choice's text (the echoed prompt
+included). A streamed echo carries the prompt's own log-probabilities only when the prompt is scored alone
+(``max_tokens: 0``): the engine reports them when the sequence finishes.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -331,7 +335,7 @@ async def _sse(backend: Backend, job: Job, live: list[int], handles, http: HTTPR
             if ch.finished is not None:   # nothing to run
                 for b in emit(ch, ch.finished):
                     yield b
-        async for item in follow(handles, http):
+        async for item in follow(handles, http, backend.cfg.keepalive_s):
             if item is None:
                 yield KEEPALIVE
                 continue

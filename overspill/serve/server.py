@@ -57,4 +57,4 @@ def serve(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level
     backend.on_failure = failed
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(message)s")
     server.run()
-    return 2 if backend.state == "failed" or (backend.error is not None) else 0
+    return 2 if backend.state == "failed" else 0
