@@ -185,6 +185,14 @@ def test_echo_scores_the_prompt(client, ref):
         want = ref.logprobs(torch.tensor([ids]))[0]
         assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=2e-3)
         assert all(t is not None and 1 <= len(t) <= 2 for t in lp.top_logprobs[1:])
+    # the other form lm-evaluation-harness sends: max_tokens 1, then it drops the last (generated) entry
+    one = client.completions.create(model="shakespeare", prompt=prompts, max_tokens=1, echo=True, logprobs=1,
+                                    temperature=0)
+    for ids, c, scored in zip(prompts, one.choices, r.choices):
+        lp = c.logprobs
+        assert len(lp.token_logprobs) == len(ids) + 1 and lp.token_logprobs[:-1] == scored.logprobs.token_logprobs
+        greedy = [tok == max(top.values()) for tok, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:])]
+        assert greedy[-1]    # the generated token (temperature 0) is the top one, compared as the harness does
     # echo without logprobs: the prompt's text before the new text
     e = client.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
     plain = client.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=5, temperature=0)
@@ -225,6 +233,8 @@ def _err(r: httpx.Response, status: int, param: str | None = "any") -> dict:
     ({"prompt": []}, "prompt"),
     ({"prompt": [5000]}, "prompt"),
     ({"prompt": ""}, "prompt"),
+    ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "x", "best_of": 3}, "best_of"),
     ({}, "prompt"),
 ])
 def test_bad_completion_fields(server, body, param):
@@ -237,6 +247,9 @@ def test_bad_completion_fields(server, body, param):
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages.0.content"),
 ])
 def test_bad_chat_fields(server, body, param):
     _err(http(server, "/v1/chat/completions", body), 400, param)
@@ -246,6 +259,8 @@ def test_malformed_and_non_object_bodies(server):
     _err(http(server, "/v1/completions", b"{\"prompt\": "), 400, None)
     _err(http(server, "/v1/completions", b"[1, 2]"), 400, None)
     _err(http(server, "/v1/chat/completions", b"\xff\xfe"), 400, None)
+    no_type = httpx.post(server.url + "/v1/completions", content=b'{"prompt": "x"}', timeout=30)
+    assert "Content-Type: application/json" in _err(no_type, 400, None)["message"]
 
 
 def test_too_long_names_both_numbers(server, client):

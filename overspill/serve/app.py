@@ -42,7 +42,9 @@ def create_app(cfg: ServeConfig, model=None, engine_factory: EngineFactory | Non
     async def lifespan(app: FastAPI):
         backend.start()
         yield
-        await asyncio.to_thread(backend.close)
+        # uvicorn has let in-flight requests finish (or cancelled them past the drain timeout): what the engine
+        # still holds has nobody waiting for it
+        await asyncio.to_thread(backend.close, 2.0)
 
     app = FastAPI(title="overspill", summary="OpenAI-compatible completions from a model bigger than memory",
                   lifespan=lifespan)

@@ -71,7 +71,6 @@ class Backend:
         self.engine_factory = engine_factory or default_engine
         self.metrics = Metrics(lambda: self.engine.status() if self.engine is not None else None)
         self.created = int(time.time())
-        self.ready = threading.Event()            # set when loading ends, either way
         self.on_failure: Callable[[], None] = lambda: None
         self._token_strings: dict[int, str] = {}
         self._thread: threading.Thread | None = None
@@ -92,6 +91,7 @@ class Backend:
                 self.model = load(cfg.model, dtype=cfg.dtype, max_memory=cfg.max_memory, quantize=cfg.quantize,
                                   quantize_head=cfg.quantize_head, kv_cache=cfg.kv_cache,
                                   max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
+            self.model.wait_loaded()   # every resident weight in (a read error is a failed load, not a failed request)
             from ..api import default_model_path
 
             builtin = os.path.samefile(self.model.path, default_model_path())
@@ -109,8 +109,6 @@ class Backend:
             self.error = str(e) if isinstance(e, OverspillError) else f"{type(e).__name__}: {e}"
             log.error("loading failed: %s", self.error)
             self.on_failure()
-        finally:
-            self.ready.set()
 
     def drain(self) -> None:
         """Stop admitting: new requests get 503 from now on."""

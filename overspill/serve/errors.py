@@ -93,6 +93,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        if "json" not in request.headers.get("content-type", ""):   # FastAPI parses JSON bodies only when told
+            return error_response(400, "send the body as JSON with the header Content-Type: application/json")
         msg, param = validation_message(list(exc.errors()))
         return error_response(400, msg, param)
 

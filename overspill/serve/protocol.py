@@ -43,6 +43,12 @@ class _Sampling(_Body):
     ignore_eos: bool = Field(False, description="extension: keep generating past the end-of-text token")
     stop_token_ids: list[int] | None = Field(None, validate_default=True, description="extension: token ids that end the text")
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
+
+    def check(self) -> None:
+        """What one field cannot say alone, and what is accepted only in its default form."""
+        if self.logit_bias:
+            raise APIError(400, "logit_bias: not supported", "logit_bias")
 
     @field_validator("stop")
     @classmethod
@@ -92,7 +98,7 @@ class CompletionRequest(_Sampling):
         return v
 
     def check(self) -> None:
-        """What one field cannot say alone."""
+        super().check()
         if self.best_of is not None and self.best_of != self.n:
             raise APIError(400, "best_of: only best_of == n is supported", "best_of")
         if self.suffix:
@@ -132,9 +138,15 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = Field(True, description="extension: end the prompt with the assistant's cue")
+    tools: list[dict] | None = Field(None, description="not supported: only empty")
+    response_format: dict | None = Field(None, description='not supported beyond {"type": "text"}')
 
     def check(self) -> None:
-        """What one field cannot say alone."""
+        super().check()
+        if self.tools:
+            raise APIError(400, "tools: function calling is not supported", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format")
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
 
