@@ -88,31 +88,21 @@ def store_worker(a: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     io1 = offload.proc_io()
 
-    ends: list[float] = []      # the decode loop calls executor.forward once per token (prompt: its last call)
-    inner = model.executor.forward
-
-    def stamped(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        ends.append(time.perf_counter())
-        return out
-
-    model.executor.forward = stamped
     r: dict = {"load_s": load_s, "io_load": offload.io_delta(io0, io1)}
     for tag, prompts, n in (("b1", prompts1, a.store_tokens), ("bn", prompts_b, a.batch_tokens)):
-        ends.clear()
         g0 = time.perf_counter()
         outs = model.generate(prompts, max_new_tokens=n, temperature=0, ignore_eos=True)
         total_s = time.perf_counter() - g0
         assert [len(o) for o in outs] == [n] * len(prompts), [len(o) for o in outs]
-        e = ends[-n:]
+        stats = dict(model.last_stats)
+        e = list(stats.pop("step_ends"))[-n:]     # the end of each weight pass: the prompts', then one per token
         steps = [y - x for x, y in zip(e, e[1:])]
         r[tag] = {**offload.step_figures(e[0] - g0, steps, len(prompts), n, total_s),
-                  "last_stats": dict(model.last_stats), "tokens0": list(outs[0][:16]),
+                  "last_stats": stats, "tokens0": list(outs[0][:16]),
                   "peak_rss_bytes": common.peak_rss_bytes()}
         if tag == "b1":
             r["first_token_from_load_s"] = e[0] - t0
             r["io_b1"] = offload.io_delta(io1, offload.proc_io())
-    del model.executor.forward
     plan = model.plan
     if plan is not None:
         r["plan"] = {"disk_bytes_per_token": plan.disk_bytes_per_token(),

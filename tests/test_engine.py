@@ -106,9 +106,8 @@ def test_cancel_frees_the_row_and_others_go_on(ref_dir, engine_for):
     e = engine_for(m, max_batch_size=2, max_seq_len=128)
     long = e.submit(Request([5, 6], max_tokens=100, temperature=0))
     other = e.submit(Request([7, 8], max_tokens=100, temperature=0))
+    next(iter(long)), next(iter(other))                              # both rows taken
     waiting = e.submit(Request([9], max_tokens=4, temperature=0))   # no free row until one leaves
-    it = iter(long)
-    next(it)
     assert e.status()["waiting"] == 1
     long.cancel()
     assert waiting.wait().completion_tokens == 4            # took the cancelled sequence's row
@@ -188,3 +187,24 @@ def test_a_pass_nobody_waits_for_stops_between_blocks(deep_dir, engine_for, monk
     monkeypatch.setattr("overspill.runtime.executor.block_forward", real)
     ok = e.submit(Request([5, 6, 7], max_tokens=4, temperature=0)).wait()     # the engine goes on
     assert ok.tokens == m.generate([[5, 6, 7]], max_new_tokens=4, temperature=0, ignore_eos=True)[0]
+
+
+def test_one_requests_bad_sampling_never_stops_the_engine(ref_dir, engine_for, monkeypatch):
+    path, _ = ref_dir("gpt2")
+    m = overspill.load(path, dtype="float32")
+    e = engine_for(m, max_batch_size=2, max_seq_len=64)
+    tiny = e.submit(Request([5, 6], max_tokens=3, temperature=1e-300)).wait()     # overflows logits / T: greedy
+    assert tiny.tokens == m.generate([[5, 6]], max_new_tokens=3, temperature=0, ignore_eos=True)[0]
+    for bad in (dict(temperature=float("nan")), dict(frequency_penalty=float("inf")), dict(seed=2**70)):
+        with pytest.raises(overspill.OverspillError, match=next(iter(bad))):
+            e.submit(Request([5], max_tokens=1, **bad))
+    from overspill.generate import sampling
+    real = sampling.Sampler.choose
+    monkeypatch.setattr(sampling.Sampler, "choose", lambda self, lg: (_ for _ in ()).throw(RuntimeError("boom"))
+                        if self.gc.top_k == 7 else real(self, lg))
+    broken = e.submit(Request([5], max_tokens=3, top_k=7))
+    fine = e.submit(Request([5], max_tokens=3, temperature=0))
+    f = broken.wait()
+    assert f.finish_reason == "error" and "boom" in f.error
+    assert fine.wait().completion_tokens == 3
+    assert e.submit(Request([6], max_tokens=2, temperature=0)).wait().completion_tokens == 2

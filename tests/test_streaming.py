@@ -67,9 +67,10 @@ def test_streamed_logits_bitwise_equal_resident(deep_dir, variant, resident_bloc
 
 @pytest.mark.parametrize("variant", ["gptj", "llama_gqa", "gpt2"])
 def test_micro_batches_equal_the_whole_batch(ref_dir, variant, monkeypatch):
-    """Under a budget, a forward over B x T tokens runs each block over micro-batches of micro_tokens // T sequences
-    (the block's weights read once for all of them). Left-padded prompts (per-row masks and positions) give the
-    same logits as the whole batch at once and the same greedy tokens; the activation reserve shrinks with it."""
+    """Under a budget, a forward runs each block over micro-batches of at most micro_tokens tokens (the block's
+    weights read once for all of them): generate()'s prompts of different lengths (ragged, no padding slots) all go
+    in the first pass, in micro-batches of whole prompts, and give the same tokens as the whole batch at once; a
+    left-padded forward (per-row masks and positions) gives the same logits; the activation reserve shrinks."""
     import overspill.runtime.executor as E
     path, _ = ref_dir(variant)
     whole = overspill.load(path, dtype="float32", max_memory="cpu=1GiB", max_batch_size=6, max_seq_len=32)
@@ -79,14 +80,15 @@ def test_micro_batches_equal_the_whole_batch(ref_dir, variant, monkeypatch):
     rows = []
     real = E.block_forward
     monkeypatch.setattr(E, "block_forward", lambda cfg, w, x, *a: rows.append(tuple(x.shape[:2])) or real(cfg, w, x, *a))
-    prompts = [[5 + i] * (7 - i % 3) for i in range(6)]         # left padding: lengths 7, 6, 5, 7, 6, 5
+    prompts = [[5 + i] * (7 - i % 3) for i in range(6)]         # lengths 7, 6, 5, 7, 6, 5
     got = micro.generate(prompts, max_new_tokens=6, ignore_eos=True)
     n = micro.config.n_layers
-    assert rows[:3 * n] == [(2, 7)] * (3 * n)                    # the prompt: 3 micro-batches of 2 per block
-    assert set(rows[3 * n:]) == {(6, 1)}                         # one-token steps: 6 tokens fit in one
+    # the prompts' pass: [7 + 6], [5 + 7], [6 + 5] tokens per block, each padded to a multiple of 4
+    assert rows[:3 * n] == [(1, 16), (1, 12), (1, 12)] * n
+    assert set(rows[3 * n:]) == {(1, 8)}                         # one-token steps: 6 tokens (+2 padding) in one
     rows.clear()
     assert got == whole.generate(prompts, max_new_tokens=6, ignore_eos=True)
-    assert rows[:n] == [(6, 7)] * n
+    assert rows[:n] == [(1, 36)] * n
     ids = torch.randint(3, VOCAB, (6, 7), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(micro.logits(ids), whole.logits(ids), rtol=1e-5, atol=1e-5)
     cfg = micro.config

@@ -51,8 +51,18 @@ def check_request(req: Request, vocab: int, max_seq_len: int) -> None:
         raise OverspillError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
     if not isinstance(req.max_tokens, int) or req.max_tokens < 0:
         raise OverspillError(f"max_tokens must be an integer >= 0, got {req.max_tokens!r}")
+    import math
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        v = getattr(req, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise OverspillError(f"{name} must be a finite number, got {v!r}")
+    if req.seed is not None and (isinstance(req.seed, bool) or not isinstance(req.seed, int)
+                                 or not -2**63 <= req.seed < 2**64):
+        raise OverspillError(f"seed must be an integer in [-2^63, 2^64), got {req.seed!r}")
     if req.temperature < 0:
         raise OverspillError(f"temperature must be >= 0, got {req.temperature}")
+    if req.repetition_penalty <= 0:
+        raise OverspillError(f"repetition_penalty must be > 0, got {req.repetition_penalty}")
     if not 0 < req.top_p <= 1:
         raise OverspillError(f"top_p must be in (0, 1], got {req.top_p}")
     if req.top_k < 0:
@@ -120,8 +130,10 @@ class _Seq:
 
 def _sampler(req: Request, vocab: int) -> Sampler:
     seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
-    gc = GenerationConfig(max_new_tokens=max(1, req.max_tokens), temperature=req.temperature, top_k=req.top_k,
-                          top_p=req.top_p, seed=seed)
+    # a temperature this close to 0 overflows logits / temperature: it means greedy
+    temperature = req.temperature if req.temperature >= 1e-4 else 0.0
+    gc = GenerationConfig(max_new_tokens=max(1, req.max_tokens), temperature=temperature, top_k=req.top_k,
+                          top_p=req.top_p, seed=seed, repetition_penalty=req.repetition_penalty)
     return Sampler(gc, 1, vocab, [req.prompt])
 
 
@@ -135,28 +147,39 @@ def _top(lp: torch.Tensor, k: int) -> list[tuple[int, float]]:
 class Engine:
     """Serves Requests from one thread (``start()``) over a loaded Model; see the module docstring."""
 
-    def __init__(self, model, *, max_batch_size: int = 16, max_seq_len: int | None = None, max_queue: int = 64,
-                 step_tokens: int | None = None, observer: EngineObserver | None = None):
+    def __init__(self, model, *, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 max_queue: int = 64, step_tokens: int | None = None, observer: EngineObserver | None = None,
+                 pad_to: int | None = None):
+        """model: a loaded Model (its executor, config and tokenizer). max_batch_size x max_seq_len: the cache rows
+        (default: the reserve the model was loaded with, else 16 x its context); a budgeted model refuses more than
+        its reserve. pad_to: the packed batch's row multiple (default 4 where several sequences may share a step:
+        batch invariance; 1 for a single row)."""
         ex = model.executor
         reserve = ex.reserve
         cfg = model.config
-        if reserve is not None:   # a budgeted model: its reserve bounds rows and lengths
-            max_batch_size = min(max_batch_size, reserve.max_batch * reserve.max_seq_len //
-                                 (max_seq_len or reserve.max_seq_len))
-            max_seq_len = min(max_seq_len or reserve.max_seq_len, reserve.max_seq_len)
+        if max_batch_size is None:
+            max_batch_size = reserve.max_batch if reserve is not None else 16
+        if max_seq_len is None and reserve is not None:
+            max_seq_len = reserve.max_seq_len
         self.max_seq_len = min(max_seq_len or cfg.max_positions, cfg.max_positions)
         if max_batch_size < 1:
             raise OverspillError("max_batch_size must be at least 1")
+        self.pad_to = pad_to or (4 if max_batch_size > 1 else 1)
         self.model, self.ex, self.cfg = model, ex, cfg
         self.max_batch, self.max_queue = max_batch_size, max_queue
-        # a step's new tokens: within the activation reserve (micro_tokens), and at least one per running row
-        self.step_tokens = max(max_batch_size, step_tokens or (reserve.micro_tokens if reserve else 512))
-        # Prompts are cut at fixed boundaries, multiples of this (never where the step's budget happened to end), so
-        # a prompt's attention is computed over the same chunks whatever else runs; a chunk always fits beside a
-        # decode token of every other row
-        self.prefill_chunk = max(1, self.step_tokens - (max_batch_size - 1))
+        # A step's new tokens. Its blocks run over micro-batches of at most micro_tokens (the activation reserve),
+        # so the bound is latency, not memory: where weights stream from disk every pass costs a read of them, and
+        # all waiting prompts ride one pass; resident weights cost little to read again, and a step stays about
+        # one micro-batch long so running sequences keep their pace while a long prompt is read in.
+        micro = ex.head_reserve.micro_tokens
+        streams = bool(getattr(ex.source, "streamed", None))
+        self.step_tokens = max(max_batch_size, step_tokens or (max_batch_size * self.max_seq_len if streams else micro))
+        # Prompts are cut at fixed boundaries (multiples of this, never where a step's budget happened to end), so a
+        # prompt's attention is computed over the same chunks whatever else runs; a chunk fits a micro-batch, and
+        # beside a decode token of every other row
+        self.prefill_chunk = max(1, min(micro, self.step_tokens - (max_batch_size - 1)))
         self.observer = observer or EngineObserver()
-        self.decode = model.decode if model.tokenizer is not None else None
+        self.decode = model.decode if getattr(model, "tokenizer", None) is not None else None
         self.cache = ex.new_cache(max_batch_size, self.max_seq_len)
         self.free_rows = list(range(max_batch_size))[::-1]
         self.waiting: collections.deque[_Seq] = collections.deque()
@@ -165,6 +188,7 @@ class Engine:
         self.accepting, self.stopping = True, False
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self.step_ends: collections.deque[float] = collections.deque(maxlen=1 << 16)   # when each step ended
 
     # -- client side ----------------------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -213,6 +237,16 @@ class Engine:
             self.cv.notify()
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=max(5.0, timeout))
+
+    def step(self) -> bool:
+        """Admit what fits and run one step on the calling thread (generate() drives the engine this way, without
+        a thread; errors propagate to the caller). False when nothing is running or waiting."""
+        with self.cv:
+            self._admit()
+            if not self.running:
+                return False
+        self._step()
+        return True
 
     # -- engine thread ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -325,9 +359,10 @@ class Engine:
         # a pass whose every sequence was cancelled stops at the next block (a streamed pass takes seconds); one
         # with a live sequence runs on, and the cancelled ones leave after it
         everyone_gone = lambda: all(s.handle.cancelled.is_set() for s, _, _ in plan)
-        if not self.ex.forward_ragged(segments, self.cache, rows, consume, abort=everyone_gone):
+        if not self.ex.forward_ragged(segments, self.cache, rows, consume, self.pad_to, abort=everyone_gone):
             return                                         # the next step drops them
         dt = time.perf_counter() - t0
+        self.step_ends.append(time.perf_counter())
         n_prompt = sum(len(toks) for s, toks, start in plan if start < len(s.req.prompt))
         self.observer.on_step(len(plan), n_prompt, len(plan) - sum(1 for s, toks, start in plan
                                                                    if start < len(s.req.prompt)), dt)
@@ -345,7 +380,12 @@ class Engine:
                 logits = nexts.get(id(s))
                 if logits is None:
                     continue
-                if self._sample(s, logits, now):
+                try:
+                    done = self._sample(s, logits, now)
+                except Exception as e:   # one request's sampling fails alone (the model is fine)
+                    self._finish(s, "error", error=f"sampling failed: {e}")
+                    done = True
+                if done:
                     self.running.remove(s)
 
     def _sample(self, s: _Seq, logits: torch.Tensor, now: float) -> bool:

@@ -1,11 +1,9 @@
-"""The decode loop: left-padded batched prefill, then one token per step from the KV cache.
+"""generate() and stream() as clients of the batching engine (generate/engine.py), run on the caller's thread;
+and the left-padded batched prefill that beam search still uses.
 
-                prompts (token ids, different lengths)
-                   |  left-pad to T0; key_valid masks the padding slots
-                   v
-   prefill  ->  logits[:, -1] -> Sampler.choose -> token per sequence
-                   ^                                   |
-                   |  forward(tokens [B,1], pos+1) <---+  (until EOS / stop string / max_new_tokens)
+    prompts ──run_engine──► Engine: a cache row each, all prompts in the first weight pass (micro-batched per
+                            block), then one token per sequence per pass until EOS / stop string / max_new_tokens
+             ◄── (prompt index, TokenEvent | Finished) as they happen
 """
 from __future__ import annotations
 
@@ -18,7 +16,7 @@ from ..errors import OverspillError
 from ..runtime.executor import Executor
 from ..tokenizer import Detokenizer
 from .config import GenerationConfig
-from .sampling import Sampler
+from .sampling import Sampler, row_seeds
 
 
 def _pad_batch(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -56,42 +54,6 @@ def prefill(ex: Executor, prompts: list[list[int]], max_new: int, pad_id: int = 
             cache.key_valid[b, : T0 - n] = False
     logits = ex.forward(ids, positions, cache, last_only=True)[:, -1]
     return logits, cache, torch.tensor(lens)[:, None]
-
-
-def decode_steps(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
-                 finished: list[bool], stats: dict) -> Iterator[list[int]]:
-    """Yield the next token of every sequence, step by step. The caller marks sequences
-    done in ``finished``; the loop stops when all are done or after max_new_tokens.
-
-    ``stats`` is brought up to date before every yield, so it holds whenever the caller stops
-    reading: batch, prompt_tokens, prefill_s (prompt forward + first token), new_tokens (steps
-    so far: the longest sequence's new tokens), generated_tokens (new tokens summed over the
-    sequences, a finished one no longer counting) and decode_s (first token to latest token).
-    """
-    cfg = ex.cfg
-    check_prompts(prompts, cfg.vocab_size, max(map(len, prompts)) + gc.max_new_tokens, cfg.max_positions,
-                  cfg.learned_positions)
-    gc.check_batch(len(prompts))
-    sampler = Sampler(gc, len(prompts), cfg.vocab_size, prompts)
-    t0 = time.perf_counter()
-    logits, cache, pos = prefill(ex, prompts, gc.max_new_tokens)
-    stats.update(batch=len(prompts), prompt_tokens=sum(map(len, prompts)), new_tokens=0, generated_tokens=0,
-                 decode_s=0.0)
-    t1 = 0.0
-    for i in range(gc.max_new_tokens):
-        tok = sampler.choose(logits)
-        now = time.perf_counter()
-        if i == 0:
-            stats["prefill_s"] = now - t0
-            t1 = now
-        stats["new_tokens"] = i + 1
-        stats["generated_tokens"] += finished.count(False)   # the sequences still running get this token
-        stats["decode_s"] = now - t1
-        yield tok.tolist()
-        if all(finished) or i == gc.max_new_tokens - 1:
-            break
-        logits = ex.forward(tok[:, None], pos, cache, last_only=True)[:, -1]
-        pos = pos + 1
 
 
 class StopChecker:
@@ -142,33 +104,84 @@ class StopChecker:
         return c
 
 
+class _Client:
+    """What the engine needs of a model: its executor and, for text, a decode function."""
+
+    def __init__(self, ex: Executor, decode: Callable[[list[int]], str] | None):
+        self.executor, self.config, self.tokenizer = ex, ex.cfg, decode
+        self.decode = decode
+
+
+def run_engine(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
+               decode: Callable[[list[int]], str] | None, stats: dict) -> Iterator[tuple[int, object]]:
+    """Every prompt through one engine run on this thread, a cache row each: yields (prompt index, TokenEvent or
+    Finished) as they happen. ``stats`` is brought up to date before every yield: batch, prompt_tokens, prefill_s
+    (until the first token), new_tokens (the longest sequence's), generated_tokens (summed), decode_s (first token
+    to latest), step_ends (perf_counter at the end of each weight pass)."""
+    from .engine import Engine
+    from .requests import Finished, Request
+
+    cfg = ex.cfg
+    check_prompts(prompts, cfg.vocab_size, max(map(len, prompts)) + gc.max_new_tokens, cfg.max_positions,
+                  cfg.learned_positions)
+    gc.check_batch(len(prompts))
+    B = len(prompts)
+    seeds = row_seeds(gc.seed, B) if not gc.greedy else [0] * B
+    eos = [] if gc.ignore_eos else list(gc.eos_token_ids)
+    # every prompt in the first pass (one read of the weights for all; no sequence is waiting on a token yet)
+    eng = Engine(_Client(ex, decode), max_batch_size=B, max_seq_len=max(map(len, prompts)) + gc.max_new_tokens,
+                 max_queue=B, step_tokens=sum(map(len, prompts)))
+    t0 = time.perf_counter()
+    handles = [eng.submit(Request(p, max_tokens=gc.max_new_tokens, temperature=gc.temperature, top_p=gc.top_p,
+                                  top_k=gc.top_k, seed=s, repetition_penalty=gc.repetition_penalty,
+                                  stop=list(gc.stop), stop_token_ids=eos)) for p, s in zip(prompts, seeds)]
+    stats.update(batch=B, prompt_tokens=sum(map(len, prompts)), new_tokens=0, generated_tokens=0, decode_s=0.0,
+                 step_ends=[])
+    counts = [0] * B
+    first = None
+    while eng.step():
+        events = [(b, ev) for b, h in enumerate(handles) for ev in h.poll()]
+        now = time.perf_counter()
+        stats["step_ends"].append(eng.step_ends[-1] if eng.step_ends else now)
+        for b, ev in events:
+            counts[b] = ev.completion_tokens if isinstance(ev, Finished) else counts[b] + (ev.token >= 0)
+        if first is None and any(counts):
+            first = now
+            stats["prefill_s"] = now - t0
+        if first is not None:
+            stats.update(new_tokens=max(counts), generated_tokens=sum(counts), decode_s=now - first)
+        yield from events
+
+
 def generate_ids(ex: Executor, prompts: list[list[int]], gc: GenerationConfig,
                  decode: Callable[[list[int]], str] | None = None, stats: dict | None = None
                  ) -> tuple[list[list[int]], list[int | None]]:
-    """Returns, per prompt, the new token ids (EOS included when it ended the sequence) and,
-    when a stop string ended it, the length of the text before the stop string."""
+    """Returns, per prompt, the new token ids (EOS included when it ended the sequence) and, when a stop string
+    ended it, the length of its text before the stop string (a client of the batching engine: generate/engine.py)."""
+    from .requests import Finished
+
     stats = {} if stats is None else stats
-    checkers = [StopChecker(gc, decode) for _ in prompts]
     out: list[list[int]] = [[] for _ in prompts]
     cuts: list[int | None] = [None] * len(prompts)
-    finished = [False] * len(prompts)
-    for toks in decode_steps(ex, prompts, gc, finished, stats):
-        for b, t in enumerate(toks):
-            if finished[b]:
-                continue
-            out[b].append(t)
-            finished[b], cuts[b] = checkers[b].check(t)
+    for b, ev in run_engine(ex, prompts, gc, decode, stats):
+        if isinstance(ev, Finished):
+            out[b] = ev.tokens
+            if ev.finish_reason == "stop" and gc.stop and (not ev.tokens or ev.tokens[-1] not in gc.eos_token_ids
+                                                           or gc.ignore_eos):
+                cuts[b] = len(ev.text)
     return out, cuts
 
 
 def stream_ids(ex: Executor, prompt: list[int], gc: GenerationConfig, decode: Callable[[list[int]], str] | None,
                stats: dict | None = None) -> Iterator[int]:
     """Yield new token ids of one prompt as they are produced (EOS and stop handling included)."""
+    from .requests import Finished
+
     stats = {} if stats is None else stats
-    checker = StopChecker(gc, decode)
-    finished = [False]
-    for toks in decode_steps(ex, [prompt], gc, finished, stats):
-        finished[0], _ = checker.check(toks[0])
-        yield toks[0]
-        if finished[0]:
+    for _, ev in run_engine(ex, [prompt], gc, decode, stats):
+        if isinstance(ev, Finished):
+            if ev.finish_reason == "stop" and ev.tokens and ev.tokens[-1] in gc.eos_token_ids and not gc.ignore_eos:
+                yield ev.tokens[-1]                  # the EOS id that ended it (no text event carries it)
             return
+        if ev.token >= 0:
+            yield ev.token

@@ -40,6 +40,7 @@ class Request:
     seed: int | None = None                 # None: a random seed
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0         # CTRL's, as generate() takes it (1.0: off)
     stop: list[str] = field(default_factory=list)          # strings that end the text (cut before, not returned)
     stop_token_ids: list[int] = field(default_factory=list)  # ids that end it (EOS); the id is not in the text
     logprobs: int | None = None             # None: none; k >= 0: the chosen token's log-probability and the top k
@@ -113,6 +114,15 @@ class Handle:
             yield ev
             if isinstance(ev, Finished):
                 return
+
+    def poll(self) -> list[TokenEvent | Finished]:
+        """The events there are now, without waiting (a consumer on the engine's own thread)."""
+        out = []
+        while True:
+            try:
+                out.append(self._q.get_nowait())
+            except queue.Empty:
+                return out
 
     def wait(self) -> Finished:
         """Consume every event; the Finished one."""

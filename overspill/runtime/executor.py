@@ -149,45 +149,76 @@ class Executor:
         segments: (cache row, start slot, new token ids) per sequence; the tokens take slots [start, start + n) of
         their row, at positions start.. (a row holds one sequence). logit_rows: indices into the packed tokens
         (segment after segment) whose logits are wanted, handed to ``consume(r0, r1, logits [1, r1 - r0, V])``
-        in LM-head chunks. The packed batch is padded to a multiple of ``pad_to`` tokens: the CPU BLAS computes a
-        row alike in any batch whose row count is a multiple of 4, so a sequence's float32 logits do not depend
-        on what else runs (tested). ``abort()`` is asked before every block: True stops the pass there (its cache
-        slots are rewritten by the next pass over them) and returns False; a finished pass returns True."""
+        in LM-head chunks. ``abort()`` is asked before every block: True stops the pass there (its cache slots are
+        rewritten by the next pass over them) and returns False; a finished pass returns True.
+
+        Each block runs over micro-batches of whole segments, at most reserve.micro_tokens tokens each (FlexGen's
+        block schedule, as ``forward``): one read of the block's weights serves them all, and the activations stay
+        micro-batch sized. Each micro-batch is padded to a multiple of ``pad_to`` tokens: the CPU BLAS computes a
+        row alike in any batch whose row count is a multiple of 4, so a sequence's float32 logits do not depend on
+        what else runs (tested)."""
         if self.closed:
             raise OverspillError("this model was closed; load it again")
         cfg, src, devs = self.cfg, self.source, self.unit_devices
-        ids, pos, segs, t = [], [], [], 0
+        limit = self.head_reserve.micro_tokens
+        ids: list[int] = []
+        pos: list[torch.Tensor] = []
+        where: list[int] = []                     # real token -> its place in the padded packing
+        chunks: list[tuple[int, int, RaggedStep]] = []
+        segs: list[Segment] = []
+        c0 = 0
+
+        def close_chunk() -> None:
+            nonlocal c0, segs
+            if segs:
+                pad = -(len(ids) - c0) % pad_to
+                ids.extend([0] * pad)
+                pos.append(torch.zeros(pad, dtype=torch.long))
+                chunks.append((c0, len(ids), RaggedStep(segs, len(ids) - c0 - pad, self.fused)))
+                c0, segs = len(ids), []
         for row, start, toks in segments:
             n = len(toks)
+            if segs and len(ids) - c0 + n > limit:
+                close_chunk()
             p = torch.arange(start, start + n)[None]
+            t = len(ids) - c0
             segs.append(Segment(row, t, t + n, make_step(cfg, self.rope, p, start, None, self.dtype, self.fused)))
+            where.extend(range(len(ids), len(ids) + n))
             ids += toks
             pos.append(p[0])
-            t += n
-        pad = -t % pad_to
-        ids_t = torch.tensor(ids + [0] * pad, dtype=torch.long)[None]
-        pos_t = torch.cat(pos + [torch.zeros(pad, dtype=torch.long)])[None]
-        rope = Step(pos_t, 0, fused=self.fused)     # the embedding's positions (learned tables)
-        step = RaggedStep(segs, t, self.fused)
-        steps = {devs[0]: step.to(devs[0]) if self.multi else step}
-        at = lambda i: steps[devs[i]] if devs[i] in steps else steps.setdefault(devs[i], step.to(devs[i]))
+        close_chunk()
+        ids_t = torch.tensor(ids, dtype=torch.long)[None]
+        emb = Step(torch.cat(pos)[None], 0, fused=self.fused)     # the embedding's positions (learned tables)
+        on: dict = {}                                              # device -> the chunks' steps there
+
+        def at(i: int) -> list[tuple[int, int, RaggedStep]]:
+            d = devs[i]
+            if d not in on:
+                on[d] = chunks if not self.multi else [(a, b, st.to(d)) for a, b, st in chunks]
+            return on[d]
         src.begin_pass()
-        x = self._embed(ids_t.to(devs[0]), rope.to(devs[0]) if self.multi else rope)
+        x = self._embed(ids_t.to(devs[0]), emb.to(devs[0]) if self.multi else emb)
         for layer in range(cfg.n_layers):
             i = layer + 1
             if abort is not None and abort():
                 return False   # a streaming source restarts its reader at the next begin_pass
             if self.multi and x.device != devs[i]:
                 x = x.to(devs[i], non_blocking=True)
-            x = block_forward(cfg, src.acquire(i), x, at(i), cache.k[layer], cache.v[layer])
+            w, k, v = src.acquire(i), cache.k[layer], cache.v[layer]
+            parts = at(i)
+            if len(parts) == 1:
+                x = block_forward(cfg, w, x, parts[0][2], k, v)
+            else:
+                out = torch.empty_like(x)
+                for a, b, st in parts:
+                    out[:, a:b] = block_forward(cfg, w, x[:, a:b], st, k, v)
+                x = out
+            del w
             src.release(i)
-        rows = torch.tensor(logit_rows, dtype=torch.long)
-        pad = -len(logit_rows) % pad_to
-        if pad:
-            rows = torch.cat([rows, torch.zeros(pad, dtype=torch.long)])
-        i = cfg.n_layers + 1
-        xs = x[:, rows.to(x.device)]
         n = len(logit_rows)
+        rows = [where[r] for r in logit_rows] + [0] * (-n % pad_to)
+        i = cfg.n_layers + 1
+        xs = x[:, torch.tensor(rows, dtype=torch.long, device=x.device)]
         self._head(src.acquire(i), xs.to(devs[i]) if self.multi else xs,
                    lambda t0, t1, lg: consume(t0, min(t1, n), lg[:, : max(0, min(t1, n) - t0)]) if t0 < n else None)
         src.release(i)
