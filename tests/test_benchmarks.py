@@ -26,6 +26,7 @@ PARALLEL = int(os.environ.get("SMOKE_PARALLEL", 2))   # runs at a time (2 cores:
 # script -> (extra arguments, python modules without which the script cannot run at all); slowest first
 SMOKES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "bench_offload": (["--out", "bench-cache/results/offload.jsonl"], ("transformers",)),
+    "bench_serve": (["--out", "bench-cache/results/serve.jsonl"], ("transformers", "httpx", "fastapi", "uvicorn")),
     "bench_flagship": (["--out", "bench-cache/results/flagship.jsonl"], ("transformers",)),
     "bench_decode": (["--out", "bench-cache/results/decode.jsonl"], ("transformers",)),
     "bench_llamacpp": (["--out", "bench-cache/results/llamacpp.jsonl"], ("transformers",)),
@@ -179,6 +180,33 @@ def test_bench_offload_smoke(smoke_runs, name):
         assert runs[side]["plan"]["streamed_units"] > 0, runs[side]["plan"]
         assert runs[side]["step_s_median"] > 0 and table_row(out, side)[2] == "1/1"
     assert [r["kind"] for r in rows].count("summary") == 1
+
+
+@pytest.mark.parametrize("name", ["bench_serve"])
+def test_bench_serve_smoke(smoke_runs, name):
+    """Every server that can run here serves a tiny random Llama to 1 and 2 concurrent streaming clients: each request
+    streams exactly the tokens asked for, with TTFT, ITL and aggregate figures; the streamed mode under a budget below
+    the model's size. llama-server's side is skipped with one line where it is absent."""
+    out, cwd = finish(smoke_runs, name)
+    rows = results(cwd, "serve.jsonl")
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert runs and all(r["ok"] for r in runs), [r for r in runs if not r["ok"]]
+    expected = {"overspill-hf", "overspill-store", "overspill-store-int8", "overspill", "overspill-int8"} | \
+        ({"accelerate"} if importlib.util.find_spec("accelerate") else set())
+    assert expected <= {r["side"] for r in runs}, {r["side"] for r in runs}
+    for r in runs:
+        assert r["clients"] in (1, 2) and r["tokens_per_request"] == [4] * r["clients"] and r["exact"], r
+        assert r["agg_tok_s"] > 0 and r["ttft_p50_s"] > 0 and r["itl_p50_s"] > 0 and r["load_s"] > 0, r
+        assert r["chunks_per_request"] == [4] * r["clients"], r        # one content chunk per token
+        if r["side"].startswith("overspill"):                         # the engine's steps, from /metrics
+            assert r["engine_steps"] > 0 and 1 <= r["engine_batch_mean"] <= r["clients"], r
+    assert {(r["side"], r["clients"]) for r in runs} >= {(s, n) for s in expected for n in (1, 2)}
+    for side in expected:
+        assert table_row(out, side)[3] == "1/1", table_row(out, side)   # ok runs
+    assert "overspill-hf: aggregate at 2 clients / at 1 client:" in out
+    if not any(r["side"].startswith("llama") for r in runs):
+        assert "llama.cpp side skipped:" in out, out
+    assert [r["kind"] for r in rows].count("summary") == 2            # streamed and ram
 
 
 @pytest.mark.parametrize("name", ["bench_flagship"])
