@@ -138,23 +138,56 @@ class RaggedStep:
     segments: list[Segment]
     n_real: int
     fused: bool = True
+    cos: torch.Tensor | None = None    # [1, N, 1, rotary_dim]: every packed token's (padding: position 0)
+    sin: torch.Tensor | None = None
+    rows: torch.Tensor | None = None   # [n_real] cache row of each real token
+    slots: torch.Tensor | None = None  # [n_real] its cache slot
 
     def to(self, device: torch.device) -> "RaggedStep":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return RaggedStep([Segment(s.row, s.t0, s.t1, s.step.to(device)) for s in self.segments], self.n_real,
-                          self.fused)
+                          self.fused, mv(self.cos), mv(self.sin), mv(self.rows), mv(self.slots))
 
 
 def attention(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step | RaggedStep,
               k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     y = w.qkv(x)                                                       # (B, T, (nh+2nkv)*hs)
     if isinstance(step, RaggedStep):
-        B, N, _ = x.shape
-        o = y.new_zeros(B, N, cfg.n_heads * cfg.head_dim)              # padding tokens attend to nothing
-        for s in step.segments:
-            o[:, s.t0:s.t1] = attend(cfg, y[:, s.t0:s.t1], s.step, k_cache[s.row:s.row + 1],
-                                     v_cache[s.row:s.row + 1])
-        return w.out(o)
+        return w.out(ragged_attend(cfg, y, step, k_cache, v_cache))
     return w.out(attend(cfg, y, step, k_cache, v_cache))
+
+
+def ragged_attend(cfg: ModelConfig, y: torch.Tensor, step: RaggedStep, k_cache, v_cache) -> torch.Tensor:
+    """attend() for packed sequences: (1, N, (nh+2nkv)*hs) -> (1, N, nh*hs), each segment over its own cache row.
+    Rotary and the cache writes run once over all tokens (elementwise: the same values as per sequence); the
+    attention itself per segment. With the bf16 kernels (one fused call per decode token) or an int8 cache, each
+    segment runs attend() whole."""
+    _, N, _ = y.shape
+    nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    o = y.new_zeros(1, N, nh * hs)                                     # padding tokens attend to nothing
+    kern = cpu_kernels() if y.dtype == torch.bfloat16 and y.device.type == "cpu" and not y.requires_grad else None
+    if (step.fused and kern is not None) or isinstance(k_cache, QuantKV) or step.rows is None:
+        for s in step.segments:
+            o[:, s.t0:s.t1] = attend(cfg, y[:, s.t0:s.t1], s.step, k_cache[s.row:s.row + 1], v_cache[s.row:s.row + 1])
+        return o
+    qkv = y.view(1, N, nh + 2 * nkv, hs)
+    qk = qkv[:, :, : nh + nkv]
+    if step.cos is not None:
+        qk = apply_rope(qk, step.cos, step.sin)                        # (1, N, nh+nkv, hs)
+    n = step.n_real
+    k_cache[step.rows, :, step.slots] = qk[0, :n, nh:]                 # (n, nkv, hs) into their rows and slots
+    v_cache[step.rows, :, step.slots] = qkv[0, :n, nh + nkv:]
+    for s in step.segments:
+        st, T = s.step, s.t1 - s.t0
+        q = qk[:, s.t0:s.t1, :nh].transpose(1, 2)                     # (1, nh, T, hs)
+        k, v = k_cache[s.row:s.row + 1, :, :st.end], v_cache[s.row:s.row + 1, :, :st.end]
+        if T == 1:
+            a = decode_attention(q, k, v, st.mask, cfg.scale)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=st.mask, is_causal=st.causal, scale=cfg.scale,
+                                               enable_gqa=nkv != nh)
+        o[:, s.t0:s.t1] = a.transpose(1, 2).reshape(1, T, nh * hs)
+    return o
 
 
 def attend(cfg: ModelConfig, y: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:

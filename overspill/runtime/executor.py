@@ -174,7 +174,13 @@ class Executor:
                 pad = -(len(ids) - c0) % pad_to
                 ids.extend([0] * pad)
                 pos.append(torch.zeros(pad, dtype=torch.long))
-                chunks.append((c0, len(ids), RaggedStep(segs, len(ids) - c0 - pad, self.fused)))
+                st = RaggedStep(segs, len(ids) - c0 - pad, self.fused)
+                p = torch.cat(pos[len(pos) - len(segs) - 1:])          # this chunk's positions, padding included
+                if self.rope is not None:
+                    st.cos, st.sin = self.rope.cos_sin(p[None], self.dtype)
+                st.rows = torch.cat([torch.full((s.t1 - s.t0,), s.row) for s in segs])
+                st.slots = p[: st.n_real]
+                chunks.append((c0, len(ids), st))
                 c0, segs = len(ids), []
         for row, start, toks in segments:
             n = len(toks)
