@@ -147,6 +147,18 @@ def test_n_seeds_and_multiple_prompts(client):
     assert r.usage.completion_tokens == 4 * 8 and {c.finish_reason for c in r.choices} == {"length"}
 
 
+def test_penalties_change_the_text(client, ref):
+    """Greedy 'ROMEO:' repeats itself; each penalty (as the engine applies it) breaks the loop."""
+    plain = client.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=40, temperature=0)
+    for kw in ({"presence_penalty": 1.5}, {"frequency_penalty": 1.5}, {"extra_body": {"repetition_penalty": 1.8}}):
+        r = client.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=40, temperature=0, **kw)
+        assert r.choices[0].text != plain.choices[0].text, kw
+    want = ref.generate([PROMPT], max_new_tokens=40, temperature=0, repetition_penalty=1.8)[0]
+    r = client.completions.create(model="shakespeare", prompt=PROMPT, max_tokens=40, temperature=0,
+                                  extra_body={"repetition_penalty": 1.8})
+    assert r.choices[0].text == want
+
+
 def test_stop_strings(client, ref):
     full = ref.generate([PROMPT], max_new_tokens=16, temperature=0)[0]
     word = full.strip().split()[1]                          # a word in the middle of the greedy text
@@ -234,6 +246,8 @@ def _err(r: httpx.Response, status: int, param: str | None = "any") -> dict:
     ({"prompt": [5000]}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "x", "logit_bias": {"5": 10}}, "logit_bias"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({}, "prompt"),
 ])

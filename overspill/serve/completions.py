@@ -84,6 +84,7 @@ def _requests(backend: Backend, body: _Sampling, prompts: list[list[int]], max_t
                 prompt=p, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                 top_k=max(0, body.top_k), seed=None if body.seed is None else (body.seed + j) % 2**63,
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
                 stop=list(body.stop) + [s for s in extra_stop if s not in body.stop],
                 stop_token_ids=list(dict.fromkeys(list(body.stop_token_ids) + eos)),
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs))

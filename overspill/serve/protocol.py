@@ -1,8 +1,8 @@
 """The OpenAI request bodies as pydantic models: validation is data, and every bad field becomes a 400 naming it.
 
 Fields a client may send that overspill does not act on (``user``, ``logit_bias`` left empty, ...) are accepted and
-ignored, as OpenAI's own clients send some of them by default. ``top_k``, ``ignore_eos`` and ``stop_token_ids``
-are extensions (as vLLM has them).
+ignored, as OpenAI's own clients send some of them by default. ``top_k``, ``repetition_penalty``, ``ignore_eos`` and
+``stop_token_ids`` are extensions (as vLLM has them).
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ class _Sampling(_Body):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension: CTRL's penalty on tokens "
+                                      "already in the prompt or the text (1: off)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating past the end-of-text token")
