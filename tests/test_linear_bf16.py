@@ -2,14 +2,15 @@
 import torch
 import torch.nn.functional as F
 
+import overspill.kernels as K
 import overspill.model.linear as L
 from overspill.runtime.reserve import Reserve
 
 
 def test_prefill_through_fp32_slices_matches_fp32_math(monkeypatch):
     monkeypatch.setattr(L, "bf16_native", lambda: False)
-    monkeypatch.setattr(L, "F32_SCRATCH_ELEMS", 40 * 96)              # 40 rows per slice: 3 slices of a 100-row weight
-    monkeypatch.setattr(L._F32_TLS, "buf", None, raising=False)
+    monkeypatch.setattr(K, "F32_SCRATCH_ELEMS", 40 * 96)              # 40 rows per slice: 3 slices of a 100-row weight
+    monkeypatch.setattr(K._F32_TLS, "buf", None, raising=False)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(100, 96, generator=g).to(torch.bfloat16)
     b = torch.randn(100, generator=g).to(torch.bfloat16)
@@ -22,7 +23,7 @@ def test_prefill_through_fp32_slices_matches_fp32_math(monkeypatch):
     assert calls == [torch.float32] * 3 and y.dtype == torch.bfloat16 and y.shape == (2, 20, 100)
     want = (x.float() @ w.float().t() + b.float()).to(torch.bfloat16)
     torch.testing.assert_close(y, want, rtol=1 / 128, atol=1e-2)     # one bf16 rounding of fp32 math
-    assert L._F32_TLS.buf.numel() == 40 * 96
+    assert K._F32_TLS.buf.numel() == 40 * 96
     calls.clear()
     lin(x[:, :1])                                                    # decode rows stay on bf16
     assert calls == [torch.bfloat16]
@@ -40,3 +41,25 @@ def test_reserve_counts_the_fp32_slice(monkeypatch, ref_dir):
     assert r.scratch_bytes(cfg, torch.float32) == 0
     monkeypatch.setattr(L, "bf16_native", lambda: True)
     assert r.scratch_bytes(cfg, torch.bfloat16) == 0
+
+
+def test_int8_prefill_without_native_bf16_runs_in_fp32_slices(monkeypatch):
+    """The int8 weight-only path dequantizes rows to fp32 slices for prefill-sized batches (a bf16 matmul crawls
+    there): the result is fp32 math over the dequantized weight, rounded once."""
+    import overspill.quant.int8 as Q
+    from overspill import quant
+    monkeypatch.setattr(Q, "bf16_native", lambda: False)
+    monkeypatch.setattr(Q, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(K, "F32_SCRATCH_ELEMS", 48 * 64)
+    monkeypatch.setattr(K._F32_TLS, "buf", None, raising=False)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=g)
+    lin = quant.make_linear("int8", quant.quantize(w, "int8"), None, repack=False)
+    x = torch.randn(40, 64, generator=g).to(torch.bfloat16)           # 40 rows > DEQUANT_MIN_M
+    calls = []
+    real = F.linear
+    monkeypatch.setattr(K.F, "linear", lambda a, ww, bb=None: calls.append(ww.dtype) or real(a, ww, bb))
+    y = lin(x)
+    assert calls == [torch.float32] * 2 and y.dtype == torch.bfloat16
+    want = (x.float() @ lin.dequantize().float().t()).to(torch.bfloat16)
+    torch.testing.assert_close(y, want, rtol=1 / 128, atol=1e-2)

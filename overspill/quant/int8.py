@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import cpu_kernels, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
+from ..kernels import bf16_native, cpu_kernels, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
 from ._base import QuantLinear, nbytes_of
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
@@ -103,6 +103,12 @@ class Int8Linear(QuantLinear):
         if self._k is not None:
             y = self._k.int8_vnni_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None, self._block)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+        if self.act_quant == "never" and M > DEQUANT_MIN_M and self._qplain is not None and not bf16_native():
+            # without native bf16 a bf16 matmul crawls (~0.015 TFLOP/s on an AVX2 EPYC): dequantize slices of rows
+            # to fp32 and multiply there (400 rows x TinyLlama: ~46 s in bf16)
+            q, s = self._qplain, self.scales_f32
+            return f32_sliced_linear(x, self.out_features, self.in_features,
+                                     lambda dst, n0, n1: dst.copy_(q[n0:n1]).mul_(s[n0:n1, None]), None)
         if self.act_quant == "never" and M > DEQUANT_MIN_M:
             # Prefill-sized batches: int8pack is compute-bound there (3x slower than bf16 at M=128);
             # dequantize into a transient bf16 weight and run one dense matmul instead.
