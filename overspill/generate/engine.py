@@ -343,16 +343,11 @@ class Engine:
             for j in range(r0, r1):
                 s, kind, p = owners[j]
                 row = logits[0, j - r0]
-                if kind == "prompt":
-                    lp = None
-                    if p + 1 < len(s.req.prompt):          # position p predicts prompt token p + 1
-                        lps = row.log_softmax(-1)
-                        tok = s.req.prompt[p + 1]
-                        s.prompt_lp.append(float(lps[tok]))
-                        s.prompt_top.append(_top(lps, s.req.logprobs or 0))
-                        continue
-                    nexts[id(s)] = row.clone()             # the last prompt position predicts the first new token
-                else:
+                if kind == "prompt" and p + 1 < len(s.req.prompt):   # position p predicts prompt token p + 1
+                    lps = row.log_softmax(-1)
+                    s.prompt_lp.append(float(lps[s.req.prompt[p + 1]]))
+                    s.prompt_top.append(_top(lps, s.req.logprobs or 0))
+                else:                                      # the last prompt position or a decode token: the next one
                     nexts[id(s)] = row.clone()
 
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from ..errors import OverspillError
 from ..runtime.executor import Executor
 from ..tokenizer import Detokenizer
 from .config import GenerationConfig
-from .sampling import Sampler, row_seeds
+from .sampling import row_seeds
 
 
 def _pad_batch(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -13,7 +13,6 @@ Quantized formats live in ``overspill.quant``; the dense ones live here.
 """
 from __future__ import annotations
 
-import threading
 from typing import Protocol, runtime_checkable
 
 import torch
