@@ -18,6 +18,7 @@ LAYERS = [
     {"placement"},
     {"runtime"},
     {"generate"},
+    {"finetune"},
     {"api", "evaluate"},
     {"serve"},
     {"cli", "__main__", "__init__"},
