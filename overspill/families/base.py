@@ -28,6 +28,8 @@ class Family:
     finish_block: Callable[[ModelConfig, Tensors], Tensors]
     # Optional prefix that checkpoints of the bare base model (e.g. GPT2Model) omit.
     base_prefix: str = ""
+    # The matmul weights are stored [in, out] (GPT-2's Conv1D; PEFT calls this fan_in_fan_out).
+    conv1d: bool = False
 
 
 def field(hf: dict, key: str, family: str, *alts: str):

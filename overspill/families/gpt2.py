@@ -52,5 +52,5 @@ FAMILY = Family(
         "transformer.ln_f.bias": "norm.bias",
         "lm_head.weight": "lm.weight",
     },
-    finish_block=finish_block,
+    finish_block=finish_block, conv1d=True,
 )

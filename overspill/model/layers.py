@@ -190,15 +190,17 @@ def ragged_attend(cfg: ModelConfig, y: torch.Tensor, step: RaggedStep, k_cache, 
     return o
 
 
-def attend(cfg: ModelConfig, y: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def attend(cfg: ModelConfig, y: torch.Tensor, step: Step, k_cache: torch.Tensor | None,
+           v_cache: torch.Tensor | None) -> torch.Tensor:
     """The fused qkv projection's output y (B, T, (nh+2nkv)*hs) -> attention output (B, T, nh*hs), before the output
-    projection: rotary, the cache write at [start, start+T), softmax(q k^T * scale) v over slots [0, start+T)."""
+    projection: rotary, the cache write at [start, start+T), softmax(q k^T * scale) v over slots [0, start+T).
+    Without a cache (training: a whole sequence from position 0), the step's own keys and values."""
     B, T, _ = y.shape
     nh, nkv, hs = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     kern = cpu_kernels() if y.dtype == torch.bfloat16 and y.device.type == "cpu" and not y.requires_grad else None
     quant = isinstance(k_cache, QuantKV)
-    if step.fused and T == 1 and kern is not None and not quant and y.is_contiguous() and k_cache.is_contiguous() \
-            and v_cache.is_contiguous():
+    if step.fused and T == 1 and kern is not None and not quant and k_cache is not None and y.is_contiguous() \
+            and k_cache.is_contiguous() and v_cache.is_contiguous():
         # decode: rotary, cache write and attention in one call (same arithmetic as the lines below)
         return kern.decode_step(y, k_cache, v_cache, step.start, step.cos, step.sin, nh, nkv, step.mask, cfg.scale)
     qkv = y.view(B, T, nh + 2 * nkv, hs)                               # (B, T, nh+2nkv, hs)
@@ -208,7 +210,9 @@ def attend(cfg: ModelConfig, y: torch.Tensor, step: Step, k_cache: torch.Tensor,
     elif step.cos is not None:
         qk = apply_rope(qk, step.cos, step.sin)                        # q and k heads in one go
     q = qk[:, :, :nh].transpose(1, 2)                                  # (B, nh, T, hs)
-    if quant:   # int8 cache: round the new slots in, read all slots back dequantized
+    if k_cache is None:   # training: no cache, the keys are this step's own (from slot 0)
+        k, v = qk[:, :, nh:].transpose(1, 2), qkv[:, :, nh + nkv:].transpose(1, 2)
+    elif quant:   # int8 cache: round the new slots in, read all slots back dequantized
         k_cache.write(step.start, qk[:, :, nh:].transpose(1, 2))
         v_cache.write(step.start, qkv[:, :, nh + nkv:].transpose(1, 2))
         k, v = k_cache.read(step.end, q.dtype), v_cache.read(step.end, q.dtype)
@@ -265,9 +269,10 @@ def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, fused: bool = True) 
     return w.down(h)
 
 
-def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """One transformer block; residual style per config (sequential, parallel, shared-norm parallel)."""
+def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step | RaggedStep,
+                  k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
+    """One transformer block; residual style per config (sequential, parallel, shared-norm parallel). No cache
+    (None, None): a training forward over whole sequences (differentiable: autograd flows through every op)."""
     f = step.fused
     h = norm(cfg, x, w.attn_norm, f)
     a = attention(cfg, w, h, step, k_cache, v_cache)

@@ -50,9 +50,11 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.dtype == torch.bfloat16 and x.numel() >= F32_MIN_ROWS * self.in_features and w.device.type == "cpu" \
-                and not bf16_native() and not (x.requires_grad and torch.is_grad_enabled()):
-            return _bf16_via_f32(x, w, self.bias)
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not bf16_native():
+            if x.requires_grad and torch.is_grad_enabled():     # training through the frozen weight
+                return _FrozenBf16Fn.apply(x, self)
+            if x.numel() >= F32_MIN_ROWS * self.in_features:
+                return _bf16_via_f32(x, w, self.bias)
         return F.linear(x, w, self.bias)
 
     @property
@@ -65,6 +67,23 @@ class DenseLinear:
 
 def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return f32_sliced_linear(x, w.shape[0], w.shape[1], lambda dst, n0, n1: dst.copy_(w[n0:n1]), bias)
+
+
+class _FrozenBf16Fn(torch.autograd.Function):
+    """y = x W^T + b over a frozen bf16 weight on a CPU without native bf16: both products in float32 slices of W
+    (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy W, computed over slices of W's columns;
+    no weight or bias gradient, and nothing of W is kept beyond one slice."""
+
+    @staticmethod
+    def forward(ctx, x, lin):
+        ctx.lin = lin
+        return _bf16_via_f32(x, lin.weight, lin.bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        w = ctx.lin.weight                                             # [N, K]
+        N, K = w.shape
+        return f32_sliced_linear(g, K, N, lambda dst, k0, k1: dst.copy_(w[:, k0:k1].t()), None), None
 
 
 def onednn_available() -> bool:

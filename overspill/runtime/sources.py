@@ -8,15 +8,18 @@ recycles the buffer on release. Units never know which kind served them.
 from __future__ import annotations
 
 import weakref
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from ..model.weights import Weights
 from .background import BackgroundLoad
 
 
 class WeightSource(Protocol):
-    def begin_pass(self) -> None:
-        """A forward pass over all units is starting (streaming sources start prefetching unit 0)."""
+    def begin_pass(self, order: Sequence[int] | None = None) -> None:
+        """A pass is starting that will acquire the units in ``order`` (default: a forward, every unit once in
+        execution order; a training step: the forward, then the blocks again in reverse for the backward).
+        Streaming sources read exactly that sequence of their units, and start again at its beginning when it
+        is done: the next pass's first units are read while this one's last ones compute."""
 
     def acquire(self, i: int) -> Weights: ...
 
@@ -37,7 +40,7 @@ class ResidentSource:
         self._loading = loading
         self._finalizer = weakref.finalize(self, loading.cancel) if loading is not None else None
 
-    def begin_pass(self) -> None:
+    def begin_pass(self, order: Sequence[int] | None = None) -> None:
         pass
 
     @property

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import weakref
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
@@ -158,6 +158,7 @@ class _Prefetcher:
     def __init__(self, streamed: list[int], names: list[str], reader: UnitReader, ring_slots: int, pin: bool,
                  copier, stats: dict):
         self.streamed, self.names, self.reader, self.copier, self.stats = streamed, names, reader, copier, stats
+        self.cycle = list(streamed)   # the order the reader reads units in, over and over (see begin_pass)
         self.ring_slots = ring_slots
         slot_bytes = max((reader.slot_bytes(names[i]) for i in streamed), default=0)
         self.slots = [aligned_buffer(slot_bytes, pin) if slot_bytes else None for _ in range(ring_slots)]
@@ -209,7 +210,7 @@ class _Prefetcher:
             done = self.done.pop(slot, None)
             if done is not None:   # the GPU has finished with this slot's last unit (its copy too)
                 done.synchronize()
-            i = self.streamed[k % len(self.streamed)]
+            i = self.cycle[k % len(self.cycle)]
             unit = self.names[i]
             try:
                 t0 = time.perf_counter()
@@ -311,9 +312,17 @@ class StreamingSource:
         self._pf.ensure_started()
 
     # -- WeightSource ---------------------------------------------------------------------
-    def begin_pass(self) -> None:
-        # A pass interrupted by an exception leaves the cycle mid-way: restart the reader in step.
-        if self.streamed and (self._cursor % len(self.streamed) != 0 or self._in_use):
+    def begin_pass(self, order: Sequence[int] | None = None) -> None:
+        if not self.streamed:
+            return
+        mine = set(self.streamed)
+        cycle = list(self.streamed) if order is None else [i for i in order if i in mine]
+        if cycle != self._pf.cycle:   # another kind of pass (a training step after generation): read its order
+            self._pf.stop()
+            self._pf.cycle = cycle
+            self._restart()
+        elif self._cursor % len(cycle) != 0 or self._in_use:
+            # a pass interrupted by an exception leaves the cycle mid-way: restart the reader in step
             self._restart()
 
     def acquire(self, i: int) -> Weights:

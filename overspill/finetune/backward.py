@@ -1,0 +1,145 @@
+"""One training pass over the executor's units: the forward, a chunked loss, and the backward block by block.
+
+    forward  (no graph kept)      embed ─► b0 ─► b1 ─► ... ─► b(L-1) ─► head: loss in chunks of tokens ─► dL/dx_L
+             saves each block's input (one [B, T, C] tensor per block: gradient checkpointing)
+    backward (reverse order)      b(L-1): fetch its weights again, recompute its forward with the graph, backprop
+                                  dL/dx_(i+1) into the adapter's gradients and dL/dx_i; free the graph; next block
+
+The base weights are frozen in whatever format and tier they have: a streamed block is read once for the forward
+and once more for the backward (the source is told the order, so its reader prefetches the backward's blocks while
+the loss runs), and no weight view outlives its block's turn. The loss never builds the [B, T, V] logits: the LM
+head runs over ``head_tokens`` tokens at a time, and only over tokens that carry a label.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import OverspillError
+from ..model.layers import Step, block_forward, head_forward, make_step
+from ..runtime.executor import Executor
+
+IGNORE = -100   # label of a position without loss (transformers' convention)
+
+
+def pass_order(n_layers: int) -> list[int]:
+    """Units a training step acquires, in order: embed, blocks, head, then the blocks again in reverse."""
+    return list(range(n_layers + 2)) + list(range(n_layers, 0, -1))
+
+
+def _all_resident(ex: Executor) -> bool:
+    return not getattr(ex.source, "streamed", None)
+
+
+def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpoint: bool = True,
+               loss_scale: float | None = None, micro_batch: int | None = None) -> tuple[float, int]:
+    """Forward and backward over one batch; gradients accumulate into the tensors that require them (the adapter's).
+
+    ids, labels: [B, T] (labels[b, t] is the target for position t, IGNORE where no loss). The loss backpropagated
+    is sum(cross-entropy over labelled tokens) * loss_scale (default 1 / their count: the batch mean).
+    ``checkpoint=False`` keeps every block's graph instead of recomputing it (all blocks must be resident).
+    Returns (summed cross-entropy, labelled tokens)."""
+    if ex.closed:
+        raise OverspillError("this model was closed; load it again")
+    cfg, src, devs = ex.cfg, ex.source, ex.unit_devices
+    B, T = ids.shape
+    if T > cfg.max_positions:
+        raise OverspillError(f"training sequences of {T} tokens exceed the model's context of {cfg.max_positions}")
+    if not checkpoint and not _all_resident(ex):
+        raise OverspillError("gradient checkpointing can be off only when every block is resident; this plan streams "
+                             "blocks, and a streamed block's weights are gone once the next one arrives")
+    n_tok = int((labels != IGNORE).sum())
+    scale = loss_scale if loss_scale is not None else 1.0 / max(n_tok, 1)
+    mb = micro_batch or B
+    positions = torch.arange(T)[None].expand(B, T)
+    step0 = make_step(cfg, ex.rope, positions, 0, None, ex.dtype, fused=False)
+    steps: dict[torch.device, Step] = {}
+
+    def at(i: int) -> Step:
+        d = devs[i]
+        if d not in steps:
+            steps[d] = step0.to(d) if d != torch.device("cpu") else step0
+        return steps[d]
+
+    def run_block(w, x: torch.Tensor, i: int) -> torch.Tensor:
+        st = at(i)
+        if mb >= x.shape[0]:
+            return block_forward(cfg, w, x, st, None, None)
+        return torch.cat([block_forward(cfg, w, x[b:b + mb], st.rows(b, b + mb), None, None)
+                          for b in range(0, x.shape[0], mb)])
+
+    src.begin_pass(pass_order(cfg.n_layers))
+    with torch.no_grad():
+        x = ex._embed(ids.to(devs[0]), at(0))
+    saved: list[torch.Tensor] = []
+    rng: list[torch.Tensor] = []
+    with torch.set_grad_enabled(not checkpoint):
+        for layer in range(cfg.n_layers):
+            i = layer + 1
+            x = x.to(devs[i])
+            if checkpoint:
+                saved.append(x)
+                rng.append(torch.get_rng_state())   # the recompute draws the same dropout masks
+            x = run_block(src.acquire(i), x, i)
+            src.release(i)
+    # the loss: the head over labelled tokens only, a chunk at a time; dL/dx_L accumulates in xl.grad
+    hi = cfg.n_layers + 1
+    xl = x.detach().to(devs[hi]).requires_grad_()
+    flat_labels = labels.reshape(-1).to(devs[hi])
+    where = (flat_labels != IGNORE).nonzero().flatten()
+    w = src.acquire(hi)
+    total = 0.0
+    chunk = ex.head_reserve.head_tokens
+    flat = xl.view(B * T, -1)
+    for c0 in range(0, where.numel(), chunk):
+        idx = where[c0:c0 + chunk]
+        logits = head_forward(cfg, w, flat.index_select(0, idx)[None], fused=False)[0].float()
+        loss = F.cross_entropy(logits, flat_labels.index_select(0, idx), reduction="sum")
+        total += float(loss.detach())
+        (loss * scale).backward()
+    del w
+    src.release(hi)
+    g = xl.grad if xl.grad is not None else torch.zeros_like(xl)
+    if not checkpoint:
+        x.backward(g.to(x.device))
+        return total, n_tok
+    for layer in range(cfg.n_layers - 1, -1, -1):
+        i = layer + 1
+        x_in = saved[layer].detach().requires_grad_()
+        w = src.acquire(i)
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(rng[layer])
+            y = run_block(w, x_in, i)
+            y.backward(g.to(y.device))
+        del w, y
+        src.release(i)
+        g = x_in.grad
+        saved[layer] = None
+    return total, n_tok
+
+
+@torch.no_grad()
+def eval_loss(ex: Executor, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed cross-entropy over the labelled tokens and their count, without gradients (a forward pass)."""
+    cfg, src, devs = ex.cfg, ex.source, ex.unit_devices
+    B, T = ids.shape
+    step = make_step(cfg, ex.rope, torch.arange(T)[None].expand(B, T), 0, None, ex.dtype, fused=False)
+    src.begin_pass()
+    x = ex._embed(ids.to(devs[0]), step)
+    for layer in range(cfg.n_layers):
+        i = layer + 1
+        x = block_forward(cfg, src.acquire(i), x.to(devs[i]), step.to(devs[i]), None, None)
+        src.release(i)
+    hi = cfg.n_layers + 1
+    flat = x.to(devs[hi]).reshape(B * T, -1)
+    fl = labels.reshape(-1).to(devs[hi])
+    where = (fl != IGNORE).nonzero().flatten()
+    w = src.acquire(hi)
+    total, chunk = 0.0, ex.head_reserve.head_tokens
+    for c0 in range(0, where.numel(), chunk):
+        idx = where[c0:c0 + chunk]
+        logits = head_forward(cfg, w, flat.index_select(0, idx)[None], fused=False)[0].float()
+        total += float(F.cross_entropy(logits, fl.index_select(0, idx), reduction="sum"))
+    del w
+    src.release(hi)
+    return total, int(where.numel())
