@@ -32,6 +32,7 @@ class Model:
         self.config, self.executor, self.tokenizer, self.path = cfg, executor, tokenizer, path
         self.generation_defaults = generation_defaults or {}
         self.plan = plan          # placement.Plan under memory budgets, else None
+        self.adapter = None       # the LoRA adapter applied (finetune.lora.LoraAdapter), if any
         self.last_stats: dict = {}
 
     @property
@@ -189,7 +190,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
          max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
          max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
          linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None,
-         background: bool = True) -> Model:
+         background: bool = True, adapter: str | os.PathLike | None = None) -> Model:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -207,6 +208,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       adapters such as LoRA wrap the base weights. Resident units are hooked once at load; streamed and host-held
       units every forward, as their weights arrive (keep the hook cheap: look adapters up, don't build them).
     stand_in: run a plan made for devices this machine lacks on ones it has, e.g. {"cuda:0": "cpu"} (testing).
+    adapter: a LoRA adapter directory (PEFT's files, as ``overspill finetune`` or PEFT's save_pretrained write them):
+      applied unmerged to the base in whatever format and tier it has (``overspill merge`` writes a merged copy).
     background: on the CPU, return once the plan is made and read the resident weights on a thread while the first
       forward runs, each unit computed as soon as it is in (the first token then costs about one read of the
       checkpoint, not a load followed by a pass); an unreadable weight is reported by the forward that needs it.
@@ -229,6 +232,19 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
         except ValueError as e:
             raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
+    lora = None
+    if adapter is not None:
+        if linear_hook is not None:
+            raise OverspillError("pass either adapter or linear_hook, not both")
+        from .finetune.lora import LoraAdapter
+        from .runtime.loader import open_source
+
+        src = open_source(path, dtype, quantize)
+        cfg = src.ckpt.config
+        if hasattr(src.ckpt, "close"):
+            src.ckpt.close()
+        lora = LoraAdapter.load(str(adapter), cfg)
+        linear_hook = lora.hook
     try:
         built = build(path, dtype, quantize, budgets, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
                       stand_in=stand_in, kv_cache=check_kv_format(kv_cache), background=background)
@@ -242,4 +258,9 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     if gcfg.get("eos_token_id") is not None:
         e = gcfg["eos_token_id"]
         gen["eos_token_ids"] = e if isinstance(e, list) else [e]
-    return Model(built.config, built.executor, tok, path, gen, built.plan)
+    if lora is not None:
+        from .model.weights import units
+        lora.place(dict(zip(units(built.config), built.executor.unit_devices)))
+    model = Model(built.config, built.executor, tok, path, gen, built.plan)
+    model.adapter = lora
+    return model

@@ -38,6 +38,8 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default=None, help="int8 | int4 | int8-dynamic | nf4 (on the fly)")
     p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too (with --quantize)")
     p.add_argument("--kv-cache", default=None, help="int8: keys and values in int8 (about half the KV memory of bf16)")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (overspill finetune's output or PEFT's "
+                   "save_pretrained) applied to the model")
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +60,8 @@ def _load(a: argparse.Namespace, max_batch: int = 1, max_seq: int | None = None)
     from .api import load
 
     return load(a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
-                quantize_head=a.quantize_head, max_batch_size=max_batch, max_seq_len=max_seq, kv_cache=a.kv_cache)
+                quantize_head=a.quantize_head, max_batch_size=max_batch, max_seq_len=max_seq, kv_cache=a.kv_cache,
+                adapter=a.adapter)
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
@@ -355,6 +358,81 @@ def cmd_verify(a: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="Hugging Face model directory or layer store (default: the "
+                   "built-in model)")
+    p.add_argument("--data", required=True, help=".txt (packed into --seq-len chunks) or .jsonl with {\"text\"} or "
+                   "{\"prompt\", \"completion\"} (loss on the completion only)")
+    p.add_argument("--output", "-o", required=True, help="adapter directory (PEFT's files; checkpoints in "
+                   "OUTPUT/checkpoint)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (the base's compute dtype)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int4", "nf4", "int8-dynamic", "none"),
+                   help="keep the frozen base's blocks in this format (default: as stored)")
+    p.add_argument("--max-memory", default=None, help="budgets, e.g. cpu=4GiB (cpu=auto: the cgroup limit); blocks "
+                   "that do not fit stream from disk, forward and backward")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--target", default="qkv,out,up,down", help="comma-separated: qkv, out, up, down, lm (overspill's "
+                   "names) or Hugging Face module names (q_proj,v_proj / query_key_value / c_attn ...)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="rows per forward")
+    p.add_argument("--grad-accum", type=int, default=1, help="forwards per optimizer step")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-split", type=float, default=0.05, help="fraction of the examples held out for eval loss")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    p.add_argument("--optim", default="adamw", choices=("adamw", "adamw8bit"))
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the adapter's gradient norm (0: off)")
+    p.add_argument("--no-grad-checkpoint", action="store_true", help="keep every block's graph instead of "
+                   "recomputing it in the backward (faster, more memory; every block must be resident)")
+
+
+@command("finetune", "train a LoRA adapter on a frozen base (dense, 8/4-bit, or streamed from disk)")
+@args(_finetune_args)
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .api import default_model_path
+    from .finetune.lora import LoraSettings
+    from .finetune.trainer import TrainSettings, finetune
+
+    budgets = None
+    if a.max_memory is not None:
+        from .placement import parse_memory
+        from .placement.machine import resolve_auto
+        try:
+            budgets = parse_memory(resolve_auto(a.max_memory))
+        except ValueError as e:
+            raise OverspillError(f"--max-memory: {e}") from None
+    lora = LoraSettings(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
+                        targets=tuple(t.strip() for t in a.target.split(",") if t.strip()))
+    st = TrainSettings(lora=lora, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, weight_decay=a.weight_decay,
+                       warmup_steps=a.warmup_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                       seq_len=a.seq_len, seed=a.seed, eval_split=a.eval_split, save_every=a.save_every,
+                       max_grad_norm=a.max_grad_norm or None, optim=a.optim, grad_checkpoint=not a.no_grad_checkpoint)
+    r = finetune(a.model or default_model_path(), a.data, a.output, st, dtype=a.dtype, quantize=a.quantize,
+                 max_memory=budgets, resume=a.resume)
+    ev = f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""
+    print(f"{r.output}: {r.steps} steps, train loss {r.train_loss:.4f}{ev}, {r.tokens_per_s:,.0f} tokens/s, "
+          f"peak RSS {_fmt_bytes(r.peak_rss_bytes)}", file=sys.stderr)
+    return 0
+
+
+@command("merge", "write BASE with a LoRA ADAPTER merged into its weights, as a Hugging Face directory OUT")
+@args(lambda p: (p.add_argument("base"), p.add_argument("adapter"), p.add_argument("out"),
+                 p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: as stored)"),
+                 p.add_argument("--overwrite", action="store_true")))
+def cmd_merge(a: argparse.Namespace) -> int:
+    from .finetune.merge import merge_adapter
+
+    merge_adapter(a.base, a.adapter, a.out, dtype=a.dtype, overwrite=a.overwrite, progress=sys.stderr.isatty())
+    return 0
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences run together per step")
@@ -386,7 +464,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         if getattr(a, name) < 1:
             raise OverspillError(f"--{name.replace('_', '-')} must be at least 1")
     cfg = ServeConfig(model=a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
-                      quantize_head=a.quantize_head, kv_cache=a.kv_cache, max_batch_size=a.max_batch_size,
+                      quantize_head=a.quantize_head, kv_cache=a.kv_cache, adapter=a.adapter,
+                      max_batch_size=a.max_batch_size,
                       max_seq_len=a.max_seq_len, max_queue=a.max_queue, served_model_name=a.served_model_name,
                       api_key=a.api_key or os.environ.get("OVERSPILL_API_KEY") or None,
                       drain_timeout=a.drain_timeout)

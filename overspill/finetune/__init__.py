@@ -6,4 +6,5 @@
   optim.py     optimizers over the adapter's parameters (torch AdamW, blockwise 8-bit AdamW)
   backward.py  one training pass over the executor's units: forward, chunked loss, backward block by block
   trainer.py   the loop: steps, accumulation, clipping, evaluation, checkpoints and resume
+  merge.py     a base Hugging Face checkpoint with an adapter merged into its weights (streamed, atomic)
 """

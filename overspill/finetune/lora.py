@@ -229,27 +229,24 @@ class LoraAdapter:
                 "layers_to_transform": None if all_layers else layers, "rank_pattern": {}, "alpha_pattern": {}}
 
     def save(self, path: str) -> str:
-        """Write ``path`` as PEFT does (adapter_config.json + adapter_model.safetensors), atomically: into a
-        temporary directory beside it, renamed into place when complete."""
+        """Write the adapter into directory ``path`` as PEFT does (adapter_config.json + adapter_model.safetensors).
+        Each file is written beside its final name, synced and renamed over it, so a crash leaves the previous
+        file or the new one, never half of one; other files in the directory (a trainer's checkpoint) stay."""
         from safetensors.torch import save_file
 
-        from ..checkpoint.store import publish, staging_dir
-
-        path = os.path.abspath(path.rstrip(os.sep) or path)
-        if os.path.lexists(path) and not (os.path.isdir(path) and (not os.listdir(path) or
-                                                                  os.path.exists(os.path.join(path, CONFIG_FILE)))):
-            raise OverspillError(f"{path}: exists and is not an adapter directory; refusing to replace it")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tensors = self.state_dict()
-        tmp = staging_dir(path, sum(t.numel() * t.element_size() for t in tensors.values()))
-        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        path = os.path.abspath(path)
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise OverspillError(f"{path}: exists and is not a directory; expected an adapter directory")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            raise OverspillError(f"{path}: holds a model (config.json); write the adapter to a directory of its own")
+        os.makedirs(path, exist_ok=True)
+        tmp = os.path.join(path, f".{WEIGHTS_FILE}.tmp-{os.getpid()}")
+        save_file(self.state_dict(), tmp, metadata={"format": "pt"})
+        _publish_file(tmp, os.path.join(path, WEIGHTS_FILE))
+        tmp = os.path.join(path, f".{CONFIG_FILE}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
             json.dump(self.peft_config(), f, indent=2)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        publish(tmp, path)
+        _publish_file(tmp, os.path.join(path, CONFIG_FILE))
         return path
 
     @classmethod
@@ -263,6 +260,9 @@ class LoraAdapter:
         every = {p: (p, u, m) for p, u, m in _concrete(module_maps(FAMILIES[cfg.family], cfg), cfg.n_layers)}
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
+            if ".lora_" not in key and key.endswith(".weight") and t.dim() == 2 and \
+                    max(t.shape) == cfg.vocab_size:
+                continue   # a tied model's embedding / LM head, which PEFT saves beside the pairs as it was (not LoRA)
             m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
             if m is None or m.group(1) not in every:
                 what = m.group(1) if m else key
@@ -286,6 +286,16 @@ class LoraAdapter:
                                          f"{list(t.shape)}, expected {list(want)} (r={settings.r})")
                 getattr(s, ab).data.copy_(t.to(dtype))
         return ad
+
+
+def _publish_file(tmp: str, dst: str) -> None:
+    os.chmod(tmp, 0o644)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
 
 
 def read_config(path: str) -> dict:

@@ -34,8 +34,12 @@ class Reserve:
     head_tokens: int = 64             # LM head chunk: from ~16 tokens a chunk's matmul, not its weight read, dominates
     quantize: str | None = None       # the block linears' scheme: int8-dynamic / nf4 prefill dequantizes into scratch
     quantize_head: bool = False       # the LM head in that scheme too
+    training: bool = False            # a training step (finetune/backward.py) rather than inference: see train_bytes
+    extra_bytes: int = 0              # held besides (a LoRA adapter's parameters, gradients, optimizer state)
 
     def kv_bytes_per_block(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        if self.training:   # a training step runs without a cache
+            return 0
         return KVCache.nbytes_for(cfg, self.max_batch, self.max_seq_len, dtype, self.kv_format) // cfg.n_layers
 
     def micro_batch(self, T: int) -> int:
@@ -56,7 +60,20 @@ class Reserve:
         head = self.head_tokens * cfg.vocab_size * (es + 4) + self.max_batch * cfg.vocab_size * 4
         # an int8 cache is read back dequantized: one micro-batch's keys and values over all L slots
         kv_read = 2 * min(self.max_batch, self.micro_tokens) * L * cfg.kv_size * es if self.kv_format else 0
-        return tok * per_tok + scores + batch_x + head + kv_read + self.scratch_bytes(cfg, dtype)
+        return tok * per_tok + scores + batch_x + head + kv_read + self.scratch_bytes(cfg, dtype) + \
+            self.train_bytes(cfg, dtype) + self.extra_bytes
+
+    def train_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """A training step's own memory: each block's saved input (gradient checkpointing), and the graph of the
+        block being recomputed (about twice one forward's activations: the saved tensors and their gradients),
+        float32 attention scores and their gradient included; the KV cache is never allocated for training."""
+        if not self.training:
+            return 0
+        tok, es = self.max_batch * self.max_seq_len, _es(dtype)
+        saved = cfg.n_layers * tok * cfg.hidden_size * es
+        per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
+        scores = 2 * self.max_batch * cfg.n_heads * self.max_seq_len ** 2 * 4
+        return saved + 2 * tok * per_tok + scores
 
     def scratch_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         """The quantized formats' per-thread dequantization buffers (kept for reuse, sized by the largest linear)."""

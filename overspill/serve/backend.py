@@ -30,6 +30,7 @@ class ServeConfig:
     quantize: str | None = None
     quantize_head: bool = False
     kv_cache: str | None = None
+    adapter: str | None = None                # a LoRA adapter directory applied to the model
     max_batch_size: int = 16
     max_seq_len: int | None = None            # None: the engine's default
     max_queue: int = 64
@@ -89,7 +90,7 @@ class Backend:
                 from ..api import load
 
                 self.model = load(cfg.model, dtype=cfg.dtype, max_memory=cfg.max_memory, quantize=cfg.quantize,
-                                  quantize_head=cfg.quantize_head, kv_cache=cfg.kv_cache,
+                                  quantize_head=cfg.quantize_head, kv_cache=cfg.kv_cache, adapter=cfg.adapter,
                                   max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
             self.model.wait_loaded()   # every resident weight in (a read error is a failed load, not a failed request)
             from ..api import default_model_path
