@@ -274,3 +274,24 @@ def test_finetune_rejects_bad_input_before_training(tmp_path):
     r = _cli("finetune", "--data", str(txt), "--output", str(tmp_path / "o"), "--target", "nope")
     assert r.returncode == 2 and "matches no module" in r.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_server_applies_the_adapter(tmp_path):
+    """overspill serve --adapter: completions through the official client equal overspill generate with the adapter
+    (and differ from the base model's)."""
+    openai = pytest.importorskip("openai")
+    from _serve_util import live_server
+
+    m = overspill.load(dtype="float32")
+    ad = LoraAdapter(m.config, LoraSettings(r=4, targets=("qkv", "up")), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    ad.save(str(tmp_path / "ad"))
+    want = overspill.load(dtype="float32", adapter=tmp_path / "ad").generate(["ROMEO:"], max_new_tokens=12)[0]
+    base = m.generate(["ROMEO:"], max_new_tokens=12)[0]
+    assert want != base
+    with live_server(dtype="float32", adapter=str(tmp_path / "ad")) as srv:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none")
+        r = client.completions.create(model="shakespeare", prompt="ROMEO:", max_tokens=12, temperature=0)
+    assert r.choices[0].text == want
