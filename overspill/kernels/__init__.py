@@ -144,6 +144,24 @@ def f32_sliced_linear(x: torch.Tensor, N: int, K: int, fill, bias: torch.Tensor 
     return out.view(*x.shape[:-1], N)
 
 
+def f32_sliced_grad_input(g: torch.Tensor, N: int, K: int, fill) -> torch.Tensor:
+    """g @ W in float32 (the input gradient of x @ W^T) with W produced a slice of rows at a time into the same
+    reused buffer as f32_sliced_linear: dX = sum over row slices n of g[:, n] @ W[n], each slice's rows contiguous
+    (slicing W's columns instead needs strided copies: 2x slower here). Result in g's dtype."""
+    g2 = g.reshape(-1, N).float()                                       # (M, N)
+    out = torch.zeros(g2.shape[0], K, dtype=torch.float32)              # (M, K)
+    rows = max(1, F32_SCRATCH_ELEMS // K)
+    buf = getattr(_F32_TLS, "buf", None)
+    if buf is None or buf.numel() < min(N, rows) * K:
+        buf = _F32_TLS.buf = torch.empty(min(N, rows) * K, dtype=torch.float32)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        wf = buf[: (n1 - n0) * K].view(n1 - n0, K)
+        fill(wf, n0, n1)
+        out.addmm_(g2[:, n0:n1], wf)
+    return out.view(*g.shape[:-1], K).to(g.dtype)
+
+
 
 _TRANSIENT = threading.local()
 

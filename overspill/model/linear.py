@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import F32_MIN_ROWS, F32_SCRATCH_ELEMS, bf16_native, f32_sliced_linear  # noqa: F401 (re-exported)
+from ..kernels import F32_MIN_ROWS, F32_SCRATCH_ELEMS, bf16_native, f32_sliced_grad_input, f32_sliced_linear  # noqa: F401
 
 
 @runtime_checkable
@@ -71,8 +71,8 @@ def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 
 class _FrozenBf16Fn(torch.autograd.Function):
     """y = x W^T + b over a frozen bf16 weight on a CPU without native bf16: both products in float32 slices of W
-    (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy W, computed over slices of W's columns;
-    no weight or bias gradient, and nothing of W is kept beyond one slice."""
+    (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy W, summed over slices of W's rows; no
+    weight or bias gradient, and nothing of W is kept beyond one slice."""
 
     @staticmethod
     def forward(ctx, x, lin):
@@ -82,8 +82,7 @@ class _FrozenBf16Fn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         w = ctx.lin.weight                                             # [N, K]
-        N, K = w.shape
-        return f32_sliced_linear(g, K, N, lambda dst, k0, k1: dst.copy_(w[:, k0:k1].t()), None), None
+        return f32_sliced_grad_input(g, *w.shape, lambda dst, n0, n1: dst.copy_(w[n0:n1])), None
 
 
 def onednn_available() -> bool:
