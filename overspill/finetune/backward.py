@@ -12,14 +12,39 @@ head runs over ``head_tokens`` tokens at a time, and only over tokens that carry
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from ..errors import OverspillError
+from ..kernels import bf16_native
+from ..model.weights import BlockWeights, HeadWeights
 from ..model.layers import Step, block_forward, head_forward, make_step
 from ..runtime.executor import Executor
 
 IGNORE = -100   # label of a position without loss (transformers' convention)
+
+
+def compute_dtype(ex: Executor) -> torch.dtype:
+    """The activations' dtype for training. A 16-bit base on a CPU without native bf16 trains in float32: its
+    matmuls convert weight slices to float32 anyway (model/linear.py), and the elementwise ops, attention and their
+    backward run several times slower in bf16 there (measured ~10x for a training step of the built-in model). The
+    weights stay as stored; only the norms' small vectors are converted, per use."""
+    if ex.dtype in (torch.bfloat16, torch.float16) and all(d.type == "cpu" for d in ex.unit_devices) \
+            and not bf16_native():
+        return torch.float32
+    return ex.dtype
+
+
+def _in(w, dt: torch.dtype):
+    """A unit's weights with its norm vectors in ``dt`` (linears take activations of any float dtype)."""
+    cv = lambda nb: None if nb is None else (nb[0].to(dt), None if nb[1] is None else nb[1].to(dt))
+    if isinstance(w, BlockWeights) and w.attn_norm[0].dtype != dt:
+        return dataclasses.replace(w, attn_norm=cv(w.attn_norm), mlp_norm=cv(w.mlp_norm))
+    if isinstance(w, HeadWeights) and w.norm[0].dtype != dt:
+        return dataclasses.replace(w, norm=cv(w.norm))
+    return w
 
 
 def pass_order(n_layers: int) -> list[int]:
@@ -51,8 +76,9 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
     n_tok = int((labels != IGNORE).sum())
     scale = loss_scale if loss_scale is not None else 1.0 / max(n_tok, 1)
     mb = micro_batch or B
+    dt = compute_dtype(ex)
     positions = torch.arange(T)[None].expand(B, T)
-    step0 = make_step(cfg, ex.rope, positions, 0, None, ex.dtype, fused=False)
+    step0 = make_step(cfg, ex.rope, positions, 0, None, dt, fused=False)
     steps: dict[torch.device, Step] = {}
 
     def at(i: int) -> Step:
@@ -62,7 +88,7 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
         return steps[d]
 
     def run_block(w, x: torch.Tensor, i: int) -> torch.Tensor:
-        st = at(i)
+        st, w = at(i), _in(w, dt)
         if mb >= x.shape[0]:
             return block_forward(cfg, w, x, st, None, None)
         return torch.cat([block_forward(cfg, w, x[b:b + mb], st.rows(b, b + mb), None, None)
@@ -70,7 +96,7 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
 
     src.begin_pass(pass_order(cfg.n_layers))
     with torch.no_grad():
-        x = ex._embed(ids.to(devs[0]), at(0))
+        x = ex._embed(ids.to(devs[0]), at(0)).to(dt)
     saved: list[torch.Tensor] = []
     rng: list[torch.Tensor] = []
     with torch.set_grad_enabled(not checkpoint):
@@ -87,7 +113,7 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
     xl = x.detach().to(devs[hi]).requires_grad_()
     flat_labels = labels.reshape(-1).to(devs[hi])
     where = (flat_labels != IGNORE).nonzero().flatten()
-    w = src.acquire(hi)
+    w = _in(src.acquire(hi), dt)
     total = 0.0
     chunk = ex.head_reserve.head_tokens
     flat = xl.view(B * T, -1)
@@ -123,18 +149,19 @@ def eval_loss(ex: Executor, ids: torch.Tensor, labels: torch.Tensor) -> tuple[fl
     """Summed cross-entropy over the labelled tokens and their count, without gradients (a forward pass)."""
     cfg, src, devs = ex.cfg, ex.source, ex.unit_devices
     B, T = ids.shape
-    step = make_step(cfg, ex.rope, torch.arange(T)[None].expand(B, T), 0, None, ex.dtype, fused=False)
+    dt = compute_dtype(ex)
+    step = make_step(cfg, ex.rope, torch.arange(T)[None].expand(B, T), 0, None, dt, fused=False)
     src.begin_pass()
-    x = ex._embed(ids.to(devs[0]), step)
+    x = ex._embed(ids.to(devs[0]), step).to(dt)
     for layer in range(cfg.n_layers):
         i = layer + 1
-        x = block_forward(cfg, src.acquire(i), x.to(devs[i]), step.to(devs[i]), None, None)
+        x = block_forward(cfg, _in(src.acquire(i), dt), x.to(devs[i]), step.to(devs[i]), None, None)
         src.release(i)
     hi = cfg.n_layers + 1
     flat = x.to(devs[hi]).reshape(B * T, -1)
     fl = labels.reshape(-1).to(devs[hi])
     where = (fl != IGNORE).nonzero().flatten()
-    w = src.acquire(hi)
+    w = _in(src.acquire(hi), dt)
     total, chunk = 0.0, ex.head_reserve.head_tokens
     for c0 in range(0, where.numel(), chunk):
         idx = where[c0:c0 + chunk]

@@ -53,8 +53,8 @@ class DenseLinear:
         if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not bf16_native():
             if x.requires_grad and torch.is_grad_enabled():     # training through the frozen weight
                 return _FrozenBf16Fn.apply(x, self)
-            if x.numel() >= F32_MIN_ROWS * self.in_features:
-                return _bf16_via_f32(x, w, self.bias)
+            if x.numel() >= F32_MIN_ROWS * self.in_features or x.dtype != w.dtype:   # (float32 activations:
+                return _bf16_via_f32(x, w, self.bias)                                  # training's, see finetune)
         return F.linear(x, w, self.bias)
 
     @property
