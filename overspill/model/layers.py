@@ -6,6 +6,7 @@ Shapes: B batch, T new tokens, S cached + new keys, C hidden, nh/nkv heads, hs h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -270,17 +271,21 @@ def mlp(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, fused: bool = True) 
 
 
 def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step | RaggedStep,
-                  k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> torch.Tensor:
+                  k_cache: torch.Tensor | None, v_cache: torch.Tensor | None,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One transformer block; residual style per config (sequential, parallel, shared-norm parallel). No cache
-    (None, None): a training forward over whole sequences (differentiable: autograd flows through every op)."""
+    (None, None): a training forward over whole sequences (differentiable: autograd flows through every op).
+    ``reduce``: tensor parallel (parallel/tensor.py): the attention and MLP outputs are this rank's partial sums,
+    and reduce() sums them across ranks: once per block for a parallel residual, after each sublayer otherwise."""
     f = step.fused
     h = norm(cfg, x, w.attn_norm, f)
     a = attention(cfg, w, h, step, k_cache, v_cache)
     if cfg.parallel_residual:
         m = mlp(cfg, w, h if w.mlp_norm is None else norm(cfg, x, w.mlp_norm, f), f)
-        return x + a + m
-    x = x + a
-    return x + mlp(cfg, w, norm(cfg, x, w.mlp_norm, f), f)
+        return x + a + m if reduce is None else x + reduce(a + m)
+    x = x + (a if reduce is None else reduce(a))
+    m = mlp(cfg, w, norm(cfg, x, w.mlp_norm, f), f)
+    return x + (m if reduce is None else reduce(m))
 
 
 def embed_forward(cfg: ModelConfig, w: EmbedWeights, ids: torch.Tensor, step: Step, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,87 @@
+"""Tensor parallel (Megatron-LM, Shoeybi et al. 2019, sec. 3): what each rank holds of a block, and its config.
+
+    qkv  [q heads | k heads | v heads] x C   column-parallel: rank r keeps its q heads and the k/v heads they use
+    out  C x (q heads)                       row-parallel: the same heads' columns; partial sums, then all-reduce
+    up   [gate | up] x C                     column-parallel: rank r's slice of each section
+    down C x F                               row-parallel: the same slice of F; partial sums, then all-reduce
+
+A rank runs the ordinary decoder over its local config (n_heads / T query heads, its KV heads, F / T), so nothing
+in the block math changes but one sum across ranks after each row-parallel projection: after the attention and
+after the MLP, or once per block when the residual is parallel (GPT-J, parallel GPT-NeoX: x + attn + mlp, both
+partial, summed locally, then reduced together). Row-parallel biases stay on rank 0 only, so the sum adds them once.
+Grouped-query models with fewer KV heads than ranks replicate a KV head on the ranks whose query heads use it.
+The embedding and the LM head are replicated: a vocab-parallel head saves V x C / T bytes per rank but needs an
+all-gather of the logits per step, and the sampler wants them whole on one rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import OverspillError
+
+
+def check(cfg: ModelConfig, world: int) -> None:
+    """One line when ``cfg`` cannot be split ``world`` ways."""
+    nh, nkv, F = cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
+    why = []
+    if nh % world:
+        why.append(f"{nh} query heads")
+    if nkv % world and world % nkv:
+        why.append(f"{nkv} key/value heads (for fewer KV heads than ranks, the ranks must be a multiple of them)")
+    if F % world:
+        why.append(f"an MLP width of {F}")
+    if why:
+        raise OverspillError(f"--tp {world}: this model cannot be split {world} ways: {'; '.join(why)} do not "
+                             f"divide evenly by {world}")
+
+
+def local_config(cfg: ModelConfig, world: int) -> ModelConfig:
+    """The config one rank's decoder runs: its share of the heads and of the MLP width."""
+    check(cfg, world)
+    return dataclasses.replace(cfg, n_heads=cfg.n_heads // world, n_kv_heads=max(1, cfg.n_kv_heads // world),
+                               intermediate_size=cfg.intermediate_size // world)
+
+
+def _kv_heads(cfg: ModelConfig, rank: int, world: int) -> range:
+    """The key/value heads rank ``rank``'s query heads attend with."""
+    nkv = cfg.n_kv_heads
+    if nkv % world == 0:
+        n = nkv // world
+        return range(rank * n, (rank + 1) * n)
+    group = cfg.n_heads // nkv                       # query heads per KV head
+    first_q = rank * (cfg.n_heads // world)
+    return range(first_q // group, first_q // group + 1)
+
+
+def _rows(t: torch.Tensor | None, parts: list[tuple[int, int]]) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return torch.cat([t[a:b] for a, b in parts]) if len(parts) > 1 else t[parts[0][0]:parts[0][1]].clone()
+
+
+def shard_block(cfg: ModelConfig, t: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A block's canonical tensors (model/weights.py layout) -> rank ``rank``'s share. Pure; copies the slices."""
+    hs, nh, F = cfg.head_dim, cfg.n_heads, cfg.intermediate_size
+    nhl, Fl = nh // world, F // world
+    kv = _kv_heads(cfg, rank, world)
+    q_rows = (rank * nhl * hs, (rank + 1) * nhl * hs)
+    k0, v0 = nh * hs, nh * hs + cfg.n_kv_heads * hs
+    k_rows = (k0 + kv.start * hs, k0 + kv.stop * hs)
+    v_rows = (v0 + kv.start * hs, v0 + kv.stop * hs)
+    f_rows = [(rank * Fl, (rank + 1) * Fl)]
+    if cfg.gated_mlp:                                # [gate | up]: the same slice of each section
+        f_rows.append((F + rank * Fl, F + (rank + 1) * Fl))
+    out = dict(t)
+    for name, parts in (("qkv", [q_rows, k_rows, v_rows]), ("up", f_rows)):
+        out[f"{name}.weight"] = _rows(t[f"{name}.weight"], parts)
+        if f"{name}.bias" in t:
+            out[f"{name}.bias"] = _rows(t[f"{name}.bias"], parts)
+    out["out.weight"] = t["out.weight"][:, q_rows[0]:q_rows[1]].contiguous()
+    out["down.weight"] = t["down.weight"][:, f_rows[0][0]:f_rows[0][1]].contiguous()
+    if rank != 0:                                    # row-parallel biases: added once, by rank 0's partial sum
+        out.pop("out.bias", None)
+        out.pop("down.bias", None)
+    return out
