@@ -236,6 +236,91 @@ def test_streaming_to_cuda_equal_overlapped_within_budget(big, case):
             assert s["pageable_bytes"] == 0, s        # pinned sources: the copies are asynchronous
 
 
+# -- quantized weights on cuda:0 (quant's portable path) ---------------------------------------------------------
+
+QSCHEMES = ("int8", "int8-dynamic", "int4", "nf4")
+
+
+def _on_cuda(lin) -> bool:
+    lin = getattr(lin, "linear", lin)          # a quant.StoredLinear builds its Linear where it is
+    return lin.portable and lin.dequantize().device.type == "cuda"
+
+
+@gpu
+@pytest.mark.parametrize("scheme", QSCHEMES)
+def test_quantized_on_cuda_matches_the_cpu_quantized_model(deep_dir, tmp_path, scheme):
+    """--quantize with a cuda:0 plan: an HF directory quantized at load (on the CPU, then moved) and resident on
+    cuda:0, and a quantized layer store split over cuda:0-resident, host-held and disk-streamed units, against the
+    CPU's quantized model of the same scheme. Against that model on the portable path (the same just-in-time fp32
+    dequantization, another summation order) within 1e-4; against the CPU's own paths (activations rounded to bf16
+    or int8 there) within tests/test_quant_portable.py's CPU_PATH_DIFF. Greedy tokens: the CPU portable model's."""
+    import overspill.quant as Q
+    from overspill.checkpoint.store import convert
+    path, _ = deep_dir("llama_tied")
+    kw = dict(dtype="float32", max_seq_len=64, background=False)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(0))
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    gen = lambda model: model.generate(prompts, max_new_tokens=8, ignore_eos=True)
+    cpu_own = overspill.load(path, quantize=scheme, **kw).logits(ids)
+    with Q.portable():
+        cpu = overspill.load(path, quantize=scheme, **kw)
+        want, want_tokens = cpu.logits(ids), gen(cpu)
+    res = overspill.load(path, quantize=scheme, max_memory="cuda:0=1GiB,cpu=1GiB", **kw)
+    assert _kinds(res) == {("resident", DEV, DEV)}
+    assert _on_cuda(res.executor.source.acquire(1).qkv)
+    store = convert(path, str(tmp_path / "store"), dtype="float32", quantize=scheme, progress=False)
+    w, kv, act = _sizes(overspill.load(store, max_memory="cuda:0=1GiB,cpu=1GiB", **kw))
+    big = max(w.values())
+    mixed = overspill.load(store, max_memory=f"cuda:0={act + kv + 2 * big + w['embed'] + w['block.0'] + 16},"
+                                             f"cpu={2 * big + w['block.0'] + 16}", **kw)
+    assert _kinds(mixed) == {("resident", DEV, DEV), ("stream", DEV, "cpu"), ("stream", DEV, "disk")}, _kinds(mixed)
+    for m in (res, mixed):
+        got = m.logits(ids)
+        diff = ((got - cpu_own).abs().max() / cpu_own.std()).item()
+        print(f"\ngpu_check {scheme}: max |logit - CPU portable| {(got - want).abs().max().item():.2e}, "
+              f"vs the CPU's own path {diff:.4f} std")
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert diff <= 0.25, diff
+        assert gen(m) == want_tokens
+
+
+@gpu
+@pytest.mark.parametrize("scheme", QSCHEMES)
+def test_backward_through_a_quantized_linear_on_cuda(scheme, monkeypatch):
+    """Autograd to the input of a quantized Linear whose tensors live on cuda:0: dL/dx = dL/dy @ dequantize() (fp32,
+    cuBLAS without TF32), the CPU portable Linear's gradient within fp32 summation order, bf16 within its rounding;
+    and no CPU-only op is reached (they are made to fail after quantize)."""
+    import overspill.quant as Q
+    from overspill.quant import codebook as cb_mod, int4 as int4_mod, int8 as int8_mod
+    g0 = torch.Generator().manual_seed(0)
+    N, K = 384, 256
+    t = Q.quantize(torch.randn(N, K, generator=g0) * 0.02, scheme)
+    bias = torch.randn(N, generator=g0) * 0.1
+    ref = Q.make_linear(scheme, t, bias, portable=True)
+    for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"):
+        monkeypatch.setattr(torch, name, None)
+    for mod in (int8_mod, int4_mod, cb_mod):
+        monkeypatch.setattr(mod, "cpu_kernels", None)
+    lin = Q.make_linear(scheme, {k: v.to(DEV) for k, v in t.items()}, bias.to(DEV))
+    assert lin.portable and torch.equal(lin.dequantize().cpu(), Q.dequantize(scheme, t))
+    x = torch.randn(4, 7, K, generator=g0)
+    g = torch.randn(4, 7, N, generator=g0)
+    xc = x.detach().to(DEV).requires_grad_(True)
+    y = lin(xc)
+    assert y.device.type == "cuda" and y.requires_grad
+    y.backward(g.to(DEV))
+    want = g.to(DEV) @ lin.dequantize()
+    assert torch.allclose(xc.grad, want, rtol=1e-5, atol=1e-5), (xc.grad - want).abs().max()
+    xr = x.detach().clone().requires_grad_(True)
+    ref(xr).backward(g)
+    assert torch.allclose(xc.grad.cpu(), xr.grad, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(y.detach().cpu(), ref(x), rtol=1e-4, atol=1e-4)
+    xb = x.detach().to(DEV, torch.bfloat16).requires_grad_(True)
+    lin(xb).backward(g.to(DEV, torch.bfloat16))
+    assert xb.grad.dtype == torch.bfloat16
+    assert ((xb.grad.float() - want).norm() / want.norm()).item() < 0.01      # bf16 weight and matmul rounding
+
+
 # -- without a GPU: the script and these tests skip cleanly (run everywhere) --------------------------------------
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"

@@ -12,24 +12,36 @@ API:
   quantize(weight [N,K], scheme, **opts) -> dict of plain contiguous CPU tensors (safetensors-ready)
       opts: int4: group_size (32/64/128/256; default 64, or 32 if K % 64); int8-dynamic/nf4: blocksize (default 64)
   make_linear(scheme, tensors, bias=None, **opts) -> Linear   (int8: act_quant="auto"|"never"|"always"; int4: act_quant="auto"|"never")
-  dequantize(scheme, tensors) -> float32 [N, K]
+      where the tensors are: on an accelerator (or with portable=True) the portable path below
+  stored_linear(scheme, tensors, bias=None) -> StoredLinear: the stored tensors as a Linear that moves between
+      devices with the loader's tensor maps, and builds its make_linear() Linear where it is first called
+  dequantize(scheme, tensors) -> float32 [N, K]   (on the tensors' device)
   quantized_nbytes(scheme, out_features, in_features, **opts) -> bytes of the stored tensors
-  scratch_nbytes_for(scheme, out_features, in_features, dtype) -> bytes of reusable dequantization scratch a
-      prefill-sized call leaves allocated on its thread (0 where the kernels compute from the codes directly)
+  scratch_nbytes_for(scheme, out_features, in_features, dtype, device="cpu") -> bytes of reusable dequantization
+      scratch a prefill-sized call leaves allocated on its thread (0 where the kernels compute from the codes directly)
 Linear objects: lin(x[..., K] fp32|bf16) -> [..., N] in x.dtype; in_features, out_features, nbytes, dequantize();
 differentiable w.r.t. x (backward = grad @ dequant(W)) when grad is enabled and x.requires_grad.
+
+Portable path: the stored tensors live on any device (quantize() output moved with .to(device)); each call
+dequantizes this one weight with torch ops into a reusable scratch buffer on that device, in x's dtype (fp32, bf16,
+fp16), and runs F.linear; the backward multiplies by the same just-in-time weight. No dequantized copy outlives the
+call but the per-thread scratch (scratch_nbytes_for(..., device=...) sizes it). Taken by every Linear whose tensors
+are off the CPU, and on the CPU by make_linear(..., portable=True), or every Linear built inside ``with portable():``
+/ after set_portable(True) / with OVERSPILL_QUANT_PORTABLE=1 (tests run the accelerator path on the CPU this way).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
 from . import codebook, int4, int8
-from ._base import QuantLinear, release_scratch, scratch_nbytes
+from ._base import QuantLinear, nbytes_of, portable, release_scratch, scratch_nbytes, set_portable
 
 SCHEMES: tuple[str, ...] = ("int8", "int8-dynamic", "int4", "nf4")
 
-__all__ = ["SCHEMES", "quantize", "make_linear", "dequantize", "quantized_nbytes", "QuantLinear",
-           "scratch_nbytes", "scratch_nbytes_for", "release_scratch"]
+__all__ = ["SCHEMES", "quantize", "make_linear", "stored_linear", "StoredLinear", "dequantize", "quantized_nbytes",
+           "QuantLinear", "scratch_nbytes", "scratch_nbytes_for", "release_scratch", "portable", "set_portable"]
 
 
 def _check_scheme(scheme: str):
@@ -60,21 +72,80 @@ def quantize(weight: torch.Tensor, scheme: str, **opts) -> dict[str, torch.Tenso
 
 
 def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,
-                repack: bool | str = True, **opts):
-    """Runtime Linear from stored tensors. ``repack=True`` converts int8/int4 into the CPU kernels' panel layout
-    where they build (a one-time copy; the fast path). ``repack="inplace"`` converts the given tensors' own bytes
-    into that layout (same size; a few MB of scratch at a time): for weights in a streaming staging buffer, whose
-    memory the budget already counts, so streamed units run the same kernels as resident ones. ``repack=False``
-    uses the tensors as they are with torch's kernels. (int8's oneDNN prepack without the kernels happens lazily;
-    int4 files packed for another CPU layout are repacked regardless.)"""
+                repack: bool | str = True, portable: bool | None = None, **opts):
+    """Runtime Linear from stored tensors, computing where they are (bias on the same device).
+
+    On the CPU: ``repack=True`` converts int8/int4 into the CPU kernels' panel layout where they build (a one-time
+    copy; the fast path). ``repack="inplace"`` converts the given tensors' own bytes into that layout (same size; a
+    few MB of scratch at a time): for weights in a streaming staging buffer, whose memory the budget already counts,
+    so streamed units run the same kernels as resident ones. ``repack=False`` uses the tensors as they are with
+    torch's kernels. (int8's oneDNN prepack without the kernels happens lazily; int4 files packed for another CPU
+    layout are repacked regardless.)
+    Portable path (module docstring): tensors on any other device, or ``portable=True``; ``portable=None`` follows
+    set_portable(). The tensors are used as they are there (``repack`` and ``act_quant`` do not apply)."""
     _check_scheme(scheme)
     if scheme == "int8":
-        return int8.Int8Linear(tensors, bias, repack=repack, **opts)
+        return int8.Int8Linear(tensors, bias, repack=repack, portable=portable, **opts)
     if scheme == "int4":
-        return int4.Int4Linear(tensors, bias, repack=repack, **opts)
+        return int4.Int4Linear(tensors, bias, repack=repack, portable=portable, **opts)
     if opts:
         raise TypeError(f"{scheme}: unexpected options {sorted(opts)}")
-    return codebook.CodebookLinear(scheme, tensors, bias, repack=repack)
+    return codebook.CodebookLinear(scheme, tensors, bias, repack=repack, portable=portable)
+
+
+@dataclasses.dataclass(eq=False)
+class StoredLinear:
+    """A quantized linear held as its stored tensors (quantize()'s dict) and bias: the form that moves.
+
+    Every field is a tensor (or a dict of them), so the loader's tensor maps (runtime/transfer.py: pack into pinned
+    host RAM, copy to an accelerator per forward) handle it as any unit's weights, through dataclasses.replace.
+    The runtime Linear (make_linear(scheme, tensors, bias)) is built on the first call, where the tensors then are:
+    on an accelerator that is the portable path. A copy that is never called (a host-held unit's pinned original)
+    builds nothing. ``scheme`` is a class attribute: stored_linear() picks the subclass."""
+
+    tensors: dict[str, torch.Tensor]
+    bias: torch.Tensor | None = None
+    scheme = ""
+
+    def __post_init__(self):
+        self._lin: QuantLinear | None = None
+
+    @property
+    def linear(self) -> QuantLinear:
+        if self._lin is None:
+            self._lin = make_linear(self.scheme, self.tensors, self.bias)
+        return self._lin
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(*self.tensors.values(), self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.linear.dequantize()
+
+    def __repr__(self) -> str:
+        dev = next(iter(self.tensors.values())).device
+        return f"StoredLinear({self.scheme}, {dev}, {self.nbytes} bytes)"
+
+
+_STORED = {s: type(f"Stored{s.title().replace('-', '')}", (StoredLinear,), {"scheme": s}) for s in SCHEMES}
+
+
+def stored_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> StoredLinear:
+    """quantize()'s tensors (and a bias) as a Linear that moves between devices; see StoredLinear."""
+    _check_scheme(scheme)
+    return _STORED[scheme](dict(tensors), bias)
 
 
 def dequantize(scheme: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,13 +169,23 @@ def quantized_nbytes(scheme: str, out_features: int, in_features: int, **opts) -
     return codebook.nbytes(scheme, N, K, **opts)
 
 
-def scratch_nbytes_for(scheme: str, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+def scratch_nbytes_for(scheme: str, out_features: int, in_features: int, dtype: torch.dtype,
+                       device: torch.device | str = "cpu") -> int:
     """Bytes of per-thread dequantization scratch (quant/_base.scratch) that a prefill-sized call of a linear of this
-    shape leaves allocated, activations in ``dtype``. The buffers are kept for reuse, so memory plans count them."""
+    shape leaves allocated, activations in ``dtype``. The buffers are kept for reuse, so memory plans count them.
+    A ``device`` other than the CPU: the portable path's, which every call leaves there (the weight in ``dtype``;
+    int4 also its unpacked codes, the code books a bounded index buffer)."""
     _check_scheme(scheme)
     N, K = int(out_features), int(in_features)
+    es = torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type != "cpu":
+        if scheme == "int8":
+            return N * K * es
+        if scheme == "int4":
+            return K * (-(-N // 16) * 16) * (1 + es)
+        return codebook.scratch_nbytes(scheme, N, K, es, portable=True)
     if scheme == "int4":
         return int4.scratch_nbytes(N, K)
     if scheme == "int8":
         return 0
-    return codebook.scratch_nbytes(scheme, N, K, torch.empty((), dtype=dtype).element_size())
+    return codebook.scratch_nbytes(scheme, N, K, es)

@@ -24,6 +24,9 @@ Otherwise, and for larger M (prefill), the whole weight is dequantized just in t
 a scratch buffer), ``index_select`` from a 256-entry LUT in the activation dtype (nf4: a [256, 2] pair LUT, one
 lookup per byte), in-place per-block scale multiply: ~25 ms per 16M weights (bf16, 2 threads) vs 58 ms with fresh
 allocations; bitsandbytes' CPU kernel ~2x slower; then one dense matmul.
+Portable path (tensors off the CPU, or asked for: quant/_base.py): that same just-in-time dequantization at every M,
+on the weight's device, with the code indices converted PORTABLE_IDX_CHUNK codes at a time (an int32 index per code
+would be 4x the codes: bounded scratch on an accelerator).
 """
 from __future__ import annotations
 
@@ -33,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import PANEL, block_weight, convert_stripes_, cpu_kernels
-from ._base import QuantLinear, nbytes_of, scratch
+from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 DEFAULT_BLOCKSIZE = 64
 KERNEL_MAX_M = 16   # lut_mm up to here; it decodes the codes once per 2 rows, so prefill dequantizes once instead
+PORTABLE_IDX_CHUNK = 1 << 22   # codes indexed at a time on the portable path (16 MiB of int32 indices)
 
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -63,12 +67,12 @@ def _code(scheme: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _lut(scheme: str, dtype: torch.dtype) -> torch.Tensor:
+def _lut(scheme: str, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     c = _code(scheme)
     if scheme == "nf4":   # byte b -> (code[b & 15], code[b >> 4])
         b = torch.arange(256)
-        return torch.stack([c[b & 15], c[b >> 4]], -1).to(dtype).contiguous()   # [256, 2]
-    return c.to(dtype).contiguous()
+        return torch.stack([c[b & 15], c[b >> 4]], -1).to(device, dtype).contiguous()   # [256, 2]
+    return c.to(device, dtype).contiguous()
 
 
 def _bits(scheme):
@@ -113,16 +117,20 @@ def _meta(t):
 
 
 def _dequant_into(scheme, qweight, absmax, N, K, bs, dtype, out_flat, idx_buf):
-    """Write code[q]*absmax (dtype) into out_flat (>= nblk*bs elements); returns the [N, K] view."""
+    """Write code[q]*absmax (dtype) into out_flat (>= nblk*bs elements; on qweight's device); returns the [N, K]
+    view. The codes are looked up idx_buf.numel() at a time (all at once where it holds them all)."""
     n = N * K
     nblk = absmax.numel()
-    lut = _lut(scheme, dtype)
+    lut = _lut(scheme, dtype, qweight.device)
     q = qweight.reshape(-1)
-    idx_buf.copy_(q)
-    if scheme == "nf4":
-        torch.index_select(lut, 0, idx_buf, out=out_flat[: 2 * q.numel()].view(-1, 2))
-    else:
-        torch.index_select(lut, 0, idx_buf, out=out_flat[:n])
+    per = 2 if scheme == "nf4" else 1            # outputs per stored byte
+    step = idx_buf.numel()
+    for c0 in range(0, q.numel(), step):
+        c1 = min(q.numel(), c0 + step)
+        idx = idx_buf[: c1 - c0]
+        idx.copy_(q[c0:c1])
+        dst = out_flat[per * c0: per * c1]
+        torch.index_select(lut, 0, idx, out=dst.view(-1, 2) if per == 2 else dst)
     full = n // bs
     if full:
         out_flat[: full * bs].view(full, bs).mul_(absmax[:full, None])
@@ -134,8 +142,9 @@ def _dequant_into(scheme, qweight, absmax, N, K, bs, dtype, out_flat, idx_buf):
 def dequantize(scheme: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
     N, K, bs = _meta(t)
     q = t["qweight"]
-    out = torch.empty(max(N * K, 2 * q.numel()), dtype=torch.float32)
-    idx = torch.empty(q.numel(), dtype=torch.int32)
+    out = torch.empty(max(N * K, 2 * q.numel()), dtype=torch.float32, device=q.device)
+    idx = torch.empty(q.numel() if q.device.type == "cpu" else min(q.numel(), PORTABLE_IDX_CHUNK), dtype=torch.int32,
+                      device=q.device)
     w = _dequant_into(scheme, q, t["absmax"].float(), N, K, bs, torch.float32, out, idx)
     return w if out.numel() == N * K else w.clone()
 
@@ -167,10 +176,13 @@ def _unpack4_panels(p: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 1, 4, 3).reshape(NP * PANEL, KQ * 4)
 
 
-def scratch_nbytes(scheme: str, N: int, K: int, itemsize: int, blocksize: int = 64) -> int:
+def scratch_nbytes(scheme: str, N: int, K: int, itemsize: int, blocksize: int = 64, portable: bool = False) -> int:
     """Scratch a prefill call (more than KERNEL_MAX_M rows) leaves allocated: the dequantized weight in the
-    activations' dtype and its int32 code indices, plus (8-bit codes held in panels) the codes in plain layout."""
+    activations' dtype and its int32 code indices, plus (8-bit codes held in panels) the codes in plain layout.
+    portable: what every call of the portable path leaves (the weight, indices for PORTABLE_IDX_CHUNK codes)."""
     codes = N * K if _bits(scheme) == 8 else -(-N * K // 2)
+    if portable:
+        return max(N * K, 2 * codes) * itemsize + 4 * min(codes, PORTABLE_IDX_CHUNK)
     panels = cpu_kernels() is not None and N % PANEL == 0 and K % blocksize == 0
     weight = max(N * K, 2 * codes) * itemsize          # _weight's "cb_w" buffer (room for the LUT's two passes)
     return weight + 4 * codes + (N * K if panels and _bits(scheme) == 8 else 0)
@@ -178,7 +190,7 @@ def scratch_nbytes(scheme: str, N: int, K: int, itemsize: int, blocksize: int = 
 
 class CodebookLinear(QuantLinear):
     def __init__(self, scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None,
-                 repack: bool | str = True):
+                 repack: bool | str = True, portable: bool | None = None):
         self.scheme = scheme
         N, K, bs = _meta(tensors)
         q, am = tensors["qweight"], tensors["absmax"]
@@ -186,9 +198,10 @@ class CodebookLinear(QuantLinear):
         if q.dtype != torch.uint8 or q.numel() != nq or am.numel() != -(-N * K // bs):
             raise ValueError(f"{scheme}: stored tensors qweight {q.dtype} {tuple(q.shape)}, absmax {tuple(am.shape)} "
                              f"do not match meta N={N} K={K} blocksize={bs}")
-        super().__init__(N, K, bias, nbytes_of(q, am, tensors["meta"]))
+        portable = wants_portable(q, portable)
+        super().__init__(N, K, bias, nbytes_of(q, am, tensors["meta"]), portable)
         self.blocksize = bs
-        ok = (repack and N % PANEL == 0 and K % bs == 0 and bs % 16 == 0 and q.device.type == "cpu"
+        ok = (repack and not portable and N % PANEL == 0 and K % bs == 0 and bs % 16 == 0
               and (repack is True or (q.is_contiguous() and am.dtype == torch.float32 and am.is_contiguous())))
         self._k = cpu_kernels() if ok else None
         if self._k is None:
@@ -246,10 +259,13 @@ class CodebookLinear(QuantLinear):
             am = am32.to(dtype)
             if self._k is None:
                 self._absmax_cast[dtype] = am
-        N, K = self.out_features, self.in_features
-        out = scratch("cb_w", max(N * K, 2 * q.numel()), dtype)
-        idx = scratch("cb_idx", q.numel(), torch.int32)
+        N, K, dev = self.out_features, self.in_features, q.device
+        out = scratch("cb_w", max(N * K, 2 * q.numel()), dtype, dev)
+        idx = scratch("cb_idx", min(q.numel(), PORTABLE_IDX_CHUNK) if self.portable else q.numel(), torch.int32, dev)
         return _dequant_into(self.scheme, q, am, N, K, self.blocksize, dtype, out, idx)
+
+    def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self._weight(dtype)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         if self._k is not None and x.shape[0] <= KERNEL_MAX_M:

@@ -17,17 +17,21 @@ Kernels, by ``act_quant``:
   of x. Batch 1 near the read bandwidth; prefill faster than bf16 (benchmarks/bench_linear.py).
 * "never" (exact bf16 activations), or no kernels, or streamed units (``repack=False``): M <= INT4PACK_MAX_M (96):
   ``_weight_int4pack_mm_for_cpu`` (bf16 activation; time grows ~linearly with M: blocks of 4 rows each re-decode
-  the weights); larger M (prefill): dequantize to bf16 W^T in a scratch buffer and one bf16 matmul (chunking the
+  the weights); larger M (prefill): dequantize to bf16 W in a scratch buffer and one bf16 matmul (chunking the
   int4pack call by 4 rows measured no gain).
+* Portable path (tensors off the CPU, or asked for: quant/_base.py): every M dequantizes W in x.dtype into a
+  scratch buffer with torch ops (the int4pack bytes unpacked by shifts and masks, whatever CPU layout the file
+  holds: no repack), then one matmul.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from ..kernels import INPLACE_CHUNK, PANEL, cpu_kernels, pack_int4, unpack_int4, vnni_block
-from ._base import QuantLinear, nbytes_of, scratch
+from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 64
@@ -79,10 +83,10 @@ def native_layout() -> int:
 
 
 def _unpack_kn(packed: torch.Tensor, Np: int, K: int, layout: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """packed int4pack bytes -> uint8 q values laid out [K, Np] (i.e. W^T)."""
+    """packed int4pack bytes -> uint8 q values laid out [K, Np] (i.e. W^T), on packed's device (torch ops only)."""
     flat = packed.reshape(-1)
     if out is None:
-        out = torch.empty(K, Np, dtype=torch.uint8)
+        out = torch.empty(K, Np, dtype=torch.uint8, device=packed.device)
     BN = layout if layout else 32
     nbf = Np // BN
     full = nbf * BN
@@ -156,14 +160,36 @@ def _meta(t):
     return N, K, gs, lay
 
 
+def _dequant_into(qweight: torch.Tensor, s: torch.Tensor, z: torch.Tensor, N: int, K: int, gs: int, layout: int,
+                  codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """W = (q - 8) * scale + zero into ``w`` [Np, K] (its dtype), q unpacked into ``codes`` (uint8 [Np, K]);
+    s, z: [Np, K/gs, 1] in w's dtype. Returns W [N, K] (contiguous rows of w). Torch ops only, on any device.
+    Row-major W, not W^T: a bf16 [M, K] @ [K, N] without native bf16 ran 25x slower than F.linear on [N, K]
+    (4096x4096, M=256: 35 s against 0.6 s here), and a GEMV reads W^T with a stride."""
+    Np = w.shape[0]
+    _unpack_kn(qweight, Np, K, layout, out=codes.t())   # written through the [K, Np] view: same speed
+    w.copy_(codes).sub_(8)                     # small integers: exact in bf16
+    wg = w.view(Np, K // gs, gs)
+    torch.addcmul(z, wg, s, out=wg)            # (q-8)*s + z, one rounding (folding z-8s into bf16 doubled the error)
+    return w[:N]
+
+
+def _sz_as(sz: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """scales_zeros [K/gs, Np, 2] -> (scales, zeros) [Np, K/gs, 1] in dtype."""
+    return tuple(sz[..., i].t().to(dtype).contiguous()[:, :, None] for i in (0, 1))
+
+
+def _dequant_f32(qweight: torch.Tensor, sz: torch.Tensor, N: int, K: int, gs: int, layout: int) -> torch.Tensor:
+    """fp32 W [N, K] (fresh memory, on qweight's device)."""
+    Np = -(-N // 16) * 16
+    w = torch.empty(Np, K, dtype=torch.float32, device=qweight.device)
+    codes = torch.empty(Np, K, dtype=torch.uint8, device=qweight.device)
+    return _dequant_into(qweight, *_sz_as(sz, torch.float32), N, K, gs, layout, codes, w)
+
+
 def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
     N, K, gs, lay = _meta(t)
-    Np = -(-N // 16) * 16
-    qkn = _unpack_kn(t["qweight"], Np, K, lay).float()                       # [K, Np]
-    sz = t["scales_zeros"].float()
-    s, z = sz[..., 0], sz[..., 1]                                              # [K/gs, Np]
-    w = (qkn.view(K // gs, gs, Np) - 8).mul_(s[:, None]).add_(z[:, None]).view(K, Np)
-    return w.t()[:N].contiguous()
+    return _dequant_f32(t["qweight"], t["scales_zeros"], N, K, gs, lay)
 
 
 def nbytes(N: int, K: int, group_size: int | None = None) -> int:
@@ -175,7 +201,7 @@ def nbytes(N: int, K: int, group_size: int | None = None) -> int:
 
 def scratch_nbytes(N: int, K: int) -> int:
     """Scratch a prefill call leaves allocated: none with the w4a8 kernel, else the unpacked codes and the bf16
-    weight of _dequant_bf16_t."""
+    weight of Int4Linear._jit_weight."""
     if cpu_kernels() is not None and vnni_block(N, K, _default_gs(K)):
         return 0
     Np = -(-N // 16) * 16
@@ -186,7 +212,7 @@ class Int4Linear(QuantLinear):
     scheme = "int4"
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, repack: bool | str = True,
-                 act_quant: str = "auto"):
+                 act_quant: str = "auto", portable: bool | None = None):
         N, K, gs, lay = _meta(tensors)
         _check(N, K, gs)
         if act_quant not in ("auto", "never"):
@@ -195,9 +221,11 @@ class Int4Linear(QuantLinear):
         qw, sz = tensors["qweight"], tensors["scales_zeros"]
         if qw.numel() != Np * K // 2 or sz.shape != (K // gs, Np, 2):
             raise ValueError(f"int4: stored tensors {tuple(qw.shape)}, {tuple(sz.shape)} do not match meta N={N} K={K} gs={gs}")
-        super().__init__(N, K, bias, nbytes_of(qw, sz, tensors["meta"]))
+        portable = wants_portable(qw, portable)
+        super().__init__(N, K, bias, nbytes_of(qw, sz, tensors["meta"]), portable)
         self.group_size, self.Np, self.act_quant = gs, Np, act_quant
-        ok = repack and act_quant == "auto" and qw.device.type == "cpu" and vnni_block(N, K, gs)
+        self._sz_by: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        ok = repack and not portable and act_quant == "auto" and vnni_block(N, K, gs)
         self._k = cpu_kernels() if ok else None
         if self._k is not None and repack == "inplace" and (sz.dtype != torch.bfloat16 or not qw.is_contiguous()
                                                             or not sz.is_contiguous()):
@@ -209,17 +237,16 @@ class Int4Linear(QuantLinear):
                 q = _unpack_kn(qw, Np, K, lay).t()[:N]
                 self.qpanels, self.szpanels = to_panels(q, sz, N, gs)
             self.qweight = self.scales_zeros = None
-            self.layout, self._sz8 = lay, None
+            self.layout = lay
             self._fast_ok = True
             self._bias_f32 = None if bias is None else bias.float().contiguous()
             return
-        if lay != native_layout():   # file packed on a CPU with another layout: repack once
+        if not portable and lay != native_layout():   # file packed on a CPU with another layout: repack once
             q = _unpack_kn(qw, Np, K, lay).t().to(torch.int32).contiguous()
             qw, lay = torch._convert_weight_to_int4pack_for_cpu(q, 2), native_layout()
         self.qweight = qw.view(Np, K // 2)
         self.layout = lay
         self.scales_zeros = sz.to(torch.bfloat16).contiguous()
-        self._sz8 = None
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
         return self._k.int4_vnni_mm(x, self.qpanels, self.szpanels, self.group_size, self._bias_f32)
@@ -230,26 +257,24 @@ class Int4Linear(QuantLinear):
         if self._k is not None:
             y = self._k.int4_vnni_mm(xb, self.qpanels, self.szpanels, self.group_size, None)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
-        if M <= INT4PACK_MAX_M:
-            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales_zeros)
+        if M > INT4PACK_MAX_M:
+            y = F.linear(xb, self._jit_weight(torch.bfloat16))
         else:
-            y = xb @ self._dequant_bf16_t()
-        if self.Np != self.out_features:
-            y = y[:, : self.out_features].contiguous()
+            y = torch._weight_int4pack_mm_for_cpu(xb, self.qweight, self.group_size, self.scales_zeros)
+            if self.Np != self.out_features:
+                y = y[:, : self.out_features].contiguous()
         return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
 
-    def _dequant_bf16_t(self) -> torch.Tensor:
-        """bf16 W^T [K, Np] in a scratch buffer (valid until the next int4 prefill call on this thread)."""
-        K, Np, gs = self.in_features, self.Np, self.group_size
-        if self._sz8 is None:
-            self._sz8 = (self.scales_zeros[..., 0].contiguous()[:, None], self.scales_zeros[..., 1].contiguous()[:, None])
-        s, z = self._sz8
-        qkn = _unpack_kn(self.qweight, Np, K, self.layout, out=scratch("int4_u8", K * Np, torch.uint8).view(K, Np))
-        w = scratch("int4_w", K * Np, torch.bfloat16).view(K, Np)
-        w.copy_(qkn).sub_(8)                       # small integers: exact in bf16
-        wg = w.view(K // gs, gs, Np)
-        torch.addcmul(z, wg, s, out=wg)            # (q-8)*s + z, one rounding (folding z-8s into bf16 doubled the error)
-        return w
+    def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] in dtype, in this thread's scratch on the weight's device (valid until the next int4
+        dequantization on this thread): the CPU's prefill path (bf16) and the portable path."""
+        K, Np, dev = self.in_features, self.Np, self.qweight.device
+        sz = self._sz_by.get(dtype)
+        if sz is None:
+            sz = self._sz_by[dtype] = _sz_as(self.scales_zeros, dtype)
+        codes = scratch("int4_u8", Np * K, torch.uint8, dev).view(Np, K)
+        w = scratch("int4_w", Np * K, dtype, dev).view(Np, K)
+        return _dequant_into(self.qweight, *sz, self.out_features, K, self.group_size, self.layout, codes, w)
 
     def dequantize(self) -> torch.Tensor:
         if self._k is not None:
@@ -257,5 +282,5 @@ class Int4Linear(QuantLinear):
             q = unpack_int4(self.qpanels).float().view(N, K // gs, gs) - 8
             s, z = (self.szpanels[:, :, i].float().permute(0, 2, 1).reshape(N, K // gs, 1) for i in (0, 1))
             return (q * s + z).view(N, K)
-        return dequantize({"qweight": self.qweight, "scales_zeros": self.scales_zeros,
-                           "meta": torch.tensor([self.out_features, self.in_features, self.group_size, self.layout])})
+        return _dequant_f32(self.qweight, self.scales_zeros, self.out_features, self.in_features, self.group_size,
+                            self.layout)

@@ -15,13 +15,15 @@ Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``ac
   transient bf16 weight and one dense matmul.
 ``repack=False`` (the stored tensors used as they are) takes the no-kernel paths of the chosen mode.
 * "always": activations quantized at every M (the kernel, else oneDNN w8a8).
+Portable path (tensors off the CPU, or asked for: quant/_base.py): weight-only at every M, exact activations:
+q -> x.dtype into a scratch buffer, times the scales, then F.linear; ``act_quant`` does not apply.
 """
 from __future__ import annotations
 
 import torch
 
 from ..kernels import bf16_native, cpu_kernels, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
-from ._base import QuantLinear, nbytes_of
+from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
 
@@ -65,16 +67,17 @@ class Int8Linear(QuantLinear):
     scheme = "int8"
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str | None = None,
-                 repack: bool | str = True):
+                 repack: bool | str = True, portable: bool | None = None):
         q, s = tensors["qweight"], tensors["scales"]
         if q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
             raise ValueError(f"int8: expected qweight int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)}, {tuple(s.shape)}")
         if act_quant not in (None, "auto", "never", "always"):
             raise ValueError(f"int8: act_quant must be auto|never|always, got {act_quant!r}")
-        super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s))
+        portable = wants_portable(q, portable)
+        super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s), portable)
         N, K = q.shape
         self._block = _act_block(K)
-        ok = (repack and act_quant != "never" and q.device.type == "cpu" and self._block is not None
+        ok = (repack and not portable and act_quant != "never" and self._block is not None
               and vnni_block(N, K, self._block) and (repack != "inplace" or q.is_contiguous()))
         self._k = cpu_kernels() if ok else None
         # Kernel path: the weight is held only in the panel layout (no second copy).
@@ -87,6 +90,9 @@ class Int8Linear(QuantLinear):
         if act_quant is None:   # the default: w8a8 on our kernel; without it weight-only, which needs no second copy
             act_quant = "auto" if self._k is not None else "never"
         self.act_quant = act_quant if act_quant == "never" or _onednn_int8_ok() or self._k is not None else "never"
+        if portable:
+            self.act_quant = "never"
+        self._scales_as: dict[torch.dtype, torch.Tensor] = {}
         self._packed = None
         self._zp = None
 
@@ -130,6 +136,16 @@ class Int8Linear(QuantLinear):
                                                1.0, 0, torch.float32, "none", [], "")
         y = y.mul_(a)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W = q * scale in ``dtype`` [N, K], in this thread's scratch on the weight's device (in float32 bit-equal
+        to dequantize(): exact conversions, one rounded multiply)."""
+        q, N, K = self.qweight, self.out_features, self.in_features
+        s = self._scales_as.get(dtype)
+        if s is None:
+            s = self._scales_as[dtype] = self.scales_bf16.to(dtype)[:, None]                # [N, 1]
+        w = scratch("int8_w", N * K, dtype, q.device).view(N, K)
+        return w.copy_(q).mul_(s)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize({"qweight": self.qweight, "scales": self.scales_bf16})

@@ -8,7 +8,8 @@
 
 Weight formats (dense, blocked bf16, int8, int4, ...) are chosen here from the dtype and scheme; a ``LinearHook``
 (LoRA, tests) is applied to every unit's linears on every tier: resident on the CPU or an accelerator, held in host
-RAM, streamed from disk.
+RAM, streamed from disk. Quantized units computing on an accelerator hold their stored tensors there (quantized on
+the CPU first when the source is an HF directory) and run quant's portable path (dequantize one weight at a time).
 """
 from __future__ import annotations
 
@@ -212,9 +213,10 @@ def plan_for(path: str, dtype, quantize: str | None, budgets: dict[str, int], re
 
 # -- 4. devices ------------------------------------------------------------------------------------------------------
 
-def unit_devices(plan, quantize: str | None, stand_in: dict[str, str] | None = None) -> list[torch.device]:
+def unit_devices(plan, stand_in: dict[str, str] | None = None) -> list[torch.device]:
     """Where each unit computes, checked against this torch build. ``stand_in`` maps a planned device to the one that
-    runs it (e.g. {"cuda:0": "cpu"}): a plan made for devices this machine lacks runs its code paths on ones it has."""
+    runs it (e.g. {"cuda:0": "cpu"}): a plan made for devices this machine lacks runs its code paths on ones it has.
+    Every weight format runs on every device (quantized ones off the CPU on quant's portable path)."""
     stand_in = stand_in or {}
     devs = [torch.device(stand_in.get(p.device, p.device)) for p in plan.placements]
     accel = sorted({str(d) for d in devs if d.type != "cpu"})
@@ -229,32 +231,58 @@ def unit_devices(plan, quantize: str | None, stand_in: dict[str, str] | None = N
         if missing:
             raise OverspillError(f"the memory plan places units on {', '.join(missing)} but this machine has {n} CUDA "
                                  f"device(s) (cuda:0..cuda:{n - 1}); fix the --max-memory budgets")
-        if quantize:
-            raise OverspillError(f"quantized weights ({quantize}) run on the CPU kernels only; the plan places units "
-                                 f"on {', '.join(accel)}: drop --quantize or the accelerator budgets")
     return devs
 
 
 # -- 5. wire ---------------------------------------------------------------------------------------------------------
 
-def linear_format(scheme: str | None, include_head: bool = False) -> MakeLinear:
-    """How the CPU builds a unit's linears: the fastest exact dense format, or ``scheme`` for the block matmuls
-    (and the LM head with include_head), quantized at load time."""
-    if scheme is None:
-        return dense_linear_format
+def _quantizer(scheme: str):
     from .. import quant
 
     if scheme not in quant.SCHEMES:
         raise OverspillError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(quant.SCHEMES)})")
 
+    def run(name: str, weight: torch.Tensor, build):
+        try:
+            return build(quant.quantize(weight, scheme))   # on the CPU, whatever the weight's device
+        except ValueError as e:
+            raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
+
+    return quant, run
+
+
+def linear_format(scheme: str | None, include_head: bool = False) -> MakeLinear:
+    """How the CPU builds a unit's linears: the fastest exact dense format, or ``scheme`` for the block matmuls
+    (and the LM head with include_head), quantized at load time. A weight on an accelerator (a unit streamed from an
+    HF directory to where it computes) is quantized on the CPU and its stored tensors go back to its device."""
+    if scheme is None:
+        return dense_linear_format
+    quant, run = _quantizer(scheme)
+
     def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         if name == "lm" and not include_head:
             return dense_linear(weight, bias)
-        try:
-            # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
-            return quant.make_linear(scheme, quant.quantize(weight, scheme), bias, repack="inplace")
-        except ValueError as e:
-            raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
+        dev = weight.device
+        if dev.type != "cpu":
+            return run(name, weight, lambda t: quant.make_linear(scheme, map_tensors(t, lambda x: x.to(dev)), bias))
+        # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
+        return run(name, weight, lambda t: quant.make_linear(scheme, t, bias, repack="inplace"))
+
+    return make
+
+
+def movable_format(scheme: str | None, include_head: bool = False) -> MakeLinear:
+    """How a unit that computes on an accelerator holds its linears before it moves there (runtime/transfer.py's
+    tensor maps): dense ones as they are (F.linear there), ``scheme`` ones quantized on the CPU as quant.StoredLinear,
+    whose tensors move with the unit and whose Linear is built where it is called."""
+    if scheme is None:
+        return dense_streamed
+    quant, run = _quantizer(scheme)
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        if name == "lm" and not include_head:
+            return dense_streamed(name, weight, bias)
+        return run(name, weight, lambda t: quant.stored_linear(scheme, t, bias))
 
     return make
 
@@ -273,19 +301,29 @@ class UnitBuilder:
         self.quantize_head, self.hook = quantize_head, hook
         self.cpu_format = linear_format(src.quantize, include_head=quantize_head) if not src.is_store else \
             dense_linear_format
+        # an HF directory's units for an accelerator (resident there, or held in host RAM and copied per forward)
+        self.device_format = movable_format(src.quantize, include_head=quantize_head) if not src.is_store else \
+            dense_streamed
 
     def resident(self, unit: str, device: torch.device, shared: dict[int, Weights], raw=None) -> Weights:
         """A unit held where it computes. ``shared``: units already resident on that device (a tied head shares
         the embedding's table). ``raw``: what fetch(unit, ...) read for a CPU unit, when it was read ahead."""
-        if device.type == "cpu":
-            raw = self.fetch(unit, 0 in shared) if raw is None else raw
-            w = self._build(unit, raw, self.cpu_format, shared)
-            trim_heap()   # the unit's temporaries: freed, and now out of RSS too
-        elif self.store is not None:   # straight from the read buffer to the device (no host clone)
+        if device.type != "cpu":
+            return self.on_device(unit, device, shared)
+        raw = self.fetch(unit, 0 in shared) if raw is None else raw
+        w = self._build(unit, raw, self.cpu_format, shared)
+        trim_heap()   # the unit's temporaries: freed, and now out of RSS too
+        return hook_linears(unit, w, self.hook)
+
+    def on_device(self, unit: str, device: torch.device, shared: dict[int, Weights]) -> Weights:
+        """A unit resident on an accelerator, in the formats that run anywhere: dense weights for F.linear, quantized
+        ones as their stored tensors on ``device`` (an HF directory's quantized on the CPU first) with quant's portable
+        Linear. Written for any device: tests run it on the CPU."""
+        if self.store is not None:   # straight from the read buffer to the device (no host clone)
             t = map_tensors(self.store.read_unit(unit), lambda x: x.to(device))
-            w = self._bind_store(unit, t, dense_streamed, shared)
+            w = self._bind_store(unit, t, dense_streamed, shared)   # quantized: built on the device's tensors
         else:
-            w = map_tensors(self._read(unit, dense_streamed, shared), lambda x: x.to(device))
+            w = map_tensors(self._read(unit, self.device_format, shared), lambda x: x.to(device))
         return hook_linears(unit, w, self.hook)
 
     def fetch(self, unit: str, table_shared: bool):
@@ -299,9 +337,10 @@ class UnitBuilder:
         return self.ckpt.read_unit_raw(unit, self.dtype, *skip)
 
     def host(self, unit: str, shared: dict[int, Weights], pin: bool) -> tuple[Weights, torch.Tensor]:
-        """A unit held in host RAM and computed on an accelerator: dense, packed into one exactly-sized (pinned)
-        buffer, copied over per forward; the hook is applied there, after the copy (``finish``)."""
-        return pack(self._read(unit, dense_streamed, shared), pin)
+        """A unit held in host RAM and computed on an accelerator: dense or quantized (quant.StoredLinear: the stored
+        tensors), packed into one exactly-sized (pinned) buffer, copied over per forward; the Linears are built and
+        the hook applied there, after the copy (``finish``)."""
+        return pack(self._read(unit, self.device_format, shared, movable=True), pin)
 
     def reader(self):
         """The reader that streams this checkpoint's units from disk."""
@@ -319,11 +358,12 @@ class UnitBuilder:
         """A host-held unit after its copy to the device."""
         return hook_linears(unit, w, self.hook)
 
-    def _read(self, unit: str, make: MakeLinear, shared: dict[int, Weights]) -> Weights:
-        return self._build(unit, self.fetch(unit, 0 in shared), make, shared)
+    def _read(self, unit: str, make: MakeLinear, shared: dict[int, Weights], movable: bool = False) -> Weights:
+        return self._build(unit, self.fetch(unit, 0 in shared), make, shared, movable)
 
-    def _build(self, unit: str, raw, make: MakeLinear, shared: dict[int, Weights]) -> Weights:
-        """The compute half: the fetched tensors -> the unit's weight object in ``make``'s formats."""
+    def _build(self, unit: str, raw, make: MakeLinear, shared: dict[int, Weights], movable: bool = False) -> Weights:
+        """The compute half: the fetched tensors -> the unit's weight object in ``make``'s formats. movable: a layer
+        store's quantized linears stay their stored tensors (quant.StoredLinear), to be copied to an accelerator."""
         cfg = self.cfg
         if self.store is not None:
             # Quantized linears keep views of the read buffer and convert their bytes to the kernels' layouts in
@@ -336,7 +376,7 @@ class UnitBuilder:
             if relaid or self.store.quantize is not None:
                 raw = {k: v.clone() if (self.store.quantize is None and relaid) or (".q." not in k and v.dim() <= 1)
                        else v for k, v in raw.items()}
-            return self._bind_store(unit, raw, make, shared)
+            return self._bind_store(unit, raw, make, shared, movable)
         t = self.ckpt.finish(unit, raw)
         if unit == "head" and cfg.tie_embeddings and 0 in shared:
             bias = t.pop("lm.bias", None)
@@ -344,7 +384,8 @@ class UnitBuilder:
             t["lm"] = make("lm", shared[0].tok, bias) if self.quantize_head else DenseLinear(shared[0].tok, bias)
         return bind(cfg, unit, t, make)
 
-    def _bind_store(self, unit: str, t: dict[str, torch.Tensor], make: MakeLinear, shared: dict[int, Weights]) -> Weights:
+    def _bind_store(self, unit: str, t: dict[str, torch.Tensor], make: MakeLinear, shared: dict[int, Weights],
+                    movable: bool = False) -> Weights:
         from .. import quant
         from ..checkpoint.store import split_quantized
 
@@ -352,9 +393,12 @@ class UnitBuilder:
         plain, q = split_quantized(t)
         # Convert to the kernels' layouts in place: streamed units' tensors live in the staging buffer, resident
         # units' in their own read buffer (_read). No second copy of a weight at any time, and streamed units run the
-        # same kernels (so give the same logits) as resident ones.
+        # same kernels (so give the same logits) as resident ones. Tensors on an accelerator are used as they are
+        # (quant's portable path); movable ones stay stored tensors until they are there.
         for lin, tensors in q.items():
-            plain[lin] = quant.make_linear(store.quantize, tensors, plain.pop(f"{lin}.bias", None), repack="inplace")
+            bias = plain.pop(f"{lin}.bias", None)
+            plain[lin] = quant.stored_linear(store.quantize, tensors, bias) if movable else \
+                quant.make_linear(store.quantize, tensors, bias, repack="inplace")
         if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
             # the embedding's table where it is resident on this unit's device, else this unit's own copy of it
             dev = next(iter(t.values())).device if t else torch.device("cpu")
@@ -483,7 +527,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     if max_memory is not None:
         plan = make_plan(src.ckpt, cfg, src.dtype, src.quantize, max_memory, reserve, ring_slots, quantize_head)
         streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
-        devs = unit_devices(plan, src.quantize, stand_in)
+        devs = unit_devices(plan, stand_in)
         homes = [p.home for p in plan.placements]
     executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes, plan,
                      ring_slots, reserve if max_memory is not None else None, kv_cache, background)
