@@ -328,3 +328,16 @@ def test_frozen_bf16_linear_input_gradient():
     ref = gy.float() @ w.float()
     assert (x.grad.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
     assert not w.requires_grad and w.grad is None
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_training_after_inference_on_the_same_thread(quantize):
+    """A prefill under inference mode leaves reusable buffers behind (float32 slices, dequantization scratch); a
+    training pass on the same thread afterwards must still be able to write them."""
+    cfg = overspill.load(background=False).config
+    ad = LoraAdapter(cfg, LoraSettings(r=2))
+    m = overspill.load(linear_hook=ad.hook, quantize=quantize, background=False)   # bf16, as shipped
+    ids = torch.randint(3, 4000, (2, 40), generator=torch.Generator().manual_seed(0))
+    m.logits(ids)
+    total, n = train_pass(m.executor, ids, _labels(ids))
+    assert n == 2 * 39 and total > 0 and all(p.grad is not None for p in ad.parameters())

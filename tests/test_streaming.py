@@ -416,13 +416,6 @@ def test_accelerator_plan_without_cuda_is_refused(deep_dir):
         overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64)
 
 
-def test_quantized_weights_on_an_accelerator_are_refused(deep_dir):
-    path, _ = deep_dir("gpt2")
-    with pytest.raises(overspill.OverspillError, match=r"quantized weights \(int8\) run on the CPU kernels only"):
-        overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_seq_len=64, quantize="int8",
-                       stand_in={"cuda:0": "meta"})   # an accelerator that is not the CPU
-
-
 def test_pack_copies_a_unit_into_one_aligned_buffer():
     from overspill.model.linear import DenseLinear
     from overspill.model.weights import BlockWeights

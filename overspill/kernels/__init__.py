@@ -126,6 +126,16 @@ def bf16_native() -> bool:
     return _NATIVE[0]
 
 
+def _f32_buffer(numel: int) -> torch.Tensor:
+    """This thread's float32 slice buffer, grown as needed. Made outside inference mode: a buffer born in an
+    inference-mode forward could not be written later by a training forward on the same thread."""
+    buf = getattr(_F32_TLS, "buf", None)
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):
+            buf = _F32_TLS.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
 def f32_sliced_linear(x: torch.Tensor, N: int, K: int, fill, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T in float32 with W produced a slice of rows at a time: ``fill(dst [n, K] fp32, n0, n1)`` writes rows
     [n0, n1) of W into a reused buffer (F32_SCRATCH_ELEMS elements, counted by the reserve). What a CPU without
@@ -133,9 +143,7 @@ def f32_sliced_linear(x: torch.Tensor, N: int, K: int, fill, bias: torch.Tensor 
     x2 = x.reshape(-1, K).float()                                       # (M, K)
     out = torch.empty(x2.shape[0], N, dtype=x.dtype)                    # (M, N)
     rows = max(1, F32_SCRATCH_ELEMS // K)
-    buf = getattr(_F32_TLS, "buf", None)
-    if buf is None or buf.numel() < min(N, rows) * K:
-        buf = _F32_TLS.buf = torch.empty(min(N, rows) * K, dtype=torch.float32)
+    buf = _f32_buffer(min(N, rows) * K)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         wf = buf[: (n1 - n0) * K].view(n1 - n0, K)                   # (n, K) fp32
@@ -151,9 +159,7 @@ def f32_sliced_grad_input(g: torch.Tensor, N: int, K: int, fill) -> torch.Tensor
     g2 = g.reshape(-1, N).float()                                       # (M, N)
     out = torch.zeros(g2.shape[0], K, dtype=torch.float32)              # (M, K)
     rows = max(1, F32_SCRATCH_ELEMS // K)
-    buf = getattr(_F32_TLS, "buf", None)
-    if buf is None or buf.numel() < min(N, rows) * K:
-        buf = _F32_TLS.buf = torch.empty(min(N, rows) * K, dtype=torch.float32)
+    buf = _f32_buffer(min(N, rows) * K)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         wf = buf[: (n1 - n0) * K].view(n1 - n0, K)

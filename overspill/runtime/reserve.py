@@ -73,7 +73,9 @@ class Reserve:
         saved = cfg.n_layers * tok * cfg.hidden_size * es
         per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
         scores = 2 * self.max_batch * cfg.n_heads * self.max_seq_len ** 2 * 4
-        return saved + 2 * tok * per_tok + scores
+        # a quantized linear's input gradient multiplies by its weight dequantized to float32, one weight at a time
+        deq = 4 * max(N * K for N, K in linear_shapes(cfg, "block.0").values()) if self.quantize else 0
+        return saved + 2 * tok * per_tok + scores + deq
 
     def scratch_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         """The quantized formats' per-thread dequantization buffers (kept for reuse, sized by the largest linear)."""
