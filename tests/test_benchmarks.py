@@ -264,3 +264,40 @@ def test_quality_smoke(smoke_runs, name):
 def test_llamacpp_gguf_smoke(smoke_runs, name):
     out, _ = finish(smoke_runs, name)
     assert "in the checkpoint" in out and "FAILED" not in out, out
+
+
+SMOKES["bench_finetune"] = (["--out", "bench-cache/results/finetune.jsonl"], ("transformers",))
+
+
+@pytest.mark.parametrize("name", ["bench_finetune"])
+def test_bench_finetune_smoke(smoke_runs, name):
+    """A tiny random GPT-J: every ram configuration trains one warm-up and one timed step on the same batches (the
+    first-step loss, the base's, agrees with PEFT's); both layer stores train streamed under a budget below their
+    size, reading each streamed block twice per step (forward, then backward); accelerate + PEFT reports an outcome;
+    the tables and the three ram targets are printed."""
+    out, cwd = finish(smoke_runs, name)
+    rows = results(cwd, "finetune.jsonl")
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert all(r["ok"] for r in runs), [r for r in runs if not r["ok"]]
+    ram = {r["side"]: r for r in runs if r["part"] == "ram"}
+    expected = {"overspill", "overspill-int8", "overspill-int4", "overspill-no-ckpt"} | \
+        ({"peft"} if importlib.util.find_spec("peft") else set())
+    assert set(ram) == expected, set(ram)
+    for r in ram.values():
+        assert len(r["steps_s"]) == 2 and r["step_s_median"] > 0 and r["tokens_per_s"] > 0, r
+        assert r["peak_rss_bytes"] > 0 and r["lora_params"] == ram["overspill"]["lora_params"], r
+        assert table_row(out, r["side"])[3] == "1/1", table_row(out, r["side"])
+    if "peft" in ram:
+        assert abs(ram["peft"]["first_loss"] - ram["overspill"]["first_loss"]) < 1e-3, ram
+    for label in ("int8 peak RSS / ", "int8 tokens/s / ", "tokens/s / PEFT tokens/s:"):
+        assert label in out, out
+    streamed = {r["side"]: r for r in runs if r["part"] == "streamed"}
+    for side in ("store", "store-int8"):
+        r = streamed[side]
+        assert r["plan"]["streamed_units"] > 0 and r["step_s_median"] > 0 and r["bound_s"] > 0, r
+        assert r["bytes_read_per_step"] >= 0.9 * r["streamed_bytes_per_step"], r    # two reads of each streamed block
+        assert table_row(out, side)[2] == "1/1", table_row(out, side)
+    if importlib.util.find_spec("accelerate") and importlib.util.find_spec("peft"):
+        assert streamed["accelerate"]["outcome"] in ("ok", "refused", "failed", "OOM", "timed out"), streamed
+        assert "accelerate + PEFT (" in out
+    assert [r["kind"] for r in rows].count("summary") == 2            # ram and streamed
