@@ -110,8 +110,7 @@ class _QuantMatmulFn(torch.autograd.Function):
         lin = ctx.lin
         if lin.portable and g.dtype in _PORTABLE_DTYPES:
             return g @ lin._jit_weight(g.dtype), None   # [.., N] @ [N, K]
-        w = lin.dequantize().to(g.dtype)  # [N, K]
-        return g @ w, None
+        return lin._grad_input(g), None
 
 
 class QuantLinear:
@@ -150,6 +149,10 @@ class QuantLinear:
     # x [..., K] (bias included), None when it does not apply (e.g. too many rows). Decode calls it ~150 times per
     # token, so skipping _forward's reshapes and checks there is measurable.
     _fast_ok = False
+
+    def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """dL/dx = g @ W on the CPU paths; formats that can dequantize a slice of rows at a time override this."""
+        return g @ self.dequantize().to(g.dtype)  # [.., N] @ [N, K]
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
         return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import bf16_native, cpu_kernels, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
+from ..kernels import bf16_native, cpu_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
@@ -136,6 +136,15 @@ class Int8Linear(QuantLinear):
                                                1.0, 0, torch.float32, "none", [], "")
         y = y.mul_(a)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """g @ W in float32 over slices of W's rows dequantized into the reused slice buffer (training's input
+        gradient): no whole float copy of the weight."""
+        if self._qplain is None or self._qplain.device.type != "cpu":
+            return super()._grad_input(g)
+        q, s = self._qplain, self.scales_f32
+        return f32_sliced_grad_input(g, self.out_features, self.in_features,
+                                     lambda dst, n0, n1: dst.copy_(q[n0:n1]).mul_(s[n0:n1, None]))
 
     def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W = q * scale in ``dtype`` [N, K], in this thread's scratch on the weight's device (in float32 bit-equal
