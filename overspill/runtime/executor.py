@@ -3,10 +3,12 @@
 The executor calls each unit explicitly (no hooks, no patched ``forward``); a WeightSource decides where each unit's
 weights come from. It is complete when constructed: the memory reserve it checks requests against, the KV-cache
 format, where each unit computes, and (when the plan leaves the token table on disk) the row table it reads.
+Under pipeline parallelism (overspill/parallel) a ``StageLink`` makes it run a contiguous range of the units: the
+hidden states come from the stage before and go to the stage after.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -21,6 +23,17 @@ from .sources import WeightSource
 
 # consume(t0, t1, logits): float32 logits [B, t1 - t0, V] of time steps [t0, t1) of a forward's output
 LogitsConsumer = Callable[[int, int, torch.Tensor], None]
+
+
+class StageLink(Protocol):
+    """Pipeline parallel: this executor runs units [first, end) of embed, block.0 .., head. A stage without the
+    embedding receives its input hidden states, one without the head sends its output on (and forward returns None)."""
+    first: int
+    end: int
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
+
+    def send(self, x: torch.Tensor) -> None: ...
 
 
 class Executor:
@@ -40,6 +53,7 @@ class Executor:
         self.rope = Rope(cfg) if cfg.rotary_dim else None
         self.reserve, self.kv_format, self.rows, self.fused = reserve, kv_format, rows, fused
         self.head_reserve = reserve or Reserve()      # the LM-head chunk also bounds a run without a budget
+        self.link: StageLink | None = None            # pipeline parallel: the units this stage runs (see StageLink)
         self.closed = False
 
     def close(self) -> None:
@@ -52,7 +66,8 @@ class Executor:
             if self.rows is not None:
                 self.rows.close()
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def check_cache(self, batch: int, max_len: int) -> None:
+        """Refuse a cache the memory plan has no room for."""
         r = self.reserve
         # the cache may be shaped differently (more, shorter sequences), but no sequence may be longer than
         # planned: attention scores grow with the length squared
@@ -60,7 +75,16 @@ class Executor:
             raise OverspillError(f"this request needs KV cache for {batch} x {max_len} tokens but the memory plan "
                                  f"reserved {r.max_batch} x {r.max_seq_len}; load with larger max_batch_size / "
                                  f"max_seq_len")
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        self.check_cache(batch, max_len)
         return KVCache(self.cfg, batch, max_len, self.dtype, self.device, self.unit_devices[1:-1], self.kv_format)
+
+    def _range(self) -> tuple[int, int, range]:
+        """(first unit, end unit, the block layers) this executor runs: all of them unless it is a pipeline stage."""
+        n = self.cfg.n_layers + 2
+        first, end = (self.link.first, self.link.end) if self.link is not None else (0, n)
+        return first, end, range(max(first, 1) - 1, min(end, n - 1) - 1)
 
     def step(self, positions: torch.Tensor, cache: KVCache) -> Step:
         T = positions.shape[1]
@@ -122,17 +146,23 @@ class Executor:
         step = self.step(positions, cache)
         steps = {devs[0]: step.to(devs[0]) if self.multi else step}
         at = lambda i: steps[devs[i]] if devs[i] in steps else steps.setdefault(devs[i], step.to(devs[i]))
+        first, end, layers = self._range()
         src.begin_pass()
-        x = self._embed(ids.to(devs[0]), at(0))
         B, T = ids.shape
+        x = self._embed(ids.to(devs[0]), at(0)) if first == 0 else \
+            self.link.receive((B, T, cfg.hidden_size), self.dtype, devs[first])
         mb = self.reserve.micro_batch(T) if self.reserve is not None else B
-        for layer in range(cfg.n_layers):
+        for layer in layers:
             i = layer + 1
             if self.multi and x.device != devs[i]:
                 x = x.to(devs[i], non_blocking=True)       # only activations cross devices
             # no local keeps the unit's weights past release: a reader that allocates per fetch would hold one more
             x = self._block(src.acquire(i), x, at(i), cache.k[layer], cache.v[layer], mb)
             src.release(i)
+        if end < cfg.n_layers + 2:      # the head runs on a later stage
+            self.link.send(x)
+            cache.length = step.end
+            return None
         if last_only:
             x = x[:, -1:]
         i = cfg.n_layers + 1
@@ -202,9 +232,11 @@ class Executor:
             if d not in on:
                 on[d] = chunks if not self.multi else [(a, b, st.to(d)) for a, b, st in chunks]
             return on[d]
+        first, end, layers = self._range()
         src.begin_pass()
-        x = self._embed(ids_t.to(devs[0]), emb.to(devs[0]) if self.multi else emb)
-        for layer in range(cfg.n_layers):
+        x = self._embed(ids_t.to(devs[0]), emb.to(devs[0]) if self.multi else emb) if first == 0 else \
+            self.link.receive((1, len(ids), cfg.hidden_size), self.dtype, devs[first])
+        for layer in layers:
             i = layer + 1
             if abort is not None and abort():
                 return False   # a streaming source restarts its reader at the next begin_pass
@@ -221,6 +253,9 @@ class Executor:
                 x = out
             del w
             src.release(i)
+        if end < cfg.n_layers + 2:      # the head runs on a later stage
+            self.link.send(x)
+            return True
         n = len(logit_rows)
         rows = [where[r] for r in logit_rows] + [0] * (-n % pad_to)
         i = cfg.n_layers + 1

@@ -170,11 +170,13 @@ def embed_rows(src, cfg: ModelConfig):
 # -- 3. plan ---------------------------------------------------------------------------------------------------------
 
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
-              reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False):
+              reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False,
+              unit_range: tuple[int, int] | None = None):
     """The placement for this source. Streaming straight from a Hugging Face directory holds one more unit than
     the ring: a fetch reads the unit's raw tensors and fuses them (qkv, gate/up) into new ones, while the other
     slot's unit stays alive, so the plan counts ring_slots + 1 staging slots there (a layer store reads into the
-    preallocated slots, already fused)."""
+    preallocated slots, already fused). ``unit_range`` (first, end): plan only those units (a pipeline stage's);
+    the plan's placements are theirs, in order."""
     from ..placement import UnitCost, plan_placement
 
     is_store = hasattr(src, "unit_bytes")   # a LayerStore, not an HFCheckpoint
@@ -183,7 +185,7 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     reserve = dataclasses.replace(reserve, quantize=quantize, quantize_head=bool(quantize and quantize_head))
     kv = reserve.kv_bytes_per_block(cfg, dt)
     costs = []
-    for u in units(cfg):
+    for u in units(cfg)[slice(*unit_range) if unit_range else slice(None)]:
         w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head)
         # what a streamed fetch reads and holds: an HF directory quantizing on the fly reads the stored weights
         read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not is_store else w
@@ -508,9 +510,10 @@ class Built:
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
           reserve: Reserve, *, quantize_head: bool = False, linear_hook: LinearHook | None = None,
           stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None,
-          background: bool = False) -> Built:
+          background: bool = False, unit_range: tuple[int, int] | None = None) -> Built:
     """A runnable executor for ``path``. quantize_head applies to on-the-fly quantization; a layer store holds its
-    head as it was converted.
+    head as it was converted. ``unit_range`` (first, end): load and plan only those units (a pipeline stage, see
+    overspill/parallel); the others are never read.
 
     With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
     (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
@@ -522,21 +525,23 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     reserve = dataclasses.replace(reserve, quantize=src.quantize, quantize_head=quantize_head, kv_format=kv_cache)
     plan = None
     streamed: list[int] = []
+    first, end = unit_range or (0, len(names))
     devs = [torch.device("cpu")] * len(names)
     homes = ["cpu"] * len(names)
     if max_memory is not None:
-        plan = make_plan(src.ckpt, cfg, src.dtype, src.quantize, max_memory, reserve, ring_slots, quantize_head)
-        streamed = [i for i, p in enumerate(plan.placements) if p.tier == "stream"]
-        devs = unit_devices(plan, stand_in)
-        homes = [p.home for p in plan.placements]
+        plan = make_plan(src.ckpt, cfg, src.dtype, src.quantize, max_memory, reserve, ring_slots, quantize_head,
+                         unit_range)
+        streamed = [first + i for i, p in enumerate(plan.placements) if p.tier == "stream"]
+        devs[first:end] = unit_devices(plan, stand_in)
+        homes[first:end] = [p.home for p in plan.placements]
     executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes, plan,
-                     ring_slots, reserve if max_memory is not None else None, kv_cache, background)
+                     ring_slots, reserve if max_memory is not None else None, kv_cache, background, (first, end))
     return Built(cfg, executor, plan, src.ckpt)
 
 
 def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[int], devs: list[torch.device],
           homes: list[str], plan, ring_slots: int, reserve: Reserve | None, kv_cache: str | None,
-          background: bool = False) -> Executor:
+          background: bool = False, unit_range: tuple[int, int] | None = None) -> Executor:
     """Load the resident units (now, or with ``background`` on a thread while the first forward runs), pack the
     host-held ones, and put the rest behind a streaming source."""
     cfg, cpu = src.ckpt.config, torch.device("cpu")
@@ -548,7 +553,8 @@ def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[in
         streamed = [i for i in streamed if i != 0]
     resident: dict[int, Weights] = {}
     on = lambda d: {k: w for k, w in resident.items() if devs[k] == d}   # units sharing a device
-    held = [i for i in range(len(names)) if i not in streamed and not (i == 0 and rows is not None)]
+    held = [i for i in range(*(unit_range or (0, len(names))))
+            if i not in streamed and not (i == 0 and rows is not None)]
     # Background: all on the CPU, the load returns now and the resident units are read and built on a thread while
     # the first forward runs (runtime/background.py): each is computed as soon as it is in, overlapping the reads
     # of the next ones. A tied head then shares the live dict of held units (the embedding is in before the head).
