@@ -190,7 +190,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
          max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
          max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
          linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None,
-         background: bool = True, adapter: str | os.PathLike | None = None) -> Model:
+         background: bool = True, adapter: str | os.PathLike | None = None, pp: int = 1,
+         pp_timeout: float | None = None) -> Model | None:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -214,23 +215,22 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       forward runs, each unit computed as soon as it is in (the first token then costs about one read of the
       checkpoint, not a load followed by a pass); an unreadable weight is reported by the forward that needs it.
       False: read everything before returning (``Model.wait_loaded()`` does that for a background load).
+    pp: pipeline stages, one process each, started by torchrun (overspill/parallel): every rank calls load() alike;
+      each loads only its range of the units under its own budget (max_memory: one spec for all, or one per rank
+      separated by ';', e.g. "cpu=5GiB;cpu=4GiB"). Rank 0 gets the Model; on the other ranks load() serves rank 0's
+      steps until rank 0 closes the model (or exits), then returns None.
+    pp_timeout: seconds a silent rank is waited for before every rank ends with one line (default 30, or
+      $OVERSPILL_PP_TIMEOUT).
     """
     from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
 
     path = str(path) if path is not None else default_model_path()
-    budgets = None
-    if max_memory is not None:
-        from .placement import parse_memory, parse_size
-        from .placement.machine import resolve_auto
-        try:   # "cpu=4GiB,..." or "cpu=auto" or {"cpu": 4 << 30} or, as accelerate takes it, {"cpu": "4GiB"}
-            if isinstance(max_memory, str):
-                budgets = parse_memory(resolve_auto(max_memory))
-            else:
-                budgets = {str(k): (parse_memory(resolve_auto(f"{k}=auto"))[str(k)] if v == "auto" else
-                                    parse_size(v) if isinstance(v, str) else v) for k, v in dict(max_memory).items()}
-        except ValueError as e:
-            raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None
+    if pp > 1:
+        from .parallel import rank_budgets
+        budgets = [_budgets(b) for b in rank_budgets(max_memory, pp)]
+    else:
+        budgets = _budgets(max_memory)
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
     lora = None
     if adapter is not None:
@@ -246,8 +246,15 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
         lora = LoraAdapter.load(str(adapter), cfg)
         linear_hook = lora.hook
     try:
-        built = build(path, dtype, quantize, budgets, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
-                      stand_in=stand_in, kv_cache=check_kv_format(kv_cache), background=background)
+        if pp > 1:
+            from .parallel import load_stage
+            built = load_stage(path, dtype, quantize, budgets, reserve, stages=pp, timeout=pp_timeout,
+                               quantize_head=quantize_head, linear_hook=linear_hook, stand_in=stand_in,
+                               kv_cache=check_kv_format(kv_cache))
+        else:
+            built = build(path, dtype, quantize, budgets, reserve, quantize_head=quantize_head,
+                          linear_hook=linear_hook, stand_in=stand_in, kv_cache=check_kv_format(kv_cache),
+                          background=background)
     except ValueError as e:   # PlanError and friends carry one clear line
         if isinstance(e, OverspillError):
             raise
@@ -261,6 +268,27 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     if lora is not None:
         from .model.weights import units
         lora.place(dict(zip(units(built.config), built.executor.unit_devices)))
+    if pp > 1 and hasattr(built.executor, "serve"):   # a pipeline rank other than 0
+        built.executor.serve()
+        return None
     model = Model(built.config, built.executor, tok, path, gen, built.plan)
     model.adapter = lora
     return model
+
+
+def _budgets(max_memory: str | dict | None) -> dict[str, int] | None:
+    """"cpu=4GiB,..." or "cpu=auto" or {"cpu": 4 << 30} or, as accelerate takes it, {"cpu": "4GiB"} -> bytes."""
+    if max_memory is None:
+        return None
+    from .placement import parse_memory, parse_size
+    from .placement.machine import resolve_auto
+    if isinstance(max_memory, str) and ";" in max_memory:
+        raise OverspillError(f"max_memory {max_memory!r}: budgets per rank (separated by ';') are for pipeline "
+                             f"parallel runs (--pp N / pp=N)")
+    try:
+        if isinstance(max_memory, str):
+            return parse_memory(resolve_auto(max_memory))
+        return {str(k): (parse_memory(resolve_auto(f"{k}=auto"))[str(k)] if v == "auto" else
+                         parse_size(v) if isinstance(v, str) else v) for k, v in dict(max_memory).items()}
+    except ValueError as e:
+        raise OverspillError(f"max_memory: {e}; expected sizes like 4GiB") from None

@@ -42,8 +42,17 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    "save_pretrained) applied to the model")
 
 
+def _pp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages, one process each: run under "
+                   "`torchrun --nproc-per-node N -m overspill.cli ... --pp N`; each rank loads its own range of the "
+                   "blocks; --max-memory then takes one spec for all ranks or one per rank: 'cpu=5GiB;cpu=4GiB'")
+    p.add_argument("--pp-timeout", type=float, default=None, help="seconds a silent rank is waited for before "
+                   "every rank stops with one line (default 30, or $OVERSPILL_PP_TIMEOUT)")
+
+
 def _gen_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
+    _pp_args(p)
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -59,9 +68,12 @@ def _gen_args(p: argparse.ArgumentParser) -> None:
 def _load(a: argparse.Namespace, max_batch: int = 1, max_seq: int | None = None):
     from .api import load
 
-    return load(a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
-                quantize_head=a.quantize_head, max_batch_size=max_batch, max_seq_len=max_seq, kv_cache=a.kv_cache,
-                adapter=a.adapter)
+    model = load(a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
+                 quantize_head=a.quantize_head, max_batch_size=max_batch, max_seq_len=max_seq, kv_cache=a.kv_cache,
+                 adapter=a.adapter, pp=getattr(a, "pp", 1), pp_timeout=getattr(a, "pp_timeout", None))
+    if model is None:      # a pipeline rank other than 0: it served rank 0's steps until rank 0 was done
+        raise SystemExit(0)
+    return model
 
 
 def _gen_kwargs(a: argparse.Namespace) -> dict:
@@ -256,7 +268,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
 
 
 @command("eval", "perplexity of a text file (sliding window) and tokens/s")
-@args(lambda p: (_model_arg(p), p.add_argument("--text", required=True, help="UTF-8 text file"),
+@args(lambda p: (_model_arg(p), _pp_args(p), p.add_argument("--text", required=True, help="UTF-8 text file"),
                  p.add_argument("--context", type=int, default=1024), p.add_argument("--stride", type=int, default=512),
                  p.add_argument("--max-chars", type=int, default=None, help="evaluate only the first N characters"),
                  p.add_argument("--json", action="store_true")))
@@ -287,6 +299,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
                  p.add_argument("--quantize-head", action="store_true"), p.add_argument("--kv-cache", default=None),
                  p.add_argument("--max-batch-size", type=int, default=1), p.add_argument("--max-seq-len", type=int, default=1024),
                  p.add_argument("--cached", action="store_true", help="reuse the last bandwidth measurement instead of probing"),
+                 p.add_argument("--pp", type=int, default=1, help="pipeline stages: each rank's units and plan "
+                                "(--max-memory: one spec for all ranks, or one per rank: 'cpu=5GiB;cpu=4GiB')"),
                  p.add_argument("--json", action="store_true")))
 def cmd_plan(a: argparse.Namespace) -> int:
     from .api import default_model_path
@@ -297,11 +311,13 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from .placement.machine import PROCESS_OVERHEAD, memory_limit, resolve_auto
 
     path = a.model or default_model_path()
+    reserve = Reserve(a.max_batch_size, a.max_seq_len, kv_format=check_kv_format(a.kv_cache))
+    if a.pp > 1:
+        return _plan_stages(a, path, reserve)
     try:
         budgets = parse_memory(resolve_auto(a.max_memory))
     except ValueError as e:
         raise OverspillError(str(e)) from None
-    reserve = Reserve(a.max_batch_size, a.max_seq_len, kv_format=check_kv_format(a.kv_cache))
     plan, src = plan_for(path, a.dtype, a.quantize, budgets, reserve, a.quantize_head)
     if a.json:
         print(plan.to_json())
@@ -316,6 +332,32 @@ def cmd_plan(a: argparse.Namespace) -> int:
         print(f"host memory: the plan holds {fmt_bytes(plan.usage['cpu']['total'])} + ~{fmt_bytes(PROCESS_OVERHEAD)} "
               f"for the process = {fmt_bytes(need)}, {100 * need / limit:.0f}% of the {what} ({fmt_bytes(limit)})"
               + ("" if need <= limit else ": it will not fit; lower --max-memory cpu or use cpu=auto"))
+    return 0
+
+
+def _plan_stages(a: argparse.Namespace, path: str, reserve) -> int:
+    """``plan --pp N``: every rank's range of units and its plan under its own budget."""
+    from .parallel import rank_budgets, stage_plans
+    from .placement import parse_memory
+    from .placement.machine import resolve_auto
+
+    try:
+        budgets = [parse_memory(resolve_auto(b)) if b else None for b in rank_budgets(a.max_memory, a.pp)]
+    except ValueError as e:
+        raise OverspillError(str(e)) from None
+    if None in budgets:
+        raise OverspillError(f"plan --pp {a.pp}: give every rank a budget (rank {budgets.index(None)} has none)")
+    plans = stage_plans(path, a.dtype, a.quantize, budgets, reserve, a.pp, a.quantize_head)
+    if a.json:
+        print(json.dumps([{"rank": r, "units": list(u), "plan": json.loads(p.to_json())}
+                          for r, (u, p) in enumerate(plans)]))
+        return 0
+    from .placement.bandwidth import measure
+
+    bw = measure(model_paths=[path], cache=a.cached)
+    for r, (_, plan) in enumerate(plans):
+        print(f"{'' if r == 0 else chr(10)}rank {r}: {plan.placements[0].unit} .. {plan.placements[-1].unit}")
+        print(plan.table(bw, batch=a.max_batch_size))
     return 0
 
 

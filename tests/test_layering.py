@@ -18,7 +18,7 @@ LAYERS = [
     {"placement"},
     {"runtime"},
     {"generate"},
-    {"finetune"},
+    {"finetune", "parallel"},
     {"api", "evaluate"},
     {"serve"},
     {"cli", "__main__", "__init__"},
