@@ -191,7 +191,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
          max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
          linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None,
          background: bool = True, adapter: str | os.PathLike | None = None, pp: int = 1,
-         pp_timeout: float | None = None) -> Model | None:
+         pp_timeout: float | None = None, tp: int = 1) -> Model | None:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -220,15 +220,25 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       separated by ';', e.g. "cpu=5GiB;cpu=4GiB"). Rank 0 gets the Model; on the other ranks load() serves rank 0's
       steps until rank 0 closes the model (or exits), then returns None.
     pp_timeout: seconds a silent rank is waited for before every rank ends with one line (default 30, or
-      $OVERSPILL_PP_TIMEOUT).
+      $OVERSPILL_PP_TIMEOUT); tensor parallel runs too.
+    tp: tensor-parallel ranks, one process each, started by torchrun (Megatron-style, parallel/tensor_run.py): every
+      rank loads the embedding and head whole and its share of each block's heads and MLP from a Hugging Face
+      directory (quantize: on the fly, after sharding), and every step runs on every rank with one all-reduce per
+      sublayer. As with pp, rank 0 gets the Model and the others return None when it closes.
     """
     from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
 
     path = str(path) if path is not None else default_model_path()
-    if pp > 1:
+    if tp > 1 and pp > 1:
+        raise OverspillError(f"--tp {tp} with --pp {pp}: tensor and pipeline parallel together are not supported "
+                             f"yet; use one of them")
+    if tp > 1 and (adapter is not None or linear_hook is not None):
+        raise OverspillError(f"--tp {tp}: adapters and linear hooks wrap whole linears; a tensor-parallel rank "
+                             f"holds shards (not supported yet)")
+    if max(pp, tp) > 1:
         from .parallel import rank_budgets
-        budgets = [_budgets(b) for b in rank_budgets(max_memory, pp)]
+        budgets = [_budgets(b) for b in rank_budgets(max_memory, max(pp, tp))]
     else:
         budgets = _budgets(max_memory)
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
@@ -246,7 +256,11 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
         lora = LoraAdapter.load(str(adapter), cfg)
         linear_hook = lora.hook
     try:
-        if pp > 1:
+        if tp > 1:
+            from .parallel import load_tensor
+            built = load_tensor(path, dtype, quantize, budgets, reserve, tp=tp, timeout=pp_timeout,
+                                quantize_head=quantize_head, stand_in=stand_in, kv_cache=check_kv_format(kv_cache))
+        elif pp > 1:
             from .parallel import load_stage
             built = load_stage(path, dtype, quantize, budgets, reserve, stages=pp, timeout=pp_timeout,
                                quantize_head=quantize_head, linear_hook=linear_hook, stand_in=stand_in,
@@ -268,7 +282,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     if lora is not None:
         from .model.weights import units
         lora.place(dict(zip(units(built.config), built.executor.unit_devices)))
-    if pp > 1 and hasattr(built.executor, "serve"):   # a pipeline rank other than 0
+    if max(pp, tp) > 1 and hasattr(built.executor, "serve"):   # a parallel rank other than 0
         built.executor.serve()
         return None
     model = Model(built.config, built.executor, tok, path, gen, built.plan)
@@ -284,7 +298,7 @@ def _budgets(max_memory: str | dict | None) -> dict[str, int] | None:
     from .placement.machine import resolve_auto
     if isinstance(max_memory, str) and ";" in max_memory:
         raise OverspillError(f"max_memory {max_memory!r}: budgets per rank (separated by ';') are for pipeline "
-                             f"parallel runs (--pp N / pp=N)")
+                             f"parallel runs (--pp N / pp=N, --tp N / tp=N)")
     try:
         if isinstance(max_memory, str):
             return parse_memory(resolve_auto(max_memory))

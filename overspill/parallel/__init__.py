@@ -25,6 +25,9 @@ Rank 0 (node rank 0's first process) embeds, prints and samples; the last rank r
 at start that they load the same model (config, a digest of the weights) and settings, and name the first thing
 they disagree on. Failures end every rank with one line within ``--pp-timeout`` seconds (default 30; see
 group.py), and torchrun reports the exit codes.
+
+Tensor parallel (``--tp N``, ``overspill.load(path, tp=N)``): load_tensor in tensor_run.py, the same launch, group
+and step protocol, with each block sharded across the ranks (tensor.py) instead of the blocks split between them.
 """
 from __future__ import annotations
 
@@ -37,8 +40,10 @@ from .group import (Group, agree, checkpoint_digest, choose_backend, first_line,
                     resolve_timeout)
 from .pipeline import Link, PipelineExecutor, StageCache, StageWorker
 from .split import rank_budgets, split_units
+from .tensor_run import TensorExecutor, TensorWorker, load_tensor
 
-__all__ = ["load_stage", "stage_plans", "PipelineExecutor", "StageWorker", "StageCache", "split_units", "rank_budgets"]
+__all__ = ["load_stage", "load_tensor", "stage_plans", "PipelineExecutor", "StageWorker", "StageCache",
+           "TensorExecutor", "TensorWorker", "split_units", "rank_budgets"]
 
 
 def _stage_bytes(src, reserve, quantize_head: bool) -> list[int]:

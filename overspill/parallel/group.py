@@ -66,15 +66,16 @@ def resolve_timeout(timeout: float | None) -> float:
     return float(timeout)
 
 
-def launch_env(stages: int) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the launcher's environment, checked against ``stages``."""
+def launch_env(stages: int, flag: str = "--pp") -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the launcher's environment, checked against ``stages`` (the ranks that
+    ``flag`` asks for: --pp, --tp)."""
     ws = os.environ.get("WORLD_SIZE")
     if ws is None or "RANK" not in os.environ:
-        raise OverspillError(f"--pp {stages} runs one process per stage: launch it with torchrun, e.g. "
-                             f"`torchrun --nproc-per-node {stages} -m overspill.cli generate PROMPT --pp {stages}`")
+        raise OverspillError(f"{flag} {stages} runs one process per rank: launch it with torchrun, e.g. "
+                             f"`torchrun --nproc-per-node {stages} -m overspill.cli generate PROMPT {flag} {stages}`")
     world, rank = int(ws), int(os.environ["RANK"])
     if world != stages:
-        raise OverspillError(f"rank {rank}: --pp {stages} needs {stages} processes but the launcher started "
+        raise OverspillError(f"rank {rank}: {flag} {stages} needs {stages} processes but the launcher started "
                              f"{world} (WORLD_SIZE={world}); use --nproc-per-node (x --nnodes) = {stages}")
     return rank, world, int(os.environ.get("LOCAL_RANK", rank))
 
@@ -122,7 +123,7 @@ class Group:
 _GROUP: Group | None = None       # joined once per process, kept for every model it loads
 
 
-def join(stages: int, timeout: float, backend: str) -> Group:
+def join(stages: int, timeout: float, backend: str, flag: str = "--pp") -> Group:
     """Join the launcher's process group (see the module docstring), or reuse this process's: a script may load
     several models in turn (every rank loading the same ones). Left at process exit (``_at_exit``)."""
     import atexit
@@ -130,7 +131,7 @@ def join(stages: int, timeout: float, backend: str) -> Group:
     import torch.distributed as dist
 
     global _GROUP
-    rank, world, local = launch_env(stages)
+    rank, world, local = launch_env(stages, flag)
     if _GROUP is not None:
         if _GROUP.failed:
             raise OverspillError(f"rank {rank}: this process lost its pipeline peers earlier; start the ranks again")

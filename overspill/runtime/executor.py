@@ -5,6 +5,7 @@ weights come from. It is complete when constructed: the memory reserve it checks
 format, where each unit computes, and (when the plan leaves the token table on disk) the row table it reads.
 Under pipeline parallelism (overspill/parallel) a ``StageLink`` makes it run a contiguous range of the units: the
 hidden states come from the stage before and go to the stage after.
+Under tensor parallel, ``reduce`` sums each block's partial attention and MLP outputs across the ranks.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ class Executor:
         self.reserve, self.kv_format, self.rows, self.fused = reserve, kv_format, rows, fused
         self.head_reserve = reserve or Reserve()      # the LM-head chunk also bounds a run without a budget
         self.link: StageLink | None = None            # pipeline parallel: the units this stage runs (see StageLink)
+        # tensor parallel: sums the blocks' partial attention / MLP outputs across ranks (model/layers.block_forward)
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.closed = False
 
     def close(self) -> None:
@@ -94,12 +97,13 @@ class Executor:
     def _block(self, w, x: torch.Tensor, step: Step, k: torch.Tensor, v: torch.Tensor, mb: int) -> torch.Tensor:
         B = x.shape[0]
         if mb >= B:
-            return block_forward(self.cfg, w, x, step, k, v)
+            return block_forward(self.cfg, w, x, step, k, v, self.reduce)
         # one read of the block's weights serves every micro-batch; activations stay micro-batch sized, and the
         # outputs go straight into one batch-sized tensor (the reserve counts the input and this output)
         out = torch.empty_like(x)
         for b in range(0, B, mb):
-            out[b:b + mb] = block_forward(self.cfg, w, x[b:b + mb], step.rows(b, b + mb), k[b:b + mb], v[b:b + mb])
+            out[b:b + mb] = block_forward(self.cfg, w, x[b:b + mb], step.rows(b, b + mb), k[b:b + mb], v[b:b + mb],
+                                          self.reduce)
         return out
 
     def _embed(self, ids: torch.Tensor, step: Step) -> torch.Tensor:
@@ -245,11 +249,11 @@ class Executor:
             w, k, v = src.acquire(i), cache.k[layer], cache.v[layer]
             parts = at(i)
             if len(parts) == 1:
-                x = block_forward(cfg, w, x, parts[0][2], k, v)
+                x = block_forward(cfg, w, x, parts[0][2], k, v, self.reduce)
             else:
                 out = torch.empty_like(x)
                 for a, b, st in parts:
-                    out[:, a:b] = block_forward(cfg, w, x[:, a:b], st, k, v)
+                    out[:, a:b] = block_forward(cfg, w, x[:, a:b], st, k, v, self.reduce)
                 x = out
             del w
             src.release(i)

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -293,14 +293,25 @@ def dense_linear_format(name: str, weight: torch.Tensor, bias: torch.Tensor | No
     return dense_linear(weight, bias)
 
 
+# transform(unit, canonical tensors) -> canonical tensors: applied to an HF directory's units before their linears
+# are built (tensor parallel's shard_block); the unit's config is the executor's ``run_config``
+TensorTransform = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _same(unit: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return t
+
+
 class UnitBuilder:
     """Turns a unit's tensors into its weight object: read (for resident units) or handed over by a streaming reader,
     bound with the right linear format for where it computes, then the hook. One per load."""
 
-    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None):
+    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None,
+                 transform: TensorTransform | None = None):
         self.ckpt, self.store = src.ckpt, src.ckpt if src.is_store else None
         self.cfg, self.dtype, self.scheme = src.ckpt.config, src.dtype, src.quantize
         self.quantize_head, self.hook = quantize_head, hook
+        self.transform = transform or _same
         self.cpu_format = linear_format(src.quantize, include_head=quantize_head) if not src.is_store else \
             dense_linear_format
         # an HF directory's units for an accelerator (resident there, or held in host RAM and copied per forward)
@@ -353,7 +364,8 @@ class UnitBuilder:
         if self.store is not None:
             w = self._bind_store(unit, t, dense_streamed, shared)
         else:   # an HF directory's raw tensors: the family's transforms run here, on the compute thread
-            w = bind(self.cfg, unit, self.ckpt.finish(unit, t), self.cpu_format if self.scheme else dense_streamed)
+            w = bind(self.cfg, unit, self.transform(unit, self.ckpt.finish(unit, t)),
+                     self.cpu_format if self.scheme else dense_streamed)
         return hook_linears(unit, w, self.hook)
 
     def finish(self, unit: str, w: Weights) -> Weights:
@@ -379,7 +391,7 @@ class UnitBuilder:
                 raw = {k: v.clone() if (self.store.quantize is None and relaid) or (".q." not in k and v.dim() <= 1)
                        else v for k, v in raw.items()}
             return self._bind_store(unit, raw, make, shared, movable)
-        t = self.ckpt.finish(unit, raw)
+        t = self.transform(unit, self.ckpt.finish(unit, raw))   # before bind: quantized after any sharding
         if unit == "head" and cfg.tie_embeddings and 0 in shared:
             bias = t.pop("lm.bias", None)
             # share, don't copy, the embedding; a quantized head is its own (smaller) copy
@@ -510,16 +522,22 @@ class Built:
 def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory: dict[str, int] | None,
           reserve: Reserve, *, quantize_head: bool = False, linear_hook: LinearHook | None = None,
           stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None,
-          background: bool = False, unit_range: tuple[int, int] | None = None) -> Built:
+          background: bool = False, unit_range: tuple[int, int] | None = None,
+          transform: TensorTransform | None = None, run_config: ModelConfig | None = None) -> Built:
     """A runnable executor for ``path``. quantize_head applies to on-the-fly quantization; a layer store holds its
     head as it was converted. ``unit_range`` (first, end): load and plan only those units (a pipeline stage, see
-    overspill/parallel); the others are never read.
+    overspill/parallel); the others are never read. ``transform`` (HF directories only) rewrites each unit's
+    canonical tensors before its linears are built (and quantized), and the executor runs ``run_config`` (tensor
+    parallel: one rank's shard of each block and its local config); the plan still counts whole units.
 
     With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
     (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
     reader (runtime/transfer.py), through pinned host buffers; activations, not weights, cross devices."""
     src = open_source(path, dtype, quantize)
     _check_quantize_head(src.quantize, quantize_head)
+    if transform is not None and src.is_store:
+        raise OverspillError(f"{path}: a layer store's units are bound as stored; this load rewrites the "
+                             f"checkpoint's tensors (tensor parallel), so load a Hugging Face directory")
     quantize_head = bool(src.quantize and quantize_head and not src.is_store)
     cfg, names = src.ckpt.config, units(src.ckpt.config)
     reserve = dataclasses.replace(reserve, quantize=src.quantize, quantize_head=quantize_head, kv_format=kv_cache)
@@ -534,14 +552,16 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         streamed = [first + i for i, p in enumerate(plan.placements) if p.tier == "stream"]
         devs[first:end] = unit_devices(plan, stand_in)
         homes[first:end] = [p.home for p in plan.placements]
-    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes, plan,
-                     ring_slots, reserve if max_memory is not None else None, kv_cache, background, (first, end))
+    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook, transform), names, streamed, devs, homes,
+                     plan, ring_slots, reserve if max_memory is not None else None, kv_cache, background,
+                     (first, end), run_config)
     return Built(cfg, executor, plan, src.ckpt)
 
 
 def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[int], devs: list[torch.device],
           homes: list[str], plan, ring_slots: int, reserve: Reserve | None, kv_cache: str | None,
-          background: bool = False, unit_range: tuple[int, int] | None = None) -> Executor:
+          background: bool = False, unit_range: tuple[int, int] | None = None,
+          run_config: ModelConfig | None = None) -> Executor:
     """Load the resident units (now, or with ``background`` on a thread while the first forward runs), pack the
     host-held ones, and put the rest behind a streaming source."""
     cfg, cpu = src.ckpt.config, torch.device("cpu")
@@ -586,5 +606,5 @@ def _wire(src: Source, builder: UnitBuilder, names: list[str], streamed: list[in
         source = ResidentSource([resident.get(i) for i in range(len(names))], loading)
         if close is not None and not background:
             close()
-    return Executor(cfg, source, src.dtype, unit_devices=[str(d) for d in devs], reserve=reserve, kv_format=kv_cache,
-                    rows=rows)
+    return Executor(run_config or cfg, source, src.dtype, unit_devices=[str(d) for d in devs], reserve=reserve,
+                    kv_format=kv_cache, rows=rows)

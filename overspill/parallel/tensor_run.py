@@ -1,0 +1,228 @@
+"""Tensor-parallel runs: every rank computes every step over its shard of each block (parallel/tensor.py).
+
+    rank 0: TensorExecutor              rank k: TensorWorker (StageWorker's loop: follow rank 0's calls)
+    engine, generate(), beams, logits
+      │ forward_ragged / forward
+      ├─ broadcast the step ───────────► the step (ids, positions, segments, cache ops: a few KiB)
+      ├─ embed, blocks, head             embed, blocks, head          (the same executor method, same inputs)
+      │    each block: all-reduce ◄────►   each block: all-reduce      (the partial attention / MLP sums)
+      └─ its logits to consume(...)      its logits dropped: after the all-reduces every rank holds the same
+                                         hidden states, and sampling happens once, on rank 0
+
+The step protocol, the caches (StageCache over every block, with this rank's KV heads) and the worker's loop are the
+pipeline's (pipeline.py); only the step itself differs: no hidden states or logits cross, one all-reduce per
+row-parallel projection does. Half-precision partial sums are summed in float32 under gloo (one rounding, as a single
+process's matmul; gloo's bf16 sum of two ranks is exact on torch 2.13 but rounds once per rank beyond that).
+
+Failures: a collective cannot be left half done, so a step that fails on one rank after its first all-reduce ends
+every rank. The failing rank records its line in the rendezvous store and stops; the others' next all-reduce fails
+at once and they end with that line. A lost rank ends them as under --pp (group.py). The engine's ``abort`` is asked
+once, before a pass starts (every rank must run the whole pass).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from ..errors import OverspillError
+from .group import Group, agree, checkpoint_digest, choose_backend, first_line, gather_outcome, join, resolve_timeout
+from .pipeline import PipelineExecutor, StageCache, StageWorker, _ignore
+from .tensor import local_config, shard_block
+
+
+@dataclasses.dataclass
+class Whole:
+    """Every unit runs on every rank (stage_cache's range: a KV cache for every block)."""
+    first: int
+    end: int
+
+
+def _peer_error(g: Group) -> str | None:
+    """A line another rank left in the store before it stopped (see the module docstring)."""
+    hb = g.heartbeat
+    if hb is None:
+        return None
+    for r in range(g.world):
+        key = f"tp-error/{r}"
+        try:
+            if r != g.rank and hb.store.check([key]):
+                return hb.store.get(key).decode("utf-8", "replace")
+        except Exception:
+            return None
+    return None
+
+
+def leave_error(g: Group, line: str) -> None:
+    """Record this rank's failure for the others, and send nothing more."""
+    g.failed = True
+    try:
+        if g.heartbeat is not None:
+            g.heartbeat.store.set(f"tp-error/{g.rank}", line)
+    except Exception:
+        pass
+
+
+def all_reducer(g: Group, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reduce(partial) -> the sum over the ranks (Megatron-LM's all-reduce after each row-parallel projection)."""
+    import torch.distributed as dist
+
+    wire = dtype if dtype == torch.float32 or g.backend == "nccl" else torch.float32
+
+    def reduce(y: torch.Tensor) -> torch.Tensor:
+        t = y.to(device=g.device, dtype=wire).contiguous()     # [B, T, C]; float32 partials are summed in place
+        try:
+            dist.all_reduce(t, group=g.data)
+        except Exception as e:
+            peer = _peer_error(g)
+            if peer is not None:
+                g.failed = True
+                if g.heartbeat is not None:
+                    g.heartbeat.stop()
+                raise OverspillError(f"rank {g.rank}: {peer}") from None
+            raise g.broken("a rank while summing partial results", e) from None
+        return t.to(device=y.device, dtype=y.dtype)
+
+    return reduce
+
+
+class _Deferred:
+    """A consumer whose exception is kept until the pass ends (every rank must finish the pass together)."""
+
+    def __init__(self, consume: Callable | None):
+        self.inner, self.error = consume, None
+
+    def __call__(self, t0: int, t1: int, logits: torch.Tensor) -> None:
+        if self.error is None:
+            try:
+                self.inner(t0, t1, logits)
+            except BaseException as e:
+                self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class TensorExecutor(PipelineExecutor):
+    """Rank 0's executor over the tensor-parallel ranks, with the executor's interface (new_cache, forward,
+    forward_ragged, close). Caches and the broadcast of each step are PipelineExecutor's."""
+
+    def _run(self, run: Callable[[], object]):
+        try:
+            return run()
+        except BaseException as e:
+            if not self.g.failed:    # the other ranks may be inside this pass's all-reduces: they cannot go on
+                leave_error(self.g, f"rank 0: {first_line(e)}")
+                raise OverspillError(f"rank 0: {type(e).__name__}: {first_line(e)} (the tensor-parallel ranks "
+                                     f"are out of step; start them again)") from None
+            raise
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StageCache, last_only: bool = False,
+                consume: Callable | None = None) -> torch.Tensor | None:
+        """As Executor.forward, on every rank."""
+        with self._lock:
+            self._check_open()
+            positions = positions.contiguous()
+            self._broadcast(("forward", cache.id, ids, positions, cache.key_valid, last_only))
+            box = _Deferred(consume)
+            out = self._run(lambda: self.local.forward(ids, positions, cache, last_only,
+                                                       box if consume is not None else None))
+            box.check()
+            return out
+
+    @torch.inference_mode()
+    def forward_ragged(self, segments: list[tuple[int, int, list[int]]], cache: StageCache, logit_rows: list[int],
+                       consume: Callable, pad_to: int = 4, abort: Callable[[], bool] | None = None) -> bool:
+        """As Executor.forward_ragged, on every rank; ``abort`` is asked once, before the pass."""
+        with self._lock:
+            self._check_open()
+            if abort is not None and abort():
+                return False
+            self._broadcast(("ragged", cache.id, segments, list(logit_rows), pad_to))
+            box = _Deferred(consume)
+            self._run(lambda: self.local.forward_ragged(segments, cache, logit_rows, box, pad_to))
+            box.check()
+            return True
+
+
+class TensorWorker(StageWorker):
+    """A rank other than 0: runs each step rank 0 broadcasts on its shards, and drops its logits."""
+
+    @torch.inference_mode()
+    def _step(self, msg: tuple) -> None:
+        try:
+            if msg[1] in self.cache_error:
+                raise OverspillError(self.cache_error[msg[1]])
+            cache = self.caches[msg[1]]
+            if msg[0] == "forward":
+                _, _, ids, positions, key_valid, last_only = msg
+                cache.key_valid = key_valid
+                self.local.forward(ids, positions, cache, last_only, consume=_ignore)
+            else:
+                _, _, segments, rows, pad_to = msg
+                self.local.forward_ragged(segments, cache, rows, _ignore, pad_to)
+        except Exception as e:
+            if self.g.failed:
+                raise
+            line = str(e) if isinstance(e, OverspillError) and str(e).startswith("rank ") else \
+                f"rank {self.g.rank}: {type(e).__name__}: {first_line(e)}"
+            leave_error(self.g, line)
+            raise OverspillError(line) from None
+
+
+def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | None], reserve, *, tp: int,
+                timeout: float | None = None, quantize_head: bool = False, stand_in: dict[str, str] | None = None,
+                kv_cache: str | None = None):
+    """This rank's part of a ``tp``-way tensor-parallel model: a loader.Built whose executor is a TensorExecutor on
+    rank 0 and a TensorWorker (call ``serve()``) on the others. Each rank loads every unit, its blocks sharded
+    (shard_block, before quantizing on the fly), under its own budget (``budgets``, by rank)."""
+    from ..runtime.loader import build, open_source
+    from .group import launch_env
+
+    timeout = resolve_timeout(timeout)
+    rank, world, _ = launch_env(tp, "--tp")
+    g = join(tp, timeout, choose_backend([any(k.startswith("cuda") for k in (b or {})) for b in budgets]), "--tp")
+    try:
+        src = open_source(path, dtype, quantize)
+        cfg = src.ckpt.config
+        if hasattr(src.ckpt, "close"):
+            src.ckpt.close()
+        if src.is_store:
+            raise OverspillError(f"--tp {tp}: {path} is a layer store, whose units are stored whole; tensor "
+                                 f"parallel loads a Hugging Face directory (with --quantize on the fly for a "
+                                 f"quantized run)")
+        run_cfg = local_config(cfg, tp)
+        facts = {"model": f"{cfg.family}, {cfg.n_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}",
+                 "weights": f"digest {checkpoint_digest(path)}", "dtype": str(src.dtype).replace("torch.", ""),
+                 "quantize": [src.quantize, bool(src.quantize and quantize_head)], "kv_cache": kv_cache,
+                 "reserve": [reserve.max_batch, reserve.max_seq_len], "tp": tp}
+    except OverspillError as e:
+        facts = {"error": str(e)}
+    except Exception as e:
+        facts = {"error": f"{type(e).__name__}: {first_line(e)}"}
+    agree(g, facts)
+    built, outcome = None, {}
+    try:
+        shard = lambda unit, t: shard_block(cfg, t, rank, world) if unit.startswith("block.") else t
+        built = build(path, dtype, quantize, budgets[rank], reserve, quantize_head=quantize_head, stand_in=stand_in,
+                      kv_cache=kv_cache, transform=shard, run_config=run_cfg)
+        outcome = {"units": [0, cfg.n_layers + 2], "streams": bool(getattr(built.executor.source, "streamed", None)),
+                   "plan": built.plan.to_json() if built.plan is not None else None}
+    except OverspillError as e:
+        outcome = {"error": str(e)}
+    except Exception as e:
+        outcome = {"error": f"{type(e).__name__}: {first_line(e)}"}
+    try:
+        infos = gather_outcome(g, outcome)
+    except OverspillError:
+        if built is not None:
+            built.executor.close()
+        raise
+    local = built.executor
+    local.reduce = all_reducer(g, local.dtype)
+    whole = Whole(0, cfg.n_layers + 2)
+    ex = TensorExecutor(local, whole, g, infos) if rank == 0 else TensorWorker(local, whole, g)
+    return dataclasses.replace(built, config=cfg, executor=ex)
