@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 
 import pytest
 import torch
 
 import overspill
 from overspill.errors import OverspillError
-from test_parallel import IDS, PROMPTS, SHAKESPEARE, _cli, _launch, _log, _torchrun, _wait
+from overspill.runtime.loader import Reserve
+from test_parallel import (CLI_LONG, IDS, PROMPTS, SHAKESPEARE, _cli, _error_lines, _launch, _log, _torchrun,
+                           _wait)
 
 RANK_SCRIPT = r'''
 import json, os, sys, torch
@@ -36,7 +40,7 @@ for run in spec["runs"]:
         Executor.forward_ragged = lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
     try:
         m = overspill.load(run["path"], dtype=run["dtype"], quantize=run.get("quantize"), tp=spec["tp"],
-                           max_seq_len=64, max_batch_size=2)
+                           max_memory=run.get("max_memory"), max_seq_len=64, max_batch_size=2)
     except OverspillError as e:
         results[run["name"]] = {"error": str(e)}
         break
@@ -51,6 +55,7 @@ for run in spec["runs"]:
         results[run["name"]] = {"error": str(e)}
         break
     r["kv_heads"] = m.executor.cfg.n_kv_heads
+    r["stages"] = m.executor.stages
     results[run["name"]] = r
     m.close()
 torch.save(results, spec["out"].format(rank=rank))
@@ -58,10 +63,21 @@ torch.save(results, spec["out"].format(rank=rank))
 
 
 def _single(path, dtype, quantize=None):
-    m = overspill.load(path, dtype=dtype, quantize=quantize, max_seq_len=64, max_batch_size=2)
+    m = overspill.load(path, dtype=dtype, quantize=quantize, max_seq_len=64, max_batch_size=2, background=False)
     r = {"logits": m.logits(torch.tensor(IDS)), "greedy": m.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)}
     m.close()
     return r
+
+
+def _min_budget(path) -> int:
+    """The least budget the whole model runs in (from the planner's refusal): it streams blocks from disk."""
+    from overspill.placement import PlanError
+    from overspill.runtime.loader import make_plan, open_source
+
+    src = open_source(path, "float32", None)
+    with pytest.raises(PlanError) as e:
+        make_plan(src.ckpt, src.ckpt.config, src.dtype, None, {"cpu": 1}, Reserve(2, 64))
+    return e.value.min_bytes
 
 
 def _run_ranks(tmp_path, runs, tp):
@@ -93,10 +109,12 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
                                                                             "gpt_neox_sequential")]
     runs.append({"name": "bf16", "path": ref_dir("gpt_neox_parallel")[0], "dtype": "bfloat16"})
     runs.append({"name": "int8", "path": ref_dir("llama_gqa")[0], "dtype": "float32", "quantize": "int8"})
+    deep = ref_dir("llama_gqa", layers=12)[0]
+    runs.append({"name": "streamed", "path": deep, "dtype": "float32", "max_memory": f"cpu={_min_budget(deep)}"})
     runs.append({"name": "no_reduce", "path": ref_dir("gpt2")[0], "dtype": "float32", "no_reduce": True})
     runs.append({"name": "inject", "path": ref_dir("gptj")[0], "dtype": "float32", "inject": True})
     got, got1 = _run_ranks(tmp_path, runs, 2)
-    for run in runs[:5]:
+    for run in runs[:5] + [runs[6]]:
         want = _single(run["path"], run["dtype"])
         r = got[run["name"]]
         tol = 1e-5 if run["dtype"] == "float32" else 0.05
@@ -113,6 +131,8 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     print(f"int8 max |logit error| vs float32: tp=2 {err_tp:.4f}, one process {err_one:.4f}; apart {apart:.4f}")
     assert apart < 0.05 and err_tp < 1.5 * err_one
     assert [g[:4] for g in got["int8"]["greedy"]] == [g[:4] for g in want["greedy"]]
+    for info in got["streamed"]["stages"]:       # every rank streams blocks (sharded after each read) from disk
+        assert "stream" in [p["tier"] for p in json.loads(info["plan"])["placements"]]
     plain = _single(ref_dir("gpt2")[0], "float32")
     assert (got["no_reduce"]["logits"] - plain["logits"]).abs().max() > 0.1
     line = "rank 1: RuntimeError: injected failure"
@@ -129,12 +149,50 @@ def test_four_ranks_replicate_a_kv_head(ref_dir, tmp_path):
 
 
 def test_torchrun_cli_generate_matches_one_process(capsys):
-    """`torchrun --nproc-per-node 2 -m overspill.cli generate PROMPT --tp 2` prints what one process prints."""
+    """`torchrun --nproc-per-node 2 -m overspill.cli generate PROMPT --tp 2` prints what one process prints; eval's
+    perplexity is the same."""
     args = ["generate", "ROMEO:", "-n", "24", "--dtype", "float32", "--seed", "3", "--temperature", "0.8"]
     r = _torchrun(args + ["--tp", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     single = _cli(capsys, args)
     assert r.stdout == single and len(single) > 20
+    ev = ["eval", "--text", os.path.join(SHAKESPEARE, "heldout.txt"), "--max-chars", "1500", "--context", "96",
+          "--stride", "48", "--json", "--dtype", "float32"]
+    got = _torchrun(ev + ["--tp", "2"])
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert abs(json.loads(got.stdout)["nll"] - json.loads(_cli(capsys, ev))["nll"]) < 1e-5
+
+
+def test_a_killed_rank_ends_the_other_with_one_line(tmp_path):
+    """Rank 1 killed mid-generation: rank 0's next all-reduce fails at once; one line, exit code 2, no hang."""
+    cli = [a if a != "--pp" else "--tp" for a in CLI_LONG] + ["--pp-timeout", "3"]
+    procs = _launch([cli] * 2, tmp_path)
+    end = time.monotonic() + 60
+    while len(_log(tmp_path, 0)) < 40 and time.monotonic() < end and procs[0].poll() is None:
+        time.sleep(0.05)
+    assert len(_log(tmp_path, 0)) >= 40 and procs[0].poll() is None
+    os.kill(procs[1].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        rc = procs[0].wait(timeout=20)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lines = _error_lines(_log(tmp_path, 0))
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in _log(tmp_path, 0), _log(tmp_path, 0)[-2000:]
+    assert lines[0].startswith("overspill: error: rank 0: lost ") and time.monotonic() - t0 < 3
+
+
+def test_a_model_that_does_not_divide_ends_every_rank_with_one_line(tmp_path):
+    """The built-in model has 8 heads: three ranks cannot share them, and every rank says so."""
+    procs = _launch([["-m", "overspill.cli", "generate", "x", "--tp", "3", "--pp-timeout", "10"]] * 3, tmp_path)
+    assert _wait(procs, 60) == [2, 2, 2]
+    for r in range(3):
+        lines = _error_lines(_log(tmp_path, r))
+        assert len(lines) == 1 and lines[0].startswith(f"overspill: error: rank {r}: --tp 3: this model cannot be "
+                                                       f"split 3 ways: 8 query heads"), _log(tmp_path, r)[-2000:]
 
 
 def test_a_layer_store_is_refused_in_one_line(ref_dir, tmp_path):
