@@ -19,6 +19,7 @@ import torch
 
 import overspill
 from overspill.errors import OverspillError
+from overspill.parallel.tensor import local_config
 from overspill.runtime.loader import Reserve
 from test_parallel import (CLI_LONG, IDS, PROMPTS, SHAKESPEARE, _cli, _error_lines, _launch, _log, _torchrun,
                            _wait)
@@ -69,15 +70,49 @@ def _single(path, dtype, quantize=None):
     return r
 
 
-def _min_budget(path) -> int:
-    """The least budget the whole model runs in (from the planner's refusal): it streams blocks from disk."""
+def _min_budget(path, tp: int | None = None) -> int:
+    """The least budget the model runs in (from the planner's refusal; a tensor-parallel rank's with ``tp``): it
+    streams blocks from disk."""
     from overspill.placement import PlanError
     from overspill.runtime.loader import make_plan, open_source
 
     src = open_source(path, "float32", None)
+    cfg = src.ckpt.config
     with pytest.raises(PlanError) as e:
-        make_plan(src.ckpt, src.ckpt.config, src.dtype, None, {"cpu": 1}, Reserve(2, 64))
+        make_plan(src.ckpt, cfg, src.dtype, None, {"cpu": 1}, Reserve(2, 64),
+                  run_config=local_config(cfg, tp) if tp else None)
     return e.value.min_bytes
+
+
+def test_a_rank_plans_for_its_shard(ref_dir):
+    """A rank's plan counts its blocks' shards (norms and biases whole) and its KV heads, and streams the whole
+    unit it reads; at tp=2 a budget too small for the whole model holds every block resident."""
+    from overspill.runtime.loader import make_plan, open_source
+
+    src = open_source(ref_dir("llama_gqa", layers=12)[0], "float32", None)
+    cfg = src.ckpt.config
+    whole, tp2 = (make_plan(src.ckpt, cfg, src.dtype, None, {"cpu": 1 << 30}, Reserve(2, 64), run_config=rc)
+                  for rc in (None, local_config(cfg, 2)))
+    norms = 2 * cfg.hidden_size * 4
+    for a, b in zip(whole.placements, tp2.placements):
+        if a.unit.startswith("block."):
+            assert b.weight_bytes == (a.weight_bytes - norms) // 2 + norms and b.kv_bytes * 2 == a.kv_bytes
+            assert b.stream_bytes == a.weight_bytes
+        else:
+            assert (a.weight_bytes, a.kv_bytes) == (b.weight_bytes, b.kv_bytes)
+    from overspill.placement import PlanError
+
+    def tiers(rc, n: int) -> set[str]:
+        try:
+            return {p.tier for p in make_plan(src.ckpt, cfg, src.dtype, None, {"cpu": n}, Reserve(2, 64),
+                                              run_config=rc).placements}
+        except PlanError:
+            return {"none"}
+    lo, hi = 1 << 20, 1 << 30                        # the least budget that holds a rank's every unit resident
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if tiers(local_config(cfg, 2), mid) == {"resident"} else (mid, hi)
+    assert "stream" in tiers(None, hi)
 
 
 def _run_ranks(tmp_path, runs, tp):
@@ -110,7 +145,7 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     runs.append({"name": "bf16", "path": ref_dir("gpt_neox_parallel")[0], "dtype": "bfloat16"})
     runs.append({"name": "int8", "path": ref_dir("llama_gqa")[0], "dtype": "float32", "quantize": "int8"})
     deep = ref_dir("llama_gqa", layers=12)[0]
-    runs.append({"name": "streamed", "path": deep, "dtype": "float32", "max_memory": f"cpu={_min_budget(deep)}"})
+    runs.append({"name": "streamed", "path": deep, "dtype": "float32", "max_memory": f"cpu={_min_budget(deep, 2)}"})
     runs.append({"name": "no_reduce", "path": ref_dir("gpt2")[0], "dtype": "float32", "no_reduce": True})
     runs.append({"name": "inject", "path": ref_dir("gptj")[0], "dtype": "float32", "inject": True})
     got, got1 = _run_ranks(tmp_path, runs, 2)

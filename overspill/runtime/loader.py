@@ -126,13 +126,19 @@ _RAW_LINEAR_PARTS = {"q", "k", "v", "qkv", "qkv_neox", "gate", "up", "out", "dow
 
 
 def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None,
-                      quantize_head: bool = False) -> int:
+                      quantize_head: bool = False, shard: ModelConfig | None = None) -> int:
     """Bytes a unit's weights occupy, from shapes only (quantize_head: the LM head in the scheme too; with tied
-    embeddings that is a quantized copy beside the embedding table)."""
+    embeddings that is a quantized copy beside the embedding table). ``shard``: a block's linears are held at this
+    (tensor-parallel rank's local) config's shapes; its norms and biases are counted whole."""
     if hasattr(src, "unit_bytes"):                 # a layer store knows exactly
         return src.unit_bytes(unit)
     from .. import quant
 
+    if shard is not None and unit.startswith("block."):
+        total = sum(math.prod(src.shape(name)) * _es(dtype) for name, canon in src.unit_names(unit).items()
+                    if not (canon.endswith(".weight") and canon.split(".")[0] in _RAW_LINEAR_PARTS))
+        return total + sum(quant.quantized_nbytes(quantize, n, k) if quantize else n * k * _es(dtype)
+                           for n, k in linear_shapes(shard, unit).values())
     total = 0
     for name, canon in src.unit_names(unit).items():
         lin = canon.split(".")[0]
@@ -171,24 +177,26 @@ def embed_rows(src, cfg: ModelConfig):
 
 def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budgets: dict[str, int],
               reserve: Reserve, ring_slots: int = 2, quantize_head: bool = False,
-              unit_range: tuple[int, int] | None = None):
+              unit_range: tuple[int, int] | None = None, run_config: ModelConfig | None = None):
     """The placement for this source. Streaming straight from a Hugging Face directory holds one more unit than
     the ring: a fetch reads the unit's raw tensors and fuses them (qkv, gate/up) into new ones, while the other
     slot's unit stays alive, so the plan counts ring_slots + 1 staging slots there (a layer store reads into the
     preallocated slots, already fused). ``unit_range`` (first, end): plan only those units (a pipeline stage's);
-    the plan's placements are theirs, in order."""
+    the plan's placements are theirs, in order. ``run_config``: a tensor-parallel rank's local config: it holds
+    its blocks' shards and their KV heads (a streamed block still reads the whole unit)."""
     from ..placement import UnitCost, plan_placement
 
     is_store = hasattr(src, "unit_bytes")   # a LayerStore, not an HFCheckpoint
     if not is_store:
         ring_slots += 1
     reserve = dataclasses.replace(reserve, quantize=quantize, quantize_head=bool(quantize and quantize_head))
-    kv = reserve.kv_bytes_per_block(cfg, dt)
+    kv = reserve.kv_bytes_per_block(run_config or cfg, dt)
     costs = []
     for u in units(cfg)[slice(*unit_range) if unit_range else slice(None)]:
-        w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head)
-        # what a streamed fetch reads and holds: an HF directory quantizing on the fly reads the stored weights
-        read = unit_weight_bytes(src, cfg, u, dt, None) if quantize and not is_store else w
+        w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head, run_config)
+        # what a streamed fetch reads and holds: an HF directory quantizing (or sharding) on the fly reads the
+        # stored weights
+        read = unit_weight_bytes(src, cfg, u, dt, None) if (quantize or run_config) and not is_store else w
         # CPU-only plans stream the table from disk by rows; with accelerators it may be held in host RAM and copied
         # whole (the loader reads rows only for a table whose home is disk), so it is counted whole there
         rows = embed_rows(src, cfg) if u == "embed" and set(budgets) <= {"cpu", "disk"} else None
@@ -528,7 +536,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     head as it was converted. ``unit_range`` (first, end): load and plan only those units (a pipeline stage, see
     overspill/parallel); the others are never read. ``transform`` (HF directories only) rewrites each unit's
     canonical tensors before its linears are built (and quantized), and the executor runs ``run_config`` (tensor
-    parallel: one rank's shard of each block and its local config); the plan still counts whole units.
+    parallel: one rank's shard of each block and its local config, which the plan sizes blocks and KV cache by).
 
     With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
     (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
@@ -548,7 +556,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
     homes = ["cpu"] * len(names)
     if max_memory is not None:
         plan = make_plan(src.ckpt, cfg, src.dtype, src.quantize, max_memory, reserve, ring_slots, quantize_head,
-                         unit_range)
+                         unit_range, run_config)
         streamed = [first + i for i, p in enumerate(plan.placements) if p.tier == "stream"]
         devs[first:end] = unit_devices(plan, stand_in)
         homes[first:end] = [p.home for p in plan.placements]
