@@ -224,21 +224,19 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     tp: tensor-parallel ranks, one process each, started by torchrun (Megatron-style, parallel/tensor_run.py): every
       rank loads the embedding and head whole and its share of each block's heads and MLP from a Hugging Face
       directory (quantize: on the fly, after sharding), and every step runs on every rank with one all-reduce per
-      sublayer. As with pp, rank 0 gets the Model and the others return None when it closes.
+      sublayer. As with pp, rank 0 gets the Model and the others return None when it closes. With pp too: pp stages
+      of tp ranks each (pp x tp processes, rank = stage * tp + t; max_memory per rank as for pp).
     """
     from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
 
     path = str(path) if path is not None else default_model_path()
-    if tp > 1 and pp > 1:
-        raise OverspillError(f"--tp {tp} with --pp {pp}: tensor and pipeline parallel together are not supported "
-                             f"yet; use one of them")
     if tp > 1 and (adapter is not None or linear_hook is not None):
         raise OverspillError(f"--tp {tp}: adapters and linear hooks wrap whole linears; a tensor-parallel rank "
                              f"holds shards (not supported yet)")
     if max(pp, tp) > 1:
         from .parallel import rank_budgets
-        budgets = [_budgets(b) for b in rank_budgets(max_memory, max(pp, tp))]
+        budgets = [_budgets(b) for b in rank_budgets(max_memory, pp * tp)]
     else:
         budgets = _budgets(max_memory)
     reserve = Reserve(max_batch_size, max_seq_len or 1024)
@@ -256,7 +254,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
         lora = LoraAdapter.load(str(adapter), cfg)
         linear_hook = lora.hook
     try:
-        if tp > 1:
+        if tp > 1 and pp == 1:
             from .parallel import load_tensor
             built = load_tensor(path, dtype, quantize, budgets, reserve, tp=tp, timeout=pp_timeout,
                                 quantize_head=quantize_head, stand_in=stand_in, kv_cache=check_kv_format(kv_cache))
@@ -264,7 +262,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
             from .parallel import load_stage
             built = load_stage(path, dtype, quantize, budgets, reserve, stages=pp, timeout=pp_timeout,
                                quantize_head=quantize_head, linear_hook=linear_hook, stand_in=stand_in,
-                               kv_cache=check_kv_format(kv_cache))
+                               kv_cache=check_kv_format(kv_cache), tp=tp)
         else:
             built = build(path, dtype, quantize, budgets, reserve, quantize_head=quantize_head,
                           linear_hook=linear_hook, stand_in=stand_in, kv_cache=check_kv_format(kv_cache),

@@ -41,7 +41,7 @@ for run in spec["runs"]:
         Executor.forward_ragged = lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
     try:
         m = overspill.load(run["path"], dtype=run["dtype"], quantize=run.get("quantize"), tp=spec["tp"],
-                           max_memory=run.get("max_memory"), max_seq_len=64, max_batch_size=2)
+                           pp=spec.get("pp", 1), max_memory=run.get("max_memory"), max_seq_len=64, max_batch_size=2)
     except OverspillError as e:
         results[run["name"]] = {"error": str(e)}
         break
@@ -115,16 +115,17 @@ def test_a_rank_plans_for_its_shard(ref_dir):
     assert "stream" in tiers(None, hi)
 
 
-def _run_ranks(tmp_path, runs, tp):
+def _run_ranks(tmp_path, runs, tp, pp=1):
+    n = tp * pp
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"runs": runs, "ids": IDS, "prompts": PROMPTS, "tp": tp,
+    spec.write_text(json.dumps({"runs": runs, "ids": IDS, "prompts": PROMPTS, "tp": tp, "pp": pp,
                                 "out": str(tmp_path / "out{rank}.pt")}))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    procs = _launch([[str(script), str(spec)]] * tp, tmp_path, OVERSPILL_PP_TIMEOUT="10")
+    procs = _launch([[str(script), str(spec)]] * n, tmp_path, OVERSPILL_PP_TIMEOUT="10")
     codes = _wait(procs)
-    assert codes == [0] * tp, "".join(_log(tmp_path, r)[-2000:] for r in range(tp))
-    return [torch.load(tmp_path / f"out{r}.pt") for r in range(tp)]
+    assert codes == [0] * n, "".join(_log(tmp_path, r)[-2000:] for r in range(n))
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(n)]
 
 
 def test_tp_outside_a_launcher_and_combined_with_pp(monkeypatch):
@@ -132,7 +133,7 @@ def test_tp_outside_a_launcher_and_combined_with_pp(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(OverspillError, match="--tp 2 runs one process per rank.*--nproc-per-node 2"):
         overspill.load(SHAKESPEARE, tp=2)
-    with pytest.raises(OverspillError, match="not supported yet"):
+    with pytest.raises(OverspillError, match=r"--pp 2 x --tp 2 = 4 runs one process per rank.*--nproc-per-node 4"):
         overspill.load(SHAKESPEARE, tp=2, pp=2)
 
 
@@ -181,6 +182,18 @@ def test_four_ranks_replicate_a_kv_head(ref_dir, tmp_path):
     want = _single(path, "float32")
     torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
     assert got["greedy"] == want["greedy"] and got["kv_heads"] == 1
+
+
+def test_pipeline_of_tensor_parallel_stages_equals_one_process(ref_dir, tmp_path):
+    """--pp 2 --tp 2: two stages of two ranks each (one block per stage here); each stage's ranks shard its
+    blocks and sum their partials within the stage, hidden states go from rank (0, t) to (1, t)."""
+    runs = [{"name": v, "path": ref_dir(v)[0], "dtype": "float32"} for v in ("llama_gqa", "gptj", "gpt2")]
+    got = _run_ranks(tmp_path, runs, tp=2, pp=2)[0]
+    for run in runs:
+        want = _single(run["path"], "float32")
+        torch.testing.assert_close(got[run["name"]]["logits"], want["logits"], rtol=0, atol=1e-5, msg=run["name"])
+        assert got[run["name"]]["greedy"] == want["greedy"], run["name"]
+        assert [s["units"] for s in got[run["name"]]["stages"]] == [[0, 2], [0, 2], [2, 4], [2, 4]]
 
 
 def test_torchrun_cli_generate_matches_one_process(capsys):

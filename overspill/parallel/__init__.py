@@ -40,7 +40,8 @@ from .group import (Group, agree, checkpoint_digest, choose_backend, first_line,
                     resolve_timeout)
 from .pipeline import Link, PipelineExecutor, StageCache, StageWorker
 from .split import rank_budgets, split_units
-from .tensor_run import TensorExecutor, TensorWorker, load_tensor
+from .tensor_run import (TensorExecutor, TensorPipelineExecutor, TensorStageWorker, TensorWorker, all_reducer,
+                         load_tensor, stage_groups)
 
 __all__ = ["load_stage", "load_tensor", "stage_plans", "PipelineExecutor", "StageWorker", "StageCache",
            "TensorExecutor", "TensorWorker", "split_units", "rank_budgets"]
@@ -99,31 +100,43 @@ def _probe_wire(g: Group, dtype: torch.dtype) -> bool:
 
 def load_stage(path: str, dtype, quantize: str | None, budgets: list[dict | None], reserve, *, stages: int,
                timeout: float | None = None, quantize_head: bool = False, linear_hook=None,
-               stand_in: dict[str, str] | None = None, kv_cache: str | None = None):
+               stand_in: dict[str, str] | None = None, kv_cache: str | None = None, tp: int = 1):
     """This rank's part of a ``stages``-rank pipeline (see the module docstring): a loader.Built whose executor is a
-    PipelineExecutor on rank 0 and a StageWorker (call ``serve()``) on the others. ``budgets``: parsed, by rank."""
+    PipelineExecutor on rank 0 and a StageWorker (call ``serve()``) on the others. ``budgets``: parsed, by rank.
+    ``tp`` > 1: each stage is ``tp`` tensor-parallel ranks (rank = stage * tp + t; tensor_run.py), stages * tp in
+    all."""
     timeout = resolve_timeout(timeout)
-    rank, world, _ = launch_env(stages)
-    g = join(stages, timeout, choose_backend([any(k.startswith("cuda") for k in (b or {})) for b in budgets]))
+    flag = "--pp" if tp == 1 else f"--pp {stages} x --tp {tp} ="
+    rank, world, _ = launch_env(stages * tp, flag)
+    g = join(stages * tp, timeout, choose_backend([any(k.startswith("cuda") for k in (b or {})) for b in budgets]),
+             flag)
     # an error that every rank raises together (a budget too small on one rank, mismatched checkpoints) leaves the
     # group in step: the script may try again
     return _load(g, path, dtype, quantize, budgets[rank], reserve, stages, quantize_head, linear_hook, stand_in,
-                 kv_cache)
+                 kv_cache, tp)
 
 
 def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, quantize_head: bool, linear_hook,
-          stand_in, kv_cache):
+          stand_in, kv_cache, tp: int = 1):
     from ..runtime.loader import build, open_source
+    from .tensor import local_config, shard_block
 
+    shard = run_cfg = None
     try:
         src = open_source(path, dtype, quantize)
         cfg = src.ckpt.config
         qh = bool(src.quantize and quantize_head and not src.is_store)
         ranges = split_units(_stage_bytes(src, reserve, qh), stages)
+        if tp > 1:
+            if src.is_store:
+                raise OverspillError(f"--tp {tp}: {path} is a layer store, whose units are stored whole; tensor "
+                                     f"parallel loads a Hugging Face directory")
+            run_cfg, t = local_config(cfg, tp), g.rank % tp
+            shard = lambda unit, w: shard_block(cfg, w, t, tp) if unit.startswith("block.") else w
         facts = {"model": f"{cfg.family}, {cfg.n_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}",
                  "weights": f"digest {checkpoint_digest(path)}", "dtype": str(src.dtype).replace("torch.", ""),
                  "quantize": [src.quantize, qh], "kv_cache": kv_cache,
-                 "reserve": [reserve.max_batch, reserve.max_seq_len], "unit ranges": ranges}
+                 "reserve": [reserve.max_batch, reserve.max_seq_len], "unit ranges": ranges, "tp": tp}
         if hasattr(src.ckpt, "close"):
             src.ckpt.close()
     except OverspillError as e:
@@ -132,11 +145,12 @@ def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, qu
         facts = {"error": f"{type(e).__name__}: {first_line(e)}"}
     agree(g, facts)
     lossless = _probe_wire(g, src.dtype)
-    first, end = ranges[g.rank]
+    first, end = ranges[g.rank // tp]
     built, outcome = None, {}
     try:
         built = build(path, dtype, quantize, budget, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
-                      stand_in=stand_in, kv_cache=kv_cache, unit_range=(first, end))
+                      stand_in=stand_in, kv_cache=kv_cache, unit_range=(first, end), transform=shard,
+                      run_config=run_cfg)
         outcome = {"units": [first, end], "streams": bool(getattr(built.executor.source, "streamed", None)),
                    "plan": built.plan.to_json() if built.plan is not None else None, "lossless": lossless}
     except OverspillError as e:
@@ -149,8 +163,12 @@ def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, qu
         if built is not None:
             built.executor.close()
         raise
-    link = Link(g, first, end, cfg.n_layers + 2, all(s["lossless"] for s in stages_info))
+    link = Link(g, first, end, cfg.n_layers + 2, all(s["lossless"] for s in stages_info), tp)
     local = built.executor
     local.link = link
-    ex = PipelineExecutor(local, link, g, stages_info) if g.rank == 0 else StageWorker(local, link, g)
-    return dataclasses.replace(built, executor=ex)
+    if tp > 1:
+        local.reduce = all_reducer(g, local.dtype, stage_groups(g, tp))
+        ex = TensorPipelineExecutor(local, link, g, stages_info) if g.rank == 0 else TensorStageWorker(local, link, g)
+    else:
+        ex = PipelineExecutor(local, link, g, stages_info) if g.rank == 0 else StageWorker(local, link, g)
+    return dataclasses.replace(built, config=cfg, executor=ex)

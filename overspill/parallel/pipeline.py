@@ -55,13 +55,14 @@ class Upstream(Exception):
 class Link:
     """This stage's channels: hidden states from the previous rank and to the next, logits from the last rank to
     rank 0 (the executor's StageLink). ``lossless``: bf16/fp16 cross the wire as they are (checked at start-up),
-    else as float32."""
+    else as float32. ``tp``: ranks per stage (tensor parallel within each stage, ranks stage * tp + t): rank
+    (s, t) hands its hidden states to (s + 1, t), and the last stage's rank (S - 1, 0) answers rank 0."""
 
-    def __init__(self, g: Group, first: int, end: int, n_units: int, lossless: bool = True):
+    def __init__(self, g: Group, first: int, end: int, n_units: int, lossless: bool = True, tp: int = 1):
         self.g, self.first, self.end, self.n_units, self.lossless = g, first, end, n_units, lossless
-        self.prev = g.rank - 1 if g.rank > 0 else None
-        self.next = g.rank + 1 if g.rank + 1 < g.world else 0     # the last stage answers rank 0
-        self.last = g.world - 1
+        self.prev = g.rank - tp if g.rank >= tp else None
+        self.next = g.rank + tp if g.rank + tp < g.world else 0   # the last stage answers rank 0
+        self.last = g.world - tp
         self.pending = False          # a worker's pass whose input it has not read yet
 
     # -- wire ---------------------------------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class StageWorker:
     def __init__(self, local: Executor, link: Link, g: Group):
         self.local, self.link, self.g = local, link, g
         self.unit_devices = local.unit_devices
-        self.last = link.end == local.cfg.n_layers + 2
+        self.last = link.end == local.cfg.n_layers + 2 and g.rank == link.last   # this rank answers rank 0
         self.caches: dict[int, StageCache] = {}
         self.cache_error: dict[int, str] = {}
 

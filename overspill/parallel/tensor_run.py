@@ -18,6 +18,10 @@ Failures: a collective cannot be left half done, so a step that fails on one ran
 every rank. The failing rank records its line in the rendezvous store and stops; the others' next all-reduce fails
 at once and they end with that line. A lost rank ends them as under --pp (group.py). The engine's ``abort`` is asked
 once, before a pass starts (every rank must run the whole pass).
+
+With --pp as well (parallel/__init__.py's load_stage, tp > 1): each pipeline stage is tp ranks that shard its blocks
+and all-reduce within the stage (stage_groups); rank (s, t) hands hidden states to (s + 1, t), and the last stage's
+first rank sends rank 0 the logits (TensorPipelineExecutor, TensorStageWorker).
 """
 from __future__ import annotations
 
@@ -28,15 +32,16 @@ import torch
 
 from ..errors import OverspillError
 from .group import Group, agree, checkpoint_digest, choose_backend, first_line, gather_outcome, join, resolve_timeout
-from .pipeline import PipelineExecutor, StageCache, StageWorker, _ignore
+from .pipeline import DONE, PipelineExecutor, StageCache, StageWorker, _ignore
 from .tensor import local_config, shard_block
 
 
 @dataclasses.dataclass
 class Whole:
-    """Every unit runs on every rank (stage_cache's range: a KV cache for every block)."""
+    """Every unit runs on every rank (stage_cache's range: a KV cache for every block); no rank answers rank 0."""
     first: int
     end: int
+    last: int = -1
 
 
 def _peer_error(g: Group) -> str | None:
@@ -64,8 +69,9 @@ def leave_error(g: Group, line: str) -> None:
         pass
 
 
-def all_reducer(g: Group, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """reduce(partial) -> the sum over the ranks (Megatron-LM's all-reduce after each row-parallel projection)."""
+def all_reducer(g: Group, dtype: torch.dtype, group=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """reduce(partial) -> the sum over the ranks of ``group`` (default: all of them; under --pp, this stage's):
+    Megatron-LM's all-reduce after each row-parallel projection."""
     import torch.distributed as dist
 
     wire = dtype if dtype == torch.float32 or g.backend == "nccl" else torch.float32
@@ -73,7 +79,7 @@ def all_reducer(g: Group, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.
     def reduce(y: torch.Tensor) -> torch.Tensor:
         t = y.to(device=g.device, dtype=wire).contiguous()     # [B, T, C]; float32 partials are summed in place
         try:
-            dist.all_reduce(t, group=g.data)
+            dist.all_reduce(t, group=group if group is not None else g.data)
         except Exception as e:
             peer = _peer_error(g)
             if peer is not None:
@@ -105,6 +111,73 @@ class _Deferred:
             raise self.error
 
 
+def stage_groups(g: Group, tp: int):
+    """Every stage's tensor-parallel group (ranks stage * tp .. + tp - 1); every rank creates them all, in order.
+    Returns this rank's."""
+    import torch.distributed as dist
+
+    from .group import _FOREVER
+
+    mine = None
+    for s in range(g.world // tp):
+        grp = dist.new_group(list(range(s * tp, (s + 1) * tp)), backend=g.backend, timeout=_FOREVER)
+        if g.rank // tp == s:
+            mine = grp
+    return mine
+
+
+def _fatal(g: Group, e: BaseException, rank0: bool = False) -> OverspillError:
+    """A step that failed on this rank: the others may be inside its all-reduces, so every rank ends."""
+    line = str(e) if isinstance(e, OverspillError) and str(e).startswith("rank ") else \
+        f"rank {g.rank}: {type(e).__name__}: {first_line(e)}"
+    leave_error(g, line)
+    return OverspillError(line + (" (the tensor-parallel ranks are out of step; start them again)" if rank0 else ""))
+
+
+class TensorPipelineExecutor(PipelineExecutor):
+    """Rank 0 under --pp with --tp: the pipeline's steps, with ``abort`` asked once before a pass and a failure
+    ending every rank (see the module docstring)."""
+
+    def _run_local(self, run: Callable[[], object]):
+        try:
+            return run()
+        except BaseException as e:
+            if self.g.failed:
+                raise
+            raise _fatal(self.g, e, True) from None
+
+    def forward_ragged(self, segments, cache, logit_rows, consume, pad_to: int = 4, abort=None) -> bool:
+        if abort is not None and abort():
+            return False
+        return super().forward_ragged(segments, cache, logit_rows, consume, pad_to)
+
+
+class TensorStageWorker(StageWorker):
+    """A rank other than 0 under --pp with --tp: its stage's steps on its shards; the last stage's first rank sends
+    rank 0 the logits, the others drop theirs. A failure ends every rank."""
+
+    @torch.inference_mode()
+    def _step(self, msg: tuple) -> None:
+        send = self.link.send_logits if self.last else _ignore
+        try:
+            if msg[1] in self.cache_error:
+                raise OverspillError(self.cache_error[msg[1]])
+            cache = self.caches[msg[1]]
+            if msg[0] == "forward":
+                _, _, ids, positions, key_valid, last_only = msg
+                cache.key_valid = key_valid
+                self.local.forward(ids, positions, cache, last_only, consume=send)
+            else:
+                _, _, segments, rows, pad_to = msg
+                self.local.forward_ragged(segments, cache, rows, send, pad_to)
+            if self.last:
+                self.link.send_status(DONE)
+        except Exception as e:
+            if self.g.failed:
+                raise
+            raise _fatal(self.g, e) from None
+
+
 class TensorExecutor(PipelineExecutor):
     """Rank 0's executor over the tensor-parallel ranks, with the executor's interface (new_cache, forward,
     forward_ragged, close). Caches and the broadcast of each step are PipelineExecutor's."""
@@ -113,11 +186,9 @@ class TensorExecutor(PipelineExecutor):
         try:
             return run()
         except BaseException as e:
-            if not self.g.failed:    # the other ranks may be inside this pass's all-reduces: they cannot go on
-                leave_error(self.g, f"rank 0: {first_line(e)}")
-                raise OverspillError(f"rank 0: {type(e).__name__}: {first_line(e)} (the tensor-parallel ranks "
-                                     f"are out of step; start them again)") from None
-            raise
+            if self.g.failed:
+                raise
+            raise _fatal(self.g, e, True) from None    # the others may be inside this pass's all-reduces
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StageCache, last_only: bool = False,
@@ -167,10 +238,7 @@ class TensorWorker(StageWorker):
         except Exception as e:
             if self.g.failed:
                 raise
-            line = str(e) if isinstance(e, OverspillError) and str(e).startswith("rank ") else \
-                f"rank {self.g.rank}: {type(e).__name__}: {first_line(e)}"
-            leave_error(self.g, line)
-            raise OverspillError(line) from None
+            raise _fatal(self.g, e) from None
 
 
 def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | None], reserve, *, tp: int,
