@@ -69,22 +69,38 @@ def evict(fd: int, offset: int = 0, length: int = 0) -> None:
 _LIBC = None
 
 
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    Loading frees each unit's read and transform temporaries; glibc keeps freed heap memory mapped, and the weights
-    themselves live in fresh mappings (kernels.panel_empty), so without this the temporaries of every unit would
-    stay in RSS: TinyLlama bf16 peaked at 3.49 GB instead of 2.5."""
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
             import ctypes
             _LIBC = ctypes.CDLL("libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes and more from their own mappings, returned to the system when freed
+    (glibc ``mallopt(M_MMAP_THRESHOLD)``; a no-op elsewhere). glibc otherwise raises the threshold as large blocks are
+    freed and then keeps them in its heap: a training step's transient activations and gradients (tens of MB each,
+    a different size every op) stayed in RSS, 2.36 GiB against 1.84 at the peak of a 1B int8 LoRA step."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(-3, int(threshold))     # M_MMAP_THRESHOLD
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Loading frees each unit's read and transform temporaries; glibc keeps freed heap memory mapped, and the weights
+    themselves live in fresh mappings (kernels.panel_empty), so without this the temporaries of every unit would
+    stay in RSS: TinyLlama bf16 peaked at 3.49 GB instead of 2.5."""
+    libc = _libc()
+    if libc:
+        libc.malloc_trim(0)
 
 
 class DirectFile:

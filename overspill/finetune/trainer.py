@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import OverspillError
+from ..io import map_large_allocations
 from ..runtime.reserve import Reserve
 from .backward import eval_loss, train_pass
 from .data import load_dataset
@@ -176,6 +177,7 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
     from ..runtime.loader import build, open_source
 
     st = (settings or TrainSettings()).check()
+    map_large_allocations()   # a step's transients go back to the system when freed (io.py)
     if quantize == "none":
         quantize = None
     if quantize is not None and quantize not in QUANTIZE:
