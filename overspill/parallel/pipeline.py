@@ -366,21 +366,26 @@ class StageWorker:
                 self.caches.pop(cid, None)
                 self.cache_error.pop(cid, None)
 
+    def _run_step(self, msg: tuple, send: Callable | None) -> None:
+        """Run rank 0's step message on this rank's executor: ``send`` takes the logits (None: a stage without
+        the head)."""
+        if msg[1] in self.cache_error:
+            raise OverspillError(self.cache_error[msg[1]])
+        cache = self.caches[msg[1]]
+        if msg[0] == "forward":
+            _, _, ids, positions, key_valid, last_only = msg
+            cache.key_valid = key_valid
+            self.local.forward(ids, positions, cache, last_only, consume=send)
+        else:
+            _, _, segments, rows, pad_to = msg
+            self.local.forward_ragged(segments, cache, rows, send or _ignore, pad_to)
+
     @torch.inference_mode()
     def _step(self, msg: tuple) -> None:
         send = self.link.send_logits if self.last else None
         self.link.pending = True
         try:
-            if msg[1] in self.cache_error:
-                raise OverspillError(self.cache_error[msg[1]])
-            cache = self.caches[msg[1]]
-            if msg[0] == "forward":
-                _, _, ids, positions, key_valid, last_only = msg
-                cache.key_valid = key_valid
-                self.local.forward(ids, positions, cache, last_only, consume=send)
-            else:
-                _, _, segments, rows, pad_to = msg
-                self.local.forward_ragged(segments, cache, rows, send or _ignore, pad_to)
+            self._run_step(msg, send)
             if self.last:
                 self.link.send_status(DONE)
         except Upstream as u:          # a stage before failed or aborted: pass it on

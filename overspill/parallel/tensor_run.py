@@ -160,16 +160,7 @@ class TensorStageWorker(StageWorker):
     def _step(self, msg: tuple) -> None:
         send = self.link.send_logits if self.last else _ignore
         try:
-            if msg[1] in self.cache_error:
-                raise OverspillError(self.cache_error[msg[1]])
-            cache = self.caches[msg[1]]
-            if msg[0] == "forward":
-                _, _, ids, positions, key_valid, last_only = msg
-                cache.key_valid = key_valid
-                self.local.forward(ids, positions, cache, last_only, consume=send)
-            else:
-                _, _, segments, rows, pad_to = msg
-                self.local.forward_ragged(segments, cache, rows, send, pad_to)
+            self._run_step(msg, send)
             if self.last:
                 self.link.send_status(DONE)
         except Exception as e:
@@ -225,16 +216,7 @@ class TensorWorker(StageWorker):
     @torch.inference_mode()
     def _step(self, msg: tuple) -> None:
         try:
-            if msg[1] in self.cache_error:
-                raise OverspillError(self.cache_error[msg[1]])
-            cache = self.caches[msg[1]]
-            if msg[0] == "forward":
-                _, _, ids, positions, key_valid, last_only = msg
-                cache.key_valid = key_valid
-                self.local.forward(ids, positions, cache, last_only, consume=_ignore)
-            else:
-                _, _, segments, rows, pad_to = msg
-                self.local.forward_ragged(segments, cache, rows, _ignore, pad_to)
+            self._run_step(msg, _ignore)
         except Exception as e:
             if self.g.failed:
                 raise
