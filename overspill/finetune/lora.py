@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint.hf import read_json
 from ..config import ModelConfig
 from ..errors import OverspillError
 from ..families import FAMILIES
@@ -305,14 +306,10 @@ def read_config(path: str) -> dict:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise OverspillError(f"{path}: missing {CONFIG_FILE} (expected a PEFT LoRA adapter directory)")
-    try:
-        with open(file) as f:
-            conf = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OverspillError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(conf, dict) or conf.get("peft_type") != "LORA":
-        raise OverspillError(f"{file}: peft_type is {conf.get('peft_type') if isinstance(conf, dict) else None!r}; "
-                             f"overspill loads LoRA adapters (peft_type LORA)")
+    conf = read_json(file, "adapter config")
+    if conf.get("peft_type") != "LORA":
+        raise OverspillError(f"{file}: peft_type is {conf.get('peft_type')!r}; overspill loads LoRA adapters "
+                             f"(peft_type LORA)")
     bad = [k for k, ok in (("use_dora", not conf.get("use_dora")), ("bias", conf.get("bias", "none") == "none"),
                            ("modules_to_save", not conf.get("modules_to_save")),
                            ("rank_pattern", not conf.get("rank_pattern")),
