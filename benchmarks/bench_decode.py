@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import common  # noqa: E402  (also puts the repository root on sys.path)
+from common import fmt  # noqa: E402
 
 SIDES = ("overspill", "hf")
 DEFAULT_OUT = common.CACHE_DIR / "results" / "decode.jsonl"
@@ -174,10 +175,6 @@ def worker_cmd(a: argparse.Namespace, side: str, ckpt: Path, batch: int) -> list
     if scheme:
         cmd += ["--quantize", scheme] + (["--quantize-head"] if head else [])
     return cmd
-
-
-def fmt(x, spec: str = ".3g") -> str:
-    return "-" if x is None or x != x else format(x, spec)
 
 
 def summarize(rows: list[dict], mem_gbps: float, wbpt: dict[str, int], sides: list[str]) -> str:

@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 import common  # noqa: E402  (also puts the repository root on sys.path)
+from common import fmt, med_of  # noqa: E402
 
 DEFAULT_OUT = common.CACHE_DIR / "results" / "finetune.jsonl"
 DEFAULT_RAM_MODEL = common.CACHE_DIR / "gptj-1b-bfloat16"
@@ -373,16 +374,6 @@ def worker_cmd(a: argparse.Namespace, kind: str, path: Path, quantize: str | Non
 
 # ---------------------------------------------------------------------------------------------
 # driver: formatting
-
-
-def fmt(x, spec: str = ".3g") -> str:
-    return "-" if x is None or x != x else format(x, spec)
-
-
-def med_of(rows: list[dict], key: str, sub: str | None = None):
-    vals = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in rows]
-    vals = [v for v in vals if v is not None]
-    return common.median(vals) if vals else None
 
 
 def gib(x) -> float | None:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import common  # noqa: E402  (also puts the repository root on sys.path)
+from common import fmt, med_of  # noqa: E402
 
 SIDES = ("overspill-hf", "overspill-store", "accelerate")
 DEFAULT_OUT = common.CACHE_DIR / "results" / "offload.jsonl"
@@ -321,16 +322,6 @@ def one_run(a: argparse.Namespace, side: str, batch: int, rnd: int, bw, ctx: dic
         if p and med:
             row[key + "_rel_err"] = abs(p["s_per_token"] - med) / med
     return row
-
-
-def fmt(x, spec: str = ".3g") -> str:
-    return "-" if x is None or x != x else format(x, spec)
-
-
-def med_of(rows: list[dict], key: str, sub: str | None = None):
-    vals = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in rows]
-    vals = [v for v in vals if v is not None]
-    return common.median(vals) if vals else None
 
 
 def latency_table(rows: list[dict], sides: list[str], budget_bytes: int) -> str:

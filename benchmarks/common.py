@@ -244,6 +244,18 @@ def median(xs: Iterable[float | None]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+def fmt(x, spec: str = ".3g") -> str:
+    """A figure for a table: "-" for a missing or NaN value."""
+    return "-" if x is None or x != x else format(x, spec)
+
+
+def med_of(rows: list[dict], key: str, sub: str | None = None):
+    """The median of rows[i][key] (or rows[i][key][sub]) over the rows that have it; None when none do."""
+    vals = [(r.get(key) or {}).get(sub) if sub else r.get(key) for r in rows]
+    vals = [v for v in vals if v is not None]
+    return median(vals) if vals else None
+
+
 def interleave(sides: Sequence[str], repeats: int) -> Iterator[tuple[int, str]]:
     """(round, side) in the order A, B, A, B, ...: every side runs once per round, so drift that
     lasts tens of seconds hits both sides alike."""
