@@ -136,18 +136,25 @@ def _f32_buffer(numel: int) -> torch.Tensor:
     return buf
 
 
+def _f32_slices(N: int, K: int, fill):
+    """(n0, n1, W[n0:n1] as float32 [n, K]) over W's rows, each slice written by ``fill`` into this thread's buffer
+    (valid until the next slice)."""
+    rows = max(1, F32_SCRATCH_ELEMS // K)
+    buf = _f32_buffer(min(N, rows) * K)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        wf = buf[: (n1 - n0) * K].view(n1 - n0, K)
+        fill(wf, n0, n1)
+        yield n0, n1, wf
+
+
 def f32_sliced_linear(x: torch.Tensor, N: int, K: int, fill, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T in float32 with W produced a slice of rows at a time: ``fill(dst [n, K] fp32, n0, n1)`` writes rows
     [n0, n1) of W into a reused buffer (F32_SCRATCH_ELEMS elements, counted by the reserve). What a CPU without
     native bf16 uses for prefill-sized batches of bf16 or quantized weights. Result in x's dtype."""
     x2 = x.reshape(-1, K).float()                                       # (M, K)
     out = torch.empty(x2.shape[0], N, dtype=x.dtype)                    # (M, N)
-    rows = max(1, F32_SCRATCH_ELEMS // K)
-    buf = _f32_buffer(min(N, rows) * K)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        wf = buf[: (n1 - n0) * K].view(n1 - n0, K)                   # (n, K) fp32
-        fill(wf, n0, n1)
+    for n0, n1, wf in _f32_slices(N, K, fill):
         out[:, n0:n1] = F.linear(x2, wf, None if bias is None else bias[n0:n1].float())
     return out.view(*x.shape[:-1], N)
 
@@ -158,12 +165,7 @@ def f32_sliced_grad_input(g: torch.Tensor, N: int, K: int, fill) -> torch.Tensor
     (slicing W's columns instead needs strided copies: 2x slower here). Result in g's dtype."""
     g2 = g.reshape(-1, N).float()                                       # (M, N)
     out = torch.zeros(g2.shape[0], K, dtype=torch.float32)              # (M, K)
-    rows = max(1, F32_SCRATCH_ELEMS // K)
-    buf = _f32_buffer(min(N, rows) * K)
-    for n0 in range(0, N, rows):
-        n1 = min(N, n0 + rows)
-        wf = buf[: (n1 - n0) * K].view(n1 - n0, K)
-        fill(wf, n0, n1)
+    for n0, n1, wf in _f32_slices(N, K, fill):
         out.addmm_(g2[:, n0:n1], wf)
     return out.view(*g.shape[:-1], K).to(g.dtype)
 
