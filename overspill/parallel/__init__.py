@@ -36,7 +36,7 @@ import dataclasses
 import torch
 
 from ..errors import OverspillError
-from .group import (Group, agree, checkpoint_digest, choose_backend, first_line, gather_outcome, join, launch_env,
+from .group import (Group, agree, checkpoint_digest, choose_backend, first_line, join, load_everywhere, launch_env,
                     resolve_timeout)
 from .pipeline import Link, PipelineExecutor, StageCache, StageWorker
 from .split import rank_budgets, split_units
@@ -146,23 +146,11 @@ def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, qu
     agree(g, facts)
     lossless = _probe_wire(g, src.dtype)
     first, end = ranges[g.rank // tp]
-    built, outcome = None, {}
-    try:
-        built = build(path, dtype, quantize, budget, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
-                      stand_in=stand_in, kv_cache=kv_cache, unit_range=(first, end), transform=shard,
-                      run_config=run_cfg)
-        outcome = {"units": [first, end], "streams": bool(getattr(built.executor.source, "streamed", None)),
-                   "plan": built.plan.to_json() if built.plan is not None else None, "lossless": lossless}
-    except OverspillError as e:
-        outcome = {"error": str(e)}
-    except Exception as e:   # reported by every rank, in one line
-        outcome = {"error": f"{type(e).__name__}: {first_line(e)}"}
-    try:
-        stages_info = gather_outcome(g, outcome)
-    except OverspillError:
-        if built is not None:
-            built.executor.close()
-        raise
+    built, stages_info = load_everywhere(
+        g, lambda: build(path, dtype, quantize, budget, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
+                         stand_in=stand_in, kv_cache=kv_cache, unit_range=(first, end), transform=shard,
+                         run_config=run_cfg),
+        [first, end], lossless=lossless)
     link = Link(g, first, end, cfg.n_layers + 2, all(s["lossless"] for s in stages_info), tp)
     local = built.executor
     local.link = link

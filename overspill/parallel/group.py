@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -282,6 +283,26 @@ def agree(g: Group, facts: dict) -> list[dict]:
                                  f"{other} has {vals[other]}; every rank must run the same command on the same "
                                  f"checkpoint")
     return out
+
+
+def load_everywhere(g: Group, load: Callable[[], object], units: list[int], **report) -> tuple[object, list[dict]]:
+    """This rank's ``load()`` (a loader.Built), then every rank's outcome all-gathered: {"units", "streams", "plan",
+    **report} or its error line. The first rank's error ends every rank with one line (and closes what loaded)."""
+    built = None
+    try:
+        built = load()
+        outcome = {"units": units, "streams": bool(getattr(built.executor.source, "streamed", None)),
+                   "plan": built.plan.to_json() if built.plan is not None else None, **report}
+    except OverspillError as e:
+        outcome = {"error": str(e)}
+    except Exception as e:   # reported by every rank, in one line
+        outcome = {"error": f"{type(e).__name__}: {first_line(e)}"}
+    try:
+        return built, gather_outcome(g, outcome)
+    except OverspillError:
+        if built is not None:
+            built.executor.close()
+        raise
 
 
 def gather_outcome(g: Group, outcome: dict) -> list[dict]:

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from ..errors import OverspillError
-from .group import Group, agree, checkpoint_digest, choose_backend, first_line, gather_outcome, join, resolve_timeout
+from .group import Group, agree, checkpoint_digest, choose_backend, first_line, join, load_everywhere, resolve_timeout
 from .pipeline import DONE, PipelineExecutor, StageCache, StageWorker, _ignore
 from .tensor import local_config, shard_block
 
@@ -254,23 +254,11 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
     except Exception as e:
         facts = {"error": f"{type(e).__name__}: {first_line(e)}"}
     agree(g, facts)
-    built, outcome = None, {}
-    try:
-        shard = lambda unit, t: shard_block(cfg, t, rank, world) if unit.startswith("block.") else t
-        built = build(path, dtype, quantize, budgets[rank], reserve, quantize_head=quantize_head, stand_in=stand_in,
-                      kv_cache=kv_cache, transform=shard, run_config=run_cfg)
-        outcome = {"units": [0, cfg.n_layers + 2], "streams": bool(getattr(built.executor.source, "streamed", None)),
-                   "plan": built.plan.to_json() if built.plan is not None else None}
-    except OverspillError as e:
-        outcome = {"error": str(e)}
-    except Exception as e:
-        outcome = {"error": f"{type(e).__name__}: {first_line(e)}"}
-    try:
-        infos = gather_outcome(g, outcome)
-    except OverspillError:
-        if built is not None:
-            built.executor.close()
-        raise
+    shard = lambda unit, t: shard_block(cfg, t, rank, world) if unit.startswith("block.") else t
+    built, infos = load_everywhere(
+        g, lambda: build(path, dtype, quantize, budgets[rank], reserve, quantize_head=quantize_head,
+                         stand_in=stand_in, kv_cache=kv_cache, transform=shard, run_config=run_cfg),
+        [0, cfg.n_layers + 2])
     local = built.executor
     local.reduce = all_reducer(g, local.dtype)
     whole = Whole(0, cfg.n_layers + 2)
