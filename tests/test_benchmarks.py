@@ -301,3 +301,21 @@ def test_bench_finetune_smoke(smoke_runs, name):
         assert streamed["accelerate"]["outcome"] in ("ok", "refused", "failed", "OOM", "timed out"), streamed
         assert "accelerate + PEFT (" in out
     assert [r["kind"] for r in rows].count("summary") == 2            # ram and streamed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_bench_gpu_runs_on_the_cpu(tmp_path):
+    """bench_gpu.py's decode part end to end with --device cpu on a tiny GPT-J (~20 s): GPU-only figures say
+    "skipped (no CUDA)", every overspill side runs (the streamed one streams part of the model from disk) and the
+    JSON file holds the figures."""
+    out = tmp_path / "bg.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    p = subprocess.run([sys.executable, str(BENCH / "bench_gpu.py"), "--device", "cpu", "--preset", "gptj-tiny",
+                        "--parts", "bw,decode", "--work", str(tmp_path / "work"), "--json", str(out)],
+                       capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "bw: skipped (no CUDA)" in p.stdout and "PART decode: done" in p.stdout, p.stdout[-3000:]
+    d = json.loads(out.read_text())["parts"]["decode"]
+    for name in ("overspill_resident", "overspill_streamed", "transformers"):
+        assert d[name]["1"]["tok_s"] > 0 and d[name]["8"]["tok_s"] > 0, (name, d[name])
+    assert d["overspill_streamed"]["streamed_units"] > 0, d["overspill_streamed"]
