@@ -47,6 +47,17 @@ def _in(w, dt: torch.dtype):
     return w
 
 
+def _rng_state(d: torch.device):
+    """The generator states dropout on device ``d`` draws from: the CPU's, and the device's own on CUDA."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(d) if d.type == "cuda" else None)
+
+
+def _set_rng_state(d: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], d)
+
+
 def pass_order(n_layers: int) -> list[int]:
     """Units a training step acquires, in order: embed, blocks, head, then the blocks again in reverse."""
     return list(range(n_layers + 2)) + list(range(n_layers, 0, -1))
@@ -105,7 +116,7 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
             x = x.to(devs[i])
             if checkpoint:
                 saved.append(x)
-                rng.append(torch.get_rng_state())   # the recompute draws the same dropout masks
+                rng.append(_rng_state(devs[i]))     # the recompute draws the same dropout masks
             x = run_block(src.acquire(i), x, i)
             src.release(i)
     # the loss: the head over labelled tokens only, a chunk at a time; dL/dx_L accumulates in xl.grad
@@ -133,8 +144,9 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
         i = layer + 1
         x_in = saved[layer].detach().requires_grad_()
         w = src.acquire(i)
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(rng[layer])
+        d = devs[i]
+        with torch.enable_grad(), torch.random.fork_rng(devices=[d] if d.type == "cuda" else []):
+            _set_rng_state(d, rng[layer])
             y = run_block(w, x_in, i)
             y.backward(g.to(y.device))
         del w, y

@@ -109,12 +109,20 @@ def _lr_at(settings: TrainSettings, step: int) -> float:
     return settings.lr * min(1.0, (step + 1) / w) if w else settings.lr
 
 
+def _cuda_rng() -> dict[str, torch.Tensor]:
+    """Each initialised GPU's generator state ({"rng.cuda:N": state}); none without CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {f"rng.cuda:{i}": torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())}
+
+
 def _save_checkpoint(output: str, adapter: LoraAdapter, opt, state: dict) -> None:
     """OUTPUT/checkpoint, replaced as a whole: adapter, optimizer state, RNG state, trainer state."""
     from ..checkpoint.store import publish, staging_dir
 
     dst = os.path.join(output, CHECKPOINT)
-    tensors = {"adapter": adapter.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+    tensors = {"adapter": adapter.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+               **_cuda_rng()}
     tmp = staging_dir(dst, sum(t.numel() * t.element_size() for t in adapter.state_dict().values()) * 4)
     torch.save(tensors, os.path.join(tmp, TENSORS_FILE))
     with open(os.path.join(tmp, STATE_FILE), "w") as f:
@@ -227,6 +235,9 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
                     getattr(s, ab).data.copy_(tensors["adapter"][f"base_model.model.{s.path}.lora_{ab}.weight"])
             opt.load_state_dict(tensors["optimizer"])
             torch.set_rng_state(tensors["rng"])
+            for k, v in tensors.items():      # LoRA dropout on a GPU draws from that GPU's generator
+                if k.startswith("rng.cuda:") and int(k.split(":")[1]) < torch.cuda.device_count():
+                    torch.cuda.set_rng_state(v, int(k.split(":")[1]))
             step, position, history = state["step"], tuple(state["position"]), state["history"]
         bar = _Progress(total, step, progress, log)
         bar.line(f"finetune: {ds.summary()}; {len(train)} train / {len(held)} eval examples; LoRA r={st.lora.r} on "
