@@ -190,8 +190,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
          max_memory: str | dict | None = None, quantize: str | None = None, quantize_head: bool = False,
          max_batch_size: int = 1, max_seq_len: int | None = None, kv_cache: str | None = None,
          linear_hook: LinearHook | None = None, stand_in: dict[str, str] | None = None,
-         background: bool = True, adapter: str | os.PathLike | None = None, pp: int = 1,
-         pp_timeout: float | None = None, tp: int = 1) -> Model | None:
+         background: bool = True, adapter: str | os.PathLike | None = None, pp: int | None = None,
+         pp_timeout: float | None = None, tp: int | None = None) -> Model | None:
     """Load a Hugging Face checkpoint directory or an overspill layer store (the built-in model when path is None).
 
     dtype: "auto" (bfloat16 for 16-bit checkpoints, else float32), "float32", "bfloat16", "float16".
@@ -226,15 +226,22 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       directory (quantize: on the fly, after sharding), and every step runs on every rank with one all-reduce per
       sublayer. As with pp, rank 0 gets the Model and the others return None when it closes. With pp too: pp stages
       of tp ranks each (pp x tp processes, rank = stage * tp + t; max_memory per rank as for pp).
+      pp=1 or tp=1 given explicitly under a launcher (torchrun --nproc-per-node 1) joins a group of one and runs the
+      tensor-parallel executor with its collectives (NCCL on a GPU), as N ranks would: a check of a machine's setup.
     """
     from .model.kv_cache import check_kv_format
     from .runtime.loader import Reserve, build
 
     path = str(path) if path is not None else default_model_path()
-    if tp > 1 and (adapter is not None or linear_hook is not None):
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    asked = pp is not None or tp is not None
+    pp, tp = pp or 1, tp or 1
+    distributed = pp * tp > 1 or (launched and asked)
+    tensor = distributed and pp == 1         # one rank in all: the tensor-parallel executor (its collectives run)
+    if (tensor or tp > 1) and (adapter is not None or linear_hook is not None):
         raise OverspillError(f"--tp {tp}: adapters and linear hooks wrap whole linears; a tensor-parallel rank "
                              f"holds shards (not supported yet)")
-    if max(pp, tp) > 1:
+    if distributed:
         from .parallel import rank_budgets
         budgets = [_budgets(b) for b in rank_budgets(max_memory, pp * tp)]
     else:
@@ -254,11 +261,11 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
         lora = LoraAdapter.load(str(adapter), cfg)
         linear_hook = lora.hook
     try:
-        if tp > 1 and pp == 1:
+        if tensor:
             from .parallel import load_tensor
             built = load_tensor(path, dtype, quantize, budgets, reserve, tp=tp, timeout=pp_timeout,
                                 quantize_head=quantize_head, stand_in=stand_in, kv_cache=check_kv_format(kv_cache))
-        elif pp > 1:
+        elif distributed:
             from .parallel import load_stage
             built = load_stage(path, dtype, quantize, budgets, reserve, stages=pp, timeout=pp_timeout,
                                quantize_head=quantize_head, linear_hook=linear_hook, stand_in=stand_in,
@@ -280,7 +287,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     if lora is not None:
         from .model.weights import units
         lora.place(dict(zip(units(built.config), built.executor.unit_devices)))
-    if max(pp, tp) > 1 and hasattr(built.executor, "serve"):   # a parallel rank other than 0
+    if distributed and hasattr(built.executor, "serve"):   # a parallel rank other than 0
         built.executor.serve()
         return None
     model = Model(built.config, built.executor, tok, path, gen, built.plan)

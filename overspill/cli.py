@@ -43,10 +43,10 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _pp_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages, one process each: run under "
+    p.add_argument("--pp", type=int, default=None, help="pipeline-parallel stages, one process each: run under "
                    "`torchrun --nproc-per-node N -m overspill.cli ... --pp N`; each rank loads its own range of the "
                    "blocks; --max-memory then takes one spec for all ranks or one per rank: 'cpu=5GiB;cpu=4GiB'")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks, one process each: run under "
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel ranks, one process each: run under "
                    "`torchrun --nproc-per-node N -m overspill.cli ... --tp N`; each rank holds its share of every "
                    "block's heads and MLP (from a Hugging Face directory) and the ranks sum their partial results")
     p.add_argument("--pp-timeout", type=float, default=None, help="seconds a silent rank is waited for before "
@@ -73,8 +73,8 @@ def _load(a: argparse.Namespace, max_batch: int = 1, max_seq: int | None = None)
 
     model = load(a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
                  quantize_head=a.quantize_head, max_batch_size=max_batch, max_seq_len=max_seq, kv_cache=a.kv_cache,
-                 adapter=a.adapter, pp=getattr(a, "pp", 1), pp_timeout=getattr(a, "pp_timeout", None),
-                 tp=getattr(a, "tp", 1))
+                 adapter=a.adapter, pp=getattr(a, "pp", None), pp_timeout=getattr(a, "pp_timeout", None),
+                 tp=getattr(a, "tp", None))
     if model is None:      # a pipeline rank other than 0: it served rank 0's steps until rank 0 was done
         raise SystemExit(0)
     return model

@@ -327,6 +327,22 @@ def test_torchrun_cli_generate_and_eval_match_one_process(capsys):
     assert abs(json.loads(ev.stdout)["nll"] - want["nll"]) < 1e-5
 
 
+def test_one_rank_under_torchrun_runs_the_distributed_path(capsys):
+    """`torchrun --nproc-per-node 1 ... --tp 1` (or --pp 1) joins a group of one and runs the tensor-parallel
+    executor, printing what the plain process prints: the check of a machine's collectives (NCCL on one
+    GPU, tests/test_gpu.py). A backend override that does not exist proves the group was joined; without --tp/--pp
+    the same launch runs the plain path."""
+    args = ["generate", "ROMEO:", "-n", "16", "--dtype", "float32"]
+    single = _cli(capsys, args)
+    for flag in ("--tp", "--pp"):
+        r = _torchrun(args + [flag, "1"], nproc=1)
+        assert r.returncode == 0 and r.stdout == single, (flag, r.stderr[-3000:])
+        bad = _torchrun(args + [flag, "1"], nproc=1, OVERSPILL_PP_BACKEND="carrier-pigeon")
+        assert bad.returncode != 0 and "OVERSPILL_PP_BACKEND must be gloo or nccl" in bad.stderr, bad.stderr[-2000:]
+    plain = _torchrun(args, nproc=1, OVERSPILL_PP_BACKEND="carrier-pigeon")
+    assert plain.returncode == 0 and plain.stdout == single, plain.stderr[-2000:]
+
+
 CLI_LONG = ["-m", "overspill.cli", "generate", "ROMEO:", "-n", "480", "--ignore-eos", "--pp", "2"]
 
 
