@@ -50,4 +50,4 @@ def interleaved_to_half_rotary(t: torch.Tensor, n_heads: int, head_dim: int, rot
     assert t.shape[0] == n_heads * head_dim
     perm = torch.cat([torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2), torch.arange(rotary_dim, head_dim)])
     x = t.reshape(n_heads, head_dim, *t.shape[1:])  # (nh, hs, [C])
-    return x.index_select(1, perm).reshape(t.shape)
+    return x.index_select(1, perm.to(t.device)).reshape(t.shape)
