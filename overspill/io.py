@@ -28,7 +28,7 @@ def read_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-_PINNED: dict[int, torch.Tensor] = {}   # registered address -> the allocation it lives in
+_PINNED: dict[int, tuple[int, torch.Tensor]] = {}   # registered address -> (its end, the allocation it lives in)
 
 
 def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
@@ -43,8 +43,19 @@ def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
     buf = raw[off: off + nbytes]
     if pin and nbytes and torch.cuda.is_available():
         torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0))
-        _PINNED[buf.data_ptr()] = raw
+        _PINNED[buf.data_ptr()] = (buf.data_ptr() + nbytes, raw)
     return buf
+
+
+def is_pinned(t: torch.Tensor) -> bool:
+    """Is ``t`` in page-locked host memory: torch's pinned allocator's, or a buffer aligned_buffer registered?
+    (torch's own ``is_pinned()`` answers False for memory registered with cudaHostRegister on torch 2.11.)"""
+    if t.device.type != "cpu":
+        return False
+    if t.is_pinned():
+        return True
+    p = t.data_ptr()
+    return any(a <= p < end for a, (end, _) in list(_PINNED.items()))
 
 
 def unpin(buf: torch.Tensor | None) -> None:

@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..errors import OverspillError
+from ..io import is_pinned
 from ..model.linear import DenseLinear
 
 
@@ -111,7 +112,7 @@ class DeviceCopier:
             self.stats["copy_s"] += time.perf_counter() - t0
             return out, None
         self.stats["pageable_bytes"] += sum(t.numel() * t.element_size() for t in ts
-                                            if t.device.type == "cpu" and not t.is_pinned())
+                                            if t.device.type == "cpu" and not is_pinned(t))
         start, ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             start.record(self.stream)
