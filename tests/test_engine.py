@@ -56,6 +56,30 @@ def test_greedy_equals_generate_and_batch_invariant(ref_dir, variant, engine_for
         assert (sf.prompt_tokens, sf.completion_tokens) == (len(p), 8)
 
 
+@pytest.mark.parametrize("variant", ["llama_gqa", "gptj"])
+def test_batched_decode_attention_equals_the_per_sequence_loop(ref_dir, variant, engine_for, monkeypatch):
+    """The accelerators' path (layers._batch_decode): the single-token sequences of a step attend in one call over
+    their rows padded to the longest, keys past each one's length masked. Forced on here (the CPU loops per
+    sequence): the same greedy tokens, and float32 log-probabilities within summation order, as the loop; joins
+    mid-run (other sequences prefilling in the same step) included."""
+    import overspill.model.layers as L
+    path, _ = ref_dir(variant)
+    m = overspill.load(path, dtype="float32")
+    e = engine_for(m, max_batch_size=4, max_seq_len=64, step_tokens=6)
+    run = lambda: [_events(h) for h in [e.submit(Request(p, max_tokens=10, temperature=0, logprobs=0))
+                                        for p in PROMPTS]]
+    want = run()
+    calls = []
+    real = L.decode_attention
+    monkeypatch.setattr(L, "_batch_decode", lambda device: True)
+    monkeypatch.setattr(L, "decode_attention", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    got = run()
+    assert max(calls) == len(PROMPTS)                       # every sequence decoding in one call
+    for (wt, wl, _), (gt, gl, _) in zip(want, got):
+        assert gt == wt
+        assert max(abs(a - b) for a, b in zip(gl, wl)) < 1e-5
+
+
 def test_join_mid_run_and_sampling_are_batch_invariant(ref_dir, engine_for):
     path, _ = ref_dir("llama_gqa")
     m = overspill.load(path, dtype="float32")

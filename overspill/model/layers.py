@@ -143,6 +143,7 @@ class RaggedStep:
     sin: torch.Tensor | None = None
     rows: torch.Tensor | None = None   # [n_real] cache row of each real token
     slots: torch.Tensor | None = None  # [n_real] its cache slot
+    decode: object = None              # the batched single-token segments (_decode_batch), made on first use
 
     def to(self, device: torch.device) -> "RaggedStep":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
@@ -178,8 +179,16 @@ def ragged_attend(cfg: ModelConfig, y: torch.Tensor, step: RaggedStep, k_cache, 
     n = step.n_real
     k_cache[step.rows, :, step.slots] = qk[0, :n, nh:]                 # (n, nkv, hs) into their rows and slots
     v_cache[step.rows, :, step.slots] = qkv[0, :n, nh + nkv:]
+    batched = _decode_batch(step, y.device) if _batch_decode(y.device) else None
+    if batched is not None:
+        dec, tok, rows, mask, S = batched
+        q = qk[0].index_select(0, tok)[:, :nh].unsqueeze(2)            # (n, nh, 1, hs)
+        a = decode_attention(q, k_cache[rows, :, :S], v_cache[rows, :, :S], mask, cfg.scale)
+        o[0].index_copy_(0, tok, a.reshape(len(dec), nh * hs))
     for s in step.segments:
         st, T = s.step, s.t1 - s.t0
+        if batched is not None and T == 1 and st.mask is None:
+            continue                                                   # done above
         q = qk[:, s.t0:s.t1, :nh].transpose(1, 2)                     # (1, nh, T, hs)
         k, v = k_cache[s.row:s.row + 1, :, :st.end], v_cache[s.row:s.row + 1, :, :st.end]
         if T == 1:
@@ -189,6 +198,33 @@ def ragged_attend(cfg: ModelConfig, y: torch.Tensor, step: RaggedStep, k_cache, 
                                                enable_gqa=nkv != nh)
         o[:, s.t0:s.t1] = a.transpose(1, 2).reshape(1, T, nh * hs)
     return o
+
+
+def _batch_decode(device: torch.device) -> bool:
+    """Batch the single-token segments' attention into one call? On accelerators, where a per-segment loop costs
+    ~15 kernel launches per sequence and layer (batch 8 decode ran at 0.4x batch 1's speed per sequence on an H200).
+    Not on the CPU: there each segment's attention is exactly that sequence's alone (bitwise batch invariance), and
+    a loop of small matmuls costs little."""
+    return device.type != "cpu"
+
+
+def _decode_batch(step: RaggedStep, device: torch.device):
+    """(segments, their token indices, their cache rows (a slice when consecutive), key mask [n, S], S) for the
+    step's single-token segments without a mask of their own, made once per step and device; None for fewer than
+    two. Keys beyond a sequence's own length are masked out, so each row's softmax is its own."""
+    if step.decode is None:
+        dec = [s for s in step.segments if s.t1 - s.t0 == 1 and s.step.mask is None]
+        step.decode = False
+        if len(dec) >= 2:
+            S = max(s.step.end for s in dec)
+            ends = torch.tensor([s.step.end for s in dec])
+            mask = (torch.arange(S)[None, :] < ends[:, None]).to(device, non_blocking=True)
+            tok = torch.tensor([s.t0 for s in dec]).to(device, non_blocking=True)
+            r = [s.row for s in dec]
+            rows = slice(r[0], r[0] + len(r)) if r == list(range(r[0], r[0] + len(r))) else \
+                torch.tensor(r).to(device, non_blocking=True)
+            step.decode = (dec, tok, rows, mask, S)
+    return step.decode or None
 
 
 def attend(cfg: ModelConfig, y: torch.Tensor, step: Step, k_cache: torch.Tensor | None,
