@@ -57,6 +57,7 @@ for run in spec["runs"]:
         break
     r["kv_heads"] = m.executor.cfg.n_kv_heads
     r["stages"] = m.executor.stages
+    r["stats"] = m.executor.rank_stats()
     results[run["name"]] = r
     m.close()
 torch.save(results, spec["out"].format(rank=rank))
@@ -157,6 +158,16 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
         torch.testing.assert_close(r["logits"], want["logits"], rtol=0, atol=tol, msg=run["name"])
         assert r["greedy"] == want["greedy"], run["name"]
     assert got["llama_gqa"]["kv_heads"] == 1       # rank 0's local config: 2 query heads, 1 KV head
+    # every rank's counters (cumulative since joining): the same steps everywhere; two all-reduces per block per
+    # step for Llama (attention, MLP), one for GPT-J (its parallel residual sums both partials before one)
+    a, b = got["llama_gqa"]["stats"], got["gptj"]["stats"]
+    n_llama = overspill.load(ref_dir("llama_gqa")[0], background=False).config.n_layers
+    n_gptj = overspill.load(ref_dir("gptj")[0], background=False).config.n_layers
+    for r in range(2):
+        assert a[r]["steps"] == a[0]["steps"] > 0 and b[r]["steps"] == b[0]["steps"]
+        assert a[r]["allreduces"] == 2 * n_llama * a[r]["steps"]
+        assert b[r]["allreduces"] - a[r]["allreduces"] == n_gptj * (b[r]["steps"] - a[r]["steps"])
+        assert 0 < a[r]["allreduce_s"] < a[r]["step_s"]
     # int8: scales are per output row, so the column-parallel weights (qkv, up) quantize exactly as whole, but the
     # row-parallel ones (out, down) are quantized per rank over their half of each row: the logits agree with the
     # single-process int8 run to within the quantization's own error, and greedy tokens may part at a near-tie

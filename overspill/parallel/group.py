@@ -22,7 +22,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -109,6 +109,10 @@ class Group:
     data: object = None            # hidden states and logits (send / recv)
     heartbeat: "Heartbeat | None" = None
     failed: bool = False           # a channel broke: closing sends nothing more
+    # seconds and counts since the group was joined (rank_stats gathers every rank's): steps run, wall time in them,
+    # time blocked receiving and sending hidden states / logits, and in the all-reduces of tensor parallel
+    stats: dict = field(default_factory=lambda: {"steps": 0, "step_s": 0.0, "recv_s": 0.0, "send_s": 0.0,
+                                                 "allreduce_s": 0.0, "allreduces": 0})
 
     def broken(self, what: str, e: BaseException) -> OverspillError:
         """A send, receive or collective failed: a peer is gone. One line ("rank 0: lost rank 1 while sending it

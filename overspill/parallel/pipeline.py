@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import threading
+import time
 import weakref
 from typing import Callable
 
@@ -68,17 +69,21 @@ class Link:
     # -- wire ---------------------------------------------------------------------------------------------------
     def _send(self, t: torch.Tensor, dst: int) -> None:
         import torch.distributed as dist
+        t0 = time.perf_counter()
         try:
             dist.send(t, dst, group=self.g.data)
         except Exception as e:
             raise self.g.broken(f"rank {dst} while sending to it", e) from None
+        self.g.stats["send_s"] += time.perf_counter() - t0
 
     def _recv(self, t: torch.Tensor, src: int) -> None:
         import torch.distributed as dist
+        t0 = time.perf_counter()
         try:
             dist.recv(t, src, group=self.g.data)
         except Exception as e:
             raise self.g.broken(f"rank {src} while receiving from it", e) from None
+        self.g.stats["recv_s"] += time.perf_counter() - t0
 
     def _head(self, dst: int, kind: int, a: int = 0, b: int = 0, shape: tuple = (), nbytes: int = 0) -> None:
         h = [kind, a, b, len(shape), *shape, *[0] * (3 - len(shape)), nbytes]
@@ -275,10 +280,27 @@ class PipelineExecutor:
                     raise
             raise
 
+    def rank_stats(self) -> list[dict]:
+        """Every rank's counters since it joined (Group.stats, in rank order): steps, step_s (wall time in them),
+        recv_s / send_s (blocked on hidden states and logits), allreduce_s / allreduces (tensor parallel). A rank's
+        compute is step_s less the other three; 1 - compute / wall time is its idle share (the pipeline bubble)."""
+        import torch.distributed as dist
+        with self._lock:
+            self._check_open()
+            self._broadcast(("stats",))
+            out: list = [None] * self.g.world
+            dist.gather_object(dict(self.g.stats), out, dst=0, group=self.g.ctrl)
+            return out
+
+    def _count(self, t0: float) -> None:
+        self.g.stats["steps"] += 1
+        self.g.stats["step_s"] += time.perf_counter() - t0
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StageCache, last_only: bool = False,
                 consume: Callable | None = None) -> torch.Tensor | None:
         """As Executor.forward, over the pipeline."""
+        t0 = time.perf_counter()
         with self._lock:
             self._check_open()
             positions = positions.contiguous()
@@ -289,15 +311,17 @@ class PipelineExecutor:
                 B, T = ids.shape
                 out = torch.empty(B, 1 if last_only else T, self.cfg.vocab_size, dtype=torch.float32)
 
-                def consume(t0: int, t1: int, logits: torch.Tensor) -> None:
-                    out[:, t0:t1] = logits
+                def consume(r0: int, r1: int, logits: torch.Tensor) -> None:
+                    out[:, r0:r1] = logits
             self.link.collect(consume)
+            self._count(t0)
             return out
 
     @torch.inference_mode()
     def forward_ragged(self, segments: list[tuple[int, int, list[int]]], cache: StageCache, logit_rows: list[int],
                        consume: Callable, pad_to: int = 4, abort: Callable[[], bool] | None = None) -> bool:
         """As Executor.forward_ragged, over the pipeline (``abort`` is asked before rank 0's blocks)."""
+        t0 = time.perf_counter()
         with self._lock:
             self._check_open()
             self._broadcast(("ragged", cache.id, segments, list(logit_rows), pad_to))
@@ -305,7 +329,9 @@ class PipelineExecutor:
                                                                       abort))
             if not done:
                 self.link.send_status(ABORT)
-            return self.link.collect(consume)
+            finished = self.link.collect(consume)
+            self._count(t0)
+            return finished
 
     def close(self) -> None:
         """Tell the other ranks this model is done (their load() returns), free this rank's (idempotent; also at
@@ -348,7 +374,13 @@ class StageWorker:
                 self._cache_ops(ops)
                 if msg[0] == "close":
                     return
+                if msg[0] == "stats":
+                    dist.gather_object(dict(self.g.stats), None, dst=0, group=self.g.ctrl)
+                    continue
+                t0 = time.perf_counter()
                 self._step(msg)
+                self.g.stats["steps"] += 1
+                self.g.stats["step_s"] += time.perf_counter() - t0
         finally:
             self.local.close()
 

@@ -26,6 +26,7 @@ first rank sends rank 0 the logits (TensorPipelineExecutor, TensorStageWorker).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import torch
@@ -77,9 +78,12 @@ def all_reducer(g: Group, dtype: torch.dtype, group=None) -> Callable[[torch.Ten
     wire = dtype if dtype == torch.float32 or g.backend == "nccl" else torch.float32
 
     def reduce(y: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
         t = y.to(device=g.device, dtype=wire).contiguous()     # [B, T, C]; float32 partials are summed in place
         try:
             dist.all_reduce(t, group=group if group is not None else g.data)
+            g.stats["allreduces"] += 1
+            g.stats["allreduce_s"] += time.perf_counter() - t0
         except Exception as e:
             peer = _peer_error(g)
             if peer is not None:
@@ -185,6 +189,7 @@ class TensorExecutor(PipelineExecutor):
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: StageCache, last_only: bool = False,
                 consume: Callable | None = None) -> torch.Tensor | None:
         """As Executor.forward, on every rank."""
+        t0 = time.perf_counter()
         with self._lock:
             self._check_open()
             positions = positions.contiguous()
@@ -192,6 +197,7 @@ class TensorExecutor(PipelineExecutor):
             box = _Deferred(consume)
             out = self._run(lambda: self.local.forward(ids, positions, cache, last_only,
                                                        box if consume is not None else None))
+            self._count(t0)
             box.check()
             return out
 
@@ -199,6 +205,7 @@ class TensorExecutor(PipelineExecutor):
     def forward_ragged(self, segments: list[tuple[int, int, list[int]]], cache: StageCache, logit_rows: list[int],
                        consume: Callable, pad_to: int = 4, abort: Callable[[], bool] | None = None) -> bool:
         """As Executor.forward_ragged, on every rank; ``abort`` is asked once, before the pass."""
+        t0 = time.perf_counter()
         with self._lock:
             self._check_open()
             if abort is not None and abort():
@@ -206,6 +213,7 @@ class TensorExecutor(PipelineExecutor):
             self._broadcast(("ragged", cache.id, segments, list(logit_rows), pad_to))
             box = _Deferred(consume)
             self._run(lambda: self.local.forward_ragged(segments, cache, logit_rows, box, pad_to))
+            self._count(t0)
             box.check()
             return True
 
