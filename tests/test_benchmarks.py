@@ -319,3 +319,17 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     for name in ("overspill_resident", "overspill_streamed", "transformers"):
         assert d[name]["1"]["tok_s"] > 0 and d[name]["8"]["tok_s"] > 0, (name, d[name])
     assert d["overspill_streamed"]["streamed_units"] > 0, d["overspill_streamed"]
+
+
+SMOKES["bench_parallel"] = ([], ())
+
+
+@pytest.mark.parametrize("name", ["bench_parallel"])
+def test_bench_parallel_smoke(smoke_runs, name):
+    """A tiny random GPT-J (4 blocks): one process, --tp 2 and --pp 2 as separate rank processes at batch 1 and 2,
+    and the pp2 / single pair of the 6B part; every run finishes, the tensor-parallel ranks report one all-reduce
+    per block per step (GPT-J's parallel residual), and every rank's idle share is printed."""
+    out, _ = finish(smoke_runs, name)
+    assert "smoke: 8 of 8 runs ok" in out, out
+    assert "(4 per step)" in out and out.count("idle share per rank") == 4, out
+    assert "pp2 faster than single by" in out
