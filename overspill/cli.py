@@ -481,6 +481,7 @@ def cmd_merge(a: argparse.Namespace) -> int:
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
+    _pp_args(p)
     p.add_argument("--max-batch-size", type=int, default=16, help="sequences run together per step")
     p.add_argument("--max-seq-len", type=int, default=None, help="context per sequence: prompt + max_tokens "
                    "(default: the model's, within the KV reserve)")
@@ -509,13 +510,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
     for name in ("max_batch_size", "max_queue"):
         if getattr(a, name) < 1:
             raise OverspillError(f"--{name.replace('_', '-')} must be at least 1")
+    if (a.pp or a.tp) and os.environ.get("RANK", "0") != "0":
+        return _serve_rank(a)
     cfg = ServeConfig(model=a.model, dtype=a.dtype, max_memory=a.max_memory, quantize=a.quantize,
                       quantize_head=a.quantize_head, kv_cache=a.kv_cache, adapter=a.adapter,
                       max_batch_size=a.max_batch_size,
                       max_seq_len=a.max_seq_len, max_queue=a.max_queue, served_model_name=a.served_model_name,
                       api_key=a.api_key or os.environ.get("OVERSPILL_API_KEY") or None,
-                      drain_timeout=a.drain_timeout)
+                      drain_timeout=a.drain_timeout, pp=a.pp, tp=a.tp, pp_timeout=a.pp_timeout)
     return serve(cfg, a.host, a.port, a.log_level)
+
+
+def _serve_rank(a: argparse.Namespace) -> int:
+    """``serve --pp/--tp`` on a rank other than 0: no HTTP here; load this rank's part and run the steps rank 0's
+    engine sends until rank 0 closes the model (it drains on SIGTERM / Ctrl-C, which torchrun sends every rank:
+    this rank waits for rank 0's close instead of leaving the others mid-step)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _load(a, a.max_batch_size, a.max_seq_len)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -411,3 +411,44 @@ def test_two_torchrun_launchers_nnodes_2(tmp_path, capsys):
     out = [(tmp_path / f"node{n}.out").read_text() for n in (0, 1)]
     assert rcs == [0, 0], (tmp_path / "node0.err").read_text()[-2000:] + (tmp_path / "node1.err").read_text()[-2000:]
     assert _cli(capsys, args[:-2]) in out and "" in out   # the node with rank 0 prints; the other nothing
+
+
+@pytest.mark.parametrize("flag", ["--pp", "--tp"])
+def test_serve_over_two_ranks(tmp_path, flag):
+    """`torchrun --nproc-per-node 2 -m overspill.cli serve --pp 2` (or --tp 2): rank 0 serves HTTP and its
+    batching engine drives rank 1. Concurrent completions through the official client equal the single process's
+    greedy generation; SIGTERM to both ranks (as torchrun forwards it) drains rank 0, which closes the model, and
+    both exit 0."""
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["ROMEO:", "JULIET:\nO", "To be, or"]
+    m = overspill.load(dtype="float32")
+    want = [m.generate([p], max_new_tokens=12, ignore_eos=True)[0] for p in prompts]
+    port = _free_port()
+    argv = ["-m", "overspill.cli", "serve", "--dtype", "float32", flag, "2", "--port", str(port),
+            "--max-batch-size", "4", "--log-level", "warning"]
+    procs = _launch([argv] * 2, tmp_path)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 120
+        while time.monotonic() < end and all(p.poll() is None for p in procs):
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert httpx.get(url + "/health", timeout=5).status_code == 200, _log(tmp_path, 0)[-3000:]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+        ask = lambda p: client.completions.create(model="shakespeare", prompt=p, max_tokens=12, temperature=0,
+                                                  extra_body={"ignore_eos": True}).choices[0].text
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(ask, prompts))
+        assert got == want
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+    assert _wait(procs, timeout=60) == [0, 0], _log(tmp_path, 0)[-2000:] + _log(tmp_path, 1)[-2000:]

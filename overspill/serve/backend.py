@@ -38,6 +38,9 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     drain_timeout: float = 30.0               # SIGTERM: in-flight requests get this long to finish
+    pp: int | None = None                     # pipeline stages / tensor-parallel ranks under torchrun: rank 0
+    tp: int | None = None                     # serves HTTP and its engine drives the others (overspill.load's pp, tp)
+    pp_timeout: float | None = None
     keepalive_s: float = 3.0                  # an SSE comment after this long without a token
 
     def name(self) -> str:
@@ -91,7 +94,8 @@ class Backend:
 
                 self.model = load(cfg.model, dtype=cfg.dtype, max_memory=cfg.max_memory, quantize=cfg.quantize,
                                   quantize_head=cfg.quantize_head, kv_cache=cfg.kv_cache, adapter=cfg.adapter,
-                                  max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len)
+                                  max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_seq_len, pp=cfg.pp,
+                                  tp=cfg.tp, pp_timeout=cfg.pp_timeout)
             self.model.wait_loaded()   # every resident weight in (a read error is a failed load, not a failed request)
             from ..api import default_model_path
 
