@@ -182,10 +182,13 @@ rank = int(os.environ["RANK"])
 IDS, PROMPTS = spec["ids"], spec["prompts"]
 results = {}
 for run in spec["runs"]:
-    if run.get("inject") and rank == 1:     # this stage fails its next ragged pass once
+    if run.get("inject") and rank == 1:     # this stage fails its n-th ragged pass (a micro-batch's) once
         from overspill.runtime.executor import Executor
-        real = Executor.forward_ragged
+        real, calls = Executor.forward_ragged, []
         def once(self, *a, **k):
+            calls.append(1)
+            if len(calls) < run.get("inject_at", 1):
+                return real(self, *a, **k)
             Executor.forward_ragged = real
             raise RuntimeError("injected failure")
         Executor.forward_ragged = once
@@ -208,6 +211,7 @@ for run in spec["runs"]:
         cache = m.executor.new_cache(1, 8)
         r["aborted"] = m.executor.forward_ragged([(0, 0, [1, 2, 3])], cache, [2], lambda *a: None, abort=lambda: True)
     r["stages"] = m.executor.stages
+    r["micro"] = m.executor.micro_batches
     results[run["name"]] = r
     m.close()
 if rank == 0:
@@ -266,6 +270,7 @@ def test_pipeline_of_two_processes_equals_one_process(ref_dir, tmp_path):
     runs.append({"name": "store", "path": store, "dtype": "auto",
                  "max_memory": f";cpu={_rank1_min_budget(store, 'auto')}"})
     runs.append({"name": "inject", "path": ref_dir("gptj")[0], "dtype": "float32", "inject": True})
+    runs.append({"name": "inject2", "path": ref_dir("gptj")[0], "dtype": "float32", "inject": True, "inject_at": 2})
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"runs": runs, "ids": IDS, "prompts": PROMPTS, "out": str(tmp_path / "out.pt")}))
     script = tmp_path / "rank.py"
@@ -291,6 +296,22 @@ def test_pipeline_of_two_processes_equals_one_process(ref_dir, tmp_path):
         tiers = [p["tier"] for p in json.loads(got[name]["stages"][1]["plan"])["placements"]]
         assert "stream" in tiers and got[name]["stages"][0]["plan"] is None
     assert got["inject"]["error"].startswith("rank 1: RuntimeError: injected failure")
+    # micro-batches: the two prompts flow as two groups where no rank streams; a failure in the second group (the
+    # first already went on to the head) is reported the same way and the pipeline stays in step
+    assert got["inject2"]["error"].startswith("rank 1: RuntimeError: injected failure")
+    assert {r["micro"] for name, r in got.items() if name not in ("streamed", "store")} == {2}
+    assert got["streamed"]["micro"] == got["store"]["micro"] == 1
+
+
+def test_micro_batches_split_whole_sequences_by_tokens():
+    from overspill.parallel.pipeline import micro_batches
+    segs = [(r, 0, [7] * n) for r, n in enumerate([1, 1, 5, 1])]
+    got = micro_batches(segs, [0, 1, 6, 7], 2)
+    assert [[s[0] for s in g] for g, _, _ in got] == [[0, 1], [2, 3]]
+    assert [(rows, first) for _, rows, first in got] == [([0, 1], 0), ([4, 5], 2)]   # rows renumbered per group
+    assert [[s[0] for s in g] for g, _, _ in micro_batches(segs, [6], 3)] == [[0, 1], [2], [3]]
+    assert [(rows, first) for _, rows, first in micro_batches(segs, [6], 3)] == [([], 0), ([4], 0), ([], 1)]
+    assert micro_batches(segs, [0], 1) == [(segs, [0], 0)] and len(micro_batches(segs[:1], [0], 4)) == 1
 
 
 def _torchrun(args: list[str], nproc: int = 2, **extra) -> subprocess.CompletedProcess:

@@ -20,14 +20,18 @@ instead of its output; the stages after it pass the ERROR on, and rank 0 raises 
 and the next request runs). A pass the engine aborts (every sequence cancelled) stops after rank 0's blocks and
 ABORT travels the same way. A peer that is gone is another matter: see group.py.
 
-Not yet: micro-batches (with one request in flight, stage k idles while the others compute; splitting a batch's
-rows into micro-batches would let the stages work at once, GPipe-style), and the engine's abort inside a worker's
-range (it is asked on rank 0's blocks only).
+Micro-batches (GPipe): a ragged step of several sequences is split into as many groups of whole sequences as there
+are stages (``micro_batches``); rank 0 runs group 1 and sends it on, then group 2 while rank 1 runs group 1, and so
+on, every send asynchronous, so the stages work at once and a pass of m groups over S stages takes about (m + S - 1)
+group-steps instead of m x S. Only where no stage streams (a streamed stage would read its weights once per group);
+OVERSPILL_PP_MICRO_BATCHES sets the count (1: off). Not yet: the engine's abort inside a worker's range (it is asked
+on rank 0's blocks only, before the first group).
 """
 from __future__ import annotations
 
 import atexit
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -65,6 +69,8 @@ class Link:
         self.next = g.rank + tp if g.rank + tp < g.world else 0   # the last stage answers rank 0
         self.last = g.world - tp
         self.pending = False          # a worker's pass whose input it has not read yet
+        self._sends: list = []        # (work, tensor) of sends in flight: hidden states and logits go out
+                                      # asynchronously, so a stage computes its next micro-batch meanwhile
 
     # -- wire ---------------------------------------------------------------------------------------------------
     def _send(self, t: torch.Tensor, dst: int) -> None:
@@ -76,6 +82,26 @@ class Link:
             raise self.g.broken(f"rank {dst} while sending to it", e) from None
         self.g.stats["send_s"] += time.perf_counter() - t0
 
+    def _isend(self, t: torch.Tensor, dst: int) -> None:
+        import torch.distributed as dist
+        t0 = time.perf_counter()
+        try:
+            self._sends.append((dist.isend(t, dst, group=self.g.data), t))
+        except Exception as e:
+            raise self.g.broken(f"rank {dst} while sending to it", e) from None
+        self.g.stats["send_s"] += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        """Wait for the sends in flight (their tensors are kept alive until then)."""
+        t0 = time.perf_counter()
+        sends, self._sends = self._sends, []
+        for work, _ in sends:
+            try:
+                work.wait()
+            except Exception as e:
+                raise self.g.broken("a rank while sending to it", e) from None
+        self.g.stats["send_s"] += time.perf_counter() - t0
+
     def _recv(self, t: torch.Tensor, src: int) -> None:
         import torch.distributed as dist
         t0 = time.perf_counter()
@@ -85,9 +111,15 @@ class Link:
             raise self.g.broken(f"rank {src} while receiving from it", e) from None
         self.g.stats["recv_s"] += time.perf_counter() - t0
 
-    def _head(self, dst: int, kind: int, a: int = 0, b: int = 0, shape: tuple = (), nbytes: int = 0) -> None:
-        h = [kind, a, b, len(shape), *shape, *[0] * (3 - len(shape)), nbytes]
-        self._send(torch.tensor(h, dtype=torch.long, device=self.g.device), dst)
+    def _head(self, dst: int, kind: int, a: int = 0, b: int = 0, shape: tuple = (), nbytes: int = 0,
+              wait: bool = True) -> None:
+        h = torch.tensor([kind, a, b, len(shape), *shape, *[0] * (3 - len(shape)), nbytes], dtype=torch.long,
+                         device=self.g.device)
+        if wait:
+            self.flush()                 # in order after what is in flight (a status follows its data)
+            self._send(h, dst)
+        else:
+            self._isend(h, dst)
 
     def _read_head(self, src: int) -> tuple[int, int, int, tuple, int]:
         h = torch.empty(_HEADER, dtype=torch.long, device=self.g.device)
@@ -120,8 +152,8 @@ class Link:
         return buf.to(device=device, dtype=dtype)
 
     def send(self, x: torch.Tensor) -> None:
-        self._head(self.next, DATA, shape=tuple(x.shape))
-        self._send(x.to(device=self.g.device, dtype=self._wire_dtype(x.dtype)).contiguous(), self.next)
+        self._head(self.next, DATA, shape=tuple(x.shape), wait=False)
+        self._isend(x.to(device=self.g.device, dtype=self._wire_dtype(x.dtype)).contiguous(), self.next)
 
     def drain(self, dtype: torch.dtype) -> Upstream | None:
         """A pass this stage failed before reading its input: read it and drop it (a send waits for its receive, so
@@ -143,8 +175,8 @@ class Link:
 
     def send_logits(self, t0: int, t1: int, logits: torch.Tensor) -> None:
         """The last stage's LM-head chunk (float32 [rows, t1 - t0, V]) to rank 0."""
-        self._head(0, LOGITS, t0, t1, tuple(logits.shape))
-        self._send(logits.to(device=self.g.device, dtype=torch.float32).contiguous(), 0)
+        self._head(0, LOGITS, t0, t1, tuple(logits.shape), wait=False)
+        self._isend(logits.to(device=self.g.device, dtype=torch.float32).contiguous(), 0)
 
     def collect(self, consume: Callable[[int, int, torch.Tensor], None]) -> bool:
         """Rank 0: the last stage's logits chunks into ``consume`` until DONE (True) or ABORT (False); ERROR raises
@@ -169,6 +201,34 @@ class Link:
             else:
                 self.g.failed = True
                 raise OverspillError(f"rank 0: pipeline out of step: kind {kind} from rank {self.last}")
+
+
+def micro_batches(segments: list, logit_rows: list[int], n: int) -> list[tuple[list, list[int], int]]:
+    """Split a ragged step's segments into at most ``n`` contiguous groups of about equal token counts:
+    [(segments, their logit rows renumbered from the group's first token, index of their first row in logit_rows)].
+    Consumers see every group's rows at their place in the whole step (first row index + the group's own)."""
+    n = max(1, min(n, len(segments)))
+    if n == 1:
+        return [(segments, logit_rows, 0)]
+    sizes = [len(s[2]) for s in segments]
+    prefix = list(itertools.accumulate(sizes, initial=0))
+    cuts, prev = [0], 0
+    for j in range(1, n):              # each cut where the tokens so far come closest to j / n of them
+        prev = min(range(prev + 1, len(sizes) - (n - j) + 1), key=lambda k: abs(prefix[k] * n - prefix[-1] * j))
+        cuts.append(prev)
+    cuts.append(len(sizes))
+    groups = list(zip(cuts, cuts[1:]))
+    out, tok0, r = [], 0, 0
+    for a, b in groups:
+        ntok = sum(sizes[a:b])
+        first = r
+        mine = []
+        while r < len(logit_rows) and logit_rows[r] < tok0 + ntok:
+            mine.append(logit_rows[r] - tok0)
+            r += 1
+        out.append((segments[a:b], mine, first))
+        tok0 += ntok
+    return out
 
 
 class StageCache(KVCache):
@@ -231,6 +291,11 @@ class PipelineExecutor:
         self.kv_format = local.kv_format
         self.source = _PipelineSource(local.source, any(s.get("streams") for s in stages))
         self._ops: list = []                    # cache ops for the other ranks, sent with the next step
+        # a batch's sequences as micro-batches flowing through the stages (GPipe): only where no stage streams (a
+        # streamed stage would read its weights once per micro-batch); OVERSPILL_PP_MICRO_BATCHES=1 turns it off
+        env = os.environ.get("OVERSPILL_PP_MICRO_BATCHES")
+        self.micro_batches = 1 if any(s.get("streams") for s in stages) else \
+            (int(env) if env else len({tuple(s.get("units") or ()) for s in stages}))
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self.closed = False
@@ -324,12 +389,21 @@ class PipelineExecutor:
         t0 = time.perf_counter()
         with self._lock:
             self._check_open()
-            self._broadcast(("ragged", cache.id, segments, list(logit_rows), pad_to))
-            done = self._run_local(lambda: self.local.forward_ragged(segments, cache, logit_rows, _ignore, pad_to,
-                                                                      abort))
-            if not done:
-                self.link.send_status(ABORT)
+            groups = micro_batches(segments, list(logit_rows), self.micro_batches)
+            if len(groups) == 1:
+                self._broadcast(("ragged", cache.id, segments, list(logit_rows), pad_to))
+            else:
+                self._broadcast(("ragged_mb", cache.id, groups, pad_to))
+            done = True
+            for k, (segs, rows, _) in enumerate(groups):
+                # abort is asked before the first micro-batch only: once one has gone on, the pass runs to its end
+                done = self._run_local(lambda: self.local.forward_ragged(segs, cache, rows, _ignore, pad_to,
+                                                                          abort if k == 0 else None))
+                if not done:
+                    self.link.send_status(ABORT)
+                    break
             finished = self.link.collect(consume)
+            self.link.flush()
             self._count(t0)
             return finished
 
@@ -358,6 +432,7 @@ class StageWorker:
         self.last = link.end == local.cfg.n_layers + 2 and g.rank == link.last   # this rank answers rank 0
         self.caches: dict[int, StageCache] = {}
         self.cache_error: dict[int, str] = {}
+        self.unread = 0                         # micro-batch inputs of the running step not yet read
 
     def serve(self) -> None:
         """Serve steps until rank 0 closes the pipeline (a broken channel raises its one line)."""
@@ -408,24 +483,37 @@ class StageWorker:
             _, _, ids, positions, key_valid, last_only = msg
             cache.key_valid = key_valid
             self.local.forward(ids, positions, cache, last_only, consume=send)
-        else:
+        elif msg[0] == "ragged":
             _, _, segments, rows, pad_to = msg
             self.local.forward_ragged(segments, cache, rows, send or _ignore, pad_to)
+        else:                          # "ragged_mb": the micro-batches in turn, each sent on as soon as it is done
+            _, _, groups, pad_to = msg
+            for k, (segments, rows, first) in enumerate(groups):
+                self.unread = len(groups) - k - 1      # inputs still to come if this group fails (drained)
+                self.link.pending = True               # this group's own input is not read yet
+                out = _ignore if send is None else \
+                    (lambda r0, r1, lg, f=first: send(r0 + f, r1 + f, lg))
+                self.local.forward_ragged(segments, cache, rows, out, pad_to)
 
     @torch.inference_mode()
     def _step(self, msg: tuple) -> None:
         send = self.link.send_logits if self.last else None
         self.link.pending = True
+        self.unread = 0
         try:
             self._run_step(msg, send)
             if self.last:
                 self.link.send_status(DONE)
+            self.link.flush()
         except Upstream as u:          # a stage before failed or aborted: pass it on
             self.link.send_status(u.kind, u.msg)
         except Exception as e:
             if self.g.failed:
                 raise
             up = self.link.drain(self.local.dtype) if self.link.pending else None
+            while up is None and self.unread:          # the micro-batches rank 0 sent after the one that failed
+                self.unread -= 1
+                up = self.link.drain(self.local.dtype)
             if up is not None:
                 self.link.send_status(up.kind, up.msg)
             else:

@@ -167,6 +167,7 @@ class TensorStageWorker(StageWorker):
             self._run_step(msg, send)
             if self.last:
                 self.link.send_status(DONE)
+            self.link.flush()
         except Exception as e:
             if self.g.failed:
                 raise
