@@ -11,7 +11,7 @@ process, in the same run.
                 per token) over the memory and disk read speeds probed in the run; batch-1 ranks run in turn, so
                 the pair's bound is the sum of its ranks'.
     --part 1b   the 1.2B GPT-J shape in RAM, batch 1 and --batch (default 8): one process (2 threads) against
-                --tp 2 and --pp 2 (one thread per rank). Reports decode tokens/s and, from every rank's counters
+                --tp 2 and --pp 2 (one thread per rank; at --batch also --pp 2 without micro-batches). Reports decode tokens/s and, from every rank's counters
                 (PipelineExecutor.rank_stats: wall time in steps, blocked on receives/sends, in all-reduces) over
                 the timed generate: all-reduce time per token (tp) and each rank's idle share (pp: the bubble).
 
@@ -105,7 +105,7 @@ def _free_port() -> int:
 
 
 def run_side(name: str, ckpt: str, ranks: int, flag: str | None, budget: str, threads: int, cgroup_limit: int | None,
-             a: argparse.Namespace, batch: int, drop: bool) -> dict:
+             a: argparse.Namespace, batch: int, drop: bool, extra_env: dict | None = None) -> dict:
     """Start ``ranks`` worker processes (each in its own cgroup of ``cgroup_limit`` where cgroups work) and return
     rank 0's result with every rank's peak RSS / cgroup peak."""
     if drop:
@@ -128,7 +128,7 @@ def run_side(name: str, ckpt: str, ranks: int, flag: str | None, budget: str, th
             groups.append(cg)
             env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(r),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": str(threads),
-                   "OVERSPILL_PP_TIMEOUT": "120"}
+                   "OVERSPILL_PP_TIMEOUT": "120", **(extra_env or {})}
             log = tempfile.TemporaryFile("w+")
             logs.append(log)
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
@@ -227,13 +227,16 @@ def part_6b(a) -> list[dict]:
 
 def part_1b(a) -> list[dict]:
     ckpt = a.ckpt or str(common.CACHE_DIR / "gptj-1b-bfloat16")
-    sides = [("single", 1, None, 2), ("tp2", 2, "--tp", 1), ("pp2", 2, "--pp", 1)]
+    sides = [("single", 1, None, 2, None), ("tp2", 2, "--tp", 1, None), ("pp2", 2, "--pp", 1, None),
+             ("pp2-no-micro", 2, "--pp", 1, {"OVERSPILL_PP_MICRO_BATCHES": "1"})]
     rows = []
     for rnd in range(a.rounds):
         for batch in (1, a.batch):
             order = sides if rnd % 2 == 0 else sides[::-1]
-            for name, n, flag, threads in order:
-                res = run_side(name, ckpt, n, flag, a.budget_1b, threads, None, a, batch, False)
+            for name, n, flag, threads, env in order:
+                if batch == 1 and env:
+                    continue                 # one sequence: nothing to split
+                res = run_side(name, ckpt, n, flag, a.budget_1b, threads, None, a, batch, False, env)
                 res["round"] = rnd
                 rows.append(res)
                 if not res["ok"]:
@@ -253,7 +256,7 @@ def part_1b(a) -> list[dict]:
                 print(line, flush=True)
     for batch in (1, a.batch):
         base = {r["round"]: r["tok_s"] for r in rows if r["ok"] and r["side"] == "single" and r["batch"] == batch}
-        for name in ("tp2", "pp2"):
+        for name in ("tp2", "pp2", "pp2-no-micro"):
             rs = [r["tok_s"] / base[r["round"]] for r in rows
                   if r["ok"] and r["side"] == name and r["batch"] == batch and r["round"] in base]
             if rs:
