@@ -7,12 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overspill.kernels import (_thp_madvise, blockable, block_weight, cpu_kernels, cpu_supported, panel_empty, transient,
-                               unblock_weight)
+from overspill.kernels import (_thp_madvise, avx2_kernels, bf16_kernels, blockable, block_weight, cpu_kernels,
+                               cpu_supported, panel_empty, transient, unblock_weight)
 from overspill.model.linear import BlockedLinear, DenseLinear, dense_linear
 
 K_ = cpu_kernels()
 needs_kernels = pytest.mark.skipif(K_ is None, reason="CPU kernels unavailable on this machine (no AVX512-BF16)")
+# every bf16_mm build this CPU runs: the AVX-512 kernels and the AVX2 + FMA one (cpu_avx2.cpp)
+BF16_MODS = [pytest.param(k, id=name) for name, k in (("avx512", K_), ("avx2", avx2_kernels())) if k is not None] \
+    or [pytest.param(None, marks=pytest.mark.skip(reason="no bf16 kernel builds on this CPU"), id="none")]
 
 
 def rel(a, b):
@@ -34,20 +37,71 @@ def test_panel_layout_roundtrip(dtype):
     assert blockable(48, 70) and not blockable(40, 64) and not blockable(48, 63)
 
 
-@needs_kernels
+@pytest.mark.parametrize("mod", BF16_MODS)
 @pytest.mark.parametrize("M", [1, 2, 5, 6, 7, 13, 40])
 @pytest.mark.parametrize("N", [16, 48, 64, 80, 272])
 @pytest.mark.parametrize("K", [96, 2, 70])
-def test_bf16_mm_vs_reference(M, N, K):
+def test_bf16_mm_vs_reference(mod, M, N, K):
     torch.manual_seed(M * 1000 + N + K)
     x, w, b = torch.randn(M, K).bfloat16(), torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16()
     ref = F.linear(x.float(), w.float(), b.float())
-    got = K_.bf16_mm(x, block_weight(w), b)
+    got = mod.bf16_mm(x, block_weight(w), b)
     assert got.dtype == torch.bfloat16 and got.shape == (M, N)
     # fp32 accumulation, one rounding to bf16 at the end: within half a bf16 ulp of the fp32 result
     assert (got.float() - ref).abs().le(ref.abs() * 2 ** -8 + 1e-3).all()
-    nob = K_.bf16_mm(x, block_weight(w), None)
+    nob = mod.bf16_mm(x, block_weight(w), None)
     assert rel(nob, ref - b.float()) < 4e-3
+    x3 = x.view(M, 1, K)                                   # any leading shape
+    assert torch.equal(mod.bf16_mm(x3, block_weight(w), b).view(M, N), got)
+
+
+@pytest.mark.parametrize("mod", BF16_MODS)
+def test_bf16_mm_rows_and_threads_independent_and_nan_kept(mod):
+    """A row's result does not depend on the rows beside it or on the thread count (one fixed summation order per
+    output), and a NaN input stays NaN after the rounding to bf16."""
+    torch.manual_seed(1)
+    x, w = torch.randn(11, 256).bfloat16(), block_weight(torch.randn(160, 256).bfloat16())
+    full = mod.bf16_mm(x, w, None)
+    assert torch.equal(full, torch.cat([mod.bf16_mm(x[i:i + 1].contiguous(), w, None) for i in range(11)]))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(full, mod.bf16_mm(x, w, None))
+    finally:
+        torch.set_num_threads(n)
+    x[3, 7] = float("nan")
+    y = mod.bf16_mm(x, w, None)
+    assert y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any()
+    with pytest.raises(RuntimeError, match="K=32"):
+        mod.bf16_mm(x[:, :32].contiguous(), w, None)
+    with pytest.raises(RuntimeError, match="contiguous bf16"):
+        mod.bf16_mm(x.float(), w, None)
+    with pytest.raises(RuntimeError, match="panel layout"):
+        mod.bf16_mm(x, torch.randn(32, 256).bfloat16(), None)
+
+
+@pytest.mark.skipif(bf16_kernels() is None, reason="no bf16 kernel builds on this CPU")
+def test_blocked_linear_on_this_cpu_blocks_in_place_and_trains_in_float32():
+    """BlockedLinear over this CPU's bf16 kernel: blocking in place (with or without the AVX-512 stripe kernel)
+    equals the copying block; rows read back from the panels are the weight's; float32 activations and their gradient
+    go through float32 slices of the panels (as DenseLinear's do where bf16 is not native)."""
+    torch.manual_seed(2)
+    w, b = torch.randn(64, 96).bfloat16(), torch.randn(64).bfloat16()
+    lin = BlockedLinear(w, b)
+    inplace = BlockedLinear.from_blocked_(w.clone(), b)
+    assert torch.equal(inplace.blocked, lin.blocked) and torch.equal(lin.dequantize(), w)
+    rows = torch.empty(32, 96)
+    lin.fill_rows(rows, 16, 48)
+    assert torch.equal(rows, w[16:48].float())
+    x = torch.randn(3, 96, requires_grad=True)
+    lin(x).pow(2).sum().backward()
+    xd = x.detach().clone().requires_grad_(True)
+    F.linear(xd, w.float(), b.float()).pow(2).sum().backward()
+    assert torch.allclose(x.grad, xd.grad, rtol=1e-4, atol=1e-4)
+    from overspill.kernels import bf16_native
+    if not bf16_native():        # where bf16 is not native, float32 activations are not rounded to bf16
+        with torch.no_grad():
+            assert torch.allclose(lin(x), F.linear(x, w.float(), b.float()), rtol=1e-5, atol=1e-5)
 
 
 def assert_within_bf16_rounding(got, ref):

@@ -11,7 +11,8 @@ skinny matmuls over bf16, int8 and int4 weights in panel layouts, one-token atte
 
 Unavailable (None) when: OVERSPILL_KERNELS=0, not x86-64 with AVX512F/BW/VL + AVX512_BF16 + AVX512_VNNI, or the build
 fails (no compiler, no ninja): callers fall back to oneDNN / torch ops, slower but the same results up
-to rounding. The build (~40 s, once per machine and source version) is cached under
+to rounding. On x86-64 CPUs with AVX2 + FMA only, ``bf16_kernels()`` is cpu_avx2.cpp's module: the same bf16_mm over
+the same panels (fp32 FMAs over weights widened in registers), so bf16 linears still run from panels there. The build (~40 s, once per machine and source version) is cached under
 ~/.cache/overspill/kernels; `python -m overspill.kernels` builds it ahead of time (``make setup`` does).
 """
 from __future__ import annotations
@@ -46,8 +47,8 @@ def cpu_supported() -> bool:
     return all(f in flags for f in _FLAGS)
 
 
-def _build_dir() -> Path:
-    digest = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+def _build_dir(src: Path = _SRC) -> Path:
+    digest = hashlib.sha256(src.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("OVERSPILL_CACHE", Path.home() / ".cache" / "overspill")) / "kernels" / digest
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -73,6 +74,11 @@ def cpu_kernels():
 def _load():
     if os.environ.get("OVERSPILL_KERNELS", "1") == "0" or not cpu_supported():
         return None
+    return _build("overspill_cpu_gemv", _SRC, [f"-m{f.replace('_', '')}" for f in _FLAGS])
+
+
+def _build(name: str, src: Path, isa: list[str]):
+    """Compile (once per machine, source and torch version; cached) and import one kernel source, or None."""
     from torch.utils import cpp_extension
 
     # ninja from the same environment as this Python (pip's `ninja` package) even when it is not on PATH
@@ -81,13 +87,49 @@ def _load():
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     try:
         return cpp_extension.load(
-            name="overspill_cpu_gemv", sources=[str(_SRC)], build_directory=str(_build_dir()),
-            extra_cflags=["-O3", "-fopenmp", *(f"-m{f.replace('_', '')}" for f in _FLAGS)],
-            extra_ldflags=["-fopenmp"], verbose=False)
+            name=name, sources=[str(src)], build_directory=str(_build_dir(src)),
+            extra_cflags=["-O3", "-fopenmp", *isa], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler / ninja / headers: fall back, say so once
         log.warning("overspill: CPU kernels unavailable (%s); using oneDNN/torch ops instead",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
+
+
+_SRC_AVX2 = Path(__file__).with_name("cpu_avx2.cpp")
+_FLAGS_AVX2 = ("avx2", "fma")
+_avx2 = _UNSET
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+
+
+def bf16_kernels():
+    """A module with ``bf16_mm`` over the panel layout: the AVX-512 kernels (cpu_kernels()) where they run, else
+    cpu_avx2.cpp's on x86-64 CPUs with AVX2 + FMA (the same layout and call, fp32 FMAs over weights widened in
+    registers), else None. OVERSPILL_KERNELS=0 turns both off."""
+    k = cpu_kernels()
+    return k if k is not None else avx2_kernels()
+
+
+def avx2_kernels():
+    """cpu_avx2.cpp's module (bf16_mm only) where the CPU has AVX2 + FMA and it builds, else None."""
+    global _avx2
+    if _avx2 is _UNSET:
+        with _LOCK:
+            if _avx2 is _UNSET:
+                _avx2 = _load_avx2()
+    return _avx2
+
+
+def _load_avx2():
+    if os.environ.get("OVERSPILL_KERNELS", "1") == "0" or not all(f in _cpu_flags() for f in _FLAGS_AVX2):
+        return None
+    return _build("overspill_cpu_avx2", _SRC_AVX2, ["-mavx2", "-mfma"])
 
 
 def blockable(N: int, K: int) -> bool:

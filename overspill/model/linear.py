@@ -64,25 +64,29 @@ class DenseLinear:
     def dequantize(self) -> torch.Tensor:
         return self.weight
 
+    def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
+        """Rows [n0, n1) of the weight into ``dst`` (float32 [n1 - n0, K])."""
+        dst.copy_(self.weight[n0:n1])
+
 
 def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return f32_sliced_linear(x, w.shape[0], w.shape[1], lambda dst, n0, n1: dst.copy_(w[n0:n1]), bias)
 
 
 class _FrozenBf16Fn(torch.autograd.Function):
-    """y = x W^T + b over a frozen bf16 weight on a CPU without native bf16: both products in float32 slices of W
-    (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy W, summed over slices of W's rows; no
-    weight or bias gradient, and nothing of W is kept beyond one slice."""
+    """y = x W^T + b over a frozen bf16 weight (dense or in panels: ``lin.fill_rows``) on a CPU without native
+    bf16: both products in float32 slices of W (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy
+    W, summed over slices of W's rows; no weight or bias gradient, and nothing of W is kept beyond one slice."""
 
     @staticmethod
     def forward(ctx, x, lin):
         ctx.lin = lin
-        return _bf16_via_f32(x, lin.weight, lin.bias)
+        return f32_sliced_linear(x, lin.out_features, lin.in_features, lin.fill_rows, lin.bias)
 
     @staticmethod
     def backward(ctx, g):
-        w = ctx.lin.weight                                             # [N, K]
-        return f32_sliced_grad_input(g, *w.shape, lambda dst, n0, n1: dst.copy_(w[n0:n1])), None
+        lin = ctx.lin
+        return f32_sliced_grad_input(g, lin.out_features, lin.in_features, lin.fill_rows), None
 
 
 def onednn_available() -> bool:
@@ -137,10 +141,10 @@ class BlockedLinear:
     __slots__ = ("blocked", "bias", "_bias_f32", "in_features", "out_features", "_nbytes", "_k")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        from ..kernels import block_weight, cpu_kernels
+        from ..kernels import bf16_kernels, block_weight
         assert weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-        self._k = cpu_kernels()
-        assert self._k is not None, "BlockedLinear needs the CPU kernels (overspill.kernels.cpu_kernels())"
+        self._k = bf16_kernels()
+        assert self._k is not None, "BlockedLinear needs the CPU kernels (overspill.kernels.bf16_kernels())"
         self.out_features, self.in_features = weight.shape
         self._nbytes = _nbytes(weight) + _nbytes(bias)
         self.blocked = block_weight(weight)
@@ -150,12 +154,15 @@ class BlockedLinear:
     @classmethod
     def from_blocked_(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "BlockedLinear":
         """Block ``weight`` [N, K] in place (its own bytes become the panels; no second copy) and wrap it."""
-        from ..kernels import PANEL, cpu_kernels
+        from ..kernels import PANEL, bf16_kernels, convert_stripes_
         N, K = weight.shape
-        k = cpu_kernels()
+        k = bf16_kernels()
         assert k is not None and weight.is_contiguous() and weight.dtype == torch.bfloat16
         u = weight.view(torch.uint8).view(N // PANEL, -1)
-        k.stripe_transpose_(u, PANEL, K // 2, 4, 0)         # [16][K/2][2 x bf16] -> [K/2][16][2 x bf16] per stripe
+        if hasattr(k, "stripe_transpose_"):
+            k.stripe_transpose_(u, PANEL, K // 2, 4, 0)     # [16][K/2][2 x bf16] -> [K/2][16][2 x bf16] per stripe
+        else:
+            convert_stripes_(u, lambda c: c.view(-1, PANEL, K // 2, 4).permute(0, 2, 1, 3))
         self = cls.__new__(cls)
         self._k, self.out_features, self.in_features = k, N, K
         self.blocked = weight.view(N // PANEL, K // 2, PANEL, 2)
@@ -165,12 +172,22 @@ class BlockedLinear:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward: exact dense path
-            w = self.dequantize().to(x.dtype)
+        if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward
+            if not bf16_native():                         # float32 slices of the panels, forward and backward
+                return _FrozenBf16Fn.apply(x, self)
+            w = self.dequantize().to(x.dtype)             # exact dense path
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if x.dtype == torch.bfloat16 and x.is_contiguous():   # decode hot path: one call, no reshapes
             return self._k.bf16_mm(x, self.blocked, self._bias_f32)
+        if x.dtype == torch.float32 and not bf16_native():    # float32 activations (training's) stay float32
+            return f32_sliced_linear(x, self.out_features, self.in_features, self.fill_rows, self.bias)
         return self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32).to(x.dtype)
+
+    def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
+        """Rows [n0, n1) (multiples of 16: whole panels) of the weight into ``dst`` (float32 [n1 - n0, K])."""
+        from ..kernels import PANEL
+        p = self.blocked[n0 // PANEL: -(-n1 // PANEL)]                       # [p, K/2, 16, 2]
+        dst.view(-1, PANEL, self.in_features // 2, 2).copy_(p.permute(0, 2, 1, 3))
 
     @property
     def nbytes(self) -> int:
@@ -182,9 +199,9 @@ class BlockedLinear:
 
 
 def blocked_available(weight: torch.Tensor) -> bool:
-    from ..kernels import blockable, cpu_kernels
+    from ..kernels import bf16_kernels, blockable
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
-            and blockable(*weight.shape) and cpu_kernels() is not None)
+            and blockable(*weight.shape) and bf16_kernels() is not None)
 
 
 def dense_linear_copies(weight: torch.Tensor) -> bool:
@@ -197,7 +214,7 @@ def dense_linear_copies(weight: torch.Tensor) -> bool:
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> Linear:
     """The fastest exact linear for this weight on its device.
 
-    bf16 on CPU: overspill's blocked kernel where it builds (AVX512-BF16), else oneDNN prepacked;
+    bf16 on CPU: overspill's blocked kernel where it builds (AVX512-BF16, or AVX2 + FMA), else oneDNN prepacked;
     anything else (fp32, GPU, odd shapes): F.linear.
     """
     if pack and blocked_available(weight):

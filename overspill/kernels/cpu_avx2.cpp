@@ -1,0 +1,138 @@
+// overspill's bf16 matmul over the panel layout, for x86-64 CPUs with AVX2 + FMA but without AVX512-BF16 (for
+// example AMD Zen 2-4 desktops and servers, Intel client CPUs): cpu_gemv.cpp's bf16_mm, same layout, same call.
+//
+// Why (measured on a 2-core AVX2 EPYC, benchmarks/bench_linear.py): without native bf16, torch's bf16 F.linear
+// multiplies at ~0.012 TFLOP/s, so decode of a few rows crawls (8 rows: ~1 s per token for a 1.2B model) and one row
+// reads the weight at ~0.75 of the memory bandwidth. bf16 -> fp32 is a 16-bit shift, so the weight can be widened
+// in registers and multiplied with fp32 FMAs at the FMA units' rate while it streams from memory once.
+//
+//   * panels of 16 output columns [N/16][K/2][16][2]: a 64-byte line holds 16 columns x 2 inputs (k even, k odd);
+//     in each 32-bit lane the low half is the even input's weight (shift left 16 -> fp32), the high half the odd
+//     one's (mask the low half away -> fp32);
+//   * x is widened to fp32 once per call; each input is broadcast from there;
+//   * MR rows (<= 4) x NP panels (MR = 1: 2 panels) of accumulators, acc = fma(w_even, x_even, acc) then
+//     fma(w_odd, x_odd, acc): every output element is summed in the same order whatever MR and NP are, by one
+//     thread: results do not depend on the batch's row count or the thread count;
+//   * fp32 -> bf16 rounds to nearest even, NaN kept NaN (torch's conversion).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int PW = 16;    // columns per panel
+constexpr int MAXMR = 4;  // activation rows per micro-kernel call
+
+inline __m256i round_bf16(__m256 v) {
+  // round to nearest even on the upper 16 bits; NaN -> quiet NaN (0x7fc0), as c10::BFloat16 does
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc00000), nan);
+  return _mm256_srli_epi32(r, 16);
+}
+
+// store 16 fp32 (two ymm) as 16 bf16
+inline void store_bf16x16(at::BFloat16* y, __m256 lo, __m256 hi) {
+  __m256i a = round_bf16(lo), b = round_bf16(hi);
+  __m256i p = _mm256_packus_epi32(a, b);                // lanes: a0-3 b0-3 | a4-7 b4-7
+  p = _mm256_permute4x64_epi64(p, 0xD8);                // a0-3 a4-7 | b0-3 b4-7
+  _mm256_storeu_si256((__m256i*)y, p);
+}
+
+// y[m, j*16 + c] for m < MR, j < NP; w: the group's first panel, panel stride ps elements; xf: fp32 rows, ldx.
+template <int MR, int NP>
+inline void micro(const float* xf, int64_t ldx, const uint16_t* w, int64_t ps, int64_t KP, const float* bias,
+                  at::BFloat16* y, int64_t ldy) {
+  __m256 acc[MR][NP][2];
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < NP; j++) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
+  const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
+  for (int64_t kp = 0; kp < KP; kp++) {
+    __m256 we[NP][2], wo[NP][2];
+    for (int j = 0; j < NP; j++) {
+      const uint16_t* p = w + j * ps + kp * 2 * PW;
+      for (int h = 0; h < 2; h++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(p + h * PW));
+        we[j][h] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        wo[j][h] = _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask));
+      }
+    }
+    for (int m = 0; m < MR; m++) {
+      const __m256 xe = _mm256_broadcast_ss(xf + m * ldx + 2 * kp);
+      const __m256 xo = _mm256_broadcast_ss(xf + m * ldx + 2 * kp + 1);
+      for (int j = 0; j < NP; j++)
+        for (int h = 0; h < 2; h++) acc[m][j][h] = _mm256_fmadd_ps(wo[j][h], xo, _mm256_fmadd_ps(we[j][h], xe, acc[m][j][h]));
+    }
+  }
+  for (int j = 0; j < NP; j++) {
+    __m256 b0 = bias ? _mm256_loadu_ps(bias + j * PW) : _mm256_setzero_ps();
+    __m256 b1 = bias ? _mm256_loadu_ps(bias + j * PW + 8) : _mm256_setzero_ps();
+    for (int m = 0; m < MR; m++)
+      store_bf16x16(y + m * ldy + j * PW, _mm256_add_ps(acc[m][j][0], b0), _mm256_add_ps(acc[m][j][1], b1));
+  }
+}
+
+inline void rows(int64_t mr, int np, const float* xf, int64_t ldx, const uint16_t* w, int64_t ps, int64_t KP,
+                 const float* b, at::BFloat16* y, int64_t ldy) {
+  if (mr == 1 && np == 2) return micro<1, 2>(xf, ldx, w, ps, KP, b, y, ldy);
+  // one panel at a time (np == 2 with more rows: two calls)
+  for (int j = 0; j < np; j++) {
+    const uint16_t* wj = w + j * ps;
+    const float* bj = b ? b + j * PW : nullptr;
+    at::BFloat16* yj = y + j * PW;
+    switch (mr) {
+      case 4: micro<4, 1>(xf, ldx, wj, ps, KP, bj, yj, ldy); break;
+      case 3: micro<3, 1>(xf, ldx, wj, ps, KP, bj, yj, ldy); break;
+      case 2: micro<2, 1>(xf, ldx, wj, ps, KP, bj, yj, ldy); break;
+      default: micro<1, 1>(xf, ldx, wj, ps, KP, bj, yj, ldy); break;
+    }
+  }
+}
+
+torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
+  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
+              "weight must be in panel layout [N/16, K/2, 16, 2]");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
+  TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
+  torch::Tensor bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu(), "CPU kernels need a CPU bias");
+    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto size = x.sizes().vec();
+  size.back() = N;
+  auto y = torch::empty(size, x.options());
+  if (M == 0 || N == 0) return y;
+  torch::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();   // exact: bf16 -> fp32
+  const float* xp = xf.data_ptr<float>();
+  const uint16_t* wbase = (const uint16_t*)wp.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  const int64_t ps = KP * 2 * PW;               // elements per panel
+  const int64_t NG = (NPAN + 1) / 2;            // groups of 2 panels = 32 columns
+  at::parallel_for(0, NG, 8, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t p0 = g * 2, np = std::min<int64_t>(2, NPAN - p0), n0 = p0 * PW;
+      for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
+        const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
+        rows(mr, (int)np, xp + m0 * K, K, wbase + p0 * ps, ps, KP, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16 (AVX2 + FMA)");
+}
