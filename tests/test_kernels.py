@@ -578,3 +578,50 @@ def test_panel_empty_inside_transient_is_plain_heap_memory(monkeypatch):
         t = panel_empty((n,), torch.uint8)                                      # still transient after the inner exit
     assert t.untyped_storage().nbytes() == n
     assert panel_empty((n,), torch.uint8).untyped_storage().nbytes() > n
+
+
+A2 = avx2_kernels()
+needs_avx2 = pytest.mark.skipif(A2 is None, reason="no AVX2 + FMA build on this CPU")
+
+
+@needs_avx2
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("N,K", [(16, 4), (48, 128), (160, 96)])
+def test_avx2_int8_weight_only_vs_reference(M, N, K):
+    """int8_w8a16_mm over pack_int8's panels: x exact (not quantized), fp32 sums, one rounding to bf16; each row
+    alone gives its row of the batch."""
+    from overspill.kernels import pack_int8
+    g = torch.Generator().manual_seed(M * 100 + N + K)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    s, b = torch.rand(N, generator=g) * 0.01, torch.randn(N, generator=g)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    ref = x.double() @ (q.double() * s.double()[:, None]).T + b.double()
+    got = A2.int8_w8a16_mm(x, pack_int8(q), s, b)
+    assert_within_bf16_rounding(got, ref)
+    assert torch.equal(got, torch.cat([A2.int8_w8a16_mm(x[i:i + 1].contiguous(), pack_int8(q), s, b)
+                                       for i in range(M)]))
+    with pytest.raises(RuntimeError, match=f"K={K + 4}"):
+        A2.int8_w8a16_mm(torch.randn(M, K + 4).bfloat16(), pack_int8(q), s, b)
+
+
+@pytest.mark.skipif(A2 is None or K_ is not None, reason="the AVX2 int8 path: CPUs with AVX2 but not AVX512-VNNI")
+def test_int8_linear_runs_weight_only_panels_on_avx2():
+    """Without the AVX-512 kernels Int8Linear holds its weight as panels only and runs int8_w8a16_mm: the same
+    values as dequantize() times x (activations exact), float32 rows and input gradients from slices of the panels."""
+    import overspill.quant as Q
+    torch.manual_seed(3)
+    w, b = torch.randn(64, 128) * 0.05, torch.randn(64)
+    t = Q.quantize(w, "int8")
+    lin = Q.make_linear("int8", t, b)
+    assert lin._a2 is not None and lin._qplain is None and torch.equal(lin.qweight, t["qweight"])
+    d = Q.dequantize("int8", t)
+    x = torch.randn(5, 128).bfloat16()
+    assert_within_bf16_rounding(lin(x), x.double() @ d.double().T + b.double())
+    rows = torch.empty(32, 128)
+    lin._fill_rows(rows, 16, 48)
+    assert torch.equal(rows, d[16:48])
+    xf = torch.randn(40, 128, requires_grad=True)          # > DEQUANT_MIN_M float32 rows: exact float32
+    y = lin(xf)
+    assert torch.allclose(y, xf @ d.T + b, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert torch.allclose(xf.grad, d.sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)

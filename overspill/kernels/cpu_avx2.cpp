@@ -131,8 +131,90 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Te
   return y;
 }
 
+// -- int8 weights, exact activations (w8a16) ------------------------------------------------------------------
+// Panels of pack_int8: [N/16][K/4][64] bytes, byte 4c + j = q[16p + c, 4P + j] + 128. Half a panel (8 columns) is
+// one 32-byte load: 8 lanes of 4 inputs. XOR 0x80 gives the signed q bytes; byte j of every lane is moved to the top
+// and shifted back arithmetically (sign-extended to int32), converted to fp32 (exact) and FMAed with x[4P + j].
+// y[m, n] = s[n] * sum_k q[n, k] x[m, k] (+ bias): x is never rounded to int8 (unlike the AVX-512 w8a8 kernel),
+// so this is torch's _weight_int8pack_mm's arithmetic with fp32 sums, read from half the bytes of bf16.
+template <int MR>
+inline void micro_i8(const float* xf, int64_t ldx, const uint8_t* w, int64_t KQ, const float* scale,
+                     const float* bias, at::BFloat16* y, int64_t ldy) {
+  __m256 acc[MR][2];
+  for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const __m256i flip = _mm256_set1_epi32((int)0x80808080u);
+  for (int64_t kq = 0; kq < KQ; kq++) {
+    const uint8_t* p = w + kq * 64;
+    for (int h = 0; h < 2; h++) {
+      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 32 * h)), flip);
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
+      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
+      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+      for (int m = 0; m < MR; m++) {
+        const float* xm = xf + m * ldx + 4 * kq;
+        __m256 a = acc[m][h];
+        a = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xm), a);
+        a = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xm + 1), a);
+        a = _mm256_fmadd_ps(w2, _mm256_broadcast_ss(xm + 2), a);
+        acc[m][h] = _mm256_fmadd_ps(w3, _mm256_broadcast_ss(xm + 3), a);
+      }
+    }
+  }
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int m = 0; m < MR; m++)
+    store_bf16x16(y + m * ldy, _mm256_fmadd_ps(acc[m][0], s0, b0), _mm256_fmadd_ps(acc[m][1], s1, b1));
+}
+
+torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.device().is_cpu() && qp.device().is_cpu(), "CPU kernels need CPU tensors");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  TORCH_CHECK(qp.scalar_type() == at::kByte && qp.dim() == 3 && qp.size(2) == 4 * PW && qp.is_contiguous(),
+              "weight must be int8 panels [N/16, K/4, 64] (pack_int8)");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), KQ = qp.size(1), N = NPAN * PW;
+  TORCH_CHECK(KQ * 4 == K, "x has K=", K, " but the weight has ", KQ * 4, " input features");
+  TORCH_CHECK(scales.numel() == N, "scales must have ", N, " elements");
+  torch::Tensor sf = scales.to(at::kFloat).contiguous(), bias_f;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto size = x.sizes().vec();
+  size.back() = N;
+  auto y = torch::empty(size, x.options());
+  if (M == 0 || N == 0) return y;
+  torch::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  const float* sp = sf.data_ptr<float>();
+  const uint8_t* wbase = qp.data_ptr<uint8_t>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, NPAN, 8, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      const uint8_t* w = wbase + p * KQ * 64;
+      const int64_t n0 = p * PW;
+      for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
+        const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
+        const float* xm = xp + m0 * K;
+        at::BFloat16* ym = yp + m0 * N + n0;
+        const float* b = bp ? bp + n0 : nullptr;
+        switch (mr) {
+          case 4: micro_i8<4>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+          case 3: micro_i8<3>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+          case 2: micro_i8<2>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+          default: micro_i8<1>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16 (AVX2 + FMA)");
+  m.def("int8_w8a16_mm", &int8_w8a16_mm, "y = x @ ((Q-128)*s)^T (+ bias) over pack_int8 panels, x exact (AVX2 + FMA)");
 }

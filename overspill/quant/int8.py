@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import bf16_native, cpu_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
+from ..kernels import avx2_kernels, bf16_native, cpu_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
@@ -80,12 +80,19 @@ class Int8Linear(QuantLinear):
         ok = (repack and not portable and act_quant != "never" and self._block is not None
               and vnni_block(N, K, self._block) and (repack != "inplace" or q.is_contiguous()))
         self._k = cpu_kernels() if ok else None
+        # without them, on AVX2 + FMA: weight-only over the same panels (exact activations, "never"'s arithmetic)
+        self._a2 = None
+        if self._k is None and repack and not portable and act_quant in (None, "never") and N % 16 == 0 \
+                and K % 4 == 0 and (repack != "inplace" or q.is_contiguous()):
+            a2 = avx2_kernels()
+            self._a2 = a2 if a2 is not None and hasattr(a2, "int8_w8a16_mm") else None
         # Kernel path: the weight is held only in the panel layout (no second copy).
-        self._qpanels = None if self._k is None else pack_int8_(q) if repack == "inplace" else pack_int8(q)
-        self._qplain = None if self._k is not None else q.contiguous()
+        panels = self._k is not None or self._a2 is not None
+        self._qpanels = None if not panels else pack_int8_(q) if repack == "inplace" else pack_int8(q)
+        self._qplain = None if panels else q.contiguous()
         self.scales_bf16 = s.to(torch.bfloat16).contiguous()
         self.scales_f32 = s.float().contiguous()
-        self._fast_ok = self._k is not None
+        self._fast_ok = panels
         self._bias_f32 = None if bias is None else bias.float().contiguous()
         if act_quant is None:   # the default: w8a8 on our kernel; without it weight-only, which needs no second copy
             act_quant = "auto" if self._k is not None else "never"
@@ -97,7 +104,20 @@ class Int8Linear(QuantLinear):
         self._zp = None
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._k is None:
+            return self._a2.int8_w8a16_mm(x, self._qpanels, self.scales_f32, self._bias_f32)
         return self._k.int8_vnni_mm(x, self._qpanels, self.scales_f32, self._bias_f32, self._block)
+
+    def _fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
+        """Rows [n0, n1) of q * scale into ``dst`` (float32 [n1 - n0, K]), from the plain weight or the panels."""
+        s = self.scales_f32[n0:n1, None]
+        if self._qplain is not None:
+            dst.copy_(self._qplain[n0:n1]).mul_(s)
+            return
+        K = self.in_features
+        p = self._qpanels[n0 // 16: -(-n1 // 16)].view(-1, K // 4, 16, 4).permute(0, 2, 1, 3)
+        dst.view(-1, 16, K // 4, 4).copy_(p.bitwise_xor(0x80).view(torch.int8))
+        dst.mul_(s)
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -106,6 +126,11 @@ class Int8Linear(QuantLinear):
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
+        if self._a2 is not None:
+            if x.dtype == torch.float32 and M > DEQUANT_MIN_M and not bf16_native():    # float32 stays exact
+                return f32_sliced_linear(x, self.out_features, self.in_features, self._fill_rows, None)
+            y = self._a2.int8_w8a16_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None)
+            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self._k is not None:
             y = self._k.int8_vnni_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None, self._block)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
@@ -140,11 +165,9 @@ class Int8Linear(QuantLinear):
     def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
         """g @ W in float32 over slices of W's rows dequantized into the reused slice buffer (training's input
         gradient): no whole float copy of the weight."""
-        if self._qplain is None or self._qplain.device.type != "cpu":
+        if self.portable or (self._qplain is None and self._k is not None):
             return super()._grad_input(g)
-        q, s = self._qplain, self.scales_f32
-        return f32_sliced_grad_input(g, self.out_features, self.in_features,
-                                     lambda dst, n0, n1: dst.copy_(q[n0:n1]).mul_(s[n0:n1, None]))
+        return f32_sliced_grad_input(g, self.out_features, self.in_features, self._fill_rows)
 
     def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W = q * scale in ``dtype`` [N, K], in this thread's scratch on the weight's device (in float32 bit-equal
