@@ -48,7 +48,8 @@ def cpu_supported() -> bool:
 
 
 def _build_dir(src: Path = _SRC) -> Path:
-    digest = hashlib.sha256(src.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(src.parent.glob("*.h")))   # included by the sources
+    digest = hashlib.sha256(src.read_bytes() + headers + torch.__version__.encode()).hexdigest()[:12]
     root = Path(os.environ.get("OVERSPILL_CACHE", Path.home() / ".cache" / "overspill")) / "kernels" / digest
     root.mkdir(parents=True, exist_ok=True)
     return root
@@ -324,7 +325,7 @@ def pack_int8_(q: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
     assert q.is_contiguous() and N % PANEL == 0 and K % 4 == 0
     u = q.view(torch.uint8).view(N // PANEL, PANEL * K)
-    kern = cpu_kernels()
+    kern = bf16_kernels()             # either build has the stripe kernel (stripes.h)
     if kern is not None:
         kern.stripe_transpose_(u, PANEL, K // 4, 4, 0x80)
     else:

@@ -26,6 +26,8 @@ namespace {
 constexpr int PW = 16;    // columns per panel
 constexpr int MAXMR = 4;  // activation rows per micro-kernel call
 
+#include "stripes.h"
+
 inline __m256i round_bf16(__m256 v) {
   // round to nearest even on the upper 16 bits; NaN -> quiet NaN (0x7fc0), as c10::BFloat16 does
   __m256i u = _mm256_castps_si256(v);
@@ -216,5 +218,6 @@ torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sca
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16 (AVX2 + FMA)");
+  m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int8_w8a16_mm", &int8_w8a16_mm, "y = x @ ((Q-128)*s)^T (+ bias) over pack_int8 panels, x exact (AVX2 + FMA)");
 }

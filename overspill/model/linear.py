@@ -154,15 +154,12 @@ class BlockedLinear:
     @classmethod
     def from_blocked_(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "BlockedLinear":
         """Block ``weight`` [N, K] in place (its own bytes become the panels; no second copy) and wrap it."""
-        from ..kernels import PANEL, bf16_kernels, convert_stripes_
+        from ..kernels import PANEL, bf16_kernels
         N, K = weight.shape
         k = bf16_kernels()
         assert k is not None and weight.is_contiguous() and weight.dtype == torch.bfloat16
         u = weight.view(torch.uint8).view(N // PANEL, -1)
-        if hasattr(k, "stripe_transpose_"):
-            k.stripe_transpose_(u, PANEL, K // 2, 4, 0)     # [16][K/2][2 x bf16] -> [K/2][16][2 x bf16] per stripe
-        else:
-            convert_stripes_(u, lambda c: c.view(-1, PANEL, K // 2, 4).permute(0, 2, 1, 3))
+        k.stripe_transpose_(u, PANEL, K // 2, 4, 0)         # [16][K/2][2 x bf16] -> [K/2][16][2 x bf16] per stripe
         self = cls.__new__(cls)
         self._k, self.out_features, self.in_features = k, N, K
         self.blocked = weight.view(N // PANEL, K // 2, PANEL, 2)
