@@ -519,6 +519,7 @@ def test_pack_int8_inplace_torch_fallback(monkeypatch):
     """Without the kernels pack_int8_ converts with chunked torch copies: same bytes."""
     import overspill.kernels as KM
     monkeypatch.setattr(KM, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(KM, "bf16_kernels", lambda: None)
     monkeypatch.setattr(KM, "INPLACE_CHUNK", 1000)
     q = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
     want = KM.pack_int8(q)
