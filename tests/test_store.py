@@ -280,6 +280,9 @@ def test_convert_peak_rss_is_a_few_units(ref_dir, tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     grew = r["hwm"] - r["base"]
     block = 12 * 384 * 384 * 4
-    assert grew < 0.3 * model_bytes, (grew, model_bytes)
-    assert grew < 5 * block, (grew, block)
+    # a few units in flight (read buffer, converted unit, the writer's), never the model's 16: measured 3.7-5.0 blocks
+    # over repeated runs of the same code (26-35 MB; the allocator's arenas move it), so the bar is 6 blocks (42 MB,
+    # 0.37 of the model); converting the model whole would grow by 16+
+    assert grew < 0.4 * model_bytes, (grew, model_bytes)
+    assert grew < 6 * block, (grew, block)
     assert LayerStore(str(tmp_path / "store")).unit_bytes("block.0") >= block
