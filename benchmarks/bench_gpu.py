@@ -227,38 +227,6 @@ def part_checkpoint(a, ctx: dict) -> dict:
 # 3. decode
 
 
-def hf_generate_timed(model, prompts: list[list[int]], new_tokens: int, dev: str) -> tuple[list[float], float, object]:
-    """common.hf_generate_timed with the inputs on `dev` and a synchronize at each step's stamp (common's builds its
-    inputs and its stopping flags on the CPU)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class Stamp(StoppingCriteria):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def __call__(self, input_ids, scores, **kw):
-            sync(dev)
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    ids = torch.tensor(prompts, device=dev)
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = model.generation_config.eos_token_id
-        pad = (pad[0] if isinstance(pad, list) else pad) or 0
-    stamp = Stamp()
-    sync(dev)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                             pad_token_id=pad, stopping_criteria=StoppingCriteriaList([stamp]))
-    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
-    assert len(stamp.times) == new_tokens, (len(stamp.times), new_tokens)
-    return stamp.times, t0, out
-
-
 def prompts_for(vocab: int, batch: int) -> list[list[int]]:
     from bench_decode import make_prompts
     return make_prompts(vocab, batch, PROMPT_LEN, seed=0)
@@ -281,8 +249,8 @@ def hf_runs(model, vocab: int, dev: str) -> dict:
     out = {}
     for b in BATCHES:
         prompts = prompts_for(vocab, b)
-        hf_generate_timed(model, prompts, WARMUP_TOKENS, dev)
-        times, t0, ids = hf_generate_timed(model, prompts, NEW_TOKENS, dev)
+        common.hf_generate_timed(model, prompts, WARMUP_TOKENS, dev)
+        ids, times, t0 = common.hf_generate_timed(model, prompts, NEW_TOKENS, dev)
         decode_s = times[-1] - times[0]
         out[b] = {"decode_s": decode_s, "prefill_s": times[0] - t0, "tok_s": (NEW_TOKENS - 1) / decode_s,
                   "tokens0": ids[0, PROMPT_LEN:PROMPT_LEN + 16].tolist()}

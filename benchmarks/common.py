@@ -388,26 +388,35 @@ def kv_bytes_per_token(ckpt_dir: str | Path, bytes_per_elem: int = 2) -> int:
     return layers * 2 * kv_heads * head_dim * bytes_per_elem
 
 
-def hf_generate_timed(model, prompts: list[list[int]], new_tokens: int) -> tuple["object", list[float], float]:
+def hf_generate_timed(model, prompts: list[list[int]], new_tokens: int, device=None) -> tuple["object", list[float], float]:
     """Greedy transformers generate of exactly ``new_tokens`` tokens, stamping the time each token
-    appears (a StoppingCriteria is called once per step). Returns (output ids, stamps, start time)."""
+    appears (a StoppingCriteria is called once per step). Returns (output ids, stamps, start time).
+    ``device``: where the inputs go (the model's); on CUDA each stamp waits for the step's kernels."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
 
     class Stamp(StoppingCriteria):
         def __init__(self):
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores, **kw):
+            sync()
             self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=device)
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.generation_config.eos_token_id
         pad = (pad[0] if isinstance(pad, list) else pad) or 0
     stamp = Stamp()
+    sync()
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,

@@ -75,3 +75,16 @@ def ref_dir(tmp_path_factory):
 def deep_dir(ref_dir):
     """variant -> a 6-block version of it: deep enough that streaming some blocks beats holding them all."""
     return lambda variant: ref_dir(variant, layers=6)
+
+
+def play_split(tmp_path):
+    """Twelfth Night, which the built-in model never saw, from its held-out text: the first 90% of its lines to train
+    on (tmp_path/train.txt), the rest held out (rest.txt). Returns both paths."""
+    import overspill
+
+    text = open(os.path.join(overspill.default_model_path(), "heldout.txt")).read().split("\n")
+    play = text[text.index("TWELFTH NIGHT"):]
+    cut = int(len(play) * 0.9)
+    (tmp_path / "train.txt").write_text("\n".join(play[:cut]))
+    (tmp_path / "rest.txt").write_text("\n".join(play[cut:]))
+    return str(tmp_path / "train.txt"), str(tmp_path / "rest.txt")

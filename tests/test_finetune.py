@@ -17,7 +17,7 @@ import overspill
 from overspill.finetune.backward import IGNORE, train_pass
 from overspill.finetune.lora import LoraAdapter, LoraSettings
 
-from conftest import VARIANTS, VOCAB
+from conftest import VARIANTS, VOCAB, play_split
 
 peft = pytest.importorskip("peft")
 
@@ -195,26 +195,15 @@ def test_bad_targets_and_adapters_are_one_line(ref_dir, tmp_path):
 
 # -- the trainer ---------------------------------------------------------------------------------------------------
 
-def _play(tmp_path):
-    """Twelfth Night, which the built-in model never saw: the first 90% of its lines to train on, the rest held out."""
-    text = open(os.path.join(overspill.default_model_path(), "heldout.txt")).read().split("\n")
-    start = text.index("TWELFTH NIGHT")
-    play = text[start:]
-    cut = int(len(play) * 0.9)
-    (tmp_path / "train.txt").write_text("\n".join(play[:cut]))
-    (tmp_path / "rest.txt").write_text("\n".join(play[cut:]))
-    return str(tmp_path / "train.txt"), str(tmp_path / "rest.txt")
-
-
 def _cli(*argv, timeout=600):
     return subprocess.run([sys.executable, "-m", "overspill.cli", *argv], capture_output=True, text=True,
                           timeout=timeout)
 
 
-def test_finetuning_the_builtin_model_on_an_unseen_play(tmp_path):
+def test_finetuning_the_builtin_model_on_an_unseenplay_split(tmp_path):
     """LoRA on the built-in model, trained on 90% of Twelfth Night: the held-out rest of the play gets a lower loss,
     and greedy generation changes."""
-    train, rest = _play(tmp_path)
+    train, rest = play_split(tmp_path)
     out = str(tmp_path / "adapter")
     r = _cli("finetune", "--data", train, "--output", out, "--max-steps", "14", "--batch-size", "4", "--seq-len", "128",
              "--lr", "3e-3", "--dtype", "float32", "--eval-split", "0")
@@ -234,7 +223,7 @@ def test_finetuning_the_builtin_model_on_an_unseen_play(tmp_path):
 def test_resume_after_kill_reproduces_the_loss_curve(tmp_path):
     """kill -9 after the first checkpoint, --resume: at most one interval is lost and the loss curve equals an
     uninterrupted run's exactly."""
-    train, _ = _play(tmp_path)
+    train, _ = play_split(tmp_path)
     args = ["--data", train, "--max-steps", "6", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3",
             "--save-every", "2", "--dtype", "float32", "--lora-dropout", "0.1"]
     full = str(tmp_path / "full")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import overspill
-from conftest import VARIANTS, VOCAB
+from conftest import VARIANTS, VOCAB, play_split
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda:0"
@@ -407,15 +407,6 @@ def test_lora_dropout_recompute_on_cuda_redraws_the_same_masks():
     assert rel < 1e-5, rel
 
 
-def _play_text(tmp_path):
-    text = open(os.path.join(overspill.default_model_path(), "heldout.txt")).read().split("\n")
-    play = text[text.index("TWELFTH NIGHT"):]
-    cut = int(len(play) * 0.9)
-    (tmp_path / "train.txt").write_text("\n".join(play[:cut]))
-    (tmp_path / "rest.txt").write_text("\n".join(play[cut:]))
-    return str(tmp_path / "train.txt"), str(tmp_path / "rest.txt")
-
-
 def _ocli(*argv, timeout=300):
     return subprocess.run([sys.executable, "-m", "overspill.cli", *argv], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
@@ -426,7 +417,7 @@ def test_finetune_cli_on_cuda_with_an_int8_base(tmp_path):
     """`overspill finetune --quantize int8 --max-memory cuda:0=...` on the built-in model: the held-out rest of an
     unseen play gets a lower loss (evaluated on cuda:0 with --adapter), and a run cut at step 2 and resumed gives the
     uninterrupted run's loss curve (LoRA dropout on: the GPU generator's state is in the checkpoint)."""
-    train, rest = _play_text(tmp_path)
+    train, rest = play_split(tmp_path)
     mem = ["--max-memory", "cuda:0=2GiB,cpu=2GiB"]
     args = ["--data", train, "--batch-size", "4", "--seq-len", "128", "--lr", "3e-3", "--eval-split", "0",
             "--quantize", "int8", "--lora-dropout", "0.1", "--save-every", "2", *mem]

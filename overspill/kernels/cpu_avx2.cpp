@@ -46,6 +46,21 @@ inline void store_bf16x16(at::BFloat16* y, __m256 lo, __m256 hi) {
   _mm256_storeu_si256((__m256i*)y, p);
 }
 
+// Optional bias as contiguous fp32 [N] (an undefined tensor when absent).
+inline torch::Tensor bias_f32(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
+  TORCH_CHECK(bias->device().is_cpu(), "CPU kernels need a CPU bias");
+  TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
+  return bias->to(at::kFloat).contiguous();
+}
+
+// bf16 output [..., N] shaped like x [..., K].
+inline torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
+  auto size = x.sizes().vec();
+  size.back() = N;
+  return torch::empty(size, x.options());
+}
+
 // y[m, j*16 + c] for m < MR, j < NP; w: the group's first panel, panel stride ps elements; xf: fp32 rows, ldx.
 template <int MR, int NP>
 inline void micro(const float* xf, int64_t ldx, const uint16_t* w, int64_t ps, int64_t KP, const float* bias,
@@ -104,16 +119,9 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Te
               "weight must be in panel layout [N/16, K/2, 16, 2]");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
   TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
-  torch::Tensor bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device().is_cpu(), "CPU kernels need a CPU bias");
-    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  torch::Tensor bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  auto size = x.sizes().vec();
-  size.back() = N;
-  auto y = torch::empty(size, x.options());
+  auto y = out_like(x, N);
   if (M == 0 || N == 0) return y;
   torch::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();   // exact: bf16 -> fp32
   const float* xp = xf.data_ptr<float>();
@@ -178,15 +186,9 @@ torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sca
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), KQ = qp.size(1), N = NPAN * PW;
   TORCH_CHECK(KQ * 4 == K, "x has K=", K, " but the weight has ", KQ * 4, " input features");
   TORCH_CHECK(scales.numel() == N, "scales must have ", N, " elements");
-  torch::Tensor sf = scales.to(at::kFloat).contiguous(), bias_f;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
-    bias_f = bias->to(at::kFloat).contiguous();
-  }
+  torch::Tensor sf = scales.to(at::kFloat).contiguous(), bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
-  auto size = x.sizes().vec();
-  size.back() = N;
-  auto y = torch::empty(size, x.options());
+  auto y = out_like(x, N);
   if (M == 0 || N == 0) return y;
   torch::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
