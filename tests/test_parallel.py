@@ -303,6 +303,13 @@ def test_pipeline_of_two_processes_equals_one_process(ref_dir, tmp_path):
     assert got["streamed"]["micro"] == got["store"]["micro"] == 1
 
 
+def test_bad_micro_batch_setting_is_one_line(monkeypatch):
+    for bad in ("two", "0", "-1"):
+        monkeypatch.setenv("OVERSPILL_PP_MICRO_BATCHES", bad)
+        with pytest.raises(OverspillError, match=r"^OVERSPILL_PP_MICRO_BATCHES must be a whole number >= 1"):
+            overspill.load(SHAKESPEARE, pp=2)
+
+
 def test_micro_batches_split_whole_sequences_by_tokens():
     from overspill.parallel.pipeline import micro_batches
     segs = [(r, 0, [7] * n) for r, n in enumerate([1, 1, 5, 1])]

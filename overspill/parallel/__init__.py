@@ -38,7 +38,7 @@ import torch
 from ..errors import OverspillError
 from .group import (Group, agree, checkpoint_digest, choose_backend, first_line, join, load_everywhere, launch_env,
                     resolve_timeout)
-from .pipeline import Link, PipelineExecutor, StageCache, StageWorker
+from .pipeline import Link, PipelineExecutor, StageCache, StageWorker, micro_batch_setting
 from .split import rank_budgets, split_units
 from .tensor_run import (TensorExecutor, TensorPipelineExecutor, TensorStageWorker, TensorWorker, all_reducer,
                          load_tensor, stage_groups)
@@ -106,6 +106,7 @@ def load_stage(path: str, dtype, quantize: str | None, budgets: list[dict | None
     ``tp`` > 1: each stage is ``tp`` tensor-parallel ranks (rank = stage * tp + t; tensor_run.py), stages * tp in
     all."""
     timeout = resolve_timeout(timeout)
+    micro_batch_setting()                    # a bad value ends every rank with its line before anything loads
     flag = "--pp" if tp == 1 else f"--pp {stages} x --tp {tp} ="
     rank, world, _ = launch_env(stages * tp, flag)
     g = join(stages * tp, timeout, choose_backend([any(k.startswith("cuda") for k in (b or {})) for b in budgets]),

@@ -203,6 +203,16 @@ class Link:
                 raise OverspillError(f"rank 0: pipeline out of step: kind {kind} from rank {self.last}")
 
 
+def micro_batch_setting() -> int | None:
+    """OVERSPILL_PP_MICRO_BATCHES as a count >= 1, or None when unset (one micro-batch per stage)."""
+    env = os.environ.get("OVERSPILL_PP_MICRO_BATCHES")
+    if not env:
+        return None
+    if not env.strip().isdigit() or int(env) < 1:
+        raise OverspillError(f"OVERSPILL_PP_MICRO_BATCHES must be a whole number >= 1 (1: off), got {env!r}")
+    return int(env)
+
+
 def micro_batches(segments: list, logit_rows: list[int], n: int) -> list[tuple[list, list[int], int]]:
     """Split a ragged step's segments into at most ``n`` contiguous groups of about equal token counts:
     [(segments, their logit rows renumbered from the group's first token, index of their first row in logit_rows)].
@@ -293,9 +303,9 @@ class PipelineExecutor:
         self._ops: list = []                    # cache ops for the other ranks, sent with the next step
         # a batch's sequences as micro-batches flowing through the stages (GPipe): only where no stage streams (a
         # streamed stage would read its weights once per micro-batch); OVERSPILL_PP_MICRO_BATCHES=1 turns it off
-        env = os.environ.get("OVERSPILL_PP_MICRO_BATCHES")
+        n = micro_batch_setting()
         self.micro_batches = 1 if any(s.get("streams") for s in stages) else \
-            (int(env) if env else len({tuple(s.get("units") or ()) for s in stages}))
+            (n or len({tuple(s.get("units") or ()) for s in stages}))
         self._ids = itertools.count()
         self._lock = threading.RLock()
         self.closed = False
