@@ -69,7 +69,7 @@ class Link:
         self.next = g.rank + tp if g.rank + tp < g.world else 0   # the last stage answers rank 0
         self.last = g.world - tp
         self.pending = False          # a worker's pass whose input it has not read yet
-        self._sends: list = []        # (work, tensor) of sends in flight: hidden states and logits go out
+        self._sends: list = []        # (work, tensor, peer) of sends in flight: hidden states and logits go out
                                       # asynchronously, so a stage computes its next micro-batch meanwhile
 
     # -- wire ---------------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class Link:
         import torch.distributed as dist
         t0 = time.perf_counter()
         try:
-            self._sends.append((dist.isend(t, dst, group=self.g.data), t))
+            self._sends.append((dist.isend(t, dst, group=self.g.data), t, dst))
         except Exception as e:
             raise self.g.broken(f"rank {dst} while sending to it", e) from None
         self.g.stats["send_s"] += time.perf_counter() - t0
@@ -95,11 +95,11 @@ class Link:
         """Wait for the sends in flight (their tensors are kept alive until then)."""
         t0 = time.perf_counter()
         sends, self._sends = self._sends, []
-        for work, _ in sends:
+        for work, _, dst in sends:
             try:
                 work.wait()
             except Exception as e:
-                raise self.g.broken("a rank while sending to it", e) from None
+                raise self.g.broken(f"rank {dst} while sending to it", e) from None
         self.g.stats["send_s"] += time.perf_counter() - t0
 
     def _recv(self, t: torch.Tensor, src: int) -> None:
