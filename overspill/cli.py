@@ -375,6 +375,9 @@ def _plan_stages(a: argparse.Namespace, path: str, reserve) -> int:
                  p.add_argument("--to", choices=("store", "hf"), default="store"),
                  p.add_argument("--config", default=None, help="an original checkpoint's config: GPT-NeoX .yml, "
                                 "mesh-transformer-jax .json or Hugging Face config.json (default: the one it ships)"),
+                 p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                                help="write each block as N shards, one per tensor-parallel rank, for `torchrun "
+                                     "--nproc-per-node N ... --tp N` (each rank reads only its own)"),
                  p.add_argument("--verify", action="store_true", help="re-read and check every checksum")))
 def cmd_convert(a: argparse.Namespace) -> int:
     from .checkpoint.store import LayerStore, convert
@@ -382,12 +385,14 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.to == "hf":
         from .checkpoint.hf_writer import convert_to_hf
 
-        if a.quantize or a.quantize_head or a.verify:
-            raise OverspillError("--quantize, --quantize-head and --verify apply to layer stores, not --to hf")
+        if a.quantize or a.quantize_head or a.verify or a.tensor_parallel != 1:
+            raise OverspillError("--quantize, --quantize-head, --tensor-parallel and --verify apply to layer stores, "
+                                 "not --to hf")
         convert_to_hf(a.src, a.dst, dtype=a.dtype, overwrite=a.overwrite, progress=sys.stderr.isatty(), config=a.config)
         return 0
     out = convert(a.src, a.dst, dtype=a.dtype or "bfloat16", quantize=a.quantize, quantize_head=a.quantize_head,
-                  overwrite=a.overwrite, progress=sys.stderr.isatty(), config=a.config)
+                  overwrite=a.overwrite, progress=sys.stderr.isatty(), config=a.config,
+                  tensor_parallel=a.tensor_parallel)
     if a.verify:
         LayerStore(out).verify()
         print(f"{out}: all checksums verified", file=sys.stderr)

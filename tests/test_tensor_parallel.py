@@ -1,4 +1,4 @@
-"""Tensor-parallel sharding (parallel/tensor.py): each rank's block over its share of the heads and MLP, with the
+"""Tensor-parallel sharding (model/shard.py): each rank's block over its share of the heads and MLP, with the
 partial sums added across ranks where the decoder reduces, equals the whole block. The ranks run as threads here
 with an in-process sum standing in for the all-reduce; the distributed runs are in test_parallel.py."""
 import threading
@@ -10,7 +10,7 @@ import overspill
 from overspill.checkpoint.hf import HFCheckpoint
 from overspill.model.layers import Rope, block_forward, make_step
 from overspill.model.weights import bind
-from overspill.parallel.tensor import local_config, shard_block
+from overspill.model.shard import local_config, shard_block
 
 from conftest import VARIANTS
 

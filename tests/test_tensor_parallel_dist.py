@@ -19,7 +19,7 @@ import torch
 
 import overspill
 from overspill.errors import OverspillError
-from overspill.parallel.tensor import local_config
+from overspill.model.shard import local_config
 from overspill.runtime.loader import Reserve
 from test_parallel import (CLI_LONG, IDS, PROMPTS, SHAKESPEARE, _cli, _error_lines, _launch, _log, _torchrun,
                            _wait)
@@ -77,7 +77,7 @@ def _min_budget(path, tp: int | None = None) -> int:
     from overspill.placement import PlanError
     from overspill.runtime.loader import make_plan, open_source
 
-    src = open_source(path, "float32", None)
+    src = open_source(path, "float32", None, (0, tp) if tp else None)
     cfg = src.ckpt.config
     with pytest.raises(PlanError) as e:
         make_plan(src.ckpt, cfg, src.dtype, None, {"cpu": 1}, Reserve(2, 64),
@@ -206,11 +206,16 @@ def test_four_ranks_replicate_a_kv_head(ref_dir, tmp_path):
 
 def test_pipeline_of_tensor_parallel_stages_equals_one_process(ref_dir, tmp_path):
     """--pp 2 --tp 2: two stages of two ranks each (one block per stage here); each stage's ranks shard its
-    blocks and sum their partials within the stage, hidden states go from rank (0, t) to (1, t)."""
+    blocks and sum their partials within the stage, hidden states go from rank (0, t) to (1, t); a store written
+    with --tensor-parallel 2 serves each stage's ranks their shards."""
+    from overspill.checkpoint.store import convert
+
     runs = [{"name": v, "path": ref_dir(v)[0], "dtype": "float32"} for v in ("llama_gqa", "gptj", "gpt2")]
+    runs.append({"name": "store", "path": convert(ref_dir("gptj")[0], str(tmp_path / "store"), dtype="float32",
+                                                  tensor_parallel=2, progress=False), "dtype": "float32"})
     got = _run_ranks(tmp_path, runs, tp=2, pp=2)[0]
     for run in runs:
-        want = _single(run["path"], "float32")
+        want = _single(run["path"] if run["name"] != "store" else ref_dir("gptj")[0], "float32")
         torch.testing.assert_close(got[run["name"]]["logits"], want["logits"], rtol=0, atol=1e-5, msg=run["name"])
         assert got[run["name"]]["greedy"] == want["greedy"], run["name"]
         assert [s["units"] for s in got[run["name"]]["stages"]] == [[0, 2], [0, 2], [2, 4], [2, 4]]
@@ -263,10 +268,56 @@ def test_a_model_that_does_not_divide_ends_every_rank_with_one_line(tmp_path):
                                                        f"split 3 ways: 8 query heads"), _log(tmp_path, r)[-2000:]
 
 
-def test_a_layer_store_is_refused_in_one_line(ref_dir, tmp_path):
-    from overspill.checkpoint.store import convert
+def test_a_tensor_parallel_store_reads_only_its_shards(ref_dir, tmp_path, capsys):
+    """`convert --tensor-parallel 2` writes each block as two shard files; two ranks loading it give the
+    single-process logits (float32, within 1e-5) and tokens, an int8 store equals the int8 run sharded and quantized
+    on the fly from the Hugging Face directory, and a rank streaming from it reads its shard only. A store of whole
+    blocks, or one written for another rank count, is refused in one line."""
+    from overspill.checkpoint.store import LayerStore, convert
 
-    store = convert(ref_dir("gpt2")[0], str(tmp_path / "store"))
-    got = _run_ranks(tmp_path, [{"name": "store", "path": store, "dtype": "auto"}], 2)
+    llama, gptj = ref_dir("llama_gqa")[0], ref_dir("gptj")[0]
+    deep = ref_dir("llama_gqa", layers=12)[0]
+    stores = {name: convert(src, str(tmp_path / name), dtype="float32", quantize=q, tensor_parallel=2,
+                            progress=False)
+              for name, src, q in (("llama", llama, None), ("int8", llama, "int8"), ("deep", deep, None))}
+    stores["gptj"] = str(tmp_path / "gptj")                  # the command, checksums verified (every shard's)
+    _cli(capsys, ["convert", gptj, stores["gptj"], "--dtype", "float32", "--tensor-parallel", "2", "--verify"])
+    whole = convert(ref_dir("gpt2")[0], str(tmp_path / "whole"), dtype="float32", progress=False)
+    four = convert(llama, str(tmp_path / "four"), dtype="float32", tensor_parallel=4, progress=False)
+    assert sorted(f for f in os.listdir(stores["llama"]) if f.startswith("block.0.")) == \
+        ["block.0.tp0.safetensors", "block.0.tp1.safetensors"]
+    shard = LayerStore(stores["deep"], shard=0).unit_bytes("block.0")
+    runs = [{"name": n, "path": stores[n], "dtype": "float32"} for n in ("llama", "gptj", "int8")]
+    runs.append({"name": "hf_int8", "path": llama, "dtype": "float32", "quantize": "int8"})
+    runs.append({"name": "deep", "path": stores["deep"], "dtype": "float32",
+                 "max_memory": f"cpu={_min_budget(stores['deep'], 2)}"})
+    runs.append({"name": "whole", "path": whole, "dtype": "float32"})
+    got = _run_ranks(tmp_path, runs, 2)
+    for name, src in (("llama", llama), ("gptj", gptj), ("deep", deep)):
+        want = _single(src, "float32")
+        torch.testing.assert_close(got[0][name]["logits"], want["logits"], rtol=0, atol=1e-5, msg=name)
+        assert got[0][name]["greedy"] == want["greedy"], name
+    torch.testing.assert_close(got[0]["int8"]["logits"], got[0]["hf_int8"]["logits"], rtol=0, atol=1e-6)
+    for info in got[0]["deep"]["stages"]:      # each rank streams blocks, reading its shard's bytes only
+        blocks = [p for p in json.loads(info["plan"])["placements"] if p["unit"].startswith("block.")]
+        assert "stream" in {p["tier"] for p in blocks}
+        assert {p["stream_bytes"] for p in blocks} == {shard}
+    assert shard < 0.6 * LayerStore(convert(deep, str(tmp_path / "deep1"), dtype="float32", progress=False)
+                                    ).unit_bytes("block.0")
     for r, g in enumerate(got):
-        assert g["store"]["error"].startswith(f"rank {r}: --tp 2: ") and "layer store" in g["store"]["error"]
+        assert g["whole"]["error"].startswith(f"rank {r}: --tp 2: ") and "convert SRC DST --tensor-parallel 2" in \
+            g["whole"]["error"]
+    with pytest.raises(OverspillError, match="written for 2 tensor-parallel ranks; run it with `torchrun "
+                                             "--nproc-per-node 2"):
+        overspill.load(stores["llama"])
+    from overspill.runtime.loader import open_source
+    with pytest.raises(OverspillError, match=r"written for 4 tensor-parallel ranks.*--tp 4` \(not --tp 2\)"):
+        open_source(four, "float32", None, (0, 2))
+    with pytest.raises(OverspillError, match="--tensor-parallel 3: this model cannot be split 3 ways: 4 query heads"):
+        convert(llama, str(tmp_path / "three"), tensor_parallel=3, progress=False)
+    assert not any(n.startswith("three") for n in os.listdir(tmp_path))
+    with open(os.path.join(stores["llama"], "block.1.tp1.safetensors"), "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x7f")
+    with pytest.raises(OverspillError, match="block.1.tp1.safetensors: checksum mismatch"):
+        LayerStore(stores["llama"]).verify()

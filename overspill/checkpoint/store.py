@@ -45,6 +45,12 @@ manifest.json::
                                              "offset": absolute byte offset in the file, "nbytes": ...}}},
                ...]}
 
+Tensor-parallel stores (``convert --tensor-parallel N``, ``"tensor_parallel": N`` in the manifest) hold each block
+as N shard files, ``block.{i}.tp{r}.safetensors`` (model/shard.py's split: rank r's heads and MLP slice), and the
+block's manifest entry lists them: ``{"name": "block.0", "shards": [{"file", "bytes", ..., "tensors"}, ...]}``. The
+embedding and the head are stored once, whole (every rank holds them). ``LayerStore(path, shard=r)`` is rank r's
+view: its blocks are its shards, so reading, planning and streaming touch only its bytes.
+
 Quantized stores keep each quantized linear ``lin`` as the tensors of
 ``overspill.quant.quantize`` under ``"{lin}.q.{key}"`` (e.g. ``qkv.q.qweight``); biases stay
 ``"{lin}.bias"`` in the model dtype. ``split_quantized`` regroups them for ``make_linear``.
@@ -173,6 +179,35 @@ def _planned_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: 
     return n
 
 
+_FUSED_INTO = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv_neox": "qkv", "gate": "up"}
+
+
+def _shard_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: str | None, world: int) -> list[int]:
+    """Bytes of each rank's shard of a block (from shapes only: the split run on meta tensors)."""
+    from ..model.shard import shard_block
+    from ..model.weights import canonical_shapes
+
+    present = set()
+    for raw in ck.unit_names(unit).values():
+        lin, _, kind = raw.partition(".")
+        present.add(f"{_FUSED_INTO.get(lin, lin)}.{kind}")
+    meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, shape in canonical_shapes(cfg, unit).items()
+            if n in present}
+    lins = {f"{n}.weight" for n in linear_names(unit)}
+    out = []
+    for r in range(world):
+        n = 0
+        for name, t in shard_block(cfg, meta, r, world).items():
+            if scheme is not None and name in lins:
+                from ..quant import quantized_nbytes
+
+                n += quantized_nbytes(scheme, *t.shape)
+            else:
+                n += t.numel() * t.element_size()
+        out.append(n)
+    return out
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -233,13 +268,20 @@ def publish(tmp: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _planned(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: str | None, quantize_head: bool,
+             tied: bool, world: int) -> int:
+    if world > 1 and unit.startswith("block."):
+        return sum(_shard_bytes(ck, cfg, unit, dtype, scheme, world))
+    return _planned_bytes(ck, cfg, unit, dtype, scheme, quantize_head, tied)
+
+
 def planned_store_bytes(ck, dtype: str | torch.dtype = "bfloat16", quantize: str | None = None,
-                        quantize_head: bool = False) -> int:
+                        quantize_head: bool = False, tensor_parallel: int = 1) -> int:
     """Bytes ``convert`` writes for this checkpoint reader (from shapes only)."""
     tdtype = STORE_DTYPES[_dtype_name(dtype)]
     cfg = ck.config
     tied = cfg.tie_embeddings and not (quantize is not None and quantize_head)
-    return sum(_planned_bytes(ck, cfg, u, tdtype, quantize, quantize_head, tied) for u in unit_order(cfg))
+    return sum(_planned(ck, cfg, u, tdtype, quantize, quantize_head, tied, tensor_parallel) for u in unit_order(cfg))
 
 
 def _dtype_name(dtype: str | torch.dtype) -> str:
@@ -255,7 +297,8 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 
 
 def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = None, quantize_head: bool = False,
-            overwrite: bool = False, progress: bool = True, config: str | None = None) -> str:
+            overwrite: bool = False, progress: bool = True, config: str | None = None,
+            tensor_parallel: int = 1) -> str:
     """HF dir (or an original EleutherAI checkpoint: GPT-J's mesh-transformer-jax shards, GPT-NeoX's DeepSpeed
     layer files, see original.py; ``config`` its config file) -> layer store at ``dst``; returns ``dst``.
 
@@ -263,7 +306,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
     ``dst`` and renames it into place only once everything (files, manifest) is written and
     fsynced, so an interrupted conversion leaves nothing that looks complete. An existing ``dst``
     is refused unless ``overwrite`` (and even then only a layer store or an empty directory is
-    replaced, after the new store is complete)."""
+    replaced, after the new store is complete). ``tensor_parallel`` N > 1: each block is written as N shard files,
+    one per tensor-parallel rank (see the module docstring), each quantized on its own."""
     from tqdm import tqdm
 
     from .sources import open_source
@@ -275,6 +319,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
         from ..quant import SCHEMES
         if quantize not in SCHEMES:
             raise OverspillError(f"unknown quantization scheme '{quantize}' (expected one of {', '.join(SCHEMES)})")
+    if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise OverspillError(f"--tensor-parallel {tensor_parallel}: expected a whole number of ranks >= 1")
     if os.path.lexists(dst):
         if not overwrite:
             raise OverspillError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
@@ -282,10 +328,15 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
             raise OverspillError(f"{dst}: exists and is not a layer store; refusing to replace it")
     ck = open_source(src, config)   # bad src: its own one-line CheckpointError / ConfigError
     cfg = ck.config
+    world = tensor_parallel
     tied = cfg.tie_embeddings and not (quantize is not None and quantize_head)
     names = unit_order(cfg)
-    planned = {u: _planned_bytes(ck, cfg, u, tdtype, quantize, quantize_head, tied) for u in names}
     try:
+        if world > 1:
+            from ..model.shard import check
+
+            check(cfg, world, "--tensor-parallel")   # one line naming what does not divide
+        planned = {u: _planned(ck, cfg, u, tdtype, quantize, quantize_head, tied, world) for u in names}
         tmp = staging_dir(dst, sum(planned.values()))
     except BaseException:
         ck.close()
@@ -296,28 +347,38 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
                    desc=f"convert {os.path.basename(dst)}", disable=not progress, dynamic_ncols=True)
         entries = []
 
-        def prepare(u: str) -> dict[str, torch.Tensor]:   # read (+ quantize) a unit: on the read-ahead thread
+        def prepare(u: str) -> list[dict[str, torch.Tensor]]:   # read (+ shard, quantize): on the read-ahead thread
             skip = ("lm.weight",) if (u == "head" and tied) else ()
-            return _quantize_unit(u, ck.read_unit_except(u, tdtype, *skip), quantize, quantize_head)
+            t = ck.read_unit_except(u, tdtype, *skip)
+            if world > 1 and u.startswith("block."):
+                from ..model.shard import shard_block
+
+                return [_quantize_unit(u, shard_block(cfg, t, r, world), quantize, quantize_head)
+                        for r in range(world)]
+            return [_quantize_unit(u, t, quantize, quantize_head)]
 
         # unit i+1 is read and quantized while unit i is written: at most two units in memory
         with ThreadPoolExecutor(1, thread_name_prefix="overspill-convert") as ahead:
             nxt = ahead.submit(prepare, names[0])
             for k, u in enumerate(names):
                 bar.set_postfix_str(u, refresh=False)
-                t = nxt.result()
+                parts = nxt.result()
                 nxt = ahead.submit(prepare, names[k + 1]) if k + 1 < len(names) else None
-                fname = f"{u}.safetensors"
-                e = write_unit_file(os.path.join(tmp, fname), t, {"overspill_unit": u}, fsync=False)
-                entries.append({"name": u, "file": fname, **e})
-                del t
+                files = []
+                for r, t in enumerate(parts):
+                    fname = f"{u}.tp{r}.safetensors" if len(parts) > 1 else f"{u}.safetensors"
+                    meta = {"overspill_unit": u, **({"overspill_shard": f"{r}/{world}"} if len(parts) > 1 else {})}
+                    files.append({"file": fname, **write_unit_file(os.path.join(tmp, fname), t, meta, fsync=False)})
+                entries.append({"name": u, "shards": files} if len(parts) > 1 else {"name": u, **files[0]})
+                del parts, t
                 bar.update(planned[u])
         for e in entries:   # durable before the rename; writeback of the early files ran meanwhile
-            fd = os.open(os.path.join(tmp, e["file"]), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            for f in e.get("shards", [e]):
+                fd = os.open(os.path.join(tmp, f["file"]), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         sources = ck.extra_files() if hasattr(ck, "extra_files") else \
             {f: os.path.join(ck.path, f) for f in EXTRA_FILES if os.path.isfile(os.path.join(ck.path, f))}
         for f, p in sources.items():
@@ -326,6 +387,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
         manifest = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "hf_config": ck.hf_config,
                     "dtype": dname, "quantize": quantize, "quantize_head": bool(quantize and quantize_head),
                     "tied": tied, "extra_files": extra, "units": entries}
+        if world > 1:
+            manifest["tensor_parallel"] = world
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -366,10 +429,14 @@ def split_quantized(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
 
 
 class LayerStore:
-    """A converted layer store: validated manifest, per-unit spans, zero-copy views, positional reads."""
+    """A converted layer store: validated manifest, per-unit spans, zero-copy views, positional reads.
 
-    def __init__(self, path: str):
+    A tensor-parallel store (``tensor_parallel`` N > 1) is opened as one rank's view, ``shard=r``: its blocks are
+    rank r's shard files. Without ``shard`` its blocks cannot be read (a one-line error names how to run it)."""
+
+    def __init__(self, path: str, shard: int | None = None):
         self.path = path
+        self.shard = shard
         mpath = os.path.join(path, MANIFEST)
         if not os.path.isdir(path):
             raise CheckpointError(f"{path}: no such layer store directory")
@@ -395,13 +462,16 @@ class LayerStore:
             self.quantize_head: bool = bool(m.get("quantize_head", False))
             self.tied: bool = bool(m.get("tied", False))
             self.extra_files: list[str] = list(m.get("extra_files", []))
-            self._units = {}
+            self.tensor_parallel: int = int(m.get("tensor_parallel", 1))
+            self._units: dict[str, dict | list[dict]] = {}
             for u in m["units"]:
-                tens = {n: (DTYPES[i["dtype"]], tuple(int(s) for s in i["shape"]), int(i["offset"]), int(i["nbytes"]))
-                        for n, i in u["tensors"].items()}
-                self._units[u["name"]] = {"file": u["file"], "bytes": int(u["bytes"]),
-                                          "data_offset": int(u["data_offset"]), "data_bytes": int(u["data_bytes"]),
-                                          "sha256": u["sha256"], "tensors": tens}
+                if "shards" in u:
+                    if len(u["shards"]) != self.tensor_parallel or self.tensor_parallel < 2:
+                        raise ValueError(f"{u['name']} has {len(u['shards'])} shards in a store for "
+                                         f"{self.tensor_parallel} tensor-parallel ranks")
+                    self._units[u["name"]] = [self._entry(e) for e in u["shards"]]
+                else:
+                    self._units[u["name"]] = self._entry(u)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{mpath}: corrupt manifest (bad or missing field: {type(e).__name__}: {e})") from None
         self.manifest = m
@@ -409,8 +479,19 @@ class LayerStore:
         if list(self._units) != want:
             raise CheckpointError(f"{mpath}: corrupt manifest (units {list(self._units)[:4]}... do not match the "
                                   f"config's {len(want)} units)")
+        if shard is not None and not 0 <= shard < self.tensor_parallel:
+            raise CheckpointError(f"{path}: no tensor-parallel shard {shard} in a store for {self.tensor_parallel} "
+                                  f"rank(s)")
         for name, u in self._units.items():
-            self._check_unit(name, u, mpath)
+            for e in u if isinstance(u, list) else [u]:
+                self._check_unit(name, e, mpath)
+
+    @staticmethod
+    def _entry(u: dict) -> dict:
+        tens = {n: (DTYPES[i["dtype"]], tuple(int(s) for s in i["shape"]), int(i["offset"]), int(i["nbytes"]))
+                for n, i in u["tensors"].items()}
+        return {"file": u["file"], "bytes": int(u["bytes"]), "data_offset": int(u["data_offset"]),
+                "data_bytes": int(u["data_bytes"]), "sha256": u["sha256"], "tensors": tens}
 
     def _check_unit(self, name: str, u: dict, mpath: str) -> None:
         f = os.path.join(self.path, u["file"])
@@ -434,9 +515,15 @@ class LayerStore:
 
     def _unit(self, unit: str) -> dict:
         try:
-            return self._units[unit]
+            u = self._units[unit]
         except KeyError:
             raise CheckpointError(f"{self.path}: no unit '{unit}' in this layer store") from None
+        if isinstance(u, list):
+            if self.shard is None:
+                raise CheckpointError(f"{self.path}: its blocks are stored as {len(u)} tensor-parallel shards; open "
+                                      f"it as one rank's view (LayerStore(path, shard=r))")
+            return u[self.shard]
+        return u
 
     def unit_file(self, unit: str) -> str:
         return os.path.join(self.path, self._unit(unit)["file"])
@@ -498,13 +585,17 @@ class LayerStore:
     def verify(self, units: list[str] | None = None) -> None:
         """Recompute the SHA-256 of unit files; CheckpointError naming the first file that differs."""
         for unit in units if units is not None else self.units():
-            u, path = self._unit(unit), self.unit_file(unit)
-            h = hashlib.sha256()
-            try:
-                with open(path, "rb", buffering=0) as f:
-                    while chunk := f.read(16 << 20):
-                        h.update(chunk)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-            if h.hexdigest() != u["sha256"]:
-                raise CheckpointError(f"{path}: checksum mismatch (file is corrupt; convert the model again)")
+            for u in self._units[unit] if isinstance(self._units.get(unit), list) else [self._unit(unit)]:
+                self._verify_file(u)
+
+    def _verify_file(self, u: dict) -> None:
+        path = os.path.join(self.path, u["file"])
+        h = hashlib.sha256()
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(16 << 20):
+                    h.update(chunk)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        if h.hexdigest() != u["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (file is corrupt; convert the model again)")

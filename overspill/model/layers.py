@@ -311,7 +311,7 @@ def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step
                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """One transformer block; residual style per config (sequential, parallel, shared-norm parallel). No cache
     (None, None): a training forward over whole sequences (differentiable: autograd flows through every op).
-    ``reduce``: tensor parallel (parallel/tensor.py): the attention and MLP outputs are this rank's partial sums,
+    ``reduce``: tensor parallel (model/shard.py): the attention and MLP outputs are this rank's partial sums,
     and reduce() sums them across ranks: once per block for a parallel residual, after each sublayer otherwise."""
     f = step.fused
     h = norm(cfg, x, w.attn_norm, f)

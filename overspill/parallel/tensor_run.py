@@ -1,4 +1,4 @@
-"""Tensor-parallel runs: every rank computes every step over its shard of each block (parallel/tensor.py).
+"""Tensor-parallel runs: every rank computes every step over its shard of each block (model/shard.py).
 
     rank 0: TensorExecutor              rank k: TensorWorker (StageWorker's loop: follow rank 0's calls)
     engine, generate(), beams, logits
@@ -34,7 +34,7 @@ import torch
 from ..errors import OverspillError
 from .group import Group, agree, checkpoint_digest, choose_backend, first_line, join, load_everywhere, resolve_timeout
 from .pipeline import DONE, PipelineExecutor, StageCache, StageWorker, _ignore
-from .tensor import local_config, shard_block
+from ..model.shard import local_config, shard_block
 
 
 @dataclasses.dataclass
@@ -237,7 +237,8 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
                 kv_cache: str | None = None):
     """This rank's part of a ``tp``-way tensor-parallel model: a loader.Built whose executor is a TensorExecutor on
     rank 0 and a TensorWorker (call ``serve()``) on the others. Each rank loads every unit, its blocks sharded
-    (shard_block, before quantizing on the fly), under its own budget (``budgets``, by rank)."""
+    (shard_block, before quantizing on the fly; a store written by ``convert --tensor-parallel`` holds the shards),
+    under its own budget (``budgets``, by rank)."""
     from ..runtime.loader import build, open_source
     from .group import launch_env
 
@@ -245,14 +246,10 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
     rank, world, _ = launch_env(tp, "--tp")
     g = join(tp, timeout, choose_backend([any(k.startswith("cuda") for k in (b or {})) for b in budgets]), "--tp")
     try:
-        src = open_source(path, dtype, quantize)
+        src = open_source(path, dtype, quantize, (rank, world))
         cfg = src.ckpt.config
         if hasattr(src.ckpt, "close"):
             src.ckpt.close()
-        if src.is_store:
-            raise OverspillError(f"--tp {tp}: {path} is a layer store, whose units are stored whole; tensor "
-                                 f"parallel loads a Hugging Face directory (with --quantize on the fly for a "
-                                 f"quantized run)")
         run_cfg = local_config(cfg, tp)
         facts = {"model": f"{cfg.family}, {cfg.n_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}",
                  "weights": f"digest {checkpoint_digest(path)}", "dtype": str(src.dtype).replace("torch.", ""),
@@ -263,10 +260,12 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
     except Exception as e:
         facts = {"error": f"{type(e).__name__}: {first_line(e)}"}
     agree(g, facts)
-    shard = lambda unit, t: shard_block(cfg, t, rank, world) if unit.startswith("block.") else t
+    shard = None if src.is_store else \
+        (lambda unit, t: shard_block(cfg, t, rank, world) if unit.startswith("block.") else t)
     built, infos = load_everywhere(
         g, lambda: build(path, dtype, quantize, budgets[rank], reserve, quantize_head=quantize_head,
-                         stand_in=stand_in, kv_cache=kv_cache, transform=shard, run_config=run_cfg),
+                         stand_in=stand_in, kv_cache=kv_cache, transform=shard, run_config=run_cfg,
+                         tp=(rank, world)),
         [0, cfg.n_layers + 2])
     local = built.executor
     local.reduce = all_reducer(g, local.dtype)

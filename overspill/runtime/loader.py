@@ -63,13 +63,27 @@ class Source(NamedTuple):
     quantize: str | None     # the block linears' scheme (a store's own, when it is a store)
 
 
-def open_source(path: str, dtype, quantize: str | None) -> Source:
-    """The checkpoint at ``path`` with its dtype and scheme (a layer store's must match what was asked)."""
+def open_source(path: str, dtype, quantize: str | None, tp: tuple[int, int] | None = None) -> Source:
+    """The checkpoint at ``path`` with its dtype and scheme (a layer store's must match what was asked). ``tp``
+    (rank, ranks): a tensor-parallel rank opens a store written for that many ranks as its own shard."""
     from ..checkpoint.hf import HFCheckpoint
     from ..checkpoint.store import LayerStore, is_layer_store
 
     if is_layer_store(path):
         store = LayerStore(path)
+        world = tp[1] if tp else 1
+        if store.tensor_parallel != world:
+            n = store.tensor_parallel
+            if n == 1:
+                raise OverspillError(f"--tp {world}: {path} is a layer store of whole blocks; write one for "
+                                     f"{world} ranks with `overspill convert SRC DST --tensor-parallel {world}`, or "
+                                     f"run a Hugging Face directory")
+            raise OverspillError(f"{path}: a layer store written for {n} tensor-parallel ranks; run it with "
+                                 f"`torchrun --nproc-per-node {n} -m overspill.cli ... --tp {n}`" +
+                                 (f" (not --tp {world})" if world > 1 else "") +
+                                 ", or convert the model again for another count")
+        if tp is not None and world > 1:
+            store = LayerStore(path, shard=tp[0])
         if isinstance(dtype, str) and dtype not in ("auto", str(store.dtype).replace("torch.", "")):
             raise OverspillError(f"{path}: this layer store holds {store.dtype}; convert again for dtype {dtype}")
         if quantize and quantize != store.quantize:
@@ -531,17 +545,19 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
           reserve: Reserve, *, quantize_head: bool = False, linear_hook: LinearHook | None = None,
           stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None,
           background: bool = False, unit_range: tuple[int, int] | None = None,
-          transform: TensorTransform | None = None, run_config: ModelConfig | None = None) -> Built:
+          transform: TensorTransform | None = None, run_config: ModelConfig | None = None,
+          tp: tuple[int, int] | None = None) -> Built:
     """A runnable executor for ``path``. quantize_head applies to on-the-fly quantization; a layer store holds its
     head as it was converted. ``unit_range`` (first, end): load and plan only those units (a pipeline stage, see
     overspill/parallel); the others are never read. ``transform`` (HF directories only) rewrites each unit's
     canonical tensors before its linears are built (and quantized), and the executor runs ``run_config`` (tensor
     parallel: one rank's shard of each block and its local config, which the plan sizes blocks and KV cache by).
+    ``tp`` (rank, ranks): a layer store written for tensor parallel is read as this rank's shards (no transform).
 
     With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
     (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
     reader (runtime/transfer.py), through pinned host buffers; activations, not weights, cross devices."""
-    src = open_source(path, dtype, quantize)
+    src = open_source(path, dtype, quantize, tp)
     _check_quantize_head(src.quantize, quantize_head)
     if transform is not None and src.is_store:
         raise OverspillError(f"{path}: a layer store's units are bound as stored; this load rewrites the "

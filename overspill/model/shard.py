@@ -12,6 +12,9 @@ partial, summed locally, then reduced together). Row-parallel biases stay on ran
 Grouped-query models with fewer KV heads than ranks replicate a KV head on the ranks whose query heads use it.
 The embedding and the LM head are replicated: a vocab-parallel head saves V x C / T bytes per rank but needs an
 all-gather of the logits per step, and the sampler wants them whole on one rank.
+
+The same split is applied once on disk by ``overspill convert --tensor-parallel N`` (checkpoint/store.py): each block
+stored as N shard files, so a rank reads (and streams) only its own bytes; quantized stores quantize each shard.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 
 
-def check(cfg: ModelConfig, world: int) -> None:
-    """One line when ``cfg`` cannot be split ``world`` ways."""
+def check(cfg: ModelConfig, world: int, flag: str = "--tp") -> None:
+    """One line when ``cfg`` cannot be split ``world`` ways (``flag``: the option that asked for it)."""
     nh, nkv, F = cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size
     why = []
     if nh % world:
@@ -34,7 +37,7 @@ def check(cfg: ModelConfig, world: int) -> None:
     if F % world:
         why.append(f"an MLP width of {F}")
     if why:
-        raise OverspillError(f"--tp {world}: this model cannot be split {world} ways: {'; '.join(why)} do not "
+        raise OverspillError(f"{flag} {world}: this model cannot be split {world} ways: {'; '.join(why)} do not "
                              f"divide evenly by {world}")
 
 
