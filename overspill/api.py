@@ -226,6 +226,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
       directory (quantize: on the fly, after sharding), and every step runs on every rank with one all-reduce per
       sublayer. As with pp, rank 0 gets the Model and the others return None when it closes. With pp too: pp stages
       of tp ranks each (pp x tp processes, rank = stage * tp + t; max_memory per rank as for pp).
+      An ``adapter`` is sharded with the weights (each rank adds its part of every LoRA product).
       pp=1 or tp=1 given explicitly under a launcher (torchrun --nproc-per-node 1) joins a group of one and runs the
       tensor-parallel executor with its collectives (NCCL on a GPU), as N ranks would: a check of a machine's setup.
     """
@@ -238,9 +239,9 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
     pp, tp = pp or 1, tp or 1
     distributed = pp * tp > 1 or (launched and asked)
     tensor = distributed and pp == 1         # one rank in all: the tensor-parallel executor (its collectives run)
-    if (tensor or tp > 1) and (adapter is not None or linear_hook is not None):
-        raise OverspillError(f"--tp {tp}: adapters and linear hooks wrap whole linears; a tensor-parallel rank "
-                             f"holds shards (not supported yet)")
+    if (tensor or tp > 1) and linear_hook is not None:
+        raise OverspillError(f"--tp {tp}: a linear hook wraps whole linears; a tensor-parallel rank holds shards "
+                             f"(pass adapter=, which is sharded with the weights)")
     if distributed:
         from .parallel import rank_budgets
         budgets = [_budgets(b) for b in rank_budgets(max_memory, pp * tp)]
@@ -254,17 +255,19 @@ def load(path: str | os.PathLike | None = None, dtype: str | torch.dtype = "auto
         from .finetune.lora import LoraAdapter
         from .runtime.loader import open_source
 
-        src = open_source(path, dtype, quantize)
+        t = int(os.environ.get("RANK", 0)) % tp      # this rank's place in its tensor-parallel group
+        src = open_source(path, dtype, quantize, (t, tp) if tp > 1 else None)
         cfg = src.ckpt.config
         if hasattr(src.ckpt, "close"):
             src.ckpt.close()
-        lora = LoraAdapter.load(str(adapter), cfg)
+        lora = LoraAdapter.load(str(adapter), cfg).shard_(t, tp)
         linear_hook = lora.hook
     try:
         if tensor:
             from .parallel import load_tensor
             built = load_tensor(path, dtype, quantize, budgets, reserve, tp=tp, timeout=pp_timeout,
-                                quantize_head=quantize_head, stand_in=stand_in, kv_cache=check_kv_format(kv_cache))
+                                quantize_head=quantize_head, stand_in=stand_in, kv_cache=check_kv_format(kv_cache),
+                                linear_hook=linear_hook)
         elif distributed:
             from .parallel import load_stage
             built = load_stage(path, dtype, quantize, budgets, reserve, stages=pp, timeout=pp_timeout,

@@ -4,8 +4,9 @@ Ranks are started as torchrun starts them (gloo on loopback; the helpers are tes
 within 1e-5 of the single-process run and identical greedy tokens for grouped-query Llama (and at 4 ranks, where a
 KV head is replicated on two ranks), GPT-J (parallel residual: one all-reduce per block), GPT-2 (biases: the
 row-parallel ones added once) and bf16; --quantize int8 from a Hugging Face directory, quantized after sharding;
-the same run without the all-reduce is wrong (the reduce is what the test measures); a rank failing mid-step ends
-both with its one line; the CLI under torchrun prints what one process prints.
+LoRA adapters sharded with the weights; the same run without the all-reduce is wrong (the reduce is what the test
+measures); a rank failing mid-step ends both with its one line; the CLI under torchrun prints what one process
+prints.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ for run in spec["runs"]:
         Executor.forward_ragged = lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
     try:
         m = overspill.load(run["path"], dtype=run["dtype"], quantize=run.get("quantize"), tp=spec["tp"],
-                           pp=spec.get("pp", 1), max_memory=run.get("max_memory"), max_seq_len=64, max_batch_size=2)
+                           pp=spec.get("pp", 1), max_memory=run.get("max_memory"), max_seq_len=64, max_batch_size=2,
+                           adapter=run.get("adapter"))
     except OverspillError as e:
         results[run["name"]] = {"error": str(e)}
         break
@@ -64,8 +66,9 @@ torch.save(results, spec["out"].format(rank=rank))
 '''
 
 
-def _single(path, dtype, quantize=None):
-    m = overspill.load(path, dtype=dtype, quantize=quantize, max_seq_len=64, max_batch_size=2, background=False)
+def _single(path, dtype, quantize=None, adapter=None):
+    m = overspill.load(path, dtype=dtype, quantize=quantize, max_seq_len=64, max_batch_size=2, background=False,
+                       adapter=adapter)
     r = {"logits": m.logits(torch.tensor(IDS)), "greedy": m.generate(PROMPTS, max_new_tokens=8, ignore_eos=True)}
     m.close()
     return r
@@ -150,6 +153,9 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     runs.append({"name": "streamed", "path": deep, "dtype": "float32", "max_memory": f"cpu={_min_budget(deep, 2)}"})
     for scheme in ("int4", "nf4"):   # group-wise formats, quantized per shard on the built-in model's group boundaries
         runs.append({"name": scheme, "path": SHAKESPEARE, "dtype": "float32", "quantize": scheme})
+    for v in ("gptj", "gpt2", "gpt_neox_parallel"):   # LoRA on every linear, sharded with the weights
+        runs.append({"name": f"lora_{v}", "path": ref_dir(v)[0], "dtype": "float32",
+                     "adapter": _adapter(ref_dir(v)[0], str(tmp_path / f"adapter_{v}"))})
     runs.append({"name": "no_reduce", "path": ref_dir("gpt2")[0], "dtype": "float32", "no_reduce": True})
     runs.append({"name": "inject", "path": ref_dir("gptj")[0], "dtype": "float32", "inject": True})
     got, got1 = _run_ranks(tmp_path, runs, 2)
@@ -189,19 +195,43 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
         assert apart < tol, (scheme, apart)
     for info in got["streamed"]["stages"]:       # every rank streams blocks (sharded after each read) from disk
         assert "stream" in [p["tier"] for p in json.loads(info["plan"])["placements"]]
+    for run in runs:
+        if "adapter" in run:
+            want = _single(run["path"], "float32", adapter=run["adapter"])
+            torch.testing.assert_close(got[run["name"]]["logits"], want["logits"], rtol=0, atol=1e-5, msg=run["name"])
+            assert got[run["name"]]["greedy"] == want["greedy"], run["name"]
     plain = _single(ref_dir("gpt2")[0], "float32")
     assert (got["no_reduce"]["logits"] - plain["logits"]).abs().max() > 0.1
     line = "rank 1: RuntimeError: injected failure"
     assert got["inject"]["error"] == f"rank 0: {line}" and got1["inject"]["error"] == line
 
 
+def _adapter(path: str, out: str, targets=("qkv", "out", "up", "down", "lm")) -> str:
+    """A LoRA adapter on every linear with nonzero B (a fresh one adds nothing), saved as PEFT's files."""
+    from overspill.finetune.lora import LoraAdapter, LoraSettings
+
+    cfg = overspill.load(path, background=False).config
+    g = torch.Generator().manual_seed(1)
+    ad = LoraAdapter(cfg, LoraSettings(r=4, targets=targets), generator=g)
+    for s in ad.slots:
+        s.B.data.normal_(0, 0.2, generator=g)
+    return ad.save(out)
+
+
 def test_four_ranks_replicate_a_kv_head(ref_dir, tmp_path):
-    """llama_gqa has 4 query heads and 2 KV heads: at 4 ranks each holds one query head and a copy of its KV head."""
+    """llama_gqa has 4 query heads and 2 KV heads: at 4 ranks each holds one query head and a copy of its KV head;
+    a LoRA adapter on every linear is sharded with them (its k/v rows on both ranks holding a KV head)."""
     path = ref_dir("llama_gqa")[0]
-    got = _run_ranks(tmp_path, [{"name": "gqa", "path": path, "dtype": "float32"}], 4)[0]["gqa"]
+    adapter = _adapter(path, str(tmp_path / "adapter"))
+    got = _run_ranks(tmp_path, [{"name": "gqa", "path": path, "dtype": "float32"},
+                                {"name": "lora", "path": path, "dtype": "float32", "adapter": adapter}], 4)[0]
     want = _single(path, "float32")
-    torch.testing.assert_close(got["logits"], want["logits"], rtol=0, atol=1e-5)
-    assert got["greedy"] == want["greedy"] and got["kv_heads"] == 1
+    torch.testing.assert_close(got["gqa"]["logits"], want["logits"], rtol=0, atol=1e-5)
+    assert got["gqa"]["greedy"] == want["greedy"] and got["gqa"]["kv_heads"] == 1
+    lora = _single(path, "float32", adapter=adapter)
+    assert (lora["logits"] - want["logits"]).abs().max() > 0.1     # the adapter changes the model
+    torch.testing.assert_close(got["lora"]["logits"], lora["logits"], rtol=0, atol=1e-5)
+    assert got["lora"]["greedy"] == lora["greedy"]
 
 
 def test_pipeline_of_tensor_parallel_stages_equals_one_process(ref_dir, tmp_path):

@@ -14,6 +14,7 @@ input gradient.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -167,10 +168,41 @@ class LoraAdapter:
             self.slots.append(Slot(path, unit, m, torch.nn.Parameter(A), torch.nn.Parameter(B)))
         self._index()
 
-    def _index(self) -> None:
+    def _index(self, slots: list[Slot] | None = None) -> None:
         self.by_linear: dict[tuple[str, str], list[tuple[Slot, slice | None]]] = {}
-        for s in self.slots:
+        for s in self.slots if slots is None else slots:
             self.by_linear.setdefault((s.unit, s.map.linear), []).append((s, _rows(s.map.cols)))
+
+    def shard_(self, rank: int, world: int) -> "LoraAdapter":
+        """Hook tensor-parallel rank ``rank``'s shards of the block linears (model/shard.py) from now on, for
+        inference: a column-parallel linear (qkv, up) gets the B rows of the canonical rows the rank holds, placed
+        at their local rows; a row-parallel one (out, down) the A columns of its input slice, its partial product
+        summed across ranks by the same all-reduce as the base's. The head is whole on every rank. ``slots`` and the
+        saved files stay the whole adapter."""
+        from ..model.shard import linear_parts
+
+        if world == 1:
+            return self
+        parts = linear_parts(self.cfg, rank, world)
+        derived = []
+        for s in self.slots:
+            kind, ranges = parts.get(s.map.linear, ("whole", []))
+            A, B, cols = s.A.detach(), s.B.detach(), s.map.cols
+            if kind == "rows":
+                held = torch.cat([torch.arange(a, b) for a, b in ranges])   # canonical row of each local row
+                local = torch.full((max(int(held.max()), int(cols.max())) + 1,), -1, dtype=torch.long)
+                local[held] = torch.arange(held.numel())
+                keep = local[cols] >= 0
+                if not bool(keep.any()):
+                    continue                        # none of this module's rows live on this rank
+                B, cols = B[keep], local[cols[keep]]
+            elif kind == "cols":
+                A = A[:, torch.cat([torch.arange(a, b) for a, b in ranges])]
+            m = dataclasses.replace(s.map, out_features=B.shape[0], in_features=A.shape[1], cols=cols)
+            derived.append(Slot(s.path, s.unit, m, torch.nn.Parameter(A.contiguous(), requires_grad=False),
+                                torch.nn.Parameter(B.contiguous(), requires_grad=False)))
+        self._index(derived)
+        return self
 
     # -- running --------------------------------------------------------------------------------------------------
     def hook(self, unit: str, name: str, lin: Linear) -> Linear:
@@ -194,7 +226,8 @@ class LoraAdapter:
     def place(self, devices: dict[str, torch.device]) -> "LoraAdapter":
         """Move each unit's pairs to where that unit computes ({unit: device}); the Parameters keep their identity,
         so linears already hooked (resident units) see the move."""
-        for s in self.slots:
+        hooked = [s for pairs in self.by_linear.values() for s, _ in pairs]   # a tensor-parallel rank's own
+        for s in {id(s): s for s in self.slots + hooked}.values():
             d = devices.get(s.unit)
             if d is not None and s.A.device != torch.device(d):
                 s.A.data, s.B.data = s.A.data.to(d), s.B.data.to(d)

@@ -65,8 +65,10 @@ def _rows(t: torch.Tensor | None, parts: list[tuple[int, int]]) -> torch.Tensor 
     return torch.cat([t[a:b] for a, b in parts]) if len(parts) > 1 else t[parts[0][0]:parts[0][1]].clone()
 
 
-def shard_block(cfg: ModelConfig, t: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """A block's canonical tensors (model/weights.py layout) -> rank ``rank``'s share. Pure; copies the slices."""
+def linear_parts(cfg: ModelConfig, rank: int, world: int) -> dict[str, tuple[str, list[tuple[int, int]]]]:
+    """What rank ``rank`` keeps of each block linear, in canonical indices: {"qkv": ("rows", [(a, b), ...]), "up":
+    ("rows", ...), "out": ("cols", [(a, b)]), "down": ("cols", [(a, b)])}: its output rows of a column-parallel
+    linear, its input columns of a row-parallel one, as half-open ranges in order."""
     hs, nh, F = cfg.head_dim, cfg.n_heads, cfg.intermediate_size
     nhl, Fl = nh // world, F // world
     kv = _kv_heads(cfg, rank, world)
@@ -77,13 +79,21 @@ def shard_block(cfg: ModelConfig, t: dict[str, torch.Tensor], rank: int, world: 
     f_rows = [(rank * Fl, (rank + 1) * Fl)]
     if cfg.gated_mlp:                                # [gate | up]: the same slice of each section
         f_rows.append((F + rank * Fl, F + (rank + 1) * Fl))
+    return {"qkv": ("rows", [q_rows, k_rows, v_rows]), "up": ("rows", f_rows), "out": ("cols", [q_rows]),
+            "down": ("cols", f_rows[:1])}
+
+
+def shard_block(cfg: ModelConfig, t: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """A block's canonical tensors (model/weights.py layout) -> rank ``rank``'s share. Pure; copies the slices."""
     out = dict(t)
-    for name, parts in (("qkv", [q_rows, k_rows, v_rows]), ("up", f_rows)):
-        out[f"{name}.weight"] = _rows(t[f"{name}.weight"], parts)
-        if f"{name}.bias" in t:
-            out[f"{name}.bias"] = _rows(t[f"{name}.bias"], parts)
-    out["out.weight"] = t["out.weight"][:, q_rows[0]:q_rows[1]].contiguous()
-    out["down.weight"] = t["down.weight"][:, f_rows[0][0]:f_rows[0][1]].contiguous()
+    for name, (kind, parts) in linear_parts(cfg, rank, world).items():
+        if kind == "rows":
+            out[f"{name}.weight"] = _rows(t[f"{name}.weight"], parts)
+            if f"{name}.bias" in t:
+                out[f"{name}.bias"] = _rows(t[f"{name}.bias"], parts)
+        else:
+            (a, b), = parts
+            out[f"{name}.weight"] = t[f"{name}.weight"][:, a:b].contiguous()
     if rank != 0:                                    # row-parallel biases: added once, by rank 0's partial sum
         out.pop("out.bias", None)
         out.pop("down.bias", None)

@@ -234,11 +234,12 @@ class TensorWorker(StageWorker):
 
 def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | None], reserve, *, tp: int,
                 timeout: float | None = None, quantize_head: bool = False, stand_in: dict[str, str] | None = None,
-                kv_cache: str | None = None):
+                kv_cache: str | None = None, linear_hook=None):
     """This rank's part of a ``tp``-way tensor-parallel model: a loader.Built whose executor is a TensorExecutor on
     rank 0 and a TensorWorker (call ``serve()``) on the others. Each rank loads every unit, its blocks sharded
     (shard_block, before quantizing on the fly; a store written by ``convert --tensor-parallel`` holds the shards),
-    under its own budget (``budgets``, by rank)."""
+    under its own budget (``budgets``, by rank). ``linear_hook`` wraps this rank's shards (a LoRA adapter sharded
+    to match, LoraAdapter.shard_)."""
     from ..runtime.loader import build, open_source
     from .group import launch_env
 
@@ -265,7 +266,7 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
     built, infos = load_everywhere(
         g, lambda: build(path, dtype, quantize, budgets[rank], reserve, quantize_head=quantize_head,
                          stand_in=stand_in, kv_cache=kv_cache, transform=shard, run_config=run_cfg,
-                         tp=(rank, world)),
+                         tp=(rank, world), linear_hook=linear_hook),
         [0, cfg.n_layers + 2])
     local = built.executor
     local.reduce = all_reducer(g, local.dtype)
