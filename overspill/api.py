@@ -10,7 +10,6 @@ import torch
 from .config import ModelConfig
 from .errors import OverspillError
 from .generate import GenerationConfig, generate_ids, stream_ids
-from .generate.beam import beam_search
 from .model.weights import LinearHook
 from .runtime.executor import Executor
 from .tokenizer import Detokenizer, Tokenizer
@@ -143,10 +142,7 @@ class Model:
                               ignore_eos=ignore_eos, length_penalty=length_penalty)
         stats: dict = {}
         decode = self.decode if (as_text or gc.stop) else None
-        if gc.num_beams > 1:
-            outs, cuts = beam_search(self.executor, ids, gc, stats, decode)
-        else:
-            outs, cuts = generate_ids(self.executor, ids, gc, decode, stats)
+        outs, cuts = generate_ids(self.executor, ids, gc, decode, stats)
         self.last_stats = stats
         if not as_text:
             return outs

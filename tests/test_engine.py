@@ -139,6 +139,35 @@ def test_cancel_frees_the_row_and_others_go_on(ref_dir, engine_for):
     assert other.wait().completion_tokens == 100
 
 
+def test_beam_requests_share_the_engine_with_others(ref_dir, engine_for):
+    """Beam-search requests run in a live engine beside greedy ones (joining mid-run, prompts split over steps):
+    each gives generate(num_beams=...)'s tokens, every beam has its own row (rows copied when two beams continue
+    one), and all rows are free again at the end."""
+    path, _ = ref_dir("gptj")
+    m = overspill.load(path, dtype="float32")
+    want = [m.generate([p], max_new_tokens=10, num_beams=3, ignore_eos=True)[0] for p in PROMPTS[:2]]
+    greedy = m.generate([PROMPTS[2]], max_new_tokens=30, ignore_eos=True)[0]
+    e = engine_for(m, max_batch_size=8, max_seq_len=64, step_tokens=8)
+    copies = []
+    real = e.cache.copy_rows
+    e.cache.copy_rows = lambda src, dst, end: (copies.append((list(src), list(dst), end, 8 - len(e.free_rows))),
+                                               real(src, dst, end))
+    g = e.submit(Request(PROMPTS[2], max_tokens=30, temperature=0))
+    next(iter(g))                                                    # decoding when the beams join
+    hs = [e.submit(Request(p, max_tokens=10, temperature=0, num_beams=3)) for p in PROMPTS[:2]]
+    got = [h.wait() for h in hs]
+    assert [f.tokens for f in got] == want and [f.finish_reason for f in got] == ["length"] * 2
+    assert [ev.token for ev in g if isinstance(ev, TokenEvent)] == greedy[1:]
+    assert copies and all(set(a).isdisjoint(b) for a, b, _, _ in copies)
+    assert max(used for *_, used in copies) == 7                     # 1 + 2 x 3 rows while all three run
+    assert {end for _, _, end, _ in copies} >= {len(PROMPTS[0]), len(PROMPTS[1])}  # the prompt, after the 1st token
+    assert sorted(e.free_rows) == list(range(8))
+    with pytest.raises(RequestTooLong, match="num_beams 9 needs a cache row per beam but the engine has 8"):
+        e.submit(Request([1], max_tokens=1, temperature=0, num_beams=9))
+    with pytest.raises(overspill.OverspillError, match="beam search is deterministic"):
+        e.submit(Request([1], max_tokens=1, num_beams=2))
+
+
 def test_refusals(ref_dir, engine_for):
     path, _ = ref_dir("gpt_neox_parallel")
     m = overspill.load(path, dtype="float32")

@@ -11,8 +11,8 @@ import overspill
 from overspill import cli
 from overspill.errors import OverspillError
 from overspill.generate import GenerationConfig, generate_ids
-from overspill.generate.beam import beam_search
-from overspill.generate.loop import StopChecker
+from overspill.generate import generate_ids
+from overspill.generate.beam import StopChecker
 
 PROMPT = "ROMEO:\n"
 SAMPLE = dict(max_new_tokens=48, temperature=0.9, ignore_eos=True)
@@ -120,14 +120,14 @@ def test_beam_stop_string_ranks_like_eos(model):
     """A one-character stop string that only one token holds ("?") appears in a text exactly when
     that token is generated: it must end hypotheses exactly as that token does as EOS."""
     ex, prompt = model.executor, model.encode(PROMPT)
-    ids = beam_search(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3))[0][0]
+    ids = generate_ids(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3))[0][0]
     texts = [model.decode([t]) for t in range(model.config.vocab_size)]
     tok = next(t for t in ids if len(texts[t]) == 1 and sum(texts[t] in x for x in texts) == 1)
     stop = texts[tok]
-    as_eos, eos_cuts = beam_search(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3,
-                                                                  eos_token_ids=[tok]))
-    as_stop, cuts = beam_search(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3, stop=[stop]),
-                                decode=model.decode)
+    as_eos, eos_cuts = generate_ids(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3,
+                                                                   eos_token_ids=[tok]))
+    as_stop, cuts = generate_ids(ex, [prompt], GenerationConfig(max_new_tokens=40, num_beams=3, stop=[stop]),
+                                 decode=model.decode)
     assert as_stop == as_eos and as_eos[0][-1] == tok and eos_cuts == [None]
     assert cuts == [len(model.decode(as_stop[0])) - len(stop)]
     text = model.generate([PROMPT], max_new_tokens=40, num_beams=3, stop=[stop])[0]

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import OverspillError
 from ..tokenizer import Detokenizer
+from .beam import BeamSearch
 from .config import GenerationConfig
 from .requests import EngineBusy, EngineClosed, Finished, Handle, Request, RequestTooLong, TokenEvent
 from .sampling import Sampler
@@ -42,7 +43,7 @@ class EngineObserver:
         pass
 
 
-def check_request(req: Request, vocab: int, max_seq_len: int) -> None:
+def check_request(req: Request, vocab: int, max_seq_len: int, max_rows: int = 1 << 30) -> None:
     """One clear line for what a request gets wrong (RequestTooLong names both numbers)."""
     if not req.prompt:
         raise OverspillError("the prompt is empty: give at least one token")
@@ -73,6 +74,17 @@ def check_request(req: Request, vocab: int, max_seq_len: int) -> None:
     if need > max_seq_len:
         raise RequestTooLong(f"this request needs {need} tokens (prompt {len(req.prompt)} + max_tokens "
                              f"{req.max_tokens}) but the context holds {max_seq_len}")
+    if isinstance(req.num_beams, bool) or not isinstance(req.num_beams, int) or req.num_beams < 1:
+        raise OverspillError(f"num_beams must be an integer >= 1, got {req.num_beams!r}")
+    if req.num_beams > 1:
+        if req.temperature != 0:
+            raise OverspillError("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if req.logprobs is not None or req.prompt_logprobs or req.presence_penalty or req.frequency_penalty:
+            raise OverspillError("num_beams > 1 returns the best hypothesis only: no logprobs, echo or "
+                                 "presence/frequency penalties")
+        if req.num_beams > max_rows:
+            raise RequestTooLong(f"num_beams {req.num_beams} needs a cache row per beam but the engine has "
+                                 f"{max_rows}")
 
 
 class _TextStop:
@@ -122,6 +134,8 @@ class _Seq:
     first_token_s: float | None = None
     prompt_lp: list | None = None
     prompt_top: list | None = None
+    beams: BeamSearch | None = None    # a beam-search request: its beams, each on a row of ``rows``
+    spare: list[int] = field(default_factory=list)     # its rows no beam holds
 
     @property
     def length(self) -> int:           # tokens in the cache
@@ -197,10 +211,13 @@ class Engine:
         return self
 
     def submit(self, req: Request) -> Handle:
-        check_request(req, self.cfg.vocab_size, self.max_seq_len)
+        check_request(req, self.cfg.vocab_size, self.max_seq_len, self.max_batch)
         h = Handle(req)
         seq = _Seq(h, req, -1, time.perf_counter(), _sampler(req, self.cfg.vocab_size),
                    _TextStop(self.decode, req.prompt, list(req.stop)))
+        if req.num_beams > 1:
+            seq.beams = BeamSearch(req.prompt, req.num_beams, req.length_penalty, req.repetition_penalty,
+                                   set(req.stop_token_ids), list(req.stop), self.decode, self.cfg.vocab_size)
         with self.cv:
             if not self.accepting or self.error is not None:
                 raise EngineClosed("the server is shutting down" if self.error is None else
@@ -214,9 +231,11 @@ class Engine:
 
     def status(self) -> dict:
         with self.cv:
-            used = sum(s.length for s in self.running)
+            used = sum(s.length * (len(s.beams.live) if s.beams and s.beams.live[0].tokens else 1)
+                       for s in self.running)
+            rows = self.max_batch - len(self.free_rows)
             return {"running": len(self.running), "waiting": len(self.waiting), "kv_tokens_used": used,
-                    "kv_tokens_total": self.max_batch * self.max_seq_len, "rows_used": len(self.running),
+                    "kv_tokens_total": self.max_batch * self.max_seq_len, "rows_used": rows,
                     "rows_total": self.max_batch}
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -278,12 +297,13 @@ class Engine:
         for s in [s for s in self.waiting if s.handle.cancelled.is_set()]:
             self.waiting.remove(s)
             self._finish(s, "cancelled")
-        while self.waiting and self.free_rows:
+        while self.waiting and len(self.free_rows) >= self.waiting[0].req.num_beams:   # FCFS: the head waits
             s = self.waiting.popleft()
             if s.req.max_tokens == 0 and not s.req.prompt_logprobs:
                 self._finish(s, "length")
                 continue
             s.row = self.free_rows.pop()
+            s.spare = [self.free_rows.pop() for _ in range(s.req.num_beams - 1)]
             if s.req.prompt_logprobs:
                 s.prompt_lp, s.prompt_top = [None], [None]
             self.running.append(s)
@@ -298,6 +318,11 @@ class Engine:
         if s.row >= 0:
             self.free_rows.append(s.row)
             s.row = -1
+        if s.beams is not None:                            # every row the request held
+            self.free_rows += [b.row for b in s.beams.live if b.row >= 0] + s.spare
+            s.spare = []
+            for b in s.beams.live:
+                b.row = -1
         s.handle.put(f)
         self.observer.on_finish(f)
 
@@ -311,22 +336,27 @@ class Engine:
             return
         # decoding sequences first (one token each), then prompt chunks in FCFS order within the token budget
         budget = self.step_tokens
-        plan: list[tuple[_Seq, list[int], int]] = []
+        plan: list[tuple[_Seq, list[int], int, int, int]] = []      # (seq, tokens, first slot, row, beam)
         for s in running:
             if s.done == len(s.req.prompt):
-                plan.append((s, [s.out[-1]], s.length))
-                budget -= 1
+                if s.beams is not None:                    # one token per live beam, each on its own row
+                    for k, b in enumerate(s.beams.live):
+                        plan.append((s, [b.tokens[-1]], s.done + len(b.tokens) - 1, b.row, k))
+                    budget -= len(s.beams.live)
+                else:
+                    plan.append((s, [s.out[-1]], s.length, s.row, 0))
+                    budget -= 1
         for s in running:
             P = len(s.req.prompt)
             n = min(P - s.done, self.prefill_chunk)
             if s.done < P and n <= budget:
-                plan.append((s, s.req.prompt[s.done:s.done + n], s.done))
+                plan.append((s, s.req.prompt[s.done:s.done + n], s.done, s.row, 0))
                 budget -= n
         # logits wanted: each segment's last token when it ends the prompt or decodes; every prompt token for
         # prompt log-probabilities
         segments, rows, owners, t = [], [], [], 0
-        for s, toks, start in plan:
-            segments.append((s.row, start, toks))
+        for s, toks, start, row, k in plan:
+            segments.append((row, start, toks))
             n = len(toks)
             ends_prompt = start + n >= len(s.req.prompt)
             if s.prompt_lp is not None and start < len(s.req.prompt):
@@ -335,9 +365,9 @@ class Engine:
                     owners.append((s, "prompt", start + j))
             elif ends_prompt:
                 rows.append(t + n - 1)
-                owners.append((s, "next", None))
+                owners.append((s, "next", k))
             t += n
-        nexts: dict[int, torch.Tensor] = {}
+        nexts: dict[tuple[int, int], torch.Tensor] = {}
 
         def consume(r0: int, r1: int, logits: torch.Tensor) -> None:
             for j in range(r0, r1):
@@ -348,22 +378,26 @@ class Engine:
                     s.prompt_lp.append(float(lps[s.req.prompt[p + 1]]))
                     s.prompt_top.append(_top(lps, s.req.logprobs or 0))
                 else:                                      # the last prompt position or a decode token: the next one
-                    nexts[id(s)] = row.clone()
+                    nexts[(id(s), 0 if kind == "prompt" else p)] = row.clone()
 
         t0 = time.perf_counter()
         # a pass whose every sequence was cancelled stops at the next block (a streamed pass takes seconds); one
         # with a live sequence runs on, and the cancelled ones leave after it
-        everyone_gone = lambda: all(s.handle.cancelled.is_set() for s, _, _ in plan)
+        everyone_gone = lambda: all(s.handle.cancelled.is_set() for s, *_ in plan)
         if not self.ex.forward_ragged(segments, self.cache, rows, consume, self.pad_to, abort=everyone_gone):
             return                                         # the next step drops them
         dt = time.perf_counter() - t0
         self.step_ends.append(time.perf_counter())
-        n_prompt = sum(len(toks) for s, toks, start in plan if start < len(s.req.prompt))
-        self.observer.on_step(len(plan), n_prompt, len(plan) - sum(1 for s, toks, start in plan
+        n_prompt = sum(len(toks) for s, toks, start, *_ in plan if start < len(s.req.prompt))
+        self.observer.on_step(len(plan), n_prompt, len(plan) - sum(1 for s, toks, start, *_ in plan
                                                                    if start < len(s.req.prompt)), dt)
         now = time.perf_counter()
         with self.cv:
-            for s, toks, start in plan:
+            for s, toks, start, _, k in plan:
+                if s.beams is not None:
+                    if k == 0 and self._beam_step(s, toks, start, nexts, now):
+                        self.running.remove(s)
+                    continue
                 if start < len(s.req.prompt):
                     s.done = start + len(toks)
                     if s.done < len(s.req.prompt):
@@ -372,7 +406,7 @@ class Engine:
                         self.running.remove(s)
                         self._finish(s, "length")
                         continue
-                logits = nexts.get(id(s))
+                logits = nexts.get((id(s), 0))
                 if logits is None:
                     continue
                 try:
@@ -382,6 +416,47 @@ class Engine:
                     done = True
                 if done:
                     self.running.remove(s)
+
+    def _beam_step(self, s: _Seq, toks: list[int], start: int, nexts: dict, now: float) -> bool:
+        """After a pass, a beam-search request (under the lock): its next generation, rows placed (a beam that is
+        not the first to continue its source gets a row with the source's slots copied in); True when it ended."""
+        bs, P = s.beams, len(s.req.prompt)
+        if start < P:
+            s.done = start + len(toks)
+            if s.done < P:
+                return False                               # more prompt next step
+        logits = [nexts.get((id(s), k)) for k in range(len(bs.live))]
+        if any(x is None for x in logits):
+            return False
+        try:
+            old = [s.row] if not bs.live[0].tokens else [b.row for b in bs.live]
+            src = bs.advance(torch.stack(logits))
+            copies = bs.place(src, old, s.spare)
+            s.row = -1                                     # the beams hold the rows now
+            if copies:
+                end = s.done + len(bs.live[0].tokens) - 1  # the sources' slots: prompt and all but the new token
+                self.cache.copy_rows([a for a, _ in copies], [b for _, b in copies], end)
+        except Exception as e:
+            self._finish(s, "error", error=f"beam search failed: {e}")
+            return True
+        if s.first_token_s is None:
+            s.first_token_s = now - s.submitted
+            self.observer.on_first_token(s.first_token_s)
+        gen = len(bs.live[0].tokens) if bs.live else s.req.max_tokens
+        if not bs.done and gen < s.req.max_tokens and s.done + gen < self.max_seq_len:
+            return False
+        _, best, cut = bs.best()
+        for tok in best:                                   # the best hypothesis, as the request's tokens
+            s.out.append(tok)
+            if tok in s.req.stop_token_ids:
+                break
+            text, stopped = s.text.push(tok)
+            s.handle.put(TokenEvent(tok, text))
+            if stopped:
+                break
+        ended = cut is not None or (best and best[-1] in s.req.stop_token_ids)
+        self._finish(s, "stop" if ended else "length", flush=cut is None)
+        return True
 
     def _sample(self, s: _Seq, logits: torch.Tensor, now: float) -> bool:
         """Choose the sequence's next token, emit it; True when the sequence is done (and finished)."""

@@ -45,6 +45,9 @@ class Request:
     stop_token_ids: list[int] = field(default_factory=list)  # ids that end it (EOS); the id is not in the text
     logprobs: int | None = None             # None: none; k >= 0: the chosen token's log-probability and the top k
     prompt_logprobs: bool = False           # the prompt's own log-probabilities (the first None), top `logprobs`
+    num_beams: int = 1                      # > 1: beam search (temperature 0), a cache row per beam; the events
+                                            # come at the end, the best hypothesis's tokens
+    length_penalty: float = 1.0             # beam score = sum log p / generated_len ** length_penalty
 
 
 @dataclass

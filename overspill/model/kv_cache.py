@@ -27,7 +27,7 @@ class QuantKV:
 
     Each (sequence, head, slot) vector is rounded to absmax/127 steps when it is written; reads dequantize the
     slots [0, end) into the compute dtype (a transient the memory plan counts). Rows slice like a tensor
-    (micro-batches) and ``index_select`` reorders them (beam search)."""
+    (micro-batches)."""
 
     __slots__ = ("q", "s")
 
@@ -49,9 +49,6 @@ class QuantKV:
 
     def __getitem__(self, rows) -> "QuantKV":
         return QuantKV(self.q[rows], self.s[rows])
-
-    def index_select(self, dim: int, index: torch.Tensor) -> "QuantKV":
-        return QuantKV(self.q.index_select(dim, index), self.s.index_select(dim, index))
 
     def write(self, start: int, x: torch.Tensor) -> None:
         """x [B, nkv, T, hs] (any float dtype) into slots [start, start + T)."""
@@ -97,11 +94,15 @@ class KVCache:
     def valid_prefix(self, end: int) -> torch.Tensor | None:
         return None if self.key_valid is None else self.key_valid[:, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select/reorder sequences along the batch dimension (beam search). One layer at a time, so the copy
-        in flight is one layer's keys or values, not the whole cache."""
+    def copy_rows(self, src: list[int], dst: list[int], end: int) -> None:
+        """Slots [0, end) of rows ``src`` into rows ``dst`` (a beam continued by two beams: the second gets a copy of
+        its row). The rows of ``dst`` are not among ``src``."""
         for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                cache[i] = t.index_select(0, index.to(t.device))
+            for t in cache:
+                if t is None:
+                    continue
+                for x in ((t.q, t.s) if isinstance(t, QuantKV) else (t,)):
+                    i, j = torch.tensor(src, device=x.device), torch.tensor(dst, device=x.device)
+                    x[j, :, :end] = x[i, :, :end]
         if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, index)
+            self.key_valid[dst, :end] = self.key_valid[src, :end]

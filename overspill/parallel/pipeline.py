@@ -242,35 +242,30 @@ def micro_batches(segments: list, logit_rows: list[int], n: int) -> list[tuple[l
 
 
 class StageCache(KVCache):
-    """A stage's KV cache: entries for its own blocks, None for the others' (never allocated). ``on_reorder``
-    tells rank 0's driver, which repeats the reorder on the other ranks."""
+    """A stage's KV cache: entries for its own blocks, None for the others' (never allocated). ``on_op``
+    tells rank 0's driver of a row copy (beam search), which it repeats on the other ranks."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, layer_devices: list,
-                 kv_format: str | None, on_reorder: Callable[[torch.Tensor], None] | None = None):
+                 kv_format: str | None, on_op: Callable[[tuple], None] | None = None):
         own = [d for d in layer_devices if d is not None]
         super().__init__(cfg, batch, max_len, dtype, own[0], own, kv_format)
         ks, vs = iter(self.k), iter(self.v)
         self.k = [next(ks) if d is not None else None for d in layer_devices]
         self.v = [next(vs) if d is not None else None for d in layer_devices]
-        self.on_reorder = on_reorder
+        self.on_op = on_op
         self.id = -1
 
-    def reorder(self, index: torch.Tensor) -> None:
-        for cache in (self.k, self.v):
-            for i, t in enumerate(cache):
-                if t is not None:
-                    cache[i] = t.index_select(0, index.to(t.device))
-        if self.key_valid is not None:
-            self.key_valid = self.key_valid.index_select(0, index)
-        if self.on_reorder is not None:
-            self.on_reorder(index)
+    def copy_rows(self, src: list[int], dst: list[int], end: int) -> None:
+        super().copy_rows(src, dst, end)
+        if self.on_op is not None:
+            self.on_op(("copy_rows", list(src), list(dst), end))
 
 
-def stage_cache(ex: Executor, link: Link, batch: int, max_len: int, on_reorder=None) -> StageCache:
+def stage_cache(ex: Executor, link: Link, batch: int, max_len: int, on_op=None) -> StageCache:
     """A cache for the blocks of ``link``'s range, on their devices, within the executor's reserve."""
     ex.check_cache(batch, max_len)
     devs = [d if link.first <= i + 1 < link.end else None for i, d in enumerate(ex.unit_devices[1:-1])]
-    return StageCache(ex.cfg, batch, max_len, ex.dtype, devs, ex.kv_format, on_reorder)
+    return StageCache(ex.cfg, batch, max_len, ex.dtype, devs, ex.kv_format, on_op)
 
 
 def _ignore(*_) -> None:
@@ -316,8 +311,7 @@ class PipelineExecutor:
         self._check_open()
         cid = next(self._ids)
         ops = self._ops
-        cache = stage_cache(self.local, self.link, batch, max_len,
-                            lambda idx: ops.append(("reorder", cid, idx.clone())))
+        cache = stage_cache(self.local, self.link, batch, max_len, lambda op: ops.append((op[0], cid, *op[1:])))
         cache.id = cid
         ops.append(("new", cid, batch, max_len))
         weakref.finalize(cache, ops.append, ("free", cid))
@@ -477,8 +471,8 @@ class StageWorker:
                     self.caches[cid] = stage_cache(self.local, self.link, op[2], op[3])
                 except Exception as e:   # reported by the step that uses it
                     self.cache_error[cid] = f"rank {self.g.rank}: {first_line(e)}"
-            elif op[0] == "reorder" and cid in self.caches:
-                self.caches[cid].reorder(op[2])
+            elif op[0] == "copy_rows" and cid in self.caches:
+                self.caches[cid].copy_rows(*op[2:])
             elif op[0] == "free":
                 self.caches.pop(cid, None)
                 self.cache_error.pop(cid, None)
