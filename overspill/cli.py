@@ -426,6 +426,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target", default="qkv,out,up,down", help="comma-separated: qkv, out, up, down, lm (overspill's "
                    "names) or Hugging Face module names (q_proj,v_proj / query_key_value / c_attn ...)")
+    p.add_argument("--train-bias", action="store_true", help="the adapted modules' biases train too (PEFT's "
+                   "bias=lora_only)")
+    p.add_argument("--train-norms", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="norm modules train too (PEFT's modules_to_save): all of them, or comma-separated names "
+                        "(ln_f, input_layernorm ...)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=float, default=2e-4)
@@ -460,7 +465,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         except ValueError as e:
             raise OverspillError(f"--max-memory: {e}") from None
     lora = LoraSettings(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
-                        targets=tuple(t.strip() for t in a.target.split(",") if t.strip()))
+                        targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
+                        bias="lora_only" if a.train_bias else "none",
+                        norms=tuple(t.strip() for t in (a.train_norms or "").split(",") if t.strip()))
     st = TrainSettings(lora=lora, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, weight_decay=a.weight_decay,
                        warmup_steps=a.warmup_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                        seq_len=a.seq_len, seed=a.seed, eval_split=a.eval_split, save_every=a.save_every,

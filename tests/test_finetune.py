@@ -83,6 +83,76 @@ def test_lora_gradients_equal_peft(ref_dir, tmp_path, variant):
             assert torch.allclose(got[k], ref[k], atol=1e-6, rtol=0), (k, (got[k] - ref[k]).abs().max())
 
 
+NORMS = {"gpt2": ["ln_1", "ln_2", "ln_f"], "gpt_neox_parallel": ["input_layernorm", "final_layer_norm"],
+         "llama_gqa": ["post_attention_layernorm", "norm"]}
+
+
+@pytest.mark.parametrize("variant", list(NORMS))
+def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
+    """PEFT's bias="lora_only" and modules_to_save=[norms], every trainable tensor moved off its base value: the
+    adapter loads in overspill with PEFT's logits; one float32 step gives PEFT's gradients for the pairs, the biases
+    and the norms (a norm's or bias's gradient sums over every token position, so float32 order differences grow
+    with its size: within 1e-4 of its largest entry, plus 1e-6; measured 2e-6 on 0.04); overspill's file loads back in
+    PEFT with the same logits; a new adapter
+    that trains them starts equal to the base (GPT-2, NeoX: biases and LayerNorms; Llama: RMSNorms, no biases)."""
+    import copy
+    path, hf = ref_dir(variant)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS[variant], lora_dropout=0.0, fan_in_fan_out=variant == "gpt2",
+        bias="lora_only", modules_to_save=NORMS[variant]))
+    g = torch.Generator().manual_seed(1)
+    trained = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    with torch.no_grad():   # pairs as in _peft_model; biases and norms moved by 5% (larger moves make this tiny
+        for n, p in trained:  # random model's attention sharp enough that float32 order differences reach 1e-5)
+            p.add_(torch.randn(p.shape, generator=g) * (0.2 if "lora_" in n else 0.05))
+    pm.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(3, VOCAB, (3, 13), generator=torch.Generator().manual_seed(2))
+    logits = pm(ids).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss.backward()
+    key = lambda n: n.replace(".modules_to_save.default", "").replace(".default", "")
+    ref = {key(n): p.grad for n, p in trained}
+    assert any(k.endswith("base_layer.bias") for k in ref) == (variant != "llama_gqa")
+    cfg = overspill.load(path, dtype="float32", background=False).config
+    ad = LoraAdapter.load(str(tmp_path / "peft"), cfg)
+    assert ad.settings.bias == "lora_only" and ad.norms
+    m = overspill.load(path, dtype="float32", linear_hook=ad.train().hook)
+    with torch.no_grad():
+        torch.testing.assert_close(m.logits(ids), logits.detach(), rtol=0, atol=1e-5)
+    total, n = train_pass(m.executor, ids, _labels(ids))
+    assert abs(total / n - loss.item()) < 1e-5
+    got = {k: p.grad for k, p in zip(ad.state_dict(), _state_params(ad))}
+    assert set(got) == set(ref)
+    for k in ref:
+        tol = 1e-6 + (0 if ".lora_" in k else 1e-4 * ref[k].abs().max().item())
+        assert torch.allclose(got[k], ref[k], atol=tol, rtol=0), (k, (got[k] - ref[k]).abs().max())
+    ad.eval().save(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, logits.detach(), rtol=0, atol=1e-5)
+        via_api = overspill.load(path, dtype="float32", adapter=tmp_path / "ours").logits(ids)
+        torch.testing.assert_close(via_api, logits.detach(), rtol=0, atol=1e-5)
+    from overspill.finetune.merge import merge_adapter
+    merged = merge_adapter(path, str(tmp_path / "peft"), str(tmp_path / "merged"), progress=False)
+    with torch.no_grad():   # the trained biases and norms replace the base's tensors in the merged checkpoint
+        torch.testing.assert_close(overspill.load(merged, dtype="float32").logits(ids), logits.detach(), rtol=0,
+                                   atol=1e-5)
+    fresh = LoraAdapter(cfg, LoraSettings(r=2, targets=("qkv", "out", "up", "down"), bias="lora_only",
+                                          norms=("all",)))
+    plain = overspill.load(path, dtype="float32").logits(ids)
+    assert torch.equal(overspill.load(path, dtype="float32", linear_hook=fresh.hook).logits(ids), plain)
+
+
+def _state_params(ad: LoraAdapter) -> list[torch.Tensor]:
+    """The adapter's tensors in state_dict's order."""
+    out = []
+    for s in ad.slots:
+        out += [s.A, s.B] + ([s.bias] if s.bias is not None else [])
+    for nm in ad.norms:
+        out += [nm.weight] + ([nm.bias] if nm.bias is not None else [])
+    return out
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_adapter_files_round_trip_with_peft(ref_dir, tmp_path, variant):
     """PEFT's adapter loads in overspill with PEFT's logits; overspill's saved adapter loads in
@@ -222,14 +292,23 @@ def test_finetuning_the_builtin_model_on_an_unseenplay_split(tmp_path):
 
 def test_resume_after_kill_reproduces_the_loss_curve(tmp_path):
     """kill -9 after the first checkpoint, --resume: at most one interval is lost and the loss curve equals an
-    uninterrupted run's exactly."""
+    uninterrupted run's exactly (the biases and norms training too, so the checkpoint must restore them)."""
     train, _ = play_split(tmp_path)
     args = ["--data", train, "--max-steps", "6", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3",
-            "--save-every", "2", "--dtype", "float32", "--lora-dropout", "0.1"]
+            "--save-every", "2", "--train-bias", "--train-norms", "--dtype", "float32", "--lora-dropout", "0.1"]
     full = str(tmp_path / "full")
     r = _cli("finetune", "--output", full, *args)
     assert r.returncode == 0, r.stderr
     want = json.load(open(os.path.join(full, "checkpoint", "trainer_state.json")))["history"]
+    conf = json.load(open(os.path.join(full, "adapter_config.json")))
+    assert conf["bias"] == "lora_only" and conf["modules_to_save"] == ["final_layer_norm", "input_layernorm",
+                                                                          "post_attention_layernorm"]
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(full, "adapter_model.safetensors"))
+    head = overspill.load(dtype="float32", background=False).executor.source.acquire(-1)   # the base's final norm
+    assert any(k.endswith("query_key_value.base_layer.bias") for k in saved)
+    assert not torch.equal(saved["base_model.model.gpt_neox.final_layer_norm.weight"],
+                           head.norm[0].float())
     cut = str(tmp_path / "cut")
     p = subprocess.Popen([sys.executable, "-m", "overspill.cli", "finetune", "--output", cut, *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -495,6 +495,21 @@ def test_nccl_with_one_rank_equals_the_plain_run(tmp_path):
     assert single.returncode == 0 and dist_run.stdout == single.stdout and len(single.stdout) > 20
 
 
+@gpu
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_beam_search_on_cuda_gives_the_cpu_beams(deep_dir, kv):
+    """Beam search on the engine with the model resident on cuda:0: beams that fork copy their cache rows on the GPU
+    (both KV formats); float32 beam tokens equal the CPU run's."""
+    path, _ = deep_dir("gptj")
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    cpu = overspill.load(path, dtype="float32", kv_cache=kv)
+    want = cpu.generate(prompts, max_new_tokens=12, num_beams=3, ignore_eos=True)
+    m = overspill.load(path, dtype="float32", max_memory="cuda:0=1GiB,cpu=1GiB", max_batch_size=6, max_seq_len=64,
+                       kv_cache=kv)
+    assert _kinds(m) == {("resident", DEV, DEV)}
+    assert m.generate(prompts, max_new_tokens=12, num_beams=3, ignore_eos=True) == want
+
+
 # -- without a GPU: the script and these tests skip cleanly (run everywhere) --------------------------------------
 
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"

@@ -153,7 +153,7 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     runs.append({"name": "streamed", "path": deep, "dtype": "float32", "max_memory": f"cpu={_min_budget(deep, 2)}"})
     for scheme in ("int4", "nf4"):   # group-wise formats, quantized per shard on the built-in model's group boundaries
         runs.append({"name": scheme, "path": SHAKESPEARE, "dtype": "float32", "quantize": scheme})
-    for v in ("gptj", "gpt2", "gpt_neox_parallel"):   # LoRA on every linear, sharded with the weights
+    for v in ("gptj", "gpt2", "gpt_neox_parallel"):   # LoRA on every linear, trained biases and norms, sharded
         runs.append({"name": f"lora_{v}", "path": ref_dir(v)[0], "dtype": "float32",
                      "adapter": _adapter(ref_dir(v)[0], str(tmp_path / f"adapter_{v}"))})
     runs.append({"name": "no_reduce", "path": ref_dir("gpt2")[0], "dtype": "float32", "no_reduce": True})
@@ -207,20 +207,30 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
 
 
 def _adapter(path: str, out: str, targets=("qkv", "out", "up", "down", "lm")) -> str:
-    """A LoRA adapter on every linear with nonzero B (a fresh one adds nothing), saved as PEFT's files."""
+    """A LoRA adapter on every linear with nonzero B (a fresh one adds nothing), and trained biases (where the
+    model has them) and norms as if trained, saved as PEFT's files."""
     from overspill.finetune.lora import LoraAdapter, LoraSettings
 
     cfg = overspill.load(path, background=False).config
     g = torch.Generator().manual_seed(1)
-    ad = LoraAdapter(cfg, LoraSettings(r=4, targets=targets), generator=g)
+    ad = LoraAdapter(cfg, LoraSettings(r=4, targets=targets, bias="lora_only", norms=("all",)), generator=g)
     for s in ad.slots:
         s.B.data.normal_(0, 0.2, generator=g)
+        if s.bias is not None:
+            s.bias.data.normal_(0, 0.2, generator=g)
+            s.bias_ready = True
+    for n in ad.norms:
+        n.weight.data.normal_(1, 0.1, generator=g)
+        if n.bias is not None:
+            n.bias.data.normal_(0, 0.1, generator=g)
+        n.ready = True
     return ad.save(out)
 
 
 def test_four_ranks_replicate_a_kv_head(ref_dir, tmp_path):
     """llama_gqa has 4 query heads and 2 KV heads: at 4 ranks each holds one query head and a copy of its KV head;
-    a LoRA adapter on every linear is sharded with them (its k/v rows on both ranks holding a KV head)."""
+    a LoRA adapter on every linear (and trained norms) is sharded with them (its k/v rows on both ranks holding a KV
+    head)."""
     path = ref_dir("llama_gqa")[0]
     adapter = _adapter(path, str(tmp_path / "adapter"))
     got = _run_ranks(tmp_path, [{"name": "gqa", "path": path, "dtype": "float32"},

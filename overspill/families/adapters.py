@@ -80,3 +80,30 @@ def module_maps(fam: Family, cfg: ModelConfig) -> list[ModuleMap]:
         out_f, in_f = shapes[pre]
         maps.append(ModuleMap(module, "head", "lm", out_f, in_f, torch.arange(out_f)))
     return maps
+
+
+@dataclass(frozen=True)
+class NormMap:
+    """One Hugging Face norm module of a unit kind (what PEFT's ``modules_to_save`` trains as a whole copy)."""
+    module: str            # "transformer.h.{}.ln_1", "transformer.ln_f"
+    unit: str              # "block" | "head"
+    norm: str              # the canonical norm it is: attn_norm | mlp_norm | norm
+    size: int
+    has_bias: bool
+
+    def path(self, layer: int | None = None) -> str:
+        return self.module.format(layer) if "{}" in self.module else self.module
+
+
+def norm_maps(fam: Family, cfg: ModelConfig) -> list[NormMap]:
+    """Every norm module of a block (then the head), from the family's name tables."""
+    out = []
+    for kind, table in (("block", fam.block_table), ("head", fam.head_table)):
+        for hf, canon in table.items():
+            if canon and canon.endswith("norm.weight") and hf.endswith(".weight"):
+                module, norm = hf[: -len(".weight")], canon[: -len(".weight")]
+                if norm == "mlp_norm" and cfg.shared_norm:
+                    continue
+                out.append(NormMap(module, kind, norm, cfg.hidden_size,
+                                   cfg.norm_bias and table.get(f"{module}.bias") == f"{norm}.bias"))
+    return out

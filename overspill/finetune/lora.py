@@ -7,6 +7,10 @@ are, and ``LoraLinear`` adds each pair's product into exactly those rows. The ba
 format (dense, packed, int8/int4/nf4, streamed from disk) works, and autograd reaches the pairs through the base's
 input gradient.
 
+Optionally the adapted modules' biases (PEFT's ``bias="lora_only"``) and the norm modules (PEFT's
+``modules_to_save``) train too: each is a trainable copy of the base's vector, the bias added as its difference from
+the base's, the norm used in the base's place; saved under PEFT's keys (``<module>.base_layer.bias``, ``<norm>.weight``).
+
     adapter = LoraAdapter(cfg, LoraSettings(r=8, targets=("qkv", "out", "up", "down")))
     overspill.load(path, linear_hook=adapter.hook)     # or build(..., linear_hook=adapter.hook)
     adapter.save(dir)                                  # adapter_config.json + adapter_model.safetensors
@@ -28,7 +32,7 @@ from ..checkpoint.hf import read_json
 from ..config import ModelConfig
 from ..errors import OverspillError
 from ..families import FAMILIES
-from ..families.adapters import ModuleMap, module_maps
+from ..families.adapters import ModuleMap, NormMap, module_maps, norm_maps
 from ..model.linear import Linear
 
 CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -44,6 +48,8 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS   # canonical names (qkv,out,up,down,lm) or Hugging Face module names
     rslora: bool = False                          # scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
+    bias: str = "none"                            # "lora_only": the adapted modules' biases train too (PEFT's name)
+    norms: tuple[str, ...] = ()                   # norm modules that train ("all", or names as PEFT's modules_to_save)
 
     @property
     def scale(self) -> float:
@@ -56,6 +62,8 @@ class LoraSettings:
             raise OverspillError(f"lora dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise OverspillError("lora targets: none given (expected e.g. qkv,out,up,down or q_proj,v_proj)")
+        if self.bias not in ("none", "lora_only"):
+            raise OverspillError(f"lora bias must be 'none' or 'lora_only', got {self.bias!r}")
         return self
 
 
@@ -67,6 +75,20 @@ class Slot:
     map: ModuleMap
     A: torch.nn.Parameter = field(repr=False)
     B: torch.nn.Parameter = field(repr=False)
+    bias: torch.nn.Parameter | None = field(default=None, repr=False)   # the module's bias as trained (full value)
+    bias_base: torch.Tensor | None = field(default=None, repr=False)    # the base's, seen at the first hook
+    bias_ready: bool = False                                              # ``bias`` holds a value
+
+
+@dataclass
+class NormSlot:
+    """One trained norm module: a copy of its weight (and bias), used in place of the base's."""
+    path: str             # transformer.h.3.ln_1
+    unit: str             # block.3 | head
+    map: NormMap
+    weight: torch.nn.Parameter = field(repr=False)
+    bias: torch.nn.Parameter | None = field(default=None, repr=False)
+    ready: bool = False   # holds a value (a saved one, or the base's copied at the first hook)
 
 
 def _concrete(maps: list[ModuleMap], n_layers: int) -> list[tuple[str, str, ModuleMap]]:
@@ -105,6 +127,34 @@ def resolve_targets(cfg: ModelConfig, targets) -> list[tuple[str, str, ModuleMap
     return [s for s in every if s[0] in chosen]
 
 
+def _linear_has_bias(cfg: ModelConfig, linear: str) -> bool:
+    return {"qkv": cfg.qkv_bias, "out": cfg.out_bias, "up": cfg.mlp_bias, "down": cfg.mlp_bias,
+            "lm": cfg.lm_head_bias}[linear]
+
+
+def resolve_norms(cfg: ModelConfig, names) -> list[tuple[str, str, NormMap]]:
+    """(module path, unit, map) of the norm modules ``names`` selects: "all", or names as PEFT's modules_to_save
+    lists them (a module matches a name its path ends with, as PEFT matches them: "norm" is every Llama norm,
+    "model.norm" the final one)."""
+    every = []
+    for m in norm_maps(FAMILIES[cfg.family], cfg):
+        every += [(m.path(), "head", m)] if m.unit == "head" else \
+            [(m.path(i), f"block.{i}", m) for i in range(cfg.n_layers)]
+    if not names:
+        return []
+    if "all" in names:
+        return every
+    chosen = set()
+    for n in names:
+        hit = [p for p, _, _ in every if p.endswith(n)]
+        if not hit:
+            options = sorted({m.module.rsplit(".", 1)[-1] for _, _, m in every})
+            raise OverspillError(f"norm module {n!r} matches no norm of this {cfg.family} model (expected all or "
+                                 f"{', '.join(options)})")
+        chosen.update(hit)
+    return [e for e in every if e[0] in chosen]
+
+
 class LoraLinear:
     """A base Linear plus the LoRA pairs that feed its output rows: y = base(x) + sum_m scatter_m(B_m A_m drop(x)) * s.
     Implements the Linear protocol; ``dequantize()`` is the merged weight."""
@@ -124,7 +174,10 @@ class LoraLinear:
             h = x.to(A.dtype)
             if p:
                 h = F.dropout(h, p, True)                   # its own mask per module, as PEFT draws them
-            d = (F.linear(F.linear(h, A), B) * s).to(y.dtype)
+            d = F.linear(F.linear(h, A), B) * s
+            if slot.bias is not None and slot.bias_base is not None:
+                d = d + (slot.bias - slot.bias_base)        # the trained bias, as its change from the base's
+            d = d.to(y.dtype)
             if rows is not None:                            # a contiguous block of the fused output
                 y = torch.cat([y[..., : rows.start], y[..., rows] + d, y[..., rows.stop:]], -1)
             else:
@@ -142,6 +195,22 @@ class LoraLinear:
             w.index_add_(0, slot.map.cols.to(w.device), (slot.B.detach().float() @ slot.A.detach().float())
                          * self.adapter.settings.scale)
         return w
+
+
+class _Hook:
+    """The loader's hook for an adapter (model/weights.hook_linears): ``hook(unit, name, linear)`` wraps a linear,
+    ``hook.norms(unit, weights)`` puts trained norms in place."""
+
+    __slots__ = ("adapter",)
+
+    def __init__(self, adapter: "LoraAdapter"):
+        self.adapter = adapter
+
+    def __call__(self, unit: str, name: str, lin: Linear) -> Linear:
+        return self.adapter.wrap(unit, name, lin)
+
+    def norms(self, unit: str, w):
+        return self.adapter.norms_of(unit, w)
 
 
 def _rows(cols: torch.Tensor) -> slice | None:
@@ -165,13 +234,23 @@ class LoraAdapter:
             bound = 1.0 / math.sqrt(m.in_features)
             A.uniform_(-bound, bound, generator=generator)
             B = torch.zeros(m.out_features, settings.r, dtype=dtype)
-            self.slots.append(Slot(path, unit, m, torch.nn.Parameter(A), torch.nn.Parameter(B)))
+            bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=dtype)) \
+                if settings.bias == "lora_only" and _linear_has_bias(cfg, m.linear) else None
+            self.slots.append(Slot(path, unit, m, torch.nn.Parameter(A), torch.nn.Parameter(B), bias))
+        self.norms: list[NormSlot] = []
+        for path, unit, m in resolve_norms(cfg, settings.norms):
+            b = torch.nn.Parameter(torch.zeros(m.size, dtype=dtype)) if m.has_bias else None
+            self.norms.append(NormSlot(path, unit, m, torch.nn.Parameter(torch.zeros(m.size, dtype=dtype)), b))
         self._index()
+        self.hook = _Hook(self)
 
     def _index(self, slots: list[Slot] | None = None) -> None:
         self.by_linear: dict[tuple[str, str], list[tuple[Slot, slice | None]]] = {}
         for s in self.slots if slots is None else slots:
             self.by_linear.setdefault((s.unit, s.map.linear), []).append((s, _rows(s.map.cols)))
+        self.by_unit: dict[str, list[NormSlot]] = {}
+        for n in self.norms:
+            self.by_unit.setdefault(n.unit, []).append(n)
 
     def shard_(self, rank: int, world: int) -> "LoraAdapter":
         """Hook tensor-parallel rank ``rank``'s shards of the block linears (model/shard.py) from now on, for
@@ -196,19 +275,60 @@ class LoraAdapter:
                 if not bool(keep.any()):
                     continue                        # none of this module's rows live on this rank
                 B, cols = B[keep], local[cols[keep]]
+                bias = None if s.bias is None else s.bias.detach()[keep]
             elif kind == "cols":
                 A = A[:, torch.cat([torch.arange(a, b) for a, b in ranges])]
+                bias = s.bias.detach() if s.bias is not None and rank == 0 else None   # added once, as the base's
+            else:
+                bias = None if s.bias is None else s.bias.detach()
             m = dataclasses.replace(s.map, out_features=B.shape[0], in_features=A.shape[1], cols=cols)
             derived.append(Slot(s.path, s.unit, m, torch.nn.Parameter(A.contiguous(), requires_grad=False),
-                                torch.nn.Parameter(B.contiguous(), requires_grad=False)))
+                                torch.nn.Parameter(B.contiguous(), requires_grad=False),
+                                None if bias is None else torch.nn.Parameter(bias.contiguous(), requires_grad=False),
+                                bias_ready=s.bias_ready))
         self._index(derived)
         return self
 
     # -- running --------------------------------------------------------------------------------------------------
-    def hook(self, unit: str, name: str, lin: Linear) -> Linear:
-        """The loader's linear hook: the base linear, wrapped where this adapter has pairs for it."""
+    def wrap(self, unit: str, name: str, lin: Linear) -> Linear:
+        """The base linear, wrapped where this adapter has pairs for it. A trained bias learns the base's at the
+        first sight of the linear: its starting value (a new adapter) and what its difference is taken from."""
         pairs = self.by_linear.get((unit, name))
-        return lin if not pairs else LoraLinear(lin, pairs, self)
+        if not pairs:
+            return lin
+        for slot, _ in pairs:
+            if slot.bias is not None and slot.bias_base is None:
+                base = getattr(lin, "bias", None)
+                if base is None:
+                    raise OverspillError(f"{slot.path}: the adapter trains its bias but the base module has none")
+                b = base.detach().to(slot.bias.device, torch.float32)[slot.map.cols.to(base.device)]
+                slot.bias_base = b.to(slot.bias.dtype).clone()
+                if not slot.bias_ready:
+                    slot.bias.data.copy_(slot.bias_base)
+                    slot.bias_ready = True
+        return LoraLinear(lin, pairs, self)
+
+    def norms_of(self, unit: str, w):
+        """A unit's weights with its trained norms in the base's place: the Parameters themselves while training
+        (resident units hold them, so every step sees the update), a copy in the base's dtype otherwise. A new
+        slot starts as the base's vector, copied at the first sight of the unit."""
+        slots = self.by_unit.get(unit)
+        if not slots:
+            return w
+        repl = {}
+        for n in slots:
+            wb = getattr(w, n.map.norm)
+            if not n.ready:
+                n.weight.data.copy_(wb[0].detach().to(n.weight.device, n.weight.dtype))
+                if n.bias is not None:
+                    n.bias.data.copy_(wb[1].detach().to(n.bias.device, n.bias.dtype))
+                n.ready = True
+            if self.training:
+                repl[n.map.norm] = (n.weight, n.bias if n.bias is not None else wb[1])
+            else:
+                repl[n.map.norm] = (n.weight.detach().to(wb[0].device, wb[0].dtype),
+                                    wb[1] if n.bias is None else n.bias.detach().to(wb[1].device, wb[1].dtype))
+        return dataclasses.replace(w, **repl)
 
     def train(self, mode: bool = True) -> "LoraAdapter":
         self.training = mode
@@ -218,7 +338,8 @@ class LoraAdapter:
         return self.train(False)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for s in self.slots for p in (s.A, s.B)]
+        return [p for s in self.slots for p in (s.A, s.B, s.bias) if p is not None] + \
+            [p for n in self.norms for p in (n.weight, n.bias) if p is not None]
 
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -230,7 +351,17 @@ class LoraAdapter:
         for s in {id(s): s for s in self.slots + hooked}.values():
             d = devices.get(s.unit)
             if d is not None and s.A.device != torch.device(d):
-                s.A.data, s.B.data = s.A.data.to(d), s.B.data.to(d)
+                for p in (s.A, s.B, s.bias):
+                    if p is not None:
+                        p.data = p.data.to(d)
+                if s.bias_base is not None:
+                    s.bias_base = s.bias_base.to(d)
+        for n in self.norms:
+            d = devices.get(n.unit)
+            if d is not None:
+                for p in (n.weight, n.bias):
+                    if p is not None and p.device != torch.device(d):
+                        p.data = p.data.to(d)
         return self
 
     # -- PEFT's files ---------------------------------------------------------------------------------------------
@@ -240,26 +371,45 @@ class LoraAdapter:
         for s in self.slots:
             out[f"{PREFIX}{s.path}.lora_A.weight"] = s.A.detach().cpu().contiguous()
             out[f"{PREFIX}{s.path}.lora_B.weight"] = s.B.detach().cpu().contiguous()
+            if s.bias is not None and s.bias_ready:
+                out[f"{PREFIX}{s.path}.base_layer.bias"] = s.bias.detach().cpu().contiguous()
+        for n in self.norms:
+            if n.ready:
+                out[f"{PREFIX}{n.path}.weight"] = n.weight.detach().cpu().contiguous()
+                if n.bias is not None:
+                    out[f"{PREFIX}{n.path}.bias"] = n.bias.detach().cpu().contiguous()
         return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Values saved by ``state_dict`` (a trainer checkpoint) into this adapter's tensors, in place."""
+        for s in self.slots:
+            for ab in ("A", "B"):
+                if f"{PREFIX}{s.path}.lora_{ab}.weight" in tensors:
+                    getattr(s, ab).data.copy_(tensors[f"{PREFIX}{s.path}.lora_{ab}.weight"])
+            if s.bias is not None and f"{PREFIX}{s.path}.base_layer.bias" in tensors:
+                s.bias.data.copy_(tensors[f"{PREFIX}{s.path}.base_layer.bias"])
+                s.bias_ready = True
+        for n in self.norms:
+            if f"{PREFIX}{n.path}.weight" in tensors:
+                n.weight.data.copy_(tensors[f"{PREFIX}{n.path}.weight"])
+                if n.bias is not None:
+                    n.bias.data.copy_(tensors[f"{PREFIX}{n.path}.bias"])
+                n.ready = True
 
     def peft_config(self) -> dict:
         st, fam = self.settings, FAMILIES[self.cfg.family]
         every = [m for m in module_maps(fam, self.cfg)]
-        names = []
-        for m in {s.map.module: s.map for s in self.slots}.values():
-            # the shortest dotted suffix that names only this kind of module (GPT-2 has attn.c_proj and mlp.c_proj)
-            parts = m.module.split(".")
-            for k in range(1, len(parts) + 1):
-                suf = ".".join(parts[-k:])
-                if "{}" not in suf and sum(o.module == suf or o.module.endswith("." + suf) for o in every) == 1:
-                    names.append(suf)
-                    break
+        names = _short_names([m.module for m in {s.map.module: s.map for s in self.slots}.values()],
+                             [o.module for o in every])
+        norms = _short_names(sorted({n.map.module for n in self.norms}),
+                             [o.module for o in norm_maps(fam, self.cfg)], dotted=False)
         layers = sorted({int(s.unit.split(".")[1]) for s in self.slots if s.unit != "head"})
         all_layers = layers == list(range(self.cfg.n_layers)) or not layers
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model,
                 "r": st.r, "lora_alpha": st.alpha, "lora_dropout": st.dropout, "target_modules": sorted(names),
-                "fan_in_fan_out": fam.conv1d, "bias": "none", "use_rslora": st.rslora, "use_dora": False,
-                "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+                "fan_in_fan_out": fam.conv1d, "bias": "lora_only" if any(s.bias is not None for s in self.slots)
+                else "none", "use_rslora": st.rslora, "use_dora": False,
+                "modules_to_save": sorted(norms) or None, "init_lora_weights": True, "inference_mode": True,
                 "layers_to_transform": None if all_layers else layers, "rank_pattern": {}, "alpha_pattern": {}}
 
     def save(self, path: str) -> str:
@@ -290,10 +440,21 @@ class LoraAdapter:
         tensors = read_weights(path)
         settings = LoraSettings(r=int(conf["r"]), alpha=float(conf.get("lora_alpha", 8)),
                                 dropout=float(conf.get("lora_dropout") or 0.0), targets=("?",),
-                                rslora=bool(conf.get("use_rslora", False)))
+                                rslora=bool(conf.get("use_rslora", False)), bias=conf.get("bias") or "none",
+                                norms=tuple(conf.get("modules_to_save") or ()))
         every = {p: (p, u, m) for p, u, m in _concrete(module_maps(FAMILIES[cfg.family], cfg), cfg.n_layers)}
+        try:
+            norm_paths = {p for p, _, _ in resolve_norms(cfg, settings.norms)}
+        except OverspillError as e:
+            raise OverspillError(f"{path}/{CONFIG_FILE}: modules_to_save: {e} (overspill trains norm modules only)"
+                                 ) from None
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        extra: dict[str, torch.Tensor] = {}    # trained biases and norms, under PEFT's keys
         for key, t in tensors.items():
+            short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            if short.endswith(".base_layer.bias") or short.rpartition(".")[0] in norm_paths:
+                extra[f"{PREFIX}{short}"] = t
+                continue
             if ".lora_" not in key and key.endswith(".weight") and t.dim() == 2 and \
                     max(t.shape) == cfg.vocab_size:
                 continue   # a tied model's embedding / LM head, which PEFT saves beside the pairs as it was (not LoRA)
@@ -319,7 +480,37 @@ class LoraAdapter:
                     raise OverspillError(f"{path}/{WEIGHTS_FILE}: {s.path}.lora_{ab}.weight has shape "
                                          f"{list(t.shape)}, expected {list(want)} (r={settings.r})")
                 getattr(s, ab).data.copy_(t.to(dtype))
+        for k in extra:
+            if k.endswith(".base_layer.bias") and k[len(PREFIX):-len(".base_layer.bias")] not in pairs:
+                raise OverspillError(f"{path}/{WEIGHTS_FILE}: {k} is the bias of a module without LoRA pairs "
+                                     f"(overspill trains the adapted modules' biases: bias 'lora_only')")
+        want = {f"{PREFIX}{s.path}.base_layer.bias": (s.map.out_features,) for s in ad.slots if s.bias is not None}
+        want.update({f"{PREFIX}{n.path}.{w}": (n.map.size,) for n in ad.norms
+                     for w in (("weight", "bias") if n.bias is not None else ("weight",))})
+        for k, shape in want.items():
+            t = extra.get(k)
+            if t is None:
+                raise OverspillError(f"{path}/{WEIGHTS_FILE}: no {k} (its {CONFIG_FILE} trains it)")
+            if tuple(t.shape) != shape:
+                raise OverspillError(f"{path}/{WEIGHTS_FILE}: {k} has shape {list(t.shape)}, expected {list(shape)}")
+        ad.load_state_dict({k: v.to(dtype) for k, v in extra.items()})
         return ad
+
+
+def _short_names(modules: list[str], every: list[str], dotted: bool = True) -> list[str]:
+    """For each module template, the shortest dotted suffix that names only it among ``every`` (GPT-2 has
+    attn.c_proj and mlp.c_proj): what PEFT's target_modules list (matched after a dot), or with ``dotted=False``
+    its modules_to_save (matched as plain suffixes: "norm" would also name input_layernorm)."""
+    names = []
+    for module in modules:
+        parts = module.split(".")
+        for k in range(1, len(parts) + 1):
+            suf = ".".join(parts[-k:])
+            hits = sum(o == suf or o.endswith("." + suf) if dotted else o.endswith(suf) for o in every)
+            if "{}" not in suf and hits == 1:
+                names.append(suf)
+                break
+    return names
 
 
 def _publish_file(tmp: str, dst: str) -> None:
@@ -333,7 +524,8 @@ def _publish_file(tmp: str, dst: str) -> None:
 
 
 def read_config(path: str) -> dict:
-    """adapter_config.json, checked for what overspill runs: LoRA without DoRA, trained-bias or saved modules."""
+    """adapter_config.json, checked for what overspill runs: LoRA without DoRA; trained biases of the adapted modules
+    and trained norm modules (checked against the model by ``LoraAdapter.load``)."""
     if not os.path.isdir(path):
         raise OverspillError(f"{path}: no such adapter directory")
     file = os.path.join(path, CONFIG_FILE)
@@ -343,13 +535,14 @@ def read_config(path: str) -> dict:
     if conf.get("peft_type") != "LORA":
         raise OverspillError(f"{file}: peft_type is {conf.get('peft_type')!r}; overspill loads LoRA adapters "
                              f"(peft_type LORA)")
-    bad = [k for k, ok in (("use_dora", not conf.get("use_dora")), ("bias", conf.get("bias", "none") == "none"),
-                           ("modules_to_save", not conf.get("modules_to_save")),
+    bad = [k for k, ok in (("use_dora", not conf.get("use_dora")),
+                           ("bias", conf.get("bias", "none") in ("none", "lora_only", None)),
                            ("rank_pattern", not conf.get("rank_pattern")),
                            ("alpha_pattern", not conf.get("alpha_pattern"))) if not ok]
     if bad:
         raise OverspillError(f"{file}: {', '.join(f'{k}={conf.get(k)!r}' for k in bad)} is not supported (overspill "
-                             f"loads plain LoRA: bias 'none', no DoRA, no modules_to_save, one r and alpha)")
+                             f"loads LoRA with bias 'none' or 'lora_only', norm modules to save, no DoRA, one r and "
+                             f"alpha)")
     if not isinstance(conf.get("r"), int) or conf["r"] < 1:
         raise OverspillError(f"{file}: r must be an integer >= 1, got {conf.get('r')!r}")
     return conf

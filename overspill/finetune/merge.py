@@ -5,8 +5,10 @@ transformers (or overspill) loads like any other.
     merge_adapter("llama-7b", "my-adapter", "llama-7b-merged")
 
 Everything happens in Hugging Face tensor space: the adapter's ``base_model.model.<module>.lora_A.weight`` [r, in]
-and ``.lora_B.weight`` [out, r] change the base tensor ``<module>.weight``; every other tensor is copied. GPT-2's
-Conv1D stores its weight [in, out], so there the transpose of B A is added.
+and ``.lora_B.weight`` [out, r] change the base tensor ``<module>.weight``; a trained bias
+(``<module>.base_layer.bias``, PEFT's bias="lora_only") or norm module (``<norm>.weight``/``.bias``, its
+modules_to_save) replaces the base tensor of that name; every other tensor is copied. GPT-2's Conv1D stores its
+weight [in, out], so there the transpose of B A is added.
 
 Streaming, so a model far bigger than RAM merges in a fixed amount of memory:
 
@@ -50,6 +52,8 @@ COPY_FILES = tuple(dict.fromkeys(EXTRA_FILES + ("added_tokens.json", "chat_templ
                                                 "vocab.txt", "spiece.model")))
 _KEY = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight")
 _BASE_LAYER = re.compile(r"(?:base_model\.model\.)?(.+)\.base_layer\.weight")
+_BIAS = re.compile(r"(?:base_model\.model\.)?(.+)\.base_layer\.bias")
+_SAVED = re.compile(r"(?:base_model\.model\.)?(.+)\.(weight|bias)")
 
 
 @dataclass
@@ -211,21 +215,31 @@ def _conv1d(hf_config: dict, conf: dict) -> bool:
 
 # -- the adapter ---------------------------------------------------------------------------------------------------
 
-def read_pairs(adapter: str) -> tuple[dict, list[Pair], float, dict[str, tuple[int, ...]]]:
-    """(adapter_config.json, its pairs, s, {module: shape of a saved base layer}) from a PEFT LoRA directory, every
-    tensor checked against r. PEFT also saves the whole frozen weight of a targeted lm_head or embedding
-    (``<module>.base_layer.weight``, its save_embedding_layers); that is the base's own, so only its shape is
-    kept, to check against the base checkpoint."""
+def read_pairs(adapter: str) -> tuple[dict, list[Pair], float, dict[str, tuple[int, ...]], dict[str, torch.Tensor]]:
+    """(adapter_config.json, its pairs, s, {module: shape of a saved base layer}, {base tensor name: trained value})
+    from a PEFT LoRA directory, every tensor checked against r. PEFT also saves the whole frozen weight of a
+    targeted lm_head or embedding (``<module>.base_layer.weight``, its save_embedding_layers); that is the base's
+    own, so only its shape is kept, to check against the base checkpoint. Trained biases and norm modules are the
+    values that replace the base's tensors."""
     conf = read_config(adapter)
     r = conf["r"]
     scale = float(conf.get("lora_alpha", 8)) / (math.sqrt(r) if conf.get("use_rslora") else r)
     got: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, tuple[int, ...]] = {}
+    replace: dict[str, torch.Tensor] = {}
+    to_save = conf.get("modules_to_save") or []
     where = os.path.join(adapter, WEIGHTS_FILE)
     for key, t in read_weights(adapter).items():
         m = _KEY.fullmatch(key)
         if m is None and _BASE_LAYER.fullmatch(key):
             saved[_BASE_LAYER.fullmatch(key).group(1)] = tuple(t.shape)
+            continue
+        if m is None and _BIAS.fullmatch(key):
+            replace[f"{_BIAS.fullmatch(key).group(1)}.bias"] = t
+            continue
+        sv = _SAVED.fullmatch(key) if m is None else None
+        if sv is not None and any(sv.group(1).endswith(n) for n in to_save):   # PEFT's plain suffix match
+            replace[f"{sv.group(1)}.{sv.group(2)}"] = t
             continue
         if m is None:
             raise OverspillError(f"{where}: tensor {key!r} is not a LoRA weight (expected keys like "
@@ -243,7 +257,24 @@ def read_pairs(adapter: str) -> tuple[dict, list[Pair], float, dict[str, tuple[i
             raise OverspillError(f"{where}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}; "
                                  f"expected [r, in] and [out, r] with r={r}")
         pairs.append(Pair(module, A.float(), B.float()))
-    return conf, pairs, scale, saved
+    return conf, pairs, scale, saved, replace
+
+
+def match_replaced(replace: dict[str, torch.Tensor], stored: dict[str, "Stored"], base: str,
+                   adapter: str) -> dict[str, torch.Tensor]:
+    """{base tensor name: trained value} for the adapter's trained biases and norms (names as ``match`` resolves
+    them), each checked to exist in the base with the same shape."""
+    out = {}
+    for name, t in replace.items():
+        n = name if name in stored or "." not in name else name.split(".", 1)[1]
+        if n not in stored:
+            raise OverspillError(f"{adapter}: the adapter trains {name}, which {base} does not have; was the adapter "
+                                 f"trained on this model?")
+        if stored[n].shape != tuple(t.shape):
+            raise OverspillError(f"{adapter}: shape mismatch for {name}: base {list(stored[n].shape)}, adapter "
+                                 f"{list(t.shape)}")
+        out[n] = t
+    return out
 
 
 def match(pairs: list[Pair], stored: dict[str, Stored], conv1d: bool, base: str, adapter: str,
@@ -298,7 +329,7 @@ def _header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tuple[by
 
 
 def write_shard(path: str, shard: Shard, out_dtype: dict[str, torch.dtype], targets: dict[str, Pair], scale: float,
-                conv1d: bool, bar) -> int:
+                conv1d: bool, bar, replaced: dict[str, torch.Tensor] | None = None) -> int:
     """Write ``shard``'s tensors (adapted ones merged) to the safetensors file ``path``, chunk by chunk; its bytes."""
     from ..io import DirectWriter
 
@@ -309,6 +340,11 @@ def write_shard(path: str, shard: Shard, out_dtype: dict[str, torch.dtype], targ
         f.write(head)
         for n in names:
             st, dt, pair = shard.tensors[n], out_dtype[n], targets.get(n)
+            if replaced and n in replaced:           # a trained bias or norm: the adapter's value
+                t = replaced[n].to(dt).contiguous()
+                f.write(_bytes(t))
+                bar.update(t.numel() * t.element_size())
+                continue
             rows = st.shape[0] if st.shape else 1
             step = max(1, CHUNK_ELEMENTS // max(1, math.prod(st.shape[1:])))
             for a in range(0, rows, step):
@@ -377,7 +413,7 @@ def merge_adapter(base: str, adapter: str, out: str, *, dtype: str | None = None
             raise OverspillError(f"{out}: exists and is not a Hugging Face model directory; refusing to replace it")
     files = base_shards(base)
     hf_config = read_json(os.path.join(base, "config.json"), "config.json")
-    conf, pairs, scale, saved = read_pairs(adapter)
+    conf, pairs, scale, saved, replace = read_pairs(adapter)
     conv1d = _conv1d(hf_config, conf)
     tdtype = MERGE_DTYPES[dtype] if dtype is not None else None
 
@@ -388,6 +424,7 @@ def merge_adapter(base: str, adapter: str, out: str, *, dtype: str | None = None
             shards.append(Shard(os.path.join(base, f)))
         stored = {n: s for sh in shards for n, s in sh.tensors.items()}
         targets = match(pairs, stored, conv1d, base, adapter, bool(hf_config.get("tie_word_embeddings")), saved)
+        replaced = match_replaced(replace, stored, base, adapter)
         out_dtype = {n: tdtype if tdtype is not None and s.dtype.is_floating_point else s.dtype
                      for n, s in stored.items()}
         odd = next((n for n, d in out_dtype.items() if d not in DTYPE_NAMES), None)
@@ -403,7 +440,7 @@ def merge_adapter(base: str, adapter: str, out: str, *, dtype: str | None = None
             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
         weight_map = {}
         for fname, sh in zip(names, shards):
-            write_shard(os.path.join(tmp, fname), sh, out_dtype, targets, scale, conv1d, bar)
+            write_shard(os.path.join(tmp, fname), sh, out_dtype, targets, scale, conv1d, bar, replaced)
             _fsync(os.path.join(tmp, fname))   # durable before the rename
             weight_map.update((n, fname) for n in sh.tensors)
             sh.close()

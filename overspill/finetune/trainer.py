@@ -212,6 +212,7 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
     total = st.max_steps or max(1, math.ceil(st.epochs * len(train) / per_step))
     # 2. the base, planned with the training step's memory in the reserve
     reserve = train_reserve(st, n_params * 4, 2.0 if st.optim == "adamw8bit" else 8.0)
+    adapter.train()   # before the load: resident units then hold the trained norms themselves, not copies
     built = build(model, dtype, quantize, max_memory, reserve, linear_hook=adapter.hook, stand_in=stand_in)
     ex = built.executor
     try:
@@ -230,9 +231,7 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
                 diff = [k for k in key if state.get("key", {}).get(k) != key[k]]
                 raise OverspillError(f"{output}/{CHECKPOINT}: was trained with other {', '.join(diff)}; resume with "
                                      f"the same model, data and settings (or start a new --output)")
-            for s in adapter.slots:
-                for ab in ("A", "B"):
-                    getattr(s, ab).data.copy_(tensors["adapter"][f"base_model.model.{s.path}.lora_{ab}.weight"])
+            adapter.load_state_dict(tensors["adapter"])
             opt.load_state_dict(tensors["optimizer"])
             torch.set_rng_state(tensors["rng"])
             for k, v in tensors.items():      # LoRA dropout on a GPU draws from that GPU's generator

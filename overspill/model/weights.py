@@ -74,11 +74,14 @@ def bind(cfg: ModelConfig, unit: str, t: dict[str, torch.Tensor], make_linear: M
 
 
 def hook_linears(unit: str, w: Weights, hook: LinearHook | None) -> Weights:
-    """``w`` with each matmul's Linear replaced by hook(unit, name, linear) (``w`` itself without a hook)."""
+    """``w`` with each matmul's Linear replaced by hook(unit, name, linear) (``w`` itself without a hook), then, when
+    the hook has a ``norms(unit, w)`` method (an adapter that trains norm modules), its norms replaced by it."""
     names = linear_names(unit)
     if hook is None or not names:
         return w
-    return dataclasses.replace(w, **{n: hook(unit, n, getattr(w, n)) for n in names})
+    w = dataclasses.replace(w, **{n: hook(unit, n, getattr(w, n)) for n in names})
+    norms = getattr(hook, "norms", None)
+    return norms(unit, w) if norms is not None else w
 
 
 def units(cfg: ModelConfig) -> list[str]:
