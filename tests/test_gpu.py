@@ -326,11 +326,15 @@ def test_backward_through_a_quantized_linear_on_cuda(scheme, monkeypatch):
 # -- LoRA fine-tuning on cuda:0 (issue item: quantized and streamed bases on an accelerator) -------------------
 
 def _lora(cfg, dropout=0.0):
+    """Pairs on every block linear and every norm module trained (set as if trained), in training mode."""
     from overspill.finetune.lora import LoraAdapter, LoraSettings
-    ad = LoraAdapter(cfg, LoraSettings(r=4, dropout=dropout))
+    ad = LoraAdapter(cfg, LoraSettings(r=4, dropout=dropout, norms=("all",))).train()
     with torch.no_grad():
         for p in ad.parameters():
             p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        for n in ad.norms:
+            n.weight.add_(1.0)
+            n.ready = True
     return ad
 
 
@@ -354,9 +358,9 @@ def _step(m, ad, ids, **kw):
 @pytest.mark.parametrize("tier", ["resident", "streamed"])
 def test_lora_step_on_cuda_gives_the_cpu_gradients(deep_dir, tmp_path, scheme, tier):
     """One LoRA training step with the frozen base on cuda:0, all resident or split over cuda:0-resident,
-    host-held and disk-streamed units (re-fetched in reverse for the backward): the loss and every LoRA gradient
-    equal the CPU's step on the same base within float32 summation order (relative L2 1e-4; quantized bases against
-    the CPU's portable path, the same just-in-time dequantization)."""
+    host-held and disk-streamed units (re-fetched in reverse for the backward): the loss and every LoRA (and trained
+    norm) gradient equal the CPU's step on the same base within float32 summation order (relative L2 1e-4; quantized
+    bases against the CPU's portable path, the same just-in-time dequantization)."""
     import overspill.quant as Q
     from overspill.checkpoint.store import convert
     path, _ = deep_dir("llama_gqa")
