@@ -31,14 +31,15 @@ def read_pool() -> ThreadPoolExecutor:
 _PINNED: dict[int, tuple[int, torch.Tensor]] = {}   # registered address -> (its end, the allocation it lives in)
 
 
-def aligned_buffer(nbytes: int, pin: bool = False) -> torch.Tensor:
+def aligned_buffer(nbytes: int, pin: bool = False, alloc=None) -> torch.Tensor:
     """A uint8 CPU buffer whose address is ALIGN-aligned (O_DIRECT needs it).
 
     pin (where CUDA is available): page-locked for asynchronous host->device copies, by registering exactly these
     bytes with cudaHostRegister. torch's pinned allocator (pin_memory=True) rounds every allocation up to a power of
     two, which could double what the plan counts against the cpu budget. A pinned buffer stays allocated until
-    unpin(buffer)."""
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    unpin(buffer). ``alloc(shape, dtype)``: where the memory comes from (default torch.empty; kernels.panel_empty
+    for weights that will be kept: huge pages)."""
+    raw = (alloc or (lambda shape, dtype: torch.empty(shape, dtype=dtype)))((nbytes + ALIGN,), torch.uint8)
     off = (-raw.data_ptr()) % ALIGN
     buf = raw[off: off + nbytes]
     if pin and nbytes and torch.cuda.is_available():

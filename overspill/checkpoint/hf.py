@@ -167,8 +167,9 @@ class HFCheckpoint:
     def read_unit_except(self, unit: str, dtype: torch.dtype, *skip: str) -> dict[str, torch.Tensor]:
         return self.finish(unit, self.read_unit_raw(unit, dtype, *skip))
 
-    def read_unit_raw(self, unit: str, dtype: torch.dtype, *skip: str) -> dict[str, torch.Tensor]:
-        """The unit's tensors as stored (raw canonical names, in ``dtype``), before the family's transforms."""
+    def read_unit_raw(self, unit: str, dtype: torch.dtype, *skip: str, alloc=None) -> dict[str, torch.Tensor]:
+        """The unit's tensors as stored (raw canonical names, in ``dtype``), before the family's transforms; each
+        large one in its own memory from ``alloc(shape, dtype)`` (default torch.empty)."""
         names = {h: c for h, c in self.unit_names(unit).items() if c not in skip}
         by_file: dict[str, list[str]] = {}
         for h in names:
@@ -178,7 +179,7 @@ class HFCheckpoint:
             f = self._files[fname]
             if isinstance(f, SafetensorsFile) and all(f.tensors[h].dtype == dtype or not f.tensors[h].dtype.is_floating_point
                                                       for h in hs):
-                got = f.read_many(hs)       # all at once (parallel, O_DIRECT): no conversion, no extra copy
+                got = f.read_many(hs, alloc)  # all at once (parallel, O_DIRECT): no conversion, no extra copy
                 raw.update((names[h], got.pop(h)) for h in hs)
                 continue
             for h in hs:                    # one tensor at a time: its stored-dtype copy dies once converted

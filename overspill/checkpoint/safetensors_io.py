@@ -123,12 +123,13 @@ class SafetensorsFile:
             os.posix_fadvise(self.fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
-    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Several tensors; the large ones read with O_DIRECT together (see _direct_request)."""
+    def read_many(self, names: list[str], alloc=None) -> dict[str, torch.Tensor]:
+        """Several tensors; the large ones read with O_DIRECT together (see _direct_request), into memory from
+        ``alloc(shape, dtype)`` (io.aligned_buffer's)."""
         out, reqs = {}, []
         if self._direct is not False:
             for name in names:
-                r = self._direct_request(self.tensors[name]) if self.tensors[name].nbytes >= DIRECT_MIN else None
+                r = self._direct_request(self.tensors[name], alloc) if self.tensors[name].nbytes >= DIRECT_MIN else None
                 if r is not None:
                     out[name] = r[0]
                     reqs.append(r[1])
@@ -140,7 +141,7 @@ class SafetensorsFile:
                 out[name] = self.read(name, buffered=True)
         return out
 
-    def _direct_request(self, info: TensorInfo):
+    def _direct_request(self, info: TensorInfo, alloc=None):
         """(tensor, (aligned buffer, aligned offset, bytes needed from there)) to read a large tensor with O_DIRECT into an aligned
         buffer, the tensor a view at its offset within the 4 KiB-aligned span (at most 8 KiB more): no page-cache
         copy, and several readers in flight (this virtual disk: ~1.5x one buffered reader). None where O_DIRECT is
@@ -158,7 +159,7 @@ class SafetensorsFile:
                 return None
             self._direct = f
         span = -(-(lead + info.nbytes) // ALIGN) * ALIGN
-        buf = aligned_buffer(span)
+        buf = aligned_buffer(span, alloc=alloc)
         return buf[lead:lead + info.nbytes].view(info.dtype).view(info.shape), (buf, info.offset - lead, lead + info.nbytes)
 
     def close(self) -> None:

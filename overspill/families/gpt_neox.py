@@ -1,7 +1,7 @@
 """GPT-NeoX / Pythia: per-head interleaved fused QKV, partial rotate-half rotary, either residual style."""
 from ..config import ModelConfig
 from .base import Family, Tensors, activation, eos_list, field, rope_settings
-from .transforms import fuse_rows, split_neox_qkv
+from .transforms import neox_qkv_to_fused
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -24,10 +24,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def finish_block(cfg: ModelConfig, t: Tensors) -> Tensors:
     out = {k: v for k, v in t.items() if not k.startswith("qkv_neox.")}
-    q, k, v = split_neox_qkv(t["qkv_neox.weight"], cfg.n_heads, cfg.head_dim)
-    out["qkv.weight"] = fuse_rows(q, k, v)
+    out["qkv.weight"] = neox_qkv_to_fused(t["qkv_neox.weight"], cfg.n_heads, cfg.head_dim)
     if "qkv_neox.bias" in t:
-        out["qkv.bias"] = fuse_rows(*split_neox_qkv(t["qkv_neox.bias"], cfg.n_heads, cfg.head_dim))
+        out["qkv.bias"] = neox_qkv_to_fused(t["qkv_neox.bias"], cfg.n_heads, cfg.head_dim)
     return out
 
 

@@ -31,11 +31,12 @@ def conv1d_to_linear(w: torch.Tensor) -> torch.Tensor:
     return w.t().contiguous()
 
 
-def split_neox_qkv(t: torch.Tensor, n_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """GPT-NeoX's query_key_value is interleaved per head: rows (nh, 3, hs). Split into q, k, v."""
+def neox_qkv_to_fused(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """GPT-NeoX's query_key_value is interleaved per head, rows (nh, 3, hs): reorder to q | k | v rows, in one copy
+    (a 20B block's 0.23 GB weight, on the load's critical path)."""
     assert t.shape[0] == 3 * n_heads * head_dim, f"query_key_value has {t.shape[0]} rows, expected 3*{n_heads}*{head_dim}"
     parts = t.reshape(n_heads, 3, head_dim, *t.shape[1:])  # (nh, 3, hs, [C])
-    return tuple(parts[:, i].reshape(n_heads * head_dim, *t.shape[1:]) for i in range(3))
+    return parts.transpose(0, 1).reshape(t.shape)
 
 
 def interleaved_to_half_rotary(t: torch.Tensor, n_heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:

@@ -208,13 +208,17 @@ def dense_linear_copies(weight: torch.Tensor) -> bool:
                                          and onednn_available())
 
 
-def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True) -> Linear:
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = True,
+                 owned: bool = False) -> Linear:
     """The fastest exact linear for this weight on its device.
 
     bf16 on CPU: overspill's blocked kernel where it builds (AVX512-BF16, or AVX2 + FMA), else oneDNN prepacked;
-    anything else (fp32, GPU, odd shapes): F.linear.
+    anything else (fp32, GPU, odd shapes): F.linear. ``owned``: the weight's memory is the caller's to give away (a
+    tensor just read for this linear alone): the blocked layout is made in place, with no second copy.
     """
     if pack and blocked_available(weight):
+        if owned and weight.is_contiguous():
+            return BlockedLinear.from_blocked_(weight, bias)
         return BlockedLinear(weight, bias)
     if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_available():
         return PackedLinear(weight, bias)

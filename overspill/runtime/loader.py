@@ -315,6 +315,11 @@ def dense_linear_format(name: str, weight: torch.Tensor, bias: torch.Tensor | No
     return dense_linear(weight, bias)
 
 
+def owned_dense_format(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+    """dense_linear_format for weights just read for this unit alone: re-laid out in place (no second copy)."""
+    return dense_linear(weight, bias, owned=True)
+
+
 # transform(unit, canonical tensors) -> canonical tensors: applied to an HF directory's units before their linears
 # are built (tensor parallel's shard_block); the unit's config is the executor's ``run_config``
 TensorTransform = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -334,8 +339,9 @@ class UnitBuilder:
         self.cfg, self.dtype, self.scheme = src.ckpt.config, src.dtype, src.quantize
         self.quantize_head, self.hook = quantize_head, hook
         self.transform = transform or _same
-        self.cpu_format = linear_format(src.quantize, include_head=quantize_head) if not src.is_store else \
-            dense_linear_format
+        # an HF directory's unquantized units: the fetched tensors are this unit's own, so they are laid out in place
+        self.cpu_format = dense_linear_format if src.is_store else \
+            linear_format(src.quantize, include_head=quantize_head) if src.quantize else owned_dense_format
         # an HF directory's units for an accelerator (resident there, or held in host RAM and copied per forward)
         self.device_format = movable_format(src.quantize, include_head=quantize_head) if not src.is_store else \
             dense_streamed
@@ -369,7 +375,7 @@ class UnitBuilder:
         if self.store is not None:
             return _read_store_unit(self.store, unit)
         skip = ("lm.weight",) if unit == "head" and self.cfg.tie_embeddings and table_shared else ()
-        return self.ckpt.read_unit_raw(unit, self.dtype, *skip)
+        return self.ckpt.read_unit_raw(unit, self.dtype, *skip, alloc=panel_empty)
 
     def host(self, unit: str, shared: dict[int, Weights], pin: bool) -> tuple[Weights, torch.Tensor]:
         """A unit held in host RAM and computed on an accelerator: dense or quantized (quant.StoredLinear: the stored
