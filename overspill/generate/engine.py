@@ -134,7 +134,7 @@ class _Seq:
     first_token_s: float | None = None
     prompt_lp: list | None = None
     prompt_top: list | None = None
-    beams: BeamSearch | None = None    # a beam-search request: its beams, each on a row of ``rows``
+    beams: BeamSearch | None = None    # a beam-search request: its beams, each holding a cache row
     spare: list[int] = field(default_factory=list)     # its rows no beam holds
 
     @property
