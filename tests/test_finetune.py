@@ -90,7 +90,8 @@ NORMS = {"gpt2": ["ln_1", "ln_2", "ln_f"], "gpt_neox_parallel": ["input_layernor
 @pytest.mark.parametrize("variant", list(NORMS))
 def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
     """PEFT's bias="lora_only" and modules_to_save=[norms], every trainable tensor moved off its base value: the
-    adapter loads in overspill with PEFT's logits; one float32 step gives PEFT's gradients for the pairs, the biases
+    adapter loads in overspill with PEFT's logits (5e-5: the moved norms enlarge the logits, and other tests' thread
+    settings change float32 summation order; measured up to 1.3e-5); one float32 step gives PEFT's gradients for the pairs, the biases
     and the norms (a norm's or bias's gradient sums over every token position, so float32 order differences grow
     with its size: within 1e-4 of its largest entry, plus 1e-6; measured 2e-6 on 0.04); overspill's file loads back in
     PEFT with the same logits; a new adapter
@@ -118,7 +119,7 @@ def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
     assert ad.settings.bias == "lora_only" and ad.norms
     m = overspill.load(path, dtype="float32", linear_hook=ad.train().hook)
     with torch.no_grad():
-        torch.testing.assert_close(m.logits(ids), logits.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(m.logits(ids), logits.detach(), rtol=0, atol=5e-5)
     total, n = train_pass(m.executor, ids, _labels(ids))
     assert abs(total / n - loss.item()) < 1e-5
     got = {k: p.grad for k, p in zip(ad.state_dict(), _state_params(ad))}
@@ -129,14 +130,14 @@ def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
     ad.eval().save(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours")
     with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, logits.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(back(ids).logits, logits.detach(), rtol=0, atol=5e-5)
         via_api = overspill.load(path, dtype="float32", adapter=tmp_path / "ours").logits(ids)
-        torch.testing.assert_close(via_api, logits.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(via_api, logits.detach(), rtol=0, atol=5e-5)
     from overspill.finetune.merge import merge_adapter
     merged = merge_adapter(path, str(tmp_path / "peft"), str(tmp_path / "merged"), progress=False)
     with torch.no_grad():   # the trained biases and norms replace the base's tensors in the merged checkpoint
         torch.testing.assert_close(overspill.load(merged, dtype="float32").logits(ids), logits.detach(), rtol=0,
-                                   atol=1e-5)
+                                   atol=5e-5)
     fresh = LoraAdapter(cfg, LoraSettings(r=2, targets=("qkv", "out", "up", "down"), bias="lora_only",
                                           norms=("all",)))
     plain = overspill.load(path, dtype="float32").logits(ids)

@@ -195,6 +195,37 @@ class BlockedLinear:
         return unblock_weight(self.blocked)
 
 
+class BlockedOnDemand:
+    """A bf16 weight used where it landed (a streamed unit's: its bytes are this fetch's own), blocked for the kernel
+    in place the first time a product of several rows needs it.
+
+    A one-row product (decode) reads the plain weight with F.linear, which keeps up with a disk, and the weight is
+    never re-laid out: the in-place pass costs ~0.7 s per GB on this machine's compute thread, which a streamed
+    decode pass cannot hide when the disk is fast. A prefill's products (from ``F32_MIN_ROWS`` rows, where a plain
+    weight would go through float32 slices at a third of the kernel's speed) block it once and run on the kernel."""
+
+    __slots__ = ("weight", "bias", "lin", "in_features", "out_features")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias, self.lin = weight, bias, DenseLinear(weight, bias)
+        self.out_features, self.in_features = weight.shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.lin, DenseLinear) and x.numel() >= F32_MIN_ROWS * self.in_features:
+            self.lin = BlockedLinear.from_blocked_(self.weight, self.bias)
+        return self.lin(x)
+
+    def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
+        self.lin.fill_rows(dst, n0, n1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.lin.nbytes
+
+    def dequantize(self) -> torch.Tensor:
+        return self.lin.dequantize()
+
+
 def blocked_available(weight: torch.Tensor) -> bool:
     from ..kernels import bf16_kernels, blockable
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2

@@ -25,7 +25,8 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..io import ALIGN, DirectFile, read_pool, trim_heap
 from ..kernels import panel_empty
-from ..model.linear import BlockedLinear, DenseLinear, blocked_available, dense_linear, dense_linear_copies
+from ..model.linear import BlockedLinear, BlockedOnDemand, DenseLinear, blocked_available, dense_linear, \
+    dense_linear_copies
 from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_names, linear_shapes, units
 from .background import BackgroundLoad
 from .executor import Executor
@@ -316,12 +317,12 @@ def dense_linear_format(name: str, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def streamed_format(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-    """A streamed unit's dense weights, used where they landed: on the CPU in the blocked kernel's layout, made in
-    place (the bytes are this fetch's own: a fresh read, or a staging slot the next read overwrites). A prefill's
-    products then run on the kernel (20B shape, 32 tokens: 0.33 s a block, against 1.0-1.4 s through float32
-    slices of a plain weight) for one in-place pass over the bytes. Elsewhere F.linear, as dense_streamed."""
+    """A streamed unit's dense weights, used where they landed (the bytes are this fetch's own: a fresh read, or a
+    staging slot the next read overwrites). On the CPU a prefill's products block them for the kernel in place
+    (model/linear.BlockedOnDemand; 20B shape, 32 tokens: 0.33 s a block, against 1.0-1.4 s through float32 slices
+    of a plain weight) and decode reads them as they are. Elsewhere F.linear, as dense_streamed."""
     if blocked_available(weight) and weight.is_contiguous():
-        return BlockedLinear.from_blocked_(weight, bias)
+        return BlockedOnDemand(weight, bias)
     return DenseLinear(weight, bias)
 
 
