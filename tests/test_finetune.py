@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from safetensors.torch import load_file, save_file
 import torch
 import torch.nn.functional as F
 
@@ -262,6 +263,23 @@ def test_bad_targets_and_adapters_are_one_line(ref_dir, tmp_path):
     (tmp_path / "neox" / "adapter_config.json").write_text(json.dumps(conf))
     with pytest.raises(overspill.OverspillError, match="use_dora"):
         overspill.load(npath, adapter=tmp_path / "neox")
+    # trained biases and saved modules: only the adapted modules' biases, only norm modules, every tensor present
+    from overspill.finetune.merge import merge_adapter
+    for change, match in (({"bias": "all"}, "bias='all' is not supported"),
+                          ({"modules_to_save": ["dense"]}, "modules_to_save: norm module 'dense' matches no norm"),
+                          ({"modules_to_save": ["final_layer_norm"]}, "no base_model.model.gpt_neox.final_layer_norm"
+                                                                      r".weight \(its adapter_config.json trains it\)")):
+        (tmp_path / "neox" / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": False, **change}))
+        with pytest.raises(overspill.OverspillError, match=match):
+            overspill.load(npath, adapter=tmp_path / "neox")
+    tensors = load_file(str(tmp_path / "neox" / "adapter_model.safetensors"))
+    save_file({**tensors, "base_model.model.gpt_neox.nope.weight": torch.ones(3)},
+              str(tmp_path / "neox" / "adapter_model.safetensors"))
+    (tmp_path / "neox" / "adapter_config.json").write_text(json.dumps({**conf, "use_dora": False,
+                                                                       "modules_to_save": ["nope"]}))
+    with pytest.raises(overspill.OverspillError, match="trains gpt_neox.nope.weight, which .* does not have"):
+        merge_adapter(npath, str(tmp_path / "neox"), str(tmp_path / "merged"), progress=False)
+    assert not (tmp_path / "merged").exists()
 
 
 # -- the trainer ---------------------------------------------------------------------------------------------------
