@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#include "tensors.h"
 
 namespace {
 
@@ -44,21 +45,6 @@ inline void store_bf16x16(at::BFloat16* y, __m256 lo, __m256 hi) {
   __m256i p = _mm256_packus_epi32(a, b);                // lanes: a0-3 b0-3 | a4-7 b4-7
   p = _mm256_permute4x64_epi64(p, 0xD8);                // a0-3 a4-7 | b0-3 b4-7
   _mm256_storeu_si256((__m256i*)y, p);
-}
-
-// Optional bias as contiguous fp32 [N] (an undefined tensor when absent).
-inline torch::Tensor bias_f32(const c10::optional<torch::Tensor>& bias, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
-  TORCH_CHECK(bias->device().is_cpu(), "CPU kernels need a CPU bias");
-  TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
-  return bias->to(at::kFloat).contiguous();
-}
-
-// bf16 output [..., N] shaped like x [..., K].
-inline torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
-  auto size = x.sizes().vec();
-  size.back() = N;
-  return torch::empty(size, x.options());
 }
 
 // y[m, j*16 + c] for m < MR, j < NP; w: the group's first panel, panel stride ps elements; xf: fp32 rows, ldx.

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include "tensors.h"
 
 namespace {
 
@@ -87,21 +88,6 @@ inline void rows(int64_t mr, const uint16_t* x, int64_t ldx, const WT* w, int64_
     case 2: micro<2, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
     default: micro<1, NP>(x, ldx, w, ps, KP, s, b, y, ldy); break;
   }
-}
-
-// Optional bias as contiguous fp32 [N] (undefined tensor when absent).
-inline torch::Tensor bias_f32(const c10::optional<torch::Tensor>& bias, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return torch::Tensor();
-  TORCH_CHECK(bias->device().is_cpu(), "CPU kernels need a CPU bias");
-  TORCH_CHECK(bias->numel() == N, "bias must have ", N, " elements");
-  return bias->to(at::kFloat).contiguous();
-}
-
-// bf16 output [..., N] shaped like x [..., K]: callers need no reshape.
-inline torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
-  auto size = x.sizes().vec();
-  size.back() = N;
-  return torch::empty(size, x.options());
 }
 
 template <typename WT>
