@@ -98,13 +98,13 @@ inline void rows(int64_t mr, int np, const float* xf, int64_t ldx, const uint16_
 }
 
 torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
-  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
+  KCHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  KCHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
+  KCHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
               "weight must be in panel layout [N/16, K/2, 16, 2]");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
-  TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
+  KCHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
   torch::Tensor bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = out_like(x, N);
@@ -165,13 +165,13 @@ inline void micro_i8(const float* xf, int64_t ldx, const uint8_t* w, int64_t KQ,
 }
 
 torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && qp.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(qp.scalar_type() == at::kByte && qp.dim() == 3 && qp.size(2) == 4 * PW && qp.is_contiguous(),
+  KCHECK(x.device().is_cpu() && qp.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  KCHECK(qp.scalar_type() == at::kByte && qp.dim() == 3 && qp.size(2) == 4 * PW && qp.is_contiguous(),
               "weight must be int8 panels [N/16, K/4, 64] (pack_int8)");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), KQ = qp.size(1), N = NPAN * PW;
-  TORCH_CHECK(KQ * 4 == K, "x has K=", K, " but the weight has ", KQ * 4, " input features");
-  TORCH_CHECK(scales.numel() == N, "scales must have ", N, " elements");
+  KCHECK(KQ * 4 == K, "x has K=", K, " but the weight has ", KQ * 4, " input features");
+  KCHECK(scales.numel() == N, "scales must have ", N, " elements");
   torch::Tensor sf = scales.to(at::kFloat).contiguous(), bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = out_like(x, N);

@@ -93,12 +93,12 @@ inline void rows(int64_t mr, const uint16_t* x, int64_t ldx, const WT* w, int64_
 template <typename WT>
 torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const float* scales,
                        const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
+  KCHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  KCHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
               "weight must be in panel layout [N/16, K/2, 16, 2]");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW;
-  TORCH_CHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
+  KCHECK(KP * 2 == K, "x has K=", K, " but the weight has ", KP * 2, " input features");
   torch::Tensor bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = out_like(x, N);
@@ -131,7 +131,7 @@ torch::Tensor panel_mm(const torch::Tensor& x, const torch::Tensor& wp, const fl
 }
 
 torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
+  KCHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
   return panel_mm<uint16_t>(x, wp, nullptr, bias);
 }
 
@@ -153,19 +153,19 @@ inline __m512 exp_ps(__m512 x);
 
 torch::Tensor decode_attn(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> valid,
                           double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kBFloat16, "q must be bf16 [B, nh, 1, hs]");
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+  KCHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(q.dim() == 4 && q.size(2) == 1 && q.scalar_type() == at::kBFloat16, "q must be bf16 [B, nh, 1, hs]");
+  KCHECK(k.dim() == 4 && v.dim() == 4 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "k, v must be bf16 [B, nkv, S, hs]");
   const int64_t B = q.size(0), nh = q.size(1), hs = q.size(3), nkv = k.size(1), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == nkv && v.size(2) == S && k.size(3) == hs && v.size(3) == hs,
+  KCHECK(k.size(0) == B && v.size(0) == B && v.size(1) == nkv && v.size(2) == S && k.size(3) == hs && v.size(3) == hs,
               "k, v shapes must match q");
-  TORCH_CHECK(nkv > 0 && nh % nkv == 0, "nh must be a positive multiple of nkv");
-  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "k, v must have unit stride along the head dim");
+  KCHECK(nkv > 0 && nh % nkv == 0, "nh must be a positive multiple of nkv");
+  KCHECK(k.stride(3) == 1 && v.stride(3) == 1, "k, v must have unit stride along the head dim");
   const bool* vp = nullptr;
   torch::Tensor valid_c;
   if (valid.has_value() && valid->defined()) {
-    TORCH_CHECK(valid->device().is_cpu() && valid->scalar_type() == at::kBool && valid->numel() == B * S,
+    KCHECK(valid->device().is_cpu() && valid->scalar_type() == at::kBool && valid->numel() == B * S,
                 "valid must be a CPU bool [B, S]");
     valid_c = valid->contiguous();
     vp = valid_c.data_ptr<bool>();
@@ -253,11 +253,11 @@ inline float bf(float v) { return (float)c10::BFloat16(v); }   // round to bf16 
 
 // RMSNorm, Llama style: w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(bf16), the product rounded to bf16.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm: bf16 x and w");
+  KCHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm: bf16 x and w");
   const int64_t C = x.size(-1);
-  TORCH_CHECK(C > 0, "rms_norm: empty feature dimension");
-  TORCH_CHECK(w.numel() == C, "rms_norm: weight has ", w.numel(), " elements, x has ", C, " features");
+  KCHECK(C > 0, "rms_norm: empty feature dimension");
+  KCHECK(w.numel() == C, "rms_norm: weight has ", w.numel(), " elements, x has ", C, " features");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto y = torch::empty_like(xc);
@@ -283,10 +283,10 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // Rotary embedding (rotate-half form) in place on the first n_rot heads of x [B, T, H, hs] (contiguous):
 // out = bf16(bf16(x * cos) + bf16(cat(-x2, x1) * sin)) over the first d = cos.size(-1) dims of each head.
 void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot) {
-  TORCH_CHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "rope_: x must be contiguous bf16 [B, T, H, hs]");
+  KCHECK(x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(x.dim() == 4 && x.is_contiguous() && x.scalar_type() == at::kBFloat16, "rope_: x must be contiguous bf16 [B, T, H, hs]");
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), hs = x.size(3), d = cos.size(-1), h2 = d / 2;
-  TORCH_CHECK(cos.numel() == B * T * d && sin.numel() == B * T * d && d <= hs && d % 2 == 0 && n_rot <= H,
+  KCHECK(cos.numel() == B * T * d && sin.numel() == B * T * d && d <= hs && d % 2 == 0 && n_rot <= H,
               "rope_: cos/sin must be [B, T, 1, d] with d <= head size");
   auto cc = cos.to(at::kBFloat16).contiguous(), sc = sin.to(at::kBFloat16).contiguous();
   at::BFloat16* xp = x.data_ptr<at::BFloat16>();
@@ -317,16 +317,16 @@ void rope_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t n_rot)
 torch::Tensor decode_step(torch::Tensor qkv, torch::Tensor kc, torch::Tensor vc, int64_t start,
                           c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin, int64_t nh, int64_t nkv,
                           c10::optional<torch::Tensor> valid, double scale) {
-  TORCH_CHECK(qkv.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(kc.dim() == 4 && vc.dim() == 4 && kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 &&
+  KCHECK(qkv.device().is_cpu() && kc.device().is_cpu() && vc.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(kc.dim() == 4 && vc.dim() == 4 && kc.scalar_type() == at::kBFloat16 && vc.scalar_type() == at::kBFloat16 &&
               kc.stride(3) == 1 && vc.stride(3) == 1 && kc.sizes() == vc.sizes(), "decode_step: caches must be bf16 [B, nkv, S, hs]");
   const int64_t B = kc.size(0), hs = kc.size(3), H = nh + 2 * nkv;
-  TORCH_CHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(0) == B &&
+  KCHECK(qkv.scalar_type() == at::kBFloat16 && qkv.is_contiguous() && qkv.dim() == 3 && qkv.size(0) == B &&
               qkv.size(1) == 1 && qkv.size(2) == H * hs, "decode_step: qkv must be contiguous bf16 [B, 1, (nh+2nkv)*hs]");
-  TORCH_CHECK(kc.size(1) == nkv && start >= 0 && start < kc.size(2), "decode_step: slot ", start, " outside the cache");
+  KCHECK(kc.size(1) == nkv && start >= 0 && start < kc.size(2), "decode_step: slot ", start, " outside the cache");
   auto x4 = qkv.view({B, 1, H, hs});
   if (cos.has_value() && cos->defined()) {
-    TORCH_CHECK(sin.has_value() && sin->defined(), "decode_step: cos without sin");
+    KCHECK(sin.has_value() && sin->defined(), "decode_step: cos without sin");
     rope_(x4, *cos, *sin, nh + nkv);
   }
   const uint16_t* src = (const uint16_t*)qkv.data_ptr<at::BFloat16>();
@@ -361,7 +361,7 @@ inline __m512 exp_ps(__m512 x) {
 
 // SwiGLU's gate: h [..., 2I] = (g, u) -> bf16(bf16(silu(g)) * u) [..., I], rounded where F.silu(g) * u rounds.
 torch::Tensor silu_mul(torch::Tensor h) {
-  TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.is_contiguous() && h.size(-1) % 2 == 0,
+  KCHECK(h.device().is_cpu() && h.scalar_type() == at::kBFloat16 && h.is_contiguous() && h.size(-1) % 2 == 0,
               "silu_mul: h must be contiguous bf16 [..., 2I]");
   const int64_t I = h.size(-1) / 2, R = I ? h.numel() / (2 * I) : 0;
   auto size = h.sizes().vec();
@@ -650,21 +650,21 @@ inline void micro_lut(const uint16_t* x, int64_t ldx, const uint8_t* w, int64_t 
 // lut bf16 [256] (8-bit) or [16] (4-bit). Returns bf16 [..., N].
 torch::Tensor lut_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax, torch::Tensor lut, int64_t bits,
                      int64_t bs, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && absmax.device().is_cpu() && lut.device().is_cpu(),
+  KCHECK(x.device().is_cpu() && codes.device().is_cpu() && absmax.device().is_cpu() && lut.device().is_cpu(),
               "CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "lut_mm: x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(bits == 8 || bits == 4, "lut_mm: bits must be 8 or 4");
-  TORCH_CHECK(lut.scalar_type() == at::kBFloat16 && lut.is_contiguous() && lut.numel() == (1 << bits),
+  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "lut_mm: x must be contiguous bf16 [..., K]");
+  KCHECK(bits == 8 || bits == 4, "lut_mm: bits must be 8 or 4");
+  KCHECK(lut.scalar_type() == at::kBFloat16 && lut.is_contiguous() && lut.numel() == (1 << bits),
               "lut_mm: lut must be contiguous bf16 [", 1 << bits, "]");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
+  KCHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() &&
               (bits == 8 ? codes.dim() == 4 && codes.size(2) == PW && codes.size(3) == 2
                          : codes.dim() == 3 && codes.size(2) == 2 * PW), "lut_mm: codes must be uint8 panels");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = codes.size(0), N = NPAN * PW;
   const int64_t Kw = bits == 8 ? codes.size(1) * 2 : codes.size(1) * 4;
-  TORCH_CHECK(Kw == K, "x has K=", K, " but the weight has ", Kw, " input features");
-  TORCH_CHECK(bs > 0 && bs % 4 == 0 && K % bs == 0, "lut_mm: K=", K, " must be a multiple of the block size ", bs);
+  KCHECK(Kw == K, "x has K=", K, " but the weight has ", Kw, " input features");
+  KCHECK(bs > 0 && bs % 4 == 0 && K % bs == 0, "lut_mm: K=", K, " must be a multiple of the block size ", bs);
   const int64_t G = K / bs;
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == NPAN * G * PW,
+  KCHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == NPAN * G * PW,
               "lut_mm: absmax must be contiguous fp32 [N/16, K/bs, 16]");
   torch::Tensor bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
@@ -711,9 +711,9 @@ inline __m128i int4pack_rows16(const uint8_t* blk, int64_t half, int64_t r, int6
 // int4_vnni_mm panels [N/16, K/8, 64] (byte [p, o, 4c + j] = q[16p+c, 8o+j] | q[16p+c, 8o+4+j] << 4). Each block's
 // panels occupy exactly the block's own bytes, so blocks convert independently with one block of scratch.
 void int4pack_to_panels_(torch::Tensor buf, int64_t N, int64_t K, int64_t layout) {
-  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte && buf.numel() == N * K / 2,
+  KCHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte && buf.numel() == N * K / 2,
               "int4pack_to_panels_: uint8 CPU buffer of N*K/2 bytes");
-  TORCH_CHECK(N % PW == 0 && K % 8 == 0 && (layout == 0 || layout == 32 || layout == 64),
+  KCHECK(N % PW == 0 && K % 8 == 0 && (layout == 0 || layout == 32 || layout == 64),
               "int4pack_to_panels_: N % 16, K % 8 and layout in {0, 32, 64}");
   const int64_t BN = layout ? layout : 32, nbf = N / BN, tail = N - nbf * BN;
   uint8_t* base = buf.data_ptr<uint8_t>();
@@ -745,9 +745,9 @@ void int4pack_to_panels_(torch::Tensor buf, int64_t N, int64_t K, int64_t layout
 }
 
 inline void check_x(const torch::Tensor& x, int64_t KB, const char* who) {
-  TORCH_CHECK(x.device().is_cpu(), who, ": CPU kernels need CPU tensors");
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), who, ": x must be contiguous bf16 [..., K]");
-  TORCH_CHECK(KB > 0 && KB % 16 == 0 && KB <= 16384 && x.size(-1) % KB == 0, who, ": K=", x.size(-1),
+  KCHECK(x.device().is_cpu(), who, ": CPU kernels need CPU tensors");
+  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), who, ": x must be contiguous bf16 [..., K]");
+  KCHECK(KB > 0 && KB % 16 == 0 && KB <= 16384 && x.size(-1) % KB == 0, who, ": K=", x.size(-1),
               " must be a multiple of the activation block ", KB, " (a multiple of 16, at most 16384: int32 sums)");
 }
 
@@ -755,12 +755,12 @@ inline void check_x(const torch::Tensor& x, int64_t KB, const char* who) {
 torch::Tensor int8_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias,
                            int64_t block) {
   check_x(x, block, "int8_vnni_mm");
-  TORCH_CHECK(qp.device().is_cpu() && scales.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
+  KCHECK(qp.device().is_cpu() && scales.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
               "int8_vnni_mm: weight must be uint8 panels [N/16, K/4, 64]");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), N = NPAN * PW;
-  TORCH_CHECK(qp.size(1) * 4 == K, "x has K=", K, " but the weight has ", qp.size(1) * 4, " input features");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+  KCHECK(qp.size(1) * 4 == K, "x has K=", K, " but the weight has ", qp.size(1) * 4, " input features");
+  KCHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
               "int8_vnni_mm: scales must be contiguous fp32 [N]");
   torch::Tensor bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
@@ -785,12 +785,12 @@ torch::Tensor int8_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scal
 torch::Tensor int4_vnni_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
                            c10::optional<torch::Tensor> bias) {
   check_x(x, group_size, "int4_vnni_mm");
-  TORCH_CHECK(qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
-  TORCH_CHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
+  KCHECK(qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
               "int4_vnni_mm: weight must be uint8 panels [N/16, K/8, 64]");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), N = NPAN * PW, G = K / group_size;
-  TORCH_CHECK(qp.size(1) * 8 == K, "x has K=", K, " but the weight has ", qp.size(1) * 8, " input features");
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
+  KCHECK(qp.size(1) * 8 == K, "x has K=", K, " but the weight has ", qp.size(1) * 8, " input features");
+  KCHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
               sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW, "int4_vnni_mm: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
   torch::Tensor bias_f = bias_f32(bias, N);
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;

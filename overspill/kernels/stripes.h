@@ -24,9 +24,9 @@ inline void stripes_of(uint8_t* base, int64_t S, int64_t R, int64_t G, T f) {
 }
 
 void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64_t flip) {
-  TORCH_CHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte, "stripe_transpose_: uint8 CPU buffer");
+  KCHECK(buf.device().is_cpu() && buf.is_contiguous() && buf.scalar_type() == at::kByte, "stripe_transpose_: uint8 CPU buffer");
   const int64_t SB = R * G * E;
-  TORCH_CHECK(SB > 0 && buf.numel() % SB == 0, "stripe_transpose_: buffer is not whole stripes of ", SB, " bytes");
+  KCHECK(SB > 0 && buf.numel() % SB == 0, "stripe_transpose_: buffer is not whole stripes of ", SB, " bytes");
   uint8_t* base = buf.data_ptr<uint8_t>();
   const int64_t S = buf.numel() / SB;
   const uint8_t f = (uint8_t)flip;
