@@ -605,24 +605,90 @@ def test_avx2_int8_weight_only_vs_reference(M, N, K):
         A2.int8_w8a16_mm(torch.randn(M, K + 4).bfloat16(), pack_int8(q), s, b)
 
 
+def w8a8_reference(x, q, s, b, KB):
+    """int8_vnni_mm's arithmetic in float64: x quantized per (row, block of KB inputs) with d = max|x| / 127 and
+    round-half-even(x * (127 / max|x|)) in float32 (a true division: Python's 127 / tensor is a reciprocal times 127,
+    which rounds twice), integer block sums, scaled and summed exactly."""
+    xf = x.float()
+    M, K = xf.shape
+    xb = xf.view(M, K // KB, KB)
+    amax = xb.abs().amax(-1, keepdim=True)
+    xq = torch.round(xb * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax)))
+    isum = torch.einsum("mbk,nbk->mbn", xq.double(), q.double().view(q.shape[0], K // KB, KB))
+    return (isum * (amax / 127.0).double()).sum(1) * s.double() + (0 if b is None else b.double())
+
+
+@needs_avx2
+@pytest.mark.parametrize("M,N,K,KB", [(1, 16, 64, 64), (5, 48, 128, 32), (7, 160, 192, 64), (50, 64, 320, 64),
+                                      (3, 32, 48, 16)])
+def test_avx2_int8_w8a8_vs_reference(M, N, K, KB):
+    """int8_w8a8_mm (vpmaddubsw with the weight's sign moved onto the activation): the AVX-512 kernel's arithmetic,
+    within one bf16 rounding of its float64 emulation (50 rows cross a pass of 48, 16-input blocks take the tail of
+    the quantizer); each row alone gives its row of the batch; int8 extremes (+-127 weights, a block's max input)
+    do not saturate the int16 pair sums; bad shapes fail in one line."""
+    from overspill.kernels import pack_int8
+    g = torch.Generator().manual_seed(M * 100 + N + K)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    q[0] = 127
+    q[1] = -127
+    s, b = torch.rand(N, generator=g) * 0.01, torch.randn(N, generator=g)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    x[0, :KB] = 2.0                                  # a whole block at its max: every xq = 127
+    got = A2.int8_w8a8_mm(x, pack_int8(q), s, b, KB)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    assert_within_bf16_rounding(got, w8a8_reference(x, q, s, b, KB))
+    assert torch.equal(got, torch.cat([A2.int8_w8a8_mm(x[i:i + 1].contiguous(), pack_int8(q), s, b, KB)
+                                       for i in range(M)]))
+    assert torch.equal(A2.int8_w8a8_mm(x[:, None], pack_int8(q), s, None, KB)[:, 0],
+                       A2.int8_w8a8_mm(x, pack_int8(q), s, None, KB))
+    with pytest.raises(RuntimeError, match=f"K={K + 16} must be a multiple of the activation block {K + 16 + KB}"):
+        A2.int8_w8a8_mm(torch.randn(M, K + 16).bfloat16(), pack_int8(q), s, b, K + 16 + KB)
+    with pytest.raises(RuntimeError, match=f"x has K={K + KB} but the weight has {K} input features"):
+        A2.int8_w8a8_mm(torch.randn(M, K + KB).bfloat16(), pack_int8(q), s, b, KB)
+    assert A2.int8_w8a8_mm(x[:0], pack_int8(q), s, b, KB).shape == (0, N)
+
+
+@needs_avx2
+@needs_kernels
+def test_avx2_w8a8_equals_the_avx512_kernel():
+    """On a CPU that runs both builds, the AVX2 w8a8 kernel gives the AVX-512 one's results (the same integer block
+    sums and fp32 steps; compared to within one bf16 step)."""
+    from overspill.kernels import pack_int8
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-127, 128, (96, 256), generator=g, dtype=torch.int8)
+    s, b, x = torch.rand(96, generator=g) * 0.01, torch.randn(96, generator=g), torch.randn(13, 256, generator=g).bfloat16()
+    a, v = A2.int8_w8a8_mm(x, pack_int8(q), s, b, 64), K_.int8_vnni_mm(x, pack_int8(q), s, b, 64)
+    assert torch.allclose(a.float(), v.float(), rtol=2 ** -7, atol=1e-6)
+
+
 @pytest.mark.skipif(A2 is None or K_ is not None, reason="the AVX2 int8 path: CPUs with AVX2 but not AVX512-VNNI")
-def test_int8_linear_runs_weight_only_panels_on_avx2():
-    """Without the AVX-512 kernels Int8Linear holds its weight as panels only and runs int8_w8a16_mm: the same
-    values as dequantize() times x (activations exact), float32 rows and input gradients from slices of the panels."""
+def test_int8_linear_runs_panels_on_avx2():
+    """Without the AVX-512 kernels Int8Linear holds its weight as panels only. bf16 activations run int8_w8a8_mm by
+    default (the AVX-512 build's w8a8 arithmetic) and int8_w8a16_mm with act_quant="never" (x exact); float32
+    rows and input gradients stay weight-only: the kernel below DEQUANT_MIN_M rows, float32 slices of the panels
+    above."""
     import overspill.quant as Q
     torch.manual_seed(3)
     w, b = torch.randn(64, 128) * 0.05, torch.randn(64)
     t = Q.quantize(w, "int8")
     lin = Q.make_linear("int8", t, b)
+    never = Q.make_linear("int8", t, b, act_quant="never")
     assert lin._a2 is not None and lin._qplain is None and torch.equal(lin.qweight, t["qweight"])
+    assert (lin.act_quant, lin._a2_w8a8, never.act_quant, never._a2_w8a8) == ("auto", True, "never", False)
     d = Q.dequantize("int8", t)
     x = torch.randn(5, 128).bfloat16()
-    assert_within_bf16_rounding(lin(x), x.double() @ d.double().T + b.double())
+    assert_within_bf16_rounding(never(x), x.double() @ d.double().T + b.double())
+    with torch.no_grad():
+        assert_within_bf16_rounding(lin(x), w8a8_reference(x, t["qweight"], t["scales"].float(), b, 64))
+        assert not torch.equal(lin(x), never(x))       # the activations were rounded to int8
     rows = torch.empty(32, 128)
     lin._fill_rows(rows, 16, 48)
     assert torch.equal(rows, d[16:48])
-    xf = torch.randn(40, 128, requires_grad=True)          # > DEQUANT_MIN_M float32 rows: exact float32
-    y = lin(xf)
-    assert torch.allclose(y, xf @ d.T + b, rtol=1e-5, atol=1e-5)
-    y.sum().backward()
-    assert torch.allclose(xf.grad, d.sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)
+    for m in (lin, never):
+        xs = torch.randn(4, 128)              # float32, few rows: x rounded to bf16 only (the bias added after)
+        assert_within_bf16_rounding(m(xs) - b, xs.bfloat16().double() @ d.double().T)
+        xf = torch.randn(40, 128, requires_grad=True)          # > DEQUANT_MIN_M float32 rows: exact float32
+        y = m(xf)
+        assert torch.allclose(y, xf @ d.T + b, rtol=1e-5, atol=1e-5)
+        y.sum().backward()
+        assert torch.allclose(xf.grad, d.sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)

@@ -230,9 +230,10 @@ def test_quantize_in_row_chunks_equals_whole_rows():
 
 
 def test_int8_default_without_kernels_keeps_one_copy(monkeypatch):
-    """Where the integer kernel is unavailable the default is weight-only: no oneDNN prepacked second copy of the
-    weight (which memory budgets do not count) appears on a batched call."""
+    """Where neither integer kernel (AVX-512 VNNI, AVX2) is available the default is weight-only: no oneDNN
+    prepacked second copy of the weight (which memory budgets do not count) appears on a batched call."""
     monkeypatch.setattr(int8_mod, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(int8_mod, "avx2_kernels", lambda: None)
     lin = Q.make_linear("int8", Q.quantize(W(96, 64), "int8"))
     assert lin._k is None and lin.act_quant == "never"
     lin(torch.randn(5, 64))

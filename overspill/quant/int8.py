@@ -3,18 +3,21 @@
 Stored: {"qweight": int8 [N, K], "scales": bf16 [N]}; w[n, k] = qweight[n, k] * scales[n].
 
 Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``act_quant``:
-* "auto" (the default where the kernels build) where overspill's CPU kernels build (AVX512-BF16 + VNNI) and N % 16 == 0, K % 32 == 0:
-  ``kernels.int8_vnni_mm`` at every batch size (w8a8): activations quantized on the fly to int8 with one scale per
-  ACT_BLOCK inputs of each row, as llama.cpp's Q8_0 does, and multiplied on vpdpbusd. The weight is held only in
-  the kernel's panel layout. Batch 1 at about the read bandwidth; prefill faster than bf16 (integer MACs are 2x
-  denser), so no dequantization pass ever runs. The activation rounding is in the quality table (quality.py).
-  Without the kernels the default is "never" (below); an explicit "auto" there means torch's
+* "auto" (the default where a w8a8 kernel builds) and N % 16 == 0, K % 32 == 0: activations quantized on the fly to
+  int8 with one scale per ACT_BLOCK inputs of each row, as llama.cpp's Q8_0 does, then integer products, at every
+  batch size. With AVX512-BF16 + VNNI ``kernels.int8_vnni_mm`` (vpdpbusd); on CPUs with only AVX2 + FMA
+  ``avx2_kernels().int8_w8a8_mm`` (vpmaddubsw), the same arithmetic and results. The weight is held only in the
+  kernels' panel layout. Batch 1 at about the read bandwidth; prefill faster than bf16 (integer MACs are 2x denser
+  than fp32 FMAs), so no dequantization pass ever runs. The activation rounding is in the quality table
+  (quality.py). On AVX2, float32 activations (training) stay weight-only (``int8_w8a16_mm``, or float32 slices of
+  the panels above DEQUANT_MIN_M rows).
+  Without either kernel the default is "never" (below); an explicit "auto" there means torch's
   ``_weight_int8pack_mm`` at M == 1 (w8a16) and oneDNN ``qlinear_pointwise`` u8 x s8 with per-token activation
   scales at M >= 2, whose prepacked weight is a second N*K-byte copy that memory budgets do not count.
-* "never": weight-only, exact bf16 activations: ``_weight_int8pack_mm`` up to DEQUANT_MIN_M rows, above that a
-  transient bf16 weight and one dense matmul.
+* "never": weight-only, exact bf16 activations: on AVX2 ``int8_w8a16_mm`` over the panels; elsewhere
+  ``_weight_int8pack_mm`` up to DEQUANT_MIN_M rows, above that a transient bf16 weight and one dense matmul.
 ``repack=False`` (the stored tensors used as they are) takes the no-kernel paths of the chosen mode.
-* "always": activations quantized at every M (the kernel, else oneDNN w8a8).
+* "always": activations quantized at every M (the kernels, else oneDNN w8a8).
 Portable path (tensors off the CPU, or asked for: quant/_base.py): weight-only at every M, exact activations:
 q -> x.dtype into a scratch buffer, times the scales, then F.linear; ``act_quant`` does not apply.
 """
@@ -80,12 +83,16 @@ class Int8Linear(QuantLinear):
         ok = (repack and not portable and act_quant != "never" and self._block is not None
               and vnni_block(N, K, self._block) and (repack != "inplace" or q.is_contiguous()))
         self._k = cpu_kernels() if ok else None
-        # without them, on AVX2 + FMA: weight-only over the same panels (exact activations, "never"'s arithmetic)
-        self._a2 = None
-        if self._k is None and repack and not portable and act_quant in (None, "never") and N % 16 == 0 \
-                and K % 4 == 0 and (repack != "inplace" or q.is_contiguous()):
+        # without them, on AVX2 + FMA, over the same panels: w8a8 with the AVX-512 kernel's arithmetic (act_quant
+        # "auto", the default), or weight-only with exact activations ("never")
+        self._a2, self._a2_w8a8 = None, False
+        if self._k is None and repack and not portable and N % 16 == 0 and K % 4 == 0 \
+                and (repack != "inplace" or q.is_contiguous()):
             a2 = avx2_kernels()
-            self._a2 = a2 if a2 is not None and hasattr(a2, "int8_w8a16_mm") else None
+            if a2 is not None and hasattr(a2, "int8_w8a16_mm"):
+                w8a8 = act_quant != "never" and self._block is not None and hasattr(a2, "int8_w8a8_mm")
+                if w8a8 or act_quant in (None, "never"):
+                    self._a2, self._a2_w8a8 = a2, w8a8
         # Kernel path: the weight is held only in the panel layout (no second copy).
         panels = self._k is not None or self._a2 is not None
         self._qpanels = None if not panels else pack_int8_(q) if repack == "inplace" else pack_int8(q)
@@ -94,9 +101,10 @@ class Int8Linear(QuantLinear):
         self.scales_f32 = s.float().contiguous()
         self._fast_ok = panels
         self._bias_f32 = None if bias is None else bias.float().contiguous()
-        if act_quant is None:   # the default: w8a8 on our kernel; without it weight-only, which needs no second copy
-            act_quant = "auto" if self._k is not None else "never"
-        self.act_quant = act_quant if act_quant == "never" or _onednn_int8_ok() or self._k is not None else "never"
+        w8a8_kernel = self._k is not None or self._a2_w8a8
+        if act_quant is None:   # the default: w8a8 on our kernels; without them weight-only, which needs no second copy
+            act_quant = "auto" if w8a8_kernel else "never"
+        self.act_quant = act_quant if act_quant == "never" or _onednn_int8_ok() or w8a8_kernel else "never"
         if portable:
             self.act_quant = "never"
         self._scales_as: dict[torch.dtype, torch.Tensor] = {}
@@ -105,8 +113,13 @@ class Int8Linear(QuantLinear):
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
         if self._k is None:
-            return self._a2.int8_w8a16_mm(x, self._qpanels, self.scales_f32, self._bias_f32)
+            return self._a2_mm(x, self._bias_f32)
         return self._k.int8_vnni_mm(x, self._qpanels, self.scales_f32, self._bias_f32, self._block)
+
+    def _a2_mm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._a2_w8a8:
+            return self._a2.int8_w8a8_mm(x, self._qpanels, self.scales_f32, bias, self._block)
+        return self._a2.int8_w8a16_mm(x, self._qpanels, self.scales_f32, bias)
 
     def _fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         """Rows [n0, n1) of q * scale into ``dst`` (float32 [n1 - n0, K]), from the plain weight or the panels."""
@@ -129,8 +142,10 @@ class Int8Linear(QuantLinear):
         if self._a2 is not None:
             if x.dtype == torch.float32 and M > DEQUANT_MIN_M and not bf16_native():    # float32 stays exact
                 return f32_sliced_linear(x, self.out_features, self.in_features, self._fill_rows, None)
-            y = self._a2.int8_w8a16_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None)
-            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+            if x.dtype == torch.bfloat16:
+                return self._a2_mm(x.contiguous(), None)
+            # float32 activations (training, float32 models) stay weight-only: x rounded to bf16, never to int8
+            return self._a2.int8_w8a16_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None).to(x.dtype)
         if self._k is not None:
             y = self._k.int8_vnni_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None, self._block)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
