@@ -238,3 +238,25 @@ def test_int8_default_without_kernels_keeps_one_copy(monkeypatch):
     assert lin._k is None and lin.act_quant == "never"
     lin(torch.randn(5, 64))
     assert lin._packed is None
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_int8_from_stored_panels_equals_from_the_plain_weight(monkeypatch, kernels):
+    """Int8Linear built from a layer store's panels (store_form) gives the plain weight's results, with the kernels
+    (the panels used as they are) and without them (unpacked once); dequantize() reads either form; shapes that do
+    not fit panels keep the plain weight; a malformed panel tensor is refused in one line."""
+    if not kernels:
+        monkeypatch.setattr(int8_mod, "cpu_kernels", lambda: None)
+        monkeypatch.setattr(int8_mod, "avx2_kernels", lambda: None)
+    t = Q.quantize(W(96, 64), "int8")
+    sf = Q.store_form("int8", t)
+    assert sorted(sf) == ["qpanels", "scales"] and sf["qpanels"].shape == (6, 16, 64)
+    assert torch.equal(Q.dequantize("int8", sf), Q.dequantize("int8", t))
+    b = torch.randn(96)
+    a, p = Q.make_linear("int8", t, b), Q.make_linear("int8", sf, b)
+    assert (p._qpanels is not None) == kernels and torch.equal(p.qweight, t["qweight"])
+    for x in (torch.randn(3, 64).bfloat16(), torch.randn(40, 64)):
+        assert torch.equal(a(x), p(x))
+    assert sorted(Q.store_form("int8", Q.quantize(W(20, 64), "int8"))) == ["qweight", "scales"]
+    with pytest.raises(ValueError, match="qpanels uint8"):
+        Q.make_linear("int8", {"qpanels": sf["qpanels"].view(torch.int8), "scales": t["scales"]})

@@ -101,8 +101,14 @@ def test_views_alias_buffer_and_read_into_given_buffer(ref_dir, tmp_path):
 
 
 @pytest.mark.parametrize("scheme,head", [("int8", False), ("int4", True)])
-def test_quantized_store(ref_dir, tmp_path, scheme, head):
-    from overspill.quant import make_linear, quantize
+def test_quantized_store(ref_dir, tmp_path, scheme, head, monkeypatch):
+    """A quantized store holds quantize()'s bytes in store_form (int8: the kernels' panels, so a unit is used as it
+    was read: no transpose at load or at a streamed fetch) and its linears give what quantizing at load gives."""
+    import overspill.quant.int8 as int8_mod
+    from overspill.quant import make_linear, quantize, store_form
+
+    def no_transpose(q):
+        raise AssertionError("a stored int8 weight was transposed into panels")
 
     src, dst = _convert(ref_dir, tmp_path, "gpt_neox_parallel", dtype="bfloat16", quantize=scheme, quantize_head=head)
     st, ck = LayerStore(dst), HFCheckpoint(src)
@@ -114,15 +120,23 @@ def test_quantized_store(ref_dir, tmp_path, scheme, head):
         lins = [l for l in linear_names(u) if u != "head" or head]
         assert sorted(quant) == sorted(lins), u
         for lin in lins:
-            want = quantize(ref.pop(f"{lin}.weight"), scheme)
+            loaded = quantize(ref.pop(f"{lin}.weight"), scheme)
+            want = store_form(scheme, loaded)
             assert sorted(quant[lin]) == sorted(want)
+            if scheme == "int8":
+                assert sorted(want) == ["qpanels", "scales"]
             for k in want:
                 assert _bitwise_equal(quant[lin][k], want[k]), (u, lin, k)
             if lin == "qkv":   # usable by the runtime straight from the views
                 b = plain.get("qkv.bias")
-                y = make_linear(scheme, quant[lin], b)(x)
-                y_ref = make_linear(scheme, want, b)(x)
+                with monkeypatch.context() as m:
+                    m.setattr(int8_mod, "pack_int8_", no_transpose)
+                    m.setattr(int8_mod, "pack_int8", no_transpose)
+                    y = make_linear(scheme, quant[lin], b, repack="inplace")(x)
+                y_ref = make_linear(scheme, loaded, b)(x)
                 torch.testing.assert_close(y, y_ref)
+                assert torch.equal(make_linear(scheme, quant[lin], b, portable=True)(x),
+                                   make_linear(scheme, loaded, b, portable=True)(x))
         assert sorted(plain) == sorted(ref), u
         for n in ref:
             assert _bitwise_equal(plain[n], ref[n]), (u, n)

@@ -52,7 +52,7 @@ embedding and the head are stored once, whole (every rank holds them). ``LayerSt
 view: its blocks are its shards, so reading, planning and streaming touch only its bytes.
 
 Quantized stores keep each quantized linear ``lin`` as the tensors of
-``overspill.quant.quantize`` under ``"{lin}.q.{key}"`` (e.g. ``qkv.q.qweight``); biases stay
+``overspill.quant.store_form`` under ``"{lin}.q.{key}"`` (e.g. ``qkv.q.qpanels``); biases stay
 ``"{lin}.bias"`` in the model dtype. ``split_quantized`` regroups them for ``make_linear``.
 """
 from __future__ import annotations
@@ -143,14 +143,14 @@ def write_unit_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[
 def _quantize_unit(unit: str, t: dict[str, torch.Tensor], scheme: str | None, quantize_head: bool) -> dict:
     if scheme is None:
         return t
-    from ..quant import quantize as qz
+    from ..quant import quantize as qz, store_form
 
     lins = [l for l in linear_names(unit) if unit != "head" or quantize_head]
     out = {}
     for name, v in t.items():
         lin, _, kind = name.partition(".")
         if lin in lins and kind == "weight":
-            for key, q in qz(v, scheme).items():
+            for key, q in store_form(scheme, qz(v, scheme)).items():
                 out[f"{lin}.q.{key}"] = q.contiguous()
         else:
             out[name] = v

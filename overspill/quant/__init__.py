@@ -148,6 +148,12 @@ def stored_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Ten
     return _STORED[scheme](dict(tensors), bias)
 
 
+def store_form(scheme: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """quantize()'s tensors as a layer store keeps them (the same bytes; int8 in its kernels' panel layout)."""
+    _check_scheme(scheme)
+    return int8.store_form(tensors) if scheme == "int8" else tensors
+
+
 def dequantize(scheme: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Stored tensors -> float32 [N, K]."""
     _check_scheme(scheme)

@@ -1,6 +1,7 @@
 """int8: per-output-channel symmetric int8 weights, bf16 scales.
 
-Stored: {"qweight": int8 [N, K], "scales": bf16 [N]}; w[n, k] = qweight[n, k] * scales[n].
+Stored: {"qweight": int8 [N, K], "scales": bf16 [N]}; w[n, k] = qweight[n, k] * scales[n]. Layer stores keep
+{"qpanels": uint8 [N/16, K/4, 64], "scales"} instead (store_form: the kernels' layout, read and used as it is).
 
 Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``act_quant``:
 * "auto" (the default where a w8a8 kernel builds) and N % 16 == 0, K % 32 == 0: activations quantized on the fly to
@@ -46,8 +47,20 @@ def quantize(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"qweight": q, "scales": s}
 
 
+def store_form(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """quantize()'s tensors as a layer store keeps them: the weight in the kernels' panel layout (``qpanels``, uint8
+    [N/16, K/4, 64], pack_int8), so loading and streaming use the bytes as they were read, with no transpose on the
+    way; shapes the panels do not fit keep ``qweight``. Int8Linear and dequantize() take either form."""
+    q = t["qweight"]
+    N, K = q.shape
+    if N % 16 or K % 4:
+        return t
+    return {"qpanels": pack_int8(q), "scales": t["scales"]}
+
+
 def dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    return t["qweight"].float() * t["scales"].float()[:, None]
+    q = t["qweight"] if "qweight" in t else unpack_int8(t["qpanels"])
+    return q.float() * t["scales"].float()[:, None]
 
 
 def nbytes(N: int, K: int) -> int:
@@ -71,23 +84,31 @@ class Int8Linear(QuantLinear):
 
     def __init__(self, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, act_quant: str | None = None,
                  repack: bool | str = True, portable: bool | None = None):
-        q, s = tensors["qweight"], tensors["scales"]
-        if q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
-            raise ValueError(f"int8: expected qweight int8 [N, K] and scales [N], got {q.dtype} {tuple(q.shape)}, {tuple(s.shape)}")
+        q, p, s = tensors.get("qweight"), tensors.get("qpanels"), tensors["scales"]
+        if p is not None:       # a layer store's form (store_form): already the kernels' panels
+            if p.dtype != torch.uint8 or p.dim() != 3 or p.shape[2] != 64 or s.shape != (p.shape[0] * 16,):
+                raise ValueError(f"int8: expected qpanels uint8 [N/16, K/4, 64] and scales [N], got {p.dtype} "
+                                 f"{tuple(p.shape)}, {tuple(s.shape)}")
+            N, K = p.shape[0] * 16, p.shape[1] * 4
+        elif q is None or q.dtype != torch.int8 or q.dim() != 2 or s.shape != (q.shape[0],):
+            got = "nothing" if q is None else f"{q.dtype} {tuple(q.shape)}"
+            raise ValueError(f"int8: expected qweight int8 [N, K] and scales [N], got {got}, {tuple(s.shape)}")
+        else:
+            N, K = q.shape
         if act_quant not in (None, "auto", "never", "always"):
             raise ValueError(f"int8: act_quant must be auto|never|always, got {act_quant!r}")
-        portable = wants_portable(q, portable)
-        super().__init__(q.shape[0], q.shape[1], bias, nbytes_of(q, s), portable)
-        N, K = q.shape
+        w = q if p is None else p
+        portable = wants_portable(w, portable)
+        super().__init__(N, K, bias, nbytes_of(w, s), portable)
         self._block = _act_block(K)
+        usable = p is not None and p.is_contiguous() or repack != "inplace" or q.is_contiguous()
         ok = (repack and not portable and act_quant != "never" and self._block is not None
-              and vnni_block(N, K, self._block) and (repack != "inplace" or q.is_contiguous()))
+              and vnni_block(N, K, self._block) and usable)
         self._k = cpu_kernels() if ok else None
         # without them, on AVX2 + FMA, over the same panels: w8a8 with the AVX-512 kernel's arithmetic (act_quant
         # "auto", the default), or weight-only with exact activations ("never")
         self._a2, self._a2_w8a8 = None, False
-        if self._k is None and repack and not portable and N % 16 == 0 and K % 4 == 0 \
-                and (repack != "inplace" or q.is_contiguous()):
+        if self._k is None and repack and not portable and N % 16 == 0 and K % 4 == 0 and usable:
             a2 = avx2_kernels()
             if a2 is not None and hasattr(a2, "int8_w8a16_mm"):
                 w8a8 = act_quant != "never" and self._block is not None and hasattr(a2, "int8_w8a8_mm")
@@ -95,8 +116,11 @@ class Int8Linear(QuantLinear):
                     self._a2, self._a2_w8a8 = a2, w8a8
         # Kernel path: the weight is held only in the panel layout (no second copy).
         panels = self._k is not None or self._a2 is not None
-        self._qpanels = None if not panels else pack_int8_(q) if repack == "inplace" else pack_int8(q)
-        self._qplain = None if panels else q.contiguous()
+        if p is not None:       # stored as panels: used as they are, or unpacked (a copy) where no kernel runs
+            self._qpanels, self._qplain = (p.contiguous(), None) if panels else (None, unpack_int8(p))
+        else:
+            self._qpanels = None if not panels else pack_int8_(q) if repack == "inplace" else pack_int8(q)
+            self._qplain = None if panels else q.contiguous()
         self.scales_bf16 = s.to(torch.bfloat16).contiguous()
         self.scales_f32 = s.float().contiguous()
         self._fast_ok = panels
