@@ -12,7 +12,8 @@ skinny matmuls over bf16, int8 and int4 weights in panel layouts, one-token atte
 Unavailable (None) when: OVERSPILL_KERNELS=0, not x86-64 with AVX512F/BW/VL + AVX512_BF16 + AVX512_VNNI, or the build
 fails (no compiler, no ninja): callers fall back to oneDNN / torch ops, slower but the same results up
 to rounding. On x86-64 CPUs with AVX2 + FMA only, ``bf16_kernels()`` is cpu_avx2.cpp's module: the same bf16_mm over
-the same panels (fp32 FMAs over weights widened in registers), so bf16 linears still run from panels there. The build (~40 s, once per machine and source version) is cached under
+the same panels (fp32 FMAs over weights widened in registers), so bf16 linears still run from panels there, and int8
+linears run ``int8_w8a8_mm`` (the AVX-512 w8a8 arithmetic on vpmaddubsw). The build (~40 s, once per machine and source version) is cached under
 ~/.cache/overspill/kernels; `python -m overspill.kernels` builds it ahead of time (``make setup`` does).
 """
 from __future__ import annotations
@@ -118,7 +119,8 @@ def bf16_kernels():
 
 
 def avx2_kernels():
-    """cpu_avx2.cpp's module (bf16_mm only) where the CPU has AVX2 + FMA and it builds, else None."""
+    """cpu_avx2.cpp's module where the CPU has AVX2 + FMA and it builds, else None: bf16_mm over bf16 panels,
+    int8_w8a8_mm (int8_vnni_mm's arithmetic) and int8_w8a16_mm over pack_int8's panels, stripe_transpose_."""
     global _avx2
     if _avx2 is _UNSET:
         with _LOCK:
