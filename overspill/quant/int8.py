@@ -101,7 +101,7 @@ class Int8Linear(QuantLinear):
         portable = wants_portable(w, portable)
         super().__init__(N, K, bias, nbytes_of(w, s), portable)
         self._block = _act_block(K)
-        usable = p is not None and p.is_contiguous() or repack != "inplace" or q.is_contiguous()
+        usable = p is not None or repack != "inplace" or q.is_contiguous()    # panels: used as they are (contiguous)
         ok = (repack and not portable and act_quant != "never" and self._block is not None
               and vnni_block(N, K, self._block) and usable)
         self._k = cpu_kernels() if ok else None
