@@ -16,6 +16,10 @@ needs_kernels = pytest.mark.skipif(K_ is None, reason="CPU kernels unavailable o
 # every bf16_mm build this CPU runs: the AVX-512 kernels and the AVX2 + FMA one (cpu_avx2.cpp)
 BF16_MODS = [pytest.param(k, id=name) for name, k in (("avx512", K_), ("avx2", avx2_kernels())) if k is not None] \
     or [pytest.param(None, marks=pytest.mark.skip(reason="no bf16 kernel builds on this CPU"), id="none")]
+A2 = avx2_kernels()
+needs_avx2 = pytest.mark.skipif(A2 is None, reason="no AVX2 + FMA build on this CPU")
+needs_f32_kernel = pytest.mark.skipif(A2 is None or bf16_kernels() is not A2,
+                                      reason="the AVX2 build is this CPU's bf16 kernel only without AVX512-BF16")
 
 
 def rel(a, b):
@@ -75,9 +79,33 @@ def test_bf16_mm_rows_and_threads_independent_and_nan_kept(mod):
     with pytest.raises(RuntimeError, match="K=32"):
         mod.bf16_mm(x[:, :32].contiguous(), w, None)
     with pytest.raises(RuntimeError, match="contiguous bf16"):
-        mod.bf16_mm(x.float(), w, None)
+        mod.bf16_mm(x.to(torch.float16), w, None)
+    if not getattr(mod, "F32_ACTIVATIONS", False):
+        with pytest.raises(RuntimeError, match="contiguous bf16"):
+            mod.bf16_mm(x.float(), w, None)
     with pytest.raises(RuntimeError, match="panel layout"):
         mod.bf16_mm(x, torch.randn(32, 256).bfloat16(), None)
+
+
+@pytest.mark.skipif(bf16_kernels() is None, reason="no bf16 kernel builds on this CPU")
+def test_panels_to_f32_rows_equal_the_weight():
+    """panels_to_f32_ (stripes.h, both builds) widens a range of panel rows to float32 row-major: bf16 panels give
+    the weight's rows exactly, int8 panels q * scale with one rounding (as q.float() * s); bad sizes fail in one line."""
+    from overspill.kernels import pack_int8
+    torch.manual_seed(4)
+    for mod in [k for k in (K_, A2) if k is not None]:
+        w = torch.randn(96, 200).bfloat16()
+        dst = torch.empty(48, 200)
+        mod.panels_to_f32_(block_weight(w)[1:4], dst, 0, None)
+        assert torch.equal(dst, w[16:64].float())
+        q, s = torch.randint(-127, 128, (64, 128), dtype=torch.int8), torch.rand(64) * 0.01
+        dq = torch.empty(32, 128)
+        mod.panels_to_f32_(pack_int8(q)[2:4], dq, 1, s[32:64])
+        assert torch.equal(dq, q[32:64].float() * s[32:64, None])
+        with pytest.raises(RuntimeError, match="panels hold 9600 weights, dst wants 6400"):
+            mod.panels_to_f32_(block_weight(w)[1:4], torch.empty(32, 200), 0, None)
+        with pytest.raises(RuntimeError, match="need 32 scales"):
+            mod.panels_to_f32_(pack_int8(q)[2:4], dq, 1, None)
 
 
 @pytest.mark.skipif(bf16_kernels() is None, reason="no bf16 kernel builds on this CPU")
@@ -102,6 +130,35 @@ def test_blocked_linear_on_this_cpu_blocks_in_place_and_trains_in_float32():
     if not bf16_native():        # where bf16 is not native, float32 activations are not rounded to bf16
         with torch.no_grad():
             assert torch.allclose(lin(x), F.linear(x, w.float(), b.float()), rtol=1e-5, atol=1e-5)
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("M", [1, 3, 32, 37])
+def test_avx2_bf16_mm_takes_float32_activations(M):
+    """Training's float32 activations go into the AVX2 bf16 kernel as they are: a float32 result within float32
+    accumulation of the float64 product (never rounded to bf16 on the way in or out), row-independent; BlockedLinear
+    runs its float32 forward there, with and without a graph, and its input gradient over the panels' float32 rows."""
+    torch.manual_seed(M)
+    w, b = torch.randn(80, 192).bfloat16(), torch.randn(80)
+    x = torch.randn(M, 192)
+    ref = x.double() @ w.double().T + b.double()
+    got = A2.bf16_mm(x, block_weight(w), b)
+    assert got.dtype == torch.float32 and got.shape == (M, 80)
+    assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    assert torch.equal(got[-1:], A2.bf16_mm(x[-1:].contiguous(), block_weight(w), b))
+    lin = BlockedLinear(w, b.bfloat16())
+    calls = []
+    real = lin._k
+    lin._k = type("Spy", (), {"F32_ACTIVATIONS": True, "panels_to_f32_": real.panels_to_f32_,
+                              "bf16_mm": lambda self, *a: calls.append(a[0].dtype) or real.bf16_mm(*a)})()
+    xg = x.clone().requires_grad_(True)
+    y = lin(xg)
+    with torch.no_grad():
+        y0 = lin(x)
+    assert calls == [torch.float32, torch.float32] and torch.equal(y, y0)
+    g = torch.randn(M, 80)
+    y.backward(g)
+    assert torch.allclose(xg.grad, g @ w.float(), rtol=1e-5, atol=1e-5)
 
 
 def assert_within_bf16_rounding(got, ref):
@@ -581,8 +638,6 @@ def test_panel_empty_inside_transient_is_plain_heap_memory(monkeypatch):
     assert panel_empty((n,), torch.uint8).untyped_storage().nbytes() > n
 
 
-A2 = avx2_kernels()
-needs_avx2 = pytest.mark.skipif(A2 is None, reason="no AVX2 + FMA build on this CPU")
 
 
 @needs_avx2
@@ -603,6 +658,10 @@ def test_avx2_int8_weight_only_vs_reference(M, N, K):
                                        for i in range(M)]))
     with pytest.raises(RuntimeError, match=f"K={K + 4}"):
         A2.int8_w8a16_mm(torch.randn(M, K + 4).bfloat16(), pack_int8(q), s, b)
+    xf = torch.randn(M, K, generator=g)              # float32 activations: used as they are, a float32 result
+    ref = xf.double() @ (q.double() * s.double()[:, None]).T + b.double()
+    got = A2.int8_w8a16_mm(xf, pack_int8(q), s, b)
+    assert got.dtype == torch.float32 and ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
 
 
 def w8a8_reference(x, q, s, b, KB):
@@ -685,8 +744,9 @@ def test_int8_linear_runs_panels_on_avx2():
     lin._fill_rows(rows, 16, 48)
     assert torch.equal(rows, d[16:48])
     for m in (lin, never):
-        xs = torch.randn(4, 128)              # float32, few rows: x rounded to bf16 only (the bias added after)
-        assert_within_bf16_rounding(m(xs) - b, xs.bfloat16().double() @ d.double().T)
+        xs = torch.randn(4, 128)              # float32, few rows: exact float32 on the weight-only kernel
+        ref = xs.double() @ d.double().T + b.double()
+        assert ((m(xs).double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
         xf = torch.randn(40, 128, requires_grad=True)          # > DEQUANT_MIN_M float32 rows: exact float32
         y = m(xf)
         assert torch.allclose(y, xf @ d.T + b, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@
 //   * panels of 16 output columns [N/16][K/2][16][2]: a 64-byte line holds 16 columns x 2 inputs (k even, k odd);
 //     in each 32-bit lane the low half is the even input's weight (shift left 16 -> fp32), the high half the odd
 //     one's (mask the low half away -> fp32);
-//   * x is widened to fp32 once per call; each input is broadcast from there;
+//   * x is widened to fp32 once per call (float32 x, training's activations, is used as it is, and the result is
+//     then float32 too); each input is broadcast from there;
 //   * MR rows (<= 4) x NP panels (MR = 1: 2 panels) of accumulators, acc = fma(w_even, x_even, acc) then
 //     fma(w_odd, x_odd, acc): every output element is summed in the same order whatever MR and NP are, by one
 //     thread: results do not depend on the batch's row count or the thread count;
@@ -47,10 +48,17 @@ inline void store_bf16x16(at::BFloat16* y, __m256 lo, __m256 hi) {
   _mm256_storeu_si256((__m256i*)y, p);
 }
 
+// 16 fp32 results to the output's dtype: bf16 (rounded) or fp32 (as they are: float32 activations, training's)
+inline void store16(at::BFloat16* y, __m256 lo, __m256 hi) { store_bf16x16(y, lo, hi); }
+inline void store16(float* y, __m256 lo, __m256 hi) {
+  _mm256_storeu_ps(y, lo);
+  _mm256_storeu_ps(y + 8, hi);
+}
+
 // y[m, j*16 + c] for m < MR, j < NP; w: the group's first panel, panel stride ps elements; xf: fp32 rows, ldx.
-template <int MR, int NP>
+template <int MR, int NP, typename Y>
 inline void micro(const float* xf, int64_t ldx, const uint16_t* w, int64_t ps, int64_t KP, const float* bias,
-                  at::BFloat16* y, int64_t ldy) {
+                  Y* y, int64_t ldy) {
   __m256 acc[MR][NP][2];
   for (int m = 0; m < MR; m++)
     for (int j = 0; j < NP; j++) acc[m][j][0] = acc[m][j][1] = _mm256_setzero_ps();
@@ -76,18 +84,19 @@ inline void micro(const float* xf, int64_t ldx, const uint16_t* w, int64_t ps, i
     __m256 b0 = bias ? _mm256_loadu_ps(bias + j * PW) : _mm256_setzero_ps();
     __m256 b1 = bias ? _mm256_loadu_ps(bias + j * PW + 8) : _mm256_setzero_ps();
     for (int m = 0; m < MR; m++)
-      store_bf16x16(y + m * ldy + j * PW, _mm256_add_ps(acc[m][j][0], b0), _mm256_add_ps(acc[m][j][1], b1));
+      store16(y + m * ldy + j * PW, _mm256_add_ps(acc[m][j][0], b0), _mm256_add_ps(acc[m][j][1], b1));
   }
 }
 
+template <typename Y>
 inline void rows(int64_t mr, int np, const float* xf, int64_t ldx, const uint16_t* w, int64_t ps, int64_t KP,
-                 const float* b, at::BFloat16* y, int64_t ldy) {
+                 const float* b, Y* y, int64_t ldy) {
   if (mr == 1 && np == 2) return micro<1, 2>(xf, ldx, w, ps, KP, b, y, ldy);
   // one panel at a time (np == 2 with more rows: two calls)
   for (int j = 0; j < np; j++) {
     const uint16_t* wj = w + j * ps;
     const float* bj = b ? b + j * PW : nullptr;
-    at::BFloat16* yj = y + j * PW;
+    Y* yj = y + j * PW;
     switch (mr) {
       case 4: micro<4, 1>(xf, ldx, wj, ps, KP, bj, yj, ldy); break;
       case 3: micro<3, 1>(xf, ldx, wj, ps, KP, bj, yj, ldy); break;
@@ -97,9 +106,11 @@ inline void rows(int64_t mr, int np, const float* xf, int64_t ldx, const uint16_
   }
 }
 
+// x: bf16, or fp32 (training's float32 activations, used as they are); y in x's dtype.
 torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Tensor> bias) {
   KCHECK(x.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
-  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  KCHECK(x.dim() >= 1 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.is_contiguous(),
+         "x must be contiguous bf16 or fp32 [..., K]");
   KCHECK(wp.scalar_type() == at::kBFloat16, "bf16_mm: weight must be bf16");
   KCHECK(wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
               "weight must be in panel layout [N/16, K/2, 16, 2]");
@@ -109,21 +120,24 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Te
   const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   auto y = out_like(x, N);
   if (M == 0 || N == 0) return y;
-  torch::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();   // exact: bf16 -> fp32
+  torch::Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();   // exact: bf16 -> fp32 (fp32: no copy)
   const float* xp = xf.data_ptr<float>();
   const uint16_t* wbase = (const uint16_t*)wp.data_ptr<at::BFloat16>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const int64_t ps = KP * 2 * PW;               // elements per panel
   const int64_t NG = (NPAN + 1) / 2;            // groups of 2 panels = 32 columns
-  at::parallel_for(0, NG, 8, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; g++) {
-      const int64_t p0 = g * 2, np = std::min<int64_t>(2, NPAN - p0), n0 = p0 * PW;
-      for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
-        const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
-        rows(mr, (int)np, xp + m0 * K, K, wbase + p0 * ps, ps, KP, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
+  auto run = [&](auto* yp) {
+    at::parallel_for(0, NG, 8, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; g++) {
+        const int64_t p0 = g * 2, np = std::min<int64_t>(2, NPAN - p0), n0 = p0 * PW;
+        for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
+          const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
+          rows(mr, (int)np, xp + m0 * K, K, wbase + p0 * ps, ps, KP, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
+        }
       }
-    }
-  });
+    });
+  };
+  if (x.scalar_type() == at::kFloat) run(y.data_ptr<float>());
+  else run(y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -133,9 +147,9 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Te
 // and shifted back arithmetically (sign-extended to int32), converted to fp32 (exact) and FMAed with x[4P + j].
 // y[m, n] = s[n] * sum_k q[n, k] x[m, k] (+ bias): x is never rounded to int8 (unlike the AVX-512 w8a8 kernel),
 // so this is torch's _weight_int8pack_mm's arithmetic with fp32 sums, read from half the bytes of bf16.
-template <int MR>
+template <int MR, typename Y>
 inline void micro_i8(const float* xf, int64_t ldx, const uint8_t* w, int64_t KQ, const float* scale,
-                     const float* bias, at::BFloat16* y, int64_t ldy) {
+                     const float* bias, Y* y, int64_t ldy) {
   __m256 acc[MR][2];
   for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const __m256i flip = _mm256_set1_epi32((int)0x80808080u);
@@ -161,12 +175,14 @@ inline void micro_i8(const float* xf, int64_t ldx, const uint8_t* w, int64_t KQ,
   const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
   const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
   for (int m = 0; m < MR; m++)
-    store_bf16x16(y + m * ldy, _mm256_fmadd_ps(acc[m][0], s0, b0), _mm256_fmadd_ps(acc[m][1], s1, b1));
+    store16(y + m * ldy, _mm256_fmadd_ps(acc[m][0], s0, b0), _mm256_fmadd_ps(acc[m][1], s1, b1));
 }
 
+// x: bf16, or fp32 (used as it is); y in x's dtype.
 torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
   KCHECK(x.device().is_cpu() && qp.device().is_cpu(), "CPU kernels need CPU tensors");
-  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  KCHECK(x.dim() >= 1 && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat) && x.is_contiguous(),
+         "x must be contiguous bf16 or fp32 [..., K]");
   KCHECK(qp.scalar_type() == at::kByte && qp.dim() == 3 && qp.size(2) == 4 * PW && qp.is_contiguous(),
               "weight must be int8 panels [N/16, K/4, 64] (pack_int8)");
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), KQ = qp.size(1), N = NPAN * PW;
@@ -180,25 +196,28 @@ torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sca
   const float* xp = xf.data_ptr<float>();
   const float* sp = sf.data_ptr<float>();
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
-  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, NPAN, 8, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; p++) {
-      const uint8_t* w = wbase + p * KQ * 64;
-      const int64_t n0 = p * PW;
-      for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
-        const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
-        const float* xm = xp + m0 * K;
-        at::BFloat16* ym = yp + m0 * N + n0;
-        const float* b = bp ? bp + n0 : nullptr;
-        switch (mr) {
-          case 4: micro_i8<4>(xm, K, w, KQ, sp + n0, b, ym, N); break;
-          case 3: micro_i8<3>(xm, K, w, KQ, sp + n0, b, ym, N); break;
-          case 2: micro_i8<2>(xm, K, w, KQ, sp + n0, b, ym, N); break;
-          default: micro_i8<1>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+  auto run = [&](auto* yp) {
+    at::parallel_for(0, NPAN, 8, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; p++) {
+        const uint8_t* w = wbase + p * KQ * 64;
+        const int64_t n0 = p * PW;
+        for (int64_t m0 = 0; m0 < M; m0 += MAXMR) {
+          const int64_t mr = std::min<int64_t>(MAXMR, M - m0);
+          const float* xm = xp + m0 * K;
+          auto* ym = yp + m0 * N + n0;
+          const float* b = bp ? bp + n0 : nullptr;
+          switch (mr) {
+            case 4: micro_i8<4>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+            case 3: micro_i8<3>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+            case 2: micro_i8<2>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+            default: micro_i8<1>(xm, K, w, KQ, sp + n0, b, ym, N); break;
+          }
         }
       }
-    }
-  });
+    });
+  };
+  if (x.scalar_type() == at::kFloat) run(y.data_ptr<float>());
+  else run(y.data_ptr<at::BFloat16>());
   return y;
 }
 
@@ -350,8 +369,10 @@ torch::Tensor int8_w8a8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scal
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16 (AVX2 + FMA)");
+  m.def("panels_to_f32_", &panels_to_f32_, "panel-layout rows (bf16 pairs or int8 quads) -> fp32 [rows, K]");
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int8_w8a8_mm", &int8_w8a8_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, AVX2; "
         "int8_vnni_mm's arithmetic)");
+  m.attr("F32_ACTIVATIONS") = true;   // bf16_mm and int8_w8a16_mm take fp32 x too (y in fp32)
   m.def("int8_w8a16_mm", &int8_w8a16_mm, "y = x @ ((Q-128)*s)^T (+ bias) over pack_int8 panels, x exact (AVX2 + FMA)");
 }

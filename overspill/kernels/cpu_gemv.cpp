@@ -831,6 +831,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attn", &decode_attn, "one-token attention over a (strided) bf16 KV cache, fp32 softmax");
   m.def("decode_step", &decode_step, "rotary + KV-cache write + one-token attention from the fused qkv output");
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(g) * u over h = (g, u), bf16");
+  m.def("panels_to_f32_", &panels_to_f32_, "panel-layout rows (bf16 pairs or int8 quads) -> fp32 [rows, K]");
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int4pack_to_panels_", &int4pack_to_panels_, "in place: torch int4pack bytes -> int4_vnni_mm panels");
   m.def("lut_mm", &lut_mm, "y = x @ (code[Q] * absmax)^T (+ bias), code-book weights decoded in registers");

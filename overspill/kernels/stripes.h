@@ -47,3 +47,56 @@ void stripe_transpose_(torch::Tensor buf, int64_t R, int64_t G, int64_t E, int64
     }
   });
 }
+
+// Rows of a panel-layout weight widened to fp32 row-major: what training's input gradient (dX = dY @ W) and a
+// float32 product multiply by, a slice of rows at a time (kernels/__init__.py f32 slices). Panels [P][G][16][E]
+// hold w[16p + c, E*g + e] at [p][g][c][e]:
+//   kind 0: bf16 pairs (E = 2, block_weight): fp32 = bits << 16
+//   kind 1: int8 + 128 quads (E = 4, pack_int8): fp32 = (byte ^ 0x80) as int8, times scale[row]
+// dst [P * 16, G * E] fp32. Panels in parallel; each reads its panel once in order and writes its 16 rows.
+void panels_to_f32_(torch::Tensor panels, torch::Tensor dst, int64_t kind, c10::optional<torch::Tensor> scales) {
+  KCHECK(panels.device().is_cpu() && panels.is_contiguous() && dst.device().is_cpu() && dst.is_contiguous() &&
+         dst.scalar_type() == at::kFloat && dst.dim() == 2, "panels_to_f32_: contiguous CPU panels and fp32 [rows, K]");
+  KCHECK(kind == 0 || kind == 1, "panels_to_f32_: kind must be 0 (bf16) or 1 (int8)");
+  const int64_t E = kind == 0 ? 2 : 4, esz = kind == 0 ? 2 : 1;
+  KCHECK(panels.element_size() * panels.numel() % (16 * E * esz) == 0, "panels_to_f32_: not whole panel lines");
+  const int64_t rows = dst.size(0), K = dst.size(1);
+  KCHECK(rows % 16 == 0 && K % E == 0 && panels.element_size() * panels.numel() == rows * K * esz,
+         "panels_to_f32_: panels hold ", panels.element_size() * panels.numel() / esz, " weights, dst wants ",
+         rows * K);
+  const float* sp = nullptr;
+  torch::Tensor sf;
+  if (kind == 1) {
+    KCHECK(scales.has_value() && scales->numel() == rows, "panels_to_f32_: int8 panels need ", rows, " scales");
+    sf = scales->to(at::kFloat).contiguous();
+    sp = sf.data_ptr<float>();
+  }
+  const int64_t P = rows / 16, G = K / E;
+  const uint8_t* src = (const uint8_t*)panels.data_ptr();
+  float* out = dst.data_ptr<float>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      float* d = out + p * 16 * K;
+      if (kind == 0) {
+        const uint32_t* s = (const uint32_t*)(src + p * 16 * K * 2);   // [G][16] pairs
+        for (int c = 0; c < 16; c++) {                                  // a row at a time: its writes in order,
+          uint32_t* dc = (uint32_t*)(d + c * K);                       // its reads one word per 64-byte line of a
+          for (int64_t g = 0; g < G; g++) {                            // panel that stays in L2
+            const uint32_t v = s[g * 16 + c];
+            dc[2 * g] = v << 16;
+            dc[2 * g + 1] = v & 0xffff0000u;
+          }
+        }
+      } else {
+        const uint8_t* s = src + p * 16 * K;                            // [G][16][4] bytes
+        const float* sc = sp + p * 16;                                   // q * scale: one rounding, as q.float() * s
+        for (int c = 0; c < 16; c++) {
+          float* dc = d + c * K;
+          const float scale = sc[c];
+          for (int64_t g = 0; g < G; g++)
+            for (int e = 0; e < 4; e++) dc[4 * g + e] = (float)(int8_t)(s[(g * 16 + c) * 4 + e] ^ 0x80) * scale;
+        }
+      }
+    }
+  });
+}

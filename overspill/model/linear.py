@@ -54,8 +54,12 @@ class DenseLinear:
             if x.requires_grad and torch.is_grad_enabled():     # training through the frozen weight
                 return _FrozenBf16Fn.apply(x, self)
             if x.numel() >= F32_MIN_ROWS * self.in_features or x.dtype != w.dtype:   # (float32 activations:
-                return _bf16_via_f32(x, w, self.bias)                                  # training's, see finetune)
+                return self.f32_forward(x)                                             # training's, see finetune)
         return F.linear(x, w, self.bias)
+
+    def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b in float32 over float32 slices of the bf16 weight (result in x's dtype)."""
+        return _bf16_via_f32(x, self.weight, self.bias)
 
     @property
     def nbytes(self) -> int:
@@ -76,12 +80,13 @@ def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 class _FrozenBf16Fn(torch.autograd.Function):
     """y = x W^T + b over a frozen bf16 weight (dense or in panels: ``lin.fill_rows``) on a CPU without native
     bf16: both products in float32 slices of W (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy
-    W, summed over slices of W's rows; no weight or bias gradient, and nothing of W is kept beyond one slice."""
+    W, summed over slices of W's rows; no weight or bias gradient, and nothing of W is kept beyond one slice. The
+    forward is ``lin.f32_forward`` (in panels: the kernel, fed the float32 activations as they are)."""
 
     @staticmethod
     def forward(ctx, x, lin):
         ctx.lin = lin
-        return f32_sliced_linear(x, lin.out_features, lin.in_features, lin.fill_rows, lin.bias)
+        return lin.f32_forward(x)
 
     @staticmethod
     def backward(ctx, g):
@@ -177,13 +182,23 @@ class BlockedLinear:
         if x.dtype == torch.bfloat16 and x.is_contiguous():   # decode hot path: one call, no reshapes
             return self._k.bf16_mm(x, self.blocked, self._bias_f32)
         if x.dtype == torch.float32 and not bf16_native():    # float32 activations (training's) stay float32
-            return f32_sliced_linear(x, self.out_features, self.in_features, self.fill_rows, self.bias)
+            return self.f32_forward(x)
         return self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32).to(x.dtype)
+
+    def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b with float32 activations, kept float32: the AVX2 kernel takes them as they are (bf16 -> fp32
+        weights in registers; 2-4x float32 slices at training's 32-256 rows), else float32 slices of the panels."""
+        if getattr(self._k, "F32_ACTIVATIONS", False):
+            return self._k.bf16_mm(x.float().contiguous(), self.blocked, self._bias_f32).to(x.dtype)
+        return f32_sliced_linear(x, self.out_features, self.in_features, self.fill_rows, self.bias)
 
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         """Rows [n0, n1) (multiples of 16: whole panels) of the weight into ``dst`` (float32 [n1 - n0, K])."""
         from ..kernels import PANEL
         p = self.blocked[n0 // PANEL: -(-n1 // PANEL)]                       # [p, K/2, 16, 2]
+        if hasattr(self._k, "panels_to_f32_"):             # ~10x torch's permuted copy (kernels/stripes.h)
+            self._k.panels_to_f32_(p, dst, 0, None)
+            return
         dst.view(-1, PANEL, self.in_features // 2, 2).copy_(p.permute(0, 2, 1, 3))
 
     @property
@@ -217,6 +232,9 @@ class BlockedOnDemand:
 
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         self.lin.fill_rows(dst, n0, n1)
+
+    def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin.f32_forward(x)
 
     @property
     def nbytes(self) -> int:
