@@ -133,6 +133,38 @@ def test_blocked_linear_on_this_cpu_blocks_in_place_and_trains_in_float32():
 
 
 @needs_f32_kernel
+@pytest.mark.parametrize("M", [1, 5, 33])
+@pytest.mark.parametrize("N,K", [(16, 2), (48, 70), (160, 256)])
+def test_avx2_bf16_mm_t_is_the_input_gradient(M, N, K):
+    """bf16_mm_t: g @ W over the panels as they are (training's input gradient), within float32 accumulation of the
+    float64 product; a row alone, or another thread count, gives the same bits; BlockedLinear's backward runs it up
+    to GRAD_KERNEL_MAX_ROWS rows and float32 slices above, with the same gradient; bad shapes fail in one line."""
+    from overspill.model.linear import GRAD_KERNEL_MAX_ROWS
+    torch.manual_seed(M + N + K)
+    w, g = torch.randn(N, K).bfloat16(), torch.randn(M, N)
+    ref = g.double() @ w.double()
+    got = A2.bf16_mm_t(g, block_weight(w))
+    assert got.dtype == torch.float32 and got.shape == (M, K)
+    assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    assert torch.equal(got[-1:], A2.bf16_mm_t(g[-1:].contiguous(), block_weight(w)))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(got, A2.bf16_mm_t(g, block_weight(w)))
+    finally:
+        torch.set_num_threads(n)
+    assert A2.bf16_mm_t(g[:, None], block_weight(w)).shape == (M, 1, K)
+    with pytest.raises(RuntimeError, match=f"g has N={N + 16} but the weight has {N} output features"):
+        A2.bf16_mm_t(torch.randn(M, N + 16), block_weight(w))
+    lin = BlockedLinear(w)
+    for rows in (M, GRAD_KERNEL_MAX_ROWS + 3):
+        x = torch.randn(rows, K, requires_grad=True)
+        gy = torch.randn(rows, N)
+        lin(x).backward(gy)
+        assert torch.allclose(x.grad, gy @ w.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_f32_kernel
 @pytest.mark.parametrize("M", [1, 3, 32, 37])
 def test_avx2_bf16_mm_takes_float32_activations(M):
     """Training's float32 activations go into the AVX2 bf16 kernel as they are: a float32 result within float32

@@ -141,6 +141,93 @@ torch::Tensor bf16_mm(torch::Tensor x, torch::Tensor wp, c10::optional<torch::Te
   return y;
 }
 
+// -- the input gradient over bf16 panels: dx = g @ W (training's backward, float32) ------------------------------
+// W [N, K] in panels [N/16][K/2][16][2]; g [M, N] fp32; dx [M, K] fp32. For one input pair kp the 64-byte line of
+// panel p holds W[16p + c, 2kp + j] for c < 16, j < 2: widened to fp32 as four vectors over c (even and odd input,
+// c < 8 and c >= 8), each multiplied by the 8 matching values of g's row and summed over the panels in 8 lanes, then
+// across the lanes. Threads split the input pairs; a pair's column of lines (N/16 x 64 bytes) stays in L2 while
+// GMR rows at a time go over it. Each dx element is summed in one fixed order whatever M and the thread count are.
+// Against float32 slices of W (panels_to_f32_) and MKL's sgemm (~50 GFLOP/s at 32 rows on the 2-core AVX2 EPYC)
+// it reads the bf16 bytes once, with no float32 copy: 59-79 against 15-66 GFLOP/s at 16-64 rows; above ~128 rows
+// sgemm is faster (model/linear.py GRAD_KERNEL_MAX_ROWS).
+constexpr int GMR = 4;   // rows of g per pass over a pair's lines: 8 accumulators + 4 weight vectors
+constexpr int GKT = 4;   // input pairs whose lines a thread gathers at a time
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MR>
+inline void micro_t(const float* g, int64_t ldg, const uint16_t* w, int64_t ps, int64_t NPAN, float* dx,
+                    int64_t ldx) {
+  __m256 ae[MR], ao[MR];
+  for (int m = 0; m < MR; m++) ae[m] = ao[m] = _mm256_setzero_ps();
+  const __m256i hi_mask = _mm256_set1_epi32((int)0xffff0000u);
+  for (int64_t p = 0; p < NPAN; p++) {
+    const uint16_t* line = w + p * ps;
+    const __m256i v0 = _mm256_loadu_si256((const __m256i*)line), v1 = _mm256_loadu_si256((const __m256i*)(line + PW));
+    const __m256 we0 = _mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), wo0 = _mm256_castsi256_ps(_mm256_and_si256(v0, hi_mask));
+    const __m256 we1 = _mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), wo1 = _mm256_castsi256_ps(_mm256_and_si256(v1, hi_mask));
+    for (int m = 0; m < MR; m++) {
+      const float* gm = g + m * ldg + p * PW;
+      const __m256 g0 = _mm256_loadu_ps(gm), g1 = _mm256_loadu_ps(gm + 8);
+      ae[m] = _mm256_fmadd_ps(we1, g1, _mm256_fmadd_ps(we0, g0, ae[m]));
+      ao[m] = _mm256_fmadd_ps(wo1, g1, _mm256_fmadd_ps(wo0, g0, ao[m]));
+    }
+  }
+  for (int m = 0; m < MR; m++) {
+    dx[m * ldx] = hsum8(ae[m]);
+    dx[m * ldx + 1] = hsum8(ao[m]);
+  }
+}
+
+torch::Tensor bf16_mm_t(torch::Tensor g, torch::Tensor wp) {
+  KCHECK(g.device().is_cpu() && wp.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(g.dim() >= 1 && g.scalar_type() == at::kFloat && g.is_contiguous(), "bf16_mm_t: g must be contiguous fp32 [..., N]");
+  KCHECK(wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
+         "bf16_mm_t: weight must be bf16 in panel layout [N/16, K/2, 16, 2]");
+  const int64_t NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW, K = KP * 2;
+  const int64_t M = g.size(-1) ? g.numel() / g.size(-1) : 0;
+  KCHECK(g.size(-1) == N, "bf16_mm_t: g has N=", g.size(-1), " but the weight has ", N, " output features");
+  auto size = g.sizes().vec();
+  size.back() = K;
+  auto dx = torch::empty(size, g.options());
+  if (M == 0 || K == 0) return dx;
+  const float* gp = g.data_ptr<float>();
+  const uint16_t* wbase = (const uint16_t*)wp.data_ptr<at::BFloat16>();
+  float* dp = dx.data_ptr<float>();
+  const int64_t ps = KP * 2 * PW;   // elements per panel
+  // A pair's lines sit one panel apart (K * 32 bytes: a power of two for most models), so read in place they would
+  // all fall in the same cache sets; each thread first copies GKT pairs' lines of every panel into one contiguous
+  // buffer (N/16 x GKT x 64 bytes, in L2), then runs every row of g over it.
+  const int64_t NT = (KP + GKT - 1) / GKT;
+  at::parallel_for(0, NT, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint16_t> buf(NPAN * GKT * 2 * PW);
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t kp0 = t * GKT, nk = std::min<int64_t>(GKT, KP - kp0);
+      for (int64_t p = 0; p < NPAN; p++)
+        std::memcpy(buf.data() + p * GKT * 2 * PW, wbase + p * ps + kp0 * 2 * PW, nk * 2 * PW * sizeof(uint16_t));
+      for (int64_t m0 = 0; m0 < M; m0 += GMR) {
+        const float* gm = gp + m0 * N;
+        for (int64_t kk = 0; kk < nk; kk++) {
+          const uint16_t* w = buf.data() + kk * 2 * PW;
+          float* dm = dp + m0 * K + 2 * (kp0 + kk);
+          switch (std::min<int64_t>(GMR, M - m0)) {
+            case 4: micro_t<4>(gm, N, w, GKT * 2 * PW, NPAN, dm, K); break;
+            case 3: micro_t<3>(gm, N, w, GKT * 2 * PW, NPAN, dm, K); break;
+            case 2: micro_t<2>(gm, N, w, GKT * 2 * PW, NPAN, dm, K); break;
+            default: micro_t<1>(gm, N, w, GKT * 2 * PW, NPAN, dm, K); break;
+          }
+        }
+      }
+    }
+  });
+  return dx;
+}
+
 // -- int8 weights, exact activations (w8a16) ------------------------------------------------------------------
 // Panels of pack_int8: [N/16][K/4][64] bytes, byte 4c + j = q[16p + c, 4P + j] + 128. Half a panel (8 columns) is
 // one 32-byte load: 8 lanes of 4 inputs. XOR 0x80 gives the signed q bytes; byte j of every lane is moved to the top
@@ -219,6 +306,48 @@ torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sca
   if (x.scalar_type() == at::kFloat) run(y.data_ptr<float>());
   else run(y.data_ptr<at::BFloat16>());
   return y;
+}
+
+// panels_to_f32_ (stripes.h) with int8 panels widened 32 bytes at a time: 8 bytes = 2 columns x 4 inputs ->
+// cvtepi8_epi32 -> fp32 -> times the two columns' scales -> 16 bytes to each column's row (the portable loop moves a
+// byte at a time: 2.5x slower). bf16 panels take the portable loop, which already runs at ~7 GB/s.
+void panels_to_f32_avx2(torch::Tensor panels, torch::Tensor dst, int64_t kind, c10::optional<torch::Tensor> scales) {
+  if (kind != 1) return panels_to_f32_(panels, dst, kind, scales);
+  KCHECK(panels.device().is_cpu() && panels.is_contiguous() && dst.device().is_cpu() && dst.is_contiguous() &&
+         dst.scalar_type() == at::kFloat && dst.dim() == 2, "panels_to_f32_: contiguous CPU panels and fp32 [rows, K]");
+  const int64_t rows = dst.size(0), K = dst.size(1);
+  KCHECK(rows % 16 == 0 && K % 4 == 0 && panels.element_size() * panels.numel() == rows * K,
+         "panels_to_f32_: panels hold ", panels.element_size() * panels.numel(), " weights, dst wants ", rows * K);
+  KCHECK(scales.has_value() && scales->numel() == rows, "panels_to_f32_: int8 panels need ", rows, " scales");
+  torch::Tensor sf = scales->to(at::kFloat).contiguous();
+  const float* sp = sf.data_ptr<float>();
+  const int64_t P = rows / 16, G = K / 4;
+  const uint8_t* src = (const uint8_t*)panels.data_ptr();
+  float* out = dst.data_ptr<float>();
+  const __m256i flip = _mm256_set1_epi8((char)0x80);
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      float* d = out + p * 16 * K;
+      const uint8_t* s = src + p * 16 * K;
+      __m256 sc[8];                                   // [s_2i x4 | s_2i+1 x4]
+      for (int i = 0; i < 8; i++)
+        sc[i] = _mm256_setr_ps(sp[p * 16 + 2 * i], sp[p * 16 + 2 * i], sp[p * 16 + 2 * i], sp[p * 16 + 2 * i],
+                               sp[p * 16 + 2 * i + 1], sp[p * 16 + 2 * i + 1], sp[p * 16 + 2 * i + 1], sp[p * 16 + 2 * i + 1]);
+      for (int64_t g = 0; g < G; g++) {
+        for (int h = 0; h < 2; h++) {                 // columns 8h .. 8h + 7
+          const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(s + g * 64 + 32 * h)), flip);
+          const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+          const __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+          for (int i = 0; i < 4; i++) {               // columns 8h + 2i, 8h + 2i + 1
+            const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part[i])), sc[4 * h + i]);
+            const int64_t c = 8 * h + 2 * i;
+            _mm_storeu_ps(d + c * K + 4 * g, _mm256_castps256_ps128(f));
+            _mm_storeu_ps(d + (c + 1) * K + 4 * g, _mm256_extractf128_ps(f, 1));
+          }
+        }
+      }
+    }
+  });
 }
 
 // -- int8 weights, int8 activations (w8a8): the AVX-512 int8_vnni_mm's arithmetic on AVX2 -----------------------
@@ -369,7 +498,8 @@ torch::Tensor int8_w8a8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scal
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_mm", &bf16_mm, "y[M,N] = x[M,K] @ W^T (+ bias), W in panel layout, bf16 (AVX2 + FMA)");
-  m.def("panels_to_f32_", &panels_to_f32_, "panel-layout rows (bf16 pairs or int8 quads) -> fp32 [rows, K]");
+  m.def("bf16_mm_t", &bf16_mm_t, "dx[M,K] = g[M,N] @ W, W bf16 in panel layout, g and dx fp32 (AVX2 + FMA)");
+  m.def("panels_to_f32_", &panels_to_f32_avx2, "panel-layout rows (bf16 pairs or int8 quads) -> fp32 [rows, K]");
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int8_w8a8_mm", &int8_w8a8_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, AVX2; "
         "int8_vnni_mm's arithmetic)");

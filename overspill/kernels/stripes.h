@@ -14,10 +14,16 @@ inline void stripes_of(uint8_t* base, int64_t S, int64_t R, int64_t G, T f) {
     for (int64_t st = s0; st < s1; st++) {
       T* p = reinterpret_cast<T*>(base + st * SB);
       std::memcpy(tmp.data(), p, SB);
-      for (int64_t g = 0; g < G; g++) {
-        T* dst = p + g * R;
-        const T* src = tmp.data() + g;
-        for (int64_t r = 0; r < R; r++) dst[r] = src[r * G] ^ f;
+      // tiles of TG elements of every row: each row's 64-byte line is used whole once it is loaded (the R rows sit
+      // G elements apart, often a power of two, so they share cache sets and would evict one another between uses)
+      constexpr int64_t TG = 64 / (int64_t)sizeof(T);
+      for (int64_t g0 = 0; g0 < G; g0 += TG) {
+        const int64_t ng = std::min<int64_t>(TG, G - g0);
+        for (int64_t r = 0; r < R; r++) {
+          const T* src = tmp.data() + r * G + g0;
+          T* dst = p + g0 * R + r;
+          for (int64_t gg = 0; gg < ng; gg++) dst[gg * R] = src[gg] ^ f;
+        }
       }
     }
   });

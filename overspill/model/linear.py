@@ -38,6 +38,11 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+# rows up to which an AVX2 input gradient runs bf16_mm_t rather than float32 slices + sgemm (2-core AVX2 EPYC, 6B
+# shapes: 59-79 against 15-66 GFLOP/s at 16-64 rows, about even at 128, 62-78 against 97-121 at 512)
+GRAD_KERNEL_MAX_ROWS = 128
+
+
 class DenseLinear:
     """Plain ``F.linear`` over a [out, in] weight. Exact; the reference path."""
 
@@ -60,6 +65,10 @@ class DenseLinear:
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T + b in float32 over float32 slices of the bf16 weight (result in x's dtype)."""
         return _bf16_via_f32(x, self.weight, self.bias)
+
+    def f32_grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """g @ W in float32 over float32 slices of the weight's rows (result in g's dtype)."""
+        return f32_sliced_grad_input(g, self.out_features, self.in_features, self.fill_rows)
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +99,7 @@ class _FrozenBf16Fn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        lin = ctx.lin
-        return f32_sliced_grad_input(g, lin.out_features, lin.in_features, lin.fill_rows), None
+        return ctx.lin.f32_grad_input(g), None
 
 
 def onednn_available() -> bool:
@@ -192,6 +200,14 @@ class BlockedLinear:
             return self._k.bf16_mm(x.float().contiguous(), self.blocked, self._bias_f32).to(x.dtype)
         return f32_sliced_linear(x, self.out_features, self.in_features, self.fill_rows, self.bias)
 
+    def f32_grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """g @ W in float32 (the input gradient): up to GRAD_KERNEL_MAX_ROWS rows the AVX2 kernel reads the panels
+        as they are (bf16_mm_t), above that float32 slices of the panels, where sgemm is faster."""
+        rows = g.numel() // max(1, self.out_features)
+        if rows <= GRAD_KERNEL_MAX_ROWS and hasattr(self._k, "bf16_mm_t"):
+            return self._k.bf16_mm_t(g.float().contiguous(), self.blocked).to(g.dtype)
+        return f32_sliced_grad_input(g, self.out_features, self.in_features, self.fill_rows)
+
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         """Rows [n0, n1) (multiples of 16: whole panels) of the weight into ``dst`` (float32 [n1 - n0, K])."""
         from ..kernels import PANEL
@@ -235,6 +251,9 @@ class BlockedOnDemand:
 
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin.f32_forward(x)
+
+    def f32_grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        return self.lin.f32_grad_input(g)
 
     @property
     def nbytes(self) -> int:
