@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from overspill.kernels import (_thp_madvise, avx2_kernels, bf16_kernels, blockable, block_weight, cpu_kernels,
-                               cpu_supported, panel_empty, transient, unblock_weight)
+from overspill.kernels import (_thp_madvise, avx2_kernels, bf16_kernels, bf16_native, blockable, block_weight,
+                               cpu_kernels, cpu_supported, panel_empty, transient, unblock_weight)
 from overspill.model.linear import BlockedLinear, DenseLinear, dense_linear
 
 K_ = cpu_kernels()
@@ -18,8 +18,8 @@ BF16_MODS = [pytest.param(k, id=name) for name, k in (("avx512", K_), ("avx2", a
     or [pytest.param(None, marks=pytest.mark.skip(reason="no bf16 kernel builds on this CPU"), id="none")]
 A2 = avx2_kernels()
 needs_avx2 = pytest.mark.skipif(A2 is None, reason="no AVX2 + FMA build on this CPU")
-needs_f32_kernel = pytest.mark.skipif(A2 is None or bf16_kernels() is not A2,
-                                      reason="the AVX2 build is this CPU's bf16 kernel only without AVX512-BF16")
+needs_f32_kernel = pytest.mark.skipif(A2 is None or bf16_kernels() is not A2 or bf16_native(),
+                                      reason="float32 activations take the AVX2 kernel where bf16 is not native")
 
 
 def rel(a, b):
@@ -132,6 +132,46 @@ def test_blocked_linear_on_this_cpu_blocks_in_place_and_trains_in_float32():
             assert torch.allclose(lin(x), F.linear(x, w.float(), b.float()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(bf16_kernels() is None, reason="no bf16 kernel builds on this CPU")
+def test_a_streamed_weight_under_a_graph_keeps_its_layout_until_the_backward():
+    """BlockedOnDemand (a streamed unit's bf16 weight, laid out for the kernel in place on first need) lays the weight
+    out before a product with a graph, however few its rows: a later prefill-sized product must not re-lay out the
+    bytes the graph's backward reads."""
+    from overspill.model.linear import BlockedOnDemand
+    torch.manual_seed(8)
+    w = torch.randn(64, 96).bfloat16()
+    lin = BlockedOnDemand(w.clone())
+    x = torch.randn(2, 96, requires_grad=True)
+    y = lin(x)
+    with torch.no_grad():
+        lin(torch.randn(40, 96))
+    g = torch.randn(2, 64)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ w.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(bf16_kernels() is None, reason="no bf16 kernel builds on this CPU")
+def test_float32_slices_of_panels_are_whole_panels(monkeypatch):
+    """Float32 slices of a weight held in panels hold whole panels of 16 rows whatever K makes of the slice buffer
+    (F32_SCRATCH_ELEMS // K rows: 1489 for K = 5632, TinyLlama's MLP): bf16 panels' products and input gradients, and
+    int8 panels' float32 products, equal the float32 math."""
+    import overspill.kernels as kern
+    import overspill.quant as Q
+    monkeypatch.setattr(kern, "F32_SCRATCH_ELEMS", 96 * 20)          # 20 rows a slice: not a multiple of 16
+    torch.manual_seed(6)
+    w = torch.randn(64, 96).bfloat16()
+    lin = BlockedLinear(w)
+    g = torch.randn(3, 64)
+    assert torch.allclose(kern.f32_sliced_grad_input(g, 64, 96, lin.fill_rows), g @ w.float(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(40, 96)
+    assert torch.allclose(kern.f32_sliced_linear(x, 64, 96, lin.fill_rows, None), x @ w.float().T, rtol=1e-5,
+                          atol=1e-5)
+    t = Q.quantize(torch.randn(64, 96) * 0.05, "int8")
+    i8 = Q.make_linear("int8", t, None, act_quant="never")
+    d = Q.dequantize("int8", t)
+    assert torch.allclose(i8(x), x @ d.T, rtol=1e-5, atol=1e-5)
+
+
 @needs_f32_kernel
 @pytest.mark.parametrize("M", [1, 5, 33])
 @pytest.mark.parametrize("N,K", [(16, 2), (48, 70), (160, 256)])
@@ -154,6 +194,7 @@ def test_avx2_bf16_mm_t_is_the_input_gradient(M, N, K):
     finally:
         torch.set_num_threads(n)
     assert A2.bf16_mm_t(g[:, None], block_weight(w)).shape == (M, 1, K)
+    assert torch.equal(A2.bf16_mm_t(torch.randn(M, 0), torch.zeros(0, K // 2, 16, 2).bfloat16()), torch.zeros(M, K))
     with pytest.raises(RuntimeError, match=f"g has N={N + 16} but the weight has {N} output features"):
         A2.bf16_mm_t(torch.randn(M, N + 16), block_weight(w))
     lin = BlockedLinear(w)

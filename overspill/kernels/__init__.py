@@ -120,7 +120,9 @@ def bf16_kernels():
 
 def avx2_kernels():
     """cpu_avx2.cpp's module where the CPU has AVX2 + FMA and it builds, else None: bf16_mm over bf16 panels,
-    int8_w8a8_mm (int8_vnni_mm's arithmetic) and int8_w8a16_mm over pack_int8's panels, stripe_transpose_."""
+    int8_w8a8_mm (int8_vnni_mm's arithmetic) and int8_w8a16_mm over pack_int8's panels (the bf16 and weight-only
+    int8 ones also take float32 x, F32_ACTIVATIONS), bf16_mm_t (g @ W over bf16 panels: input gradients),
+    panels_to_f32_ and stripe_transpose_."""
     global _avx2
     if _avx2 is _UNSET:
         with _LOCK:
@@ -181,10 +183,16 @@ def _f32_buffer(numel: int) -> torch.Tensor:
     return buf
 
 
+def f32_slice_rows(K: int) -> int:
+    """Weight rows per float32 slice: whole panels of 16 (fills from the kernels' panel layouts, bf16 blocks and int8
+    panels, copy whole panels) within F32_SCRATCH_ELEMS elements."""
+    return max(PANEL, F32_SCRATCH_ELEMS // K // PANEL * PANEL)
+
+
 def _f32_slices(N: int, K: int, fill):
     """(n0, n1, W[n0:n1] as float32 [n, K]) over W's rows, each slice written by ``fill`` into this thread's buffer
     (valid until the next slice)."""
-    rows = max(1, F32_SCRATCH_ELEMS // K)
+    rows = f32_slice_rows(K)
     buf = _f32_buffer(min(N, rows) * K)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)

@@ -190,10 +190,11 @@ torch::Tensor bf16_mm_t(torch::Tensor g, torch::Tensor wp) {
   KCHECK(wp.scalar_type() == at::kBFloat16 && wp.dim() == 4 && wp.size(2) == PW && wp.size(3) == 2 && wp.is_contiguous(),
          "bf16_mm_t: weight must be bf16 in panel layout [N/16, K/2, 16, 2]");
   const int64_t NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW, K = KP * 2;
-  const int64_t M = g.size(-1) ? g.numel() / g.size(-1) : 0;
   KCHECK(g.size(-1) == N, "bf16_mm_t: g has N=", g.size(-1), " but the weight has ", N, " output features");
   auto size = g.sizes().vec();
   size.back() = K;
+  if (N == 0) return torch::zeros(size, g.options());   // an empty sum
+  const int64_t M = g.numel() / N;
   auto dx = torch::empty(size, g.options());
   if (M == 0 || K == 0) return dx;
   const float* gp = g.data_ptr<float>();

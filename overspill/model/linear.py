@@ -242,7 +242,9 @@ class BlockedOnDemand:
         self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.lin, DenseLinear) and x.numel() >= F32_MIN_ROWS * self.in_features:
+        # a product with a graph blocks it too: its backward must find the weight in the layout its forward saw
+        if isinstance(self.lin, DenseLinear) and (x.numel() >= F32_MIN_ROWS * self.in_features
+                                                  or (x.requires_grad and torch.is_grad_enabled())):
             self.lin = BlockedLinear.from_blocked_(self.weight, self.bias)
         return self.lin(x)
 

@@ -80,11 +80,12 @@ class Reserve:
     def scratch_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         """The quantized formats' per-thread dequantization buffers (kept for reuse, sized by the largest linear)."""
         if self.quantize is None:   # bf16 prefill on a CPU without native bf16 converts slices to fp32
-            from ..model.linear import F32_SCRATCH_ELEMS, bf16_native
+            from ..kernels import f32_slice_rows
+            from ..model.linear import bf16_native
             if dtype != torch.bfloat16 or bf16_native():
                 return 0
             shapes = list(linear_shapes(cfg, "block.0").values()) + list(linear_shapes(cfg, "head").values())
-            return 4 * max(min(N, max(1, F32_SCRATCH_ELEMS // K)) * K for N, K in shapes)
+            return 4 * max(min(N, f32_slice_rows(K)) * K for N, K in shapes)
         from .. import quant
         shapes = list(linear_shapes(cfg, "block.0").values()) + (list(linear_shapes(cfg, "head").values())
                                                                  if self.quantize_head else [])
