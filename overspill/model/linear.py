@@ -211,11 +211,8 @@ class BlockedLinear:
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         """Rows [n0, n1) (multiples of 16: whole panels) of the weight into ``dst`` (float32 [n1 - n0, K])."""
         from ..kernels import PANEL
-        p = self.blocked[n0 // PANEL: -(-n1 // PANEL)]                       # [p, K/2, 16, 2]
-        if hasattr(self._k, "panels_to_f32_"):             # ~10x torch's permuted copy (kernels/stripes.h)
-            self._k.panels_to_f32_(p, dst, 0, None)
-            return
-        dst.view(-1, PANEL, self.in_features // 2, 2).copy_(p.permute(0, 2, 1, 3))
+        # both kernel builds widen panel rows in one pass (kernels/stripes.h; ~10x torch's permuted copy)
+        self._k.panels_to_f32_(self.blocked[n0 // PANEL: -(-n1 // PANEL)], dst, 0, None)
 
     @property
     def nbytes(self) -> int:

@@ -151,14 +151,9 @@ class Int8Linear(QuantLinear):
         if self._qplain is not None:
             dst.copy_(self._qplain[n0:n1]).mul_(s)
             return
-        K = self.in_features
+        # panels are held only where a kernel build runs, and both builds widen them (3x torch's permuted copy)
         kern = self._a2 if self._a2 is not None else self._k
-        if hasattr(kern, "panels_to_f32_"):                # one pass, ~2x torch's permuted copy (kernels/stripes.h)
-            kern.panels_to_f32_(self._qpanels[n0 // 16: -(-n1 // 16)], dst, 1, self.scales_f32[n0:n1])
-            return
-        p = self._qpanels[n0 // 16: -(-n1 // 16)].view(-1, K // 4, 16, 4).permute(0, 2, 1, 3)
-        dst.view(-1, 16, K // 4, 4).copy_(p.bitwise_xor(0x80).view(torch.int8))
-        dst.mul_(s)
+        kern.panels_to_f32_(self._qpanels[n0 // 16: -(-n1 // 16)], dst, 1, self.scales_f32[n0:n1])
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -172,11 +167,8 @@ class Int8Linear(QuantLinear):
                 return f32_sliced_linear(x, self.out_features, self.in_features, self._fill_rows, None)
             if x.dtype == torch.bfloat16:
                 return self._a2_mm(x.contiguous(), None)
-            # float32 activations (training, float32 models) stay weight-only and exact (never rounded to int8; on a
-            # kernel build without float32 inputs, rounded to bf16)
-            if getattr(self._a2, "F32_ACTIVATIONS", False):
-                return self._a2.int8_w8a16_mm(x.float().contiguous(), self._qpanels, self.scales_f32, None).to(x.dtype)
-            return self._a2.int8_w8a16_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None).to(x.dtype)
+            # float32 activations (training, float32 models) stay weight-only and exact: never rounded to int8 or bf16
+            return self._a2.int8_w8a16_mm(x.float().contiguous(), self._qpanels, self.scales_f32, None).to(x.dtype)
         if self._k is not None:
             y = self._k.int8_vnni_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None, self._block)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
