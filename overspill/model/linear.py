@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import F32_MIN_ROWS, F32_SCRATCH_ELEMS, bf16_native, f32_sliced_grad_input, f32_sliced_linear  # noqa: F401
+from ..kernels import F32_MIN_ROWS, bf16_native, f32_sliced_grad_input, f32_sliced_linear
 
 
 @runtime_checkable

@@ -147,9 +147,8 @@ class Int8Linear(QuantLinear):
 
     def _fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         """Rows [n0, n1) of q * scale into ``dst`` (float32 [n1 - n0, K]), from the plain weight or the panels."""
-        s = self.scales_f32[n0:n1, None]
         if self._qplain is not None:
-            dst.copy_(self._qplain[n0:n1]).mul_(s)
+            dst.copy_(self._qplain[n0:n1]).mul_(self.scales_f32[n0:n1, None])
             return
         # panels are held only where a kernel build runs, and both builds widen them (3x torch's permuted copy)
         kern = self._a2 if self._a2 is not None else self._k
