@@ -179,7 +179,7 @@ def test_avx2_bf16_mm_t_is_the_input_gradient(M, N, K):
     """bf16_mm_t: g @ W over the panels as they are (training's input gradient), within float32 accumulation of the
     float64 product; a row alone, or another thread count, gives the same bits; BlockedLinear's backward runs it up
     to GRAD_KERNEL_MAX_ROWS rows and float32 slices above, with the same gradient; bad shapes fail in one line."""
-    from overspill.model.linear import GRAD_KERNEL_MAX_ROWS
+    from overspill.kernels import GRAD_KERNEL_MAX_ROWS
     torch.manual_seed(M + N + K)
     w, g = torch.randn(N, K).bfloat16(), torch.randn(M, N)
     ref = g.double() @ w.double()
@@ -203,6 +203,44 @@ def test_avx2_bf16_mm_t_is_the_input_gradient(M, N, K):
         gy = torch.randn(rows, N)
         lin(x).backward(gy)
         assert torch.allclose(x.grad, gy @ w.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("M", [1, 4, 33])
+@pytest.mark.parametrize("N,K", [(16, 4), (48, 68), (160, 256)])
+def test_avx2_int8_mm_t_is_the_input_gradient(M, N, K):
+    """int8_mm_t: g @ (Q * s) over the int8 panels as they are (training's input gradient through an int8 base),
+    within float32 accumulation of the float64 product of the dequantized weight; a row alone, or one thread, gives
+    the same bits; Int8Linear's backward runs it up to GRAD_KERNEL_MAX_ROWS rows and float32 slices above, with the
+    same gradient; bad shapes fail in one line."""
+    from overspill.kernels import GRAD_KERNEL_MAX_ROWS
+    from overspill.quant.int8 import Int8Linear, quantize
+    torch.manual_seed(M + N + K)
+    lin, g = Int8Linear(quantize(torch.randn(N, K)), act_quant="never"), torch.randn(M, N)
+    qp, s, w = lin._qpanels, lin.scales_f32, lin.dequantize()
+    ref = g.double() @ w.double()
+    got = A2.int8_mm_t(g, qp, s)
+    assert got.dtype == torch.float32 and got.shape == (M, K)
+    assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    assert torch.equal(got[-1:], A2.int8_mm_t(g[-1:].contiguous(), qp, s))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(got, A2.int8_mm_t(g, qp, s))
+    finally:
+        torch.set_num_threads(n)
+    assert A2.int8_mm_t(g[:, None], qp, s).shape == (M, 1, K)
+    assert torch.equal(A2.int8_mm_t(torch.randn(M, 0), torch.zeros(0, K // 4, 64, dtype=torch.uint8), s[:0]),
+                       torch.zeros(M, K))
+    with pytest.raises(RuntimeError, match=f"g has N={N + 16} but the weight has {N} output features"):
+        A2.int8_mm_t(torch.randn(M, N + 16), qp, s)
+    with pytest.raises(RuntimeError, match=f"scales must have {N} elements"):
+        A2.int8_mm_t(g, qp, s[:-1])
+    for rows in (M, GRAD_KERNEL_MAX_ROWS + 3):
+        x = torch.randn(rows, K, requires_grad=True)
+        gy = torch.randn(rows, N)
+        lin(x).backward(gy)
+        assert torch.allclose(x.grad, gy @ w, rtol=1e-5, atol=1e-5)
 
 
 @needs_f32_kernel

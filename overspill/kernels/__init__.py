@@ -160,6 +160,10 @@ def _thp_madvise() -> bool:
 # 32 rows x 24576x6144 took 205 ms against 469, 128 rows 385 ms against 1828. Decode (1-8 rows) stays on bf16, which
 # reads the weight at up to ~18 GB/s there.
 F32_MIN_ROWS = 16
+# rows up to which an AVX2 input gradient runs on the panels (bf16_mm_t, int8_mm_t) rather than float32 slices +
+# sgemm (2-core AVX2 EPYC, 6B shapes: bf16 59-79 against 15-66 GFLOP/s at 16-64 rows, int8 80-100 against 35-55 at
+# 32; about even at 128; bf16 62-78 against 97-121 at 512)
+GRAD_KERNEL_MAX_ROWS = 128
 F32_SCRATCH_ELEMS = 8 << 20          # weight elements converted at a time: 32 MiB of fp32, counted by the reserve
 _NATIVE: list[bool] = []
 _F32_TLS = threading.local()

@@ -309,6 +309,94 @@ torch::Tensor int8_w8a16_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sca
   return y;
 }
 
+// -- the input gradient over int8 panels: dx = g @ (Q * s) (training's backward, float32) -----------------------
+// Widening int8 costs three instructions a vector (bf16: one), too many to repeat for every row of g as bf16_mm_t
+// does; so each thread widens a few input quads of every panel once, times the columns' scales, into a float32
+// buffer [NPAN][IKT][2 halves][4 inputs][8 columns] (N x IKT x 16 bytes, in L2), and every row of g then runs over
+// it with plain FMAs: dx[m, 4q + j] = sum over panels and halves of (q * s)[8 columns, j] . g[m, those 8 columns],
+// summed in 8 lanes, then across them. The order is fixed: results do not depend on M or the thread count.
+constexpr int IMR = 3;   // rows of g per pass: 8 accumulators + 4 weight vectors + 2 of g
+constexpr int IKT = 2;   // input quads a thread widens at a time
+
+template <int MR>
+inline void micro_i8t(const float* g, int64_t ldg, const float* wb, int64_t ws, int64_t NPAN, float* dx, int64_t ldx) {
+  __m256 acc[MR][4];
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < 4; j++) acc[m][j] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < NPAN; p++) {
+    for (int h = 0; h < 2; h++) {
+      const float* w = wb + p * ws + h * 32;
+      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), w2 = _mm256_loadu_ps(w + 16),
+                   w3 = _mm256_loadu_ps(w + 24);
+      for (int m = 0; m < MR; m++) {
+        const __m256 gv = _mm256_loadu_ps(g + m * ldg + p * PW + h * 8);
+        acc[m][0] = _mm256_fmadd_ps(w0, gv, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, gv, acc[m][1]);
+        acc[m][2] = _mm256_fmadd_ps(w2, gv, acc[m][2]);
+        acc[m][3] = _mm256_fmadd_ps(w3, gv, acc[m][3]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; m++)
+    for (int j = 0; j < 4; j++) dx[m * ldx + j] = hsum8(acc[m][j]);
+}
+
+torch::Tensor int8_mm_t(torch::Tensor g, torch::Tensor qp, torch::Tensor scales) {
+  KCHECK(g.device().is_cpu() && qp.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(g.dim() >= 1 && g.scalar_type() == at::kFloat && g.is_contiguous(), "int8_mm_t: g must be contiguous fp32 [..., N]");
+  KCHECK(qp.scalar_type() == at::kByte && qp.dim() == 3 && qp.size(2) == 4 * PW && qp.is_contiguous(),
+         "int8_mm_t: weight must be int8 panels [N/16, K/4, 64] (pack_int8)");
+  const int64_t NPAN = qp.size(0), KQ = qp.size(1), N = NPAN * PW, K = KQ * 4;
+  KCHECK(g.size(-1) == N, "int8_mm_t: g has N=", g.size(-1), " but the weight has ", N, " output features");
+  KCHECK(scales.numel() == N, "int8_mm_t: scales must have ", N, " elements, got ", scales.numel());
+  auto size = g.sizes().vec();
+  size.back() = K;
+  if (N == 0) return torch::zeros(size, g.options());   // an empty sum
+  const int64_t M = g.numel() / N;
+  auto dx = torch::empty(size, g.options());
+  if (M == 0 || K == 0) return dx;
+  torch::Tensor sf = scales.to(at::kFloat).contiguous();
+  const float* gp = g.data_ptr<float>();
+  const float* sp = sf.data_ptr<float>();
+  const uint8_t* wbase = qp.data_ptr<uint8_t>();
+  float* dp = dx.data_ptr<float>();
+  const int64_t NT = (KQ + IKT - 1) / IKT;
+  at::parallel_for(0, NT, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(NPAN * IKT * 64);
+    const __m256i flip = _mm256_set1_epi32((int)0x80808080u);
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t kq0 = t * IKT, nk = std::min<int64_t>(IKT, KQ - kq0);
+      for (int64_t kk = 0; kk < nk; kk++) {
+        for (int64_t p = 0; p < NPAN; p++) {
+          const uint8_t* line = wbase + (p * KQ + kq0 + kk) * 64;
+          float* b = buf.data() + (kk * NPAN + p) * 64;
+          for (int h = 0; h < 2; h++) {
+            const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(line + 32 * h)), flip);
+            const __m256 s = _mm256_loadu_ps(sp + p * PW + 8 * h);
+            _mm256_storeu_ps(b + 32 * h, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24))));
+            _mm256_storeu_ps(b + 32 * h + 8, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24))));
+            _mm256_storeu_ps(b + 32 * h + 16, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24))));
+            _mm256_storeu_ps(b + 32 * h + 24, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24))));
+          }
+        }
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += IMR) {
+        const float* gm = gp + m0 * N;
+        for (int64_t kk = 0; kk < nk; kk++) {
+          const float* wb = buf.data() + kk * NPAN * 64;
+          float* dm = dp + m0 * K + 4 * (kq0 + kk);
+          switch (std::min<int64_t>(IMR, M - m0)) {
+            case 3: micro_i8t<3>(gm, N, wb, 64, NPAN, dm, K); break;
+            case 2: micro_i8t<2>(gm, N, wb, 64, NPAN, dm, K); break;
+            default: micro_i8t<1>(gm, N, wb, 64, NPAN, dm, K); break;
+          }
+        }
+      }
+    }
+  });
+  return dx;
+}
+
 // panels_to_f32_ (stripes.h) with int8 panels widened 32 bytes at a time: 8 bytes = 2 columns x 4 inputs ->
 // cvtepi8_epi32 -> fp32 -> times the two columns' scales -> 16 bytes to each column's row (the portable loop moves a
 // byte at a time: 2.5x slower). bf16 panels take the portable loop, which already runs at ~7 GB/s.
@@ -504,6 +592,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int8_w8a8_mm", &int8_w8a8_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, AVX2; "
         "int8_vnni_mm's arithmetic)");
+  m.def("int8_mm_t", &int8_mm_t, "dx[M,K] = g[M,N] @ (Q * s), Q in pack_int8 panels, g and dx fp32 (AVX2 + FMA)");
   m.attr("F32_ACTIVATIONS") = true;   // bf16_mm and int8_w8a16_mm take fp32 x too (y in fp32)
   m.def("int8_w8a16_mm", &int8_w8a16_mm, "y = x @ ((Q-128)*s)^T (+ bias) over pack_int8 panels, x exact (AVX2 + FMA)");
 }

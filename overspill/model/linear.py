@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import F32_MIN_ROWS, bf16_native, f32_sliced_grad_input, f32_sliced_linear
+from ..kernels import F32_MIN_ROWS, GRAD_KERNEL_MAX_ROWS, bf16_native, f32_sliced_grad_input, f32_sliced_linear
 
 
 @runtime_checkable
@@ -36,11 +36,6 @@ class Linear(Protocol):
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
-
-
-# rows up to which an AVX2 input gradient runs bf16_mm_t rather than float32 slices + sgemm (2-core AVX2 EPYC, 6B
-# shapes: 59-79 against 15-66 GFLOP/s at 16-64 rows, about even at 128, 62-78 against 97-121 at 512)
-GRAD_KERNEL_MAX_ROWS = 128
 
 
 class DenseLinear:
