@@ -18,7 +18,8 @@ streamed from disk, each run in a fresh worker process, configurations interleav
         per run: disk probe on that side's files (O_DIRECT, 8 threads, 2 GiB) -> drop_caches -> cgroup -> worker
       s/optimizer step (median after the first) against the bound of two reads of the streamed bytes (a training
       pass reads the streamed blocks forward, then again in reverse for the backward) at the run's disk speed;
-      target ratio <= 1.3; peak RSS against the budget. Then accelerate + PEFT on the Hugging Face checkpoint the
+      target ratio <= 1.3; peak RSS against the budget. store-no-ckpt / store-int8-no-ckpt: the same stores with
+      gradient checkpointing off (each block's graph kept, its weights read again for the backward). Then accelerate + PEFT on the Hugging Face checkpoint the
       stores were converted from, in the same cgroup: from_pretrained(device_map="auto", max_memory={"cpu": 4GiB},
       offload_folder=...), PEFT LoRA, one training step; recorded as ok (with its time), refused (an exception
       before the step), failed (an exception in it), OOM (killed by the cgroup) or timed out.
@@ -73,7 +74,7 @@ RAM_CONFIGS: dict[str, tuple[str, str | None, bool]] = {
     "overspill-no-ckpt": ("overspill", None, False),
     "peft": ("peft", None, True),
 }
-STREAMED_SIDES = ("store", "store-int8", "accelerate")
+STREAMED_SIDES = ("store", "store-int8", "store-no-ckpt", "store-int8-no-ckpt", "accelerate")
 
 # overspill's targets (qkv, out, up, down) as Hugging Face module names per model_type: what PEFT adapts
 OVERSPILL_TARGETS = "qkv,out,up,down"
@@ -514,6 +515,8 @@ def streamed_sides(a: argparse.Namespace) -> list[tuple[str, Path]]:
     makes = {"store": f".venv/bin/python -m overspill.cli convert {a.hf} {a.store}",
              "store-int8": f".venv/bin/python -m overspill.cli convert {a.hf} {a.store_int8} --quantize int8",
              "accelerate": ".venv/bin/python benchmarks/make_checkpoint.py --preset gptj-6b"}
+    for k in ("store", "store-int8"):      # the same stores with gradient checkpointing off (graphs kept)
+        paths[f"{k}-no-ckpt"], makes[f"{k}-no-ckpt"] = paths[k], makes[k]
     missing = [s for s in sides if not ((paths[s] / "manifest.json").exists() or (paths[s] / "config.json").exists())]
     if missing:
         raise SystemExit("missing: " + "; ".join(f"{s} ({paths[s]}): {makes[s]}" for s in missing))
@@ -578,8 +581,8 @@ def streamed_part(a: argparse.Namespace, ctx: dict) -> list[dict]:
             common.drop_caches()
         else:
             os.sync()
-        cmd = worker_cmd(a, "accelerate" if name == "accelerate" else "overspill", views[name], None, True,
-                         max_memory[name])
+        cmd = worker_cmd(a, "accelerate" if name == "accelerate" else "overspill", views[name], None,
+                         not name.endswith("-no-ckpt"), max_memory[name])
         if no_cgroup:
             res = common.run_worker(cmd, check=False, timeout=a.timeout)
         else:
@@ -595,7 +598,9 @@ def streamed_part(a: argparse.Namespace, ctx: dict) -> list[dict]:
         cg = res.get("cgroup") or {}
         row["oom_kills"] = cg.get("oom_kill_during_run", cg.get("oom_kill"))
         # frozen base, checkpointed: forward 2, recomputed forward 2, input gradients 2 flops per parameter and token
-        row["compute_s_estimate"] = 6 * params * a.batch_size * a.seq_len / (tflops * 1e12)
+        # (graphs kept: no recompute)
+        row["compute_s_estimate"] = (4 if name.endswith("-no-ckpt") else 6) * params * a.batch_size * a.seq_len / \
+            (tflops * 1e12)
         if name != "accelerate" and res.get("ok"):
             disk_fwd = (res.get("plan") or {}).get("disk_bytes_per_forward", 0)
             row["streamed_bytes_per_step"] = 2 * disk_fwd

@@ -446,7 +446,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optim", default="adamw", choices=("adamw", "adamw8bit"))
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the adapter's gradient norm (0: off)")
     p.add_argument("--no-grad-checkpoint", action="store_true", help="keep every block's graph instead of "
-                   "recomputing it in the backward (faster, more memory; every block must be resident)")
+                   "recomputing it in the backward: a third less compute for every block's activations held (the "
+                   "planner counts them); streamed blocks are still read twice a step")
 
 
 @command("finetune", "train a LoRA adapter on a frozen base (dense, 8/4-bit, or streamed from disk)")

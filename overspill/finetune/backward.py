@@ -7,11 +7,18 @@
 
 The base weights are frozen in whatever format and tier they have: a streamed block is read once for the forward
 and once more for the backward (the source is told the order, so its reader prefetches the backward's blocks while
-the loss runs), and no weight view outlives its block's turn. The loss never builds the [B, T, V] logits: the LM
+the loss runs), and no weight view outlives its block's turn.
+
+Without checkpointing (``checkpoint=False``) each block's graph is kept instead and nothing is recomputed: a third
+less compute for a block, for every block's activations held until the backward. A kept graph holds the forward's
+Linear objects (the frozen products' backward multiplies by them, model/linear.py), so the backward fetches a
+streamed block again and refills those objects with the new bytes (``refill_``); anything else the graph saved from
+the block's bytes (a norm's weight) is copied when saved, since the forward's bytes are recycled on release. The loss never builds the [B, T, V] logits: the LM
 head runs over ``head_tokens`` tokens at a time, and only over tokens that carry a label.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -19,7 +26,8 @@ import torch.nn.functional as F
 
 from ..errors import OverspillError
 from ..kernels import bf16_native
-from ..model.weights import BlockWeights, HeadWeights
+from ..model.linear import hollow_, refill_
+from ..model.weights import BlockWeights, HeadWeights, linear_names
 from ..model.layers import Step, block_forward, head_forward, make_step
 from ..runtime.executor import Executor
 
@@ -63,8 +71,48 @@ def pass_order(n_layers: int) -> list[int]:
     return list(range(n_layers + 2)) + list(range(n_layers, 0, -1))
 
 
-def _all_resident(ex: Executor) -> bool:
-    return not getattr(ex.source, "streamed", None)
+SAVED_COPY_MAX = 1 << 20   # bytes: a kept graph may copy what it saves of a streamed block's bytes up to this size
+
+
+def _tensors_in(obj, depth: int = 3):
+    """Tensors reachable from a unit's weights object: its fields, tuples, and Linear objects' attributes."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth and isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors_in(o, depth - 1)
+    elif depth and obj is not None and not isinstance(obj, (str, int, float, bool, torch.dtype, torch.device)):
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else \
+            [a for c in type(obj).__mro__ for a in getattr(c, "__slots__", ()) if a != "__weakref__"] + \
+            list(getattr(obj, "__dict__", {}))
+        for n in names:
+            yield from _tensors_in(getattr(obj, n, None), depth - 1)
+
+
+def _saving_copies(w):
+    """While a streamed block's forward builds a graph that is kept: any tensor the graph saves from the block's own
+    bytes (which the source recycles on release) is saved as a copy; a large one is a linear saving its weight, which
+    refill_ cannot reach, and is refused rather than read stale in the backward."""
+    own = set()
+    for t in _tensors_in(w):
+        if not t.requires_grad and t.device.type != "meta":
+            own.add(t.untyped_storage().data_ptr())
+
+    def pack(t: torch.Tensor):
+        if t.requires_grad or t.untyped_storage().data_ptr() not in own:
+            return t
+        if t.numel() * t.element_size() > SAVED_COPY_MAX:
+            raise OverspillError(f"a kept training graph would save a streamed weight {tuple(t.shape)}; train with "
+                                 "gradient checkpointing on")
+        return t.clone()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def _refill_block(old: list, new) -> None:
+    """The kept graph's Linear objects of a block, pointed at the block's weights fetched again."""
+    for lin, n in zip(old, linear_names("block.0")):
+        refill_(lin, getattr(new, n))
 
 
 def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpoint: bool = True,
@@ -73,17 +121,14 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
 
     ids, labels: [B, T] (labels[b, t] is the target for position t, IGNORE where no loss). The loss backpropagated
     is sum(cross-entropy over labelled tokens) * loss_scale (default 1 / their count: the batch mean).
-    ``checkpoint=False`` keeps every block's graph instead of recomputing it (all blocks must be resident).
-    Returns (summed cross-entropy, labelled tokens)."""
+    ``checkpoint=False`` keeps every block's graph instead of recomputing it; streamed blocks are fetched again for
+    the backward either way. Returns (summed cross-entropy, labelled tokens)."""
     if ex.closed:
         raise OverspillError("this model was closed; load it again")
     cfg, src, devs = ex.cfg, ex.source, ex.unit_devices
     B, T = ids.shape
     if T > cfg.max_positions:
         raise OverspillError(f"training sequences of {T} tokens exceed the model's context of {cfg.max_positions}")
-    if not checkpoint and not _all_resident(ex):
-        raise OverspillError("gradient checkpointing can be off only when every block is resident; this plan streams "
-                             "blocks, and a streamed block's weights are gone once the next one arrives")
     n_tok = int((labels != IGNORE).sum())
     scale = loss_scale if loss_scale is not None else 1.0 / max(n_tok, 1)
     mb = micro_batch or B
@@ -110,15 +155,29 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
         x = ex._embed(ids.to(devs[0]), at(0)).to(dt)
     saved: list[torch.Tensor] = []
     rng: list[torch.Tensor] = []
-    with torch.set_grad_enabled(not checkpoint):
-        for layer in range(cfg.n_layers):
-            i = layer + 1
-            x = x.to(devs[i])
-            if checkpoint:
-                saved.append(x)
-                rng.append(_rng_state(devs[i]))     # the recompute draws the same dropout masks
-            x = run_block(src.acquire(i), x, i)
-            src.release(i)
+    kept: list = []                                 # without checkpointing: (block input, output, weights) per block
+    streamed = set(getattr(src, "streamed", None) or ())
+    for layer in range(cfg.n_layers):
+        i = layer + 1
+        x = x.to(devs[i])
+        w = src.acquire(i)
+        if checkpoint:
+            saved.append(x)
+            rng.append(_rng_state(devs[i]))         # the recompute draws the same dropout masks
+            with torch.no_grad():
+                x = run_block(w, x, i)
+        else:
+            x_in = x.detach().requires_grad_()
+            with torch.enable_grad(), (_saving_copies(w) if i in streamed else contextlib.nullcontext()):
+                y = run_block(w, x_in, i)
+            lins = [getattr(w, n) for n in linear_names("block.0")]
+            if i in streamed:       # the graph holds these objects, not their bytes: those go back with the unit
+                for lin in lins:
+                    hollow_(lin)
+            kept.append((x_in, y, lins))
+            x = y.detach()
+        del w
+        src.release(i)
     # the loss: the head over labelled tokens only, a chunk at a time; dL/dx_L accumulates in xl.grad
     hi = cfg.n_layers + 1
     xl = x.detach().to(devs[hi]).requires_grad_()
@@ -137,22 +196,26 @@ def train_pass(ex: Executor, ids: torch.Tensor, labels: torch.Tensor, *, checkpo
     del w
     src.release(hi)
     g = xl.grad if xl.grad is not None else torch.zeros_like(xl)
-    if not checkpoint:
-        x.backward(g.to(x.device))
-        return total, n_tok
     for layer in range(cfg.n_layers - 1, -1, -1):
         i = layer + 1
-        x_in = saved[layer].detach().requires_grad_()
         w = src.acquire(i)
-        d = devs[i]
-        with torch.enable_grad(), torch.random.fork_rng(devices=[d] if d.type == "cuda" else []):
-            _set_rng_state(d, rng[layer])
-            y = run_block(w, x_in, i)
+        if checkpoint:
+            x_in = saved[layer].detach().requires_grad_()
+            saved[layer] = None
+            d = devs[i]
+            with torch.enable_grad(), torch.random.fork_rng(devices=[d] if d.type == "cuda" else []):
+                _set_rng_state(d, rng[layer])
+                y = run_block(w, x_in, i)
+                y.backward(g.to(y.device))
+        else:
+            x_in, y, w_fwd = kept[layer]
+            kept[layer] = None
+            _refill_block(w_fwd, w)                 # a streamed block's forward bytes are gone: use these
             y.backward(g.to(y.device))
+            del w_fwd
         del w, y
         src.release(i)
         g = x_in.grad
-        saved[layer] = None
     return total, n_tok
 
 

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..families import FAMILIES
 from ..families.adapters import ModuleMap, NormMap, module_maps, norm_maps
-from ..model.linear import Linear
+from ..model.linear import Linear, refill_
 
 CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -183,6 +183,9 @@ class LoraLinear:
             else:
                 y = y.index_add(-1, slot.map.cols.to(y.device), d)
         return y
+
+    def refill_(self, new: "LoraLinear") -> None:
+        refill_(self.base, new.base)
 
     @property
     def nbytes(self) -> int:

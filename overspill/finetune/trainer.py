@@ -99,7 +99,7 @@ def _tokenizer(path: str):
 
 def train_reserve(settings: TrainSettings, adapter_bytes: int, optim_bytes_per_param: float) -> Reserve:
     """What a training step holds besides weights, for the planner (see Reserve.training)."""
-    return Reserve(settings.batch_size, settings.seq_len, training=True,
+    return Reserve(settings.batch_size, settings.seq_len, training=True, keep_graphs=not settings.grad_checkpoint,
                    extra_bytes=int(adapter_bytes * (2 + optim_bytes_per_param / 4)))
 
 

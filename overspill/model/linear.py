@@ -55,6 +55,8 @@ class DenseLinear:
                 return _FrozenBf16Fn.apply(x, self)
             if x.numel() >= F32_MIN_ROWS * self.in_features or x.dtype != w.dtype:   # (float32 activations:
                 return self.f32_forward(x)                                             # training's, see finetune)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenDenseFn.apply(x, self)
         return F.linear(x, w, self.bias)
 
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,69 @@ class _FrozenBf16Fn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return ctx.lin.f32_grad_input(g), None
+
+
+class _FrozenDenseFn(torch.autograd.Function):
+    """F.linear over a frozen weight, its graph holding this Linear rather than the weight tensor (what F.linear's
+    own backward would save), so a kept graph can be pointed at the weight fetched again (refill_)."""
+
+    @staticmethod
+    def forward(ctx, x, lin):
+        ctx.lin = lin
+        return F.linear(x, lin.weight, lin.bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.lin.weight.to(g.dtype), None
+
+
+def _take_over(old, new) -> None:
+    """Every attribute of ``new`` onto ``old`` (same class): slots and instance dict."""
+    for a in _attrs(new):
+        if hasattr(new, a):
+            setattr(old, a, getattr(new, a))
+
+
+def _attrs(obj) -> list[str]:
+    return [a for c in type(obj).__mro__ for a in getattr(c, "__slots__", ()) if a != "__weakref__"] + \
+        list(getattr(obj, "__dict__", {}))
+
+
+def hollow_(lin: Linear) -> None:
+    """Drop ``lin``'s references to its weight bytes (tensors, and the Linear objects it wraps) until refill_ gives
+    it new ones: a kept training graph must not keep a streamed unit's memory alive (a reader that allocates per
+    fetch would otherwise hold every block at once). Trainable tensors (an adapter's) stay."""
+    base = getattr(lin, "base", None)
+    if base is not None and hasattr(lin, "pairs"):     # a LoRA wrapper: its base holds the bytes
+        hollow_(base)
+        return
+    for a in _attrs(lin):
+        v = getattr(lin, a, None)
+        if isinstance(v, torch.Tensor) and not v.requires_grad:
+            setattr(lin, a, None)
+        elif isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values()):
+            setattr(lin, a, {})
+        elif hasattr(v, "in_features") and hasattr(v, "dequantize"):
+            hollow_(v)
+
+
+def refill_(old: Linear, new: Linear) -> None:
+    """Point ``old`` at ``new``'s bytes: the same weight of the same unit, fetched again.
+
+    A training step that keeps each block's graph instead of recomputing it (finetune/backward.py) holds the
+    forward's Linear objects in that graph (the frozen products' backward multiplies by ``ctx.lin``); a streamed
+    unit's bytes are recycled once it is released, so the backward fetches the unit again and refills the kept
+    objects from the new ones, in the layout the forward used. Linears with a ``refill_`` method (wrappers, weights
+    laid out on first use) say how; the rest take the new object's attributes."""
+    if old is new:
+        return
+    if type(old) is not type(new):
+        raise TypeError(f"refill_: a {type(old).__name__} cannot take a {type(new).__name__}'s weight")
+    own = getattr(old, "refill_", None)
+    if own is not None:
+        own(new)
+    else:
+        _take_over(old, new)
 
 
 def onednn_available() -> bool:
@@ -242,6 +307,13 @@ class BlockedOnDemand:
 
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         self.lin.fill_rows(dst, n0, n1)
+
+    def refill_(self, new: "BlockedOnDemand") -> None:
+        """``new``'s bytes (the weight fetched again), laid out as this one's forward used them."""
+        if isinstance(self.lin, BlockedLinear) and isinstance(new.lin, DenseLinear):
+            new.lin = BlockedLinear.from_blocked_(new.weight, new.bias)
+        refill_(self.lin, new.lin)
+        self.weight, self.bias = new.weight, new.bias
 
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin.f32_forward(x)
