@@ -325,15 +325,13 @@ inline void micro_i8t(const float* g, int64_t ldg, const float* wb, int64_t ws, 
     for (int j = 0; j < 4; j++) acc[m][j] = _mm256_setzero_ps();
   for (int64_t p = 0; p < NPAN; p++) {
     for (int h = 0; h < 2; h++) {
+      // MR rows of g in registers, one weight vector at a time: 4 MR accumulators + MR + 1 registers (no spills)
       const float* w = wb + p * ws + h * 32;
-      const __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8), w2 = _mm256_loadu_ps(w + 16),
-                   w3 = _mm256_loadu_ps(w + 24);
-      for (int m = 0; m < MR; m++) {
-        const __m256 gv = _mm256_loadu_ps(g + m * ldg + p * PW + h * 8);
-        acc[m][0] = _mm256_fmadd_ps(w0, gv, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(w1, gv, acc[m][1]);
-        acc[m][2] = _mm256_fmadd_ps(w2, gv, acc[m][2]);
-        acc[m][3] = _mm256_fmadd_ps(w3, gv, acc[m][3]);
+      __m256 gv[MR];
+      for (int m = 0; m < MR; m++) gv[m] = _mm256_loadu_ps(g + m * ldg + p * PW + h * 8);
+      for (int j = 0; j < 4; j++) {
+        const __m256 wj = _mm256_loadu_ps(w + 8 * j);
+        for (int m = 0; m < MR; m++) acc[m][j] = _mm256_fmadd_ps(wj, gv[m], acc[m][j]);
       }
     }
   }
