@@ -243,19 +243,17 @@ inline void micro_i8(const float* xf, int64_t ldx, const uint8_t* w, int64_t KQ,
   const __m256i flip = _mm256_set1_epi32((int)0x80808080u);
   for (int64_t kq = 0; kq < KQ; kq++) {
     const uint8_t* p = w + kq * 64;
-    for (int h = 0; h < 2; h++) {
-      const __m256i v = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 32 * h)), flip);
-      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24), 24));
-      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 24));
-      const __m256 w2 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 8), 24));
-      const __m256 w3 = _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));
+    // both halves of the line, one widened input at a time: each x value is broadcast once for its two FMAs
+    // (8 accumulators + 5 live registers: nothing spills), each accumulator summed over k in ascending order
+    const __m256i v0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)p), flip);
+    const __m256i v1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(p + 32)), flip);
+    for (int j = 0; j < 4; j++) {
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(j == 3 ? v0 : _mm256_slli_epi32(v0, 24 - 8 * j), 24));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(j == 3 ? v1 : _mm256_slli_epi32(v1, 24 - 8 * j), 24));
       for (int m = 0; m < MR; m++) {
-        const float* xm = xf + m * ldx + 4 * kq;
-        __m256 a = acc[m][h];
-        a = _mm256_fmadd_ps(w0, _mm256_broadcast_ss(xm), a);
-        a = _mm256_fmadd_ps(w1, _mm256_broadcast_ss(xm + 1), a);
-        a = _mm256_fmadd_ps(w2, _mm256_broadcast_ss(xm + 2), a);
-        acc[m][h] = _mm256_fmadd_ps(w3, _mm256_broadcast_ss(xm + 3), a);
+        const __m256 xb = _mm256_broadcast_ss(xf + m * ldx + 4 * kq + j);
+        acc[m][0] = _mm256_fmadd_ps(w0, xb, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(w1, xb, acc[m][1]);
       }
     }
   }
