@@ -36,6 +36,8 @@ class Reserve:
     quantize_head: bool = False       # the LM head in that scheme too
     training: bool = False            # a training step (finetune/backward.py) rather than inference: see train_bytes
     keep_graphs: bool = False         # training without gradient checkpointing: every block's graph is held
+    train_dtype: torch.dtype | None = None   # a training step's activations when not the weights' dtype (float32
+                                             # for a 16-bit base on a CPU without native bf16: finetune.compute_dtype)
     extra_bytes: int = 0              # held besides (a LoRA adapter's parameters, gradients, optimizer state)
 
     def kv_bytes_per_block(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -71,7 +73,7 @@ class Reserve:
         graph saves, and one block's gradients at a time. The KV cache is never allocated for training."""
         if not self.training:
             return 0
-        tok, es = self.max_batch * self.max_seq_len, _es(dtype)
+        tok, es = self.max_batch * self.max_seq_len, _es(self.train_dtype or dtype)
         saved = cfg.n_layers * tok * cfg.hidden_size * es
         per_tok = (3 * cfg.hidden_size + cfg.q_size + 2 * cfg.kv_size + 2 * cfg.intermediate_size * (2 if cfg.gated_mlp else 1)) * es
         scores = 2 * self.max_batch * cfg.n_heads * self.max_seq_len ** 2 * 4
