@@ -2,6 +2,7 @@
 checkpoints and resume, and a real fine-tune of the built-in model on a play it has not seen."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -297,6 +298,33 @@ def test_streamed_base_without_checkpointing_keeps_the_graphs(deep_dir, tmp_path
         assert torch.allclose(out[0], out[1], rtol=1e-4, atol=1e-6 * out[0].abs().max())
     else:
         assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("variant", ["gptj", "llama_gqa"])
+def test_the_planner_counts_what_kept_graphs_save(deep_dir, variant):
+    """Without checkpointing the planner's training reserve covers the bytes every block's kept graph saves (measured
+    with a saved-tensor hook over a real step), in the step's dtype: float32 activations count twice bf16's."""
+    from overspill.runtime.reserve import Reserve
+    path, _ = deep_dir(variant)
+    cfg = overspill.load(path, dtype="float32", background=False).config
+    ad = LoraAdapter(cfg, LoraSettings(r=8, dropout=0.05))
+    m = overspill.load(path, dtype="float32", linear_hook=ad.hook)
+    ad.train()
+    B, T = 2, 32
+    ids = torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(0))
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        train_pass(m.executor, ids, _labels(ids), checkpoint=False)
+    keep = Reserve(B, T, training=True, keep_graphs=True)
+    counted = keep.train_bytes(cfg, torch.float32)
+    assert sum(saved.values()) <= counted <= 2 * sum(saved.values()), (sum(saved.values()), counted)
+    assert counted > Reserve(B, T, training=True).train_bytes(cfg, torch.float32)
+    f32 = dataclasses.replace(keep, train_dtype=torch.float32)
+    assert f32.train_bytes(cfg, torch.bfloat16) == counted > 1.5 * keep.train_bytes(cfg, torch.bfloat16)
 
 
 def test_bad_targets_and_adapters_are_one_line(ref_dir, tmp_path):
