@@ -18,6 +18,16 @@ BF16_MODS = [pytest.param(k, id=name) for name, k in (("avx512", K_), ("avx2", a
     or [pytest.param(None, marks=pytest.mark.skip(reason="no bf16 kernel builds on this CPU"), id="none")]
 A2 = avx2_kernels()
 needs_avx2 = pytest.mark.skipif(A2 is None, reason="no AVX2 + FMA build on this CPU")
+def _one_thread(fn):
+    """fn() with torch's thread count at 1 (kernels must give the same bits whatever the thread count)."""
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(n)
+
+
 needs_f32_kernel = pytest.mark.skipif(A2 is None or bf16_kernels() is not A2 or bf16_native(),
                                       reason="float32 activations take the AVX2 kernel where bf16 is not native")
 
@@ -67,12 +77,7 @@ def test_bf16_mm_rows_and_threads_independent_and_nan_kept(mod):
     x, w = torch.randn(11, 256).bfloat16(), block_weight(torch.randn(160, 256).bfloat16())
     full = mod.bf16_mm(x, w, None)
     assert torch.equal(full, torch.cat([mod.bf16_mm(x[i:i + 1].contiguous(), w, None) for i in range(11)]))
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(full, mod.bf16_mm(x, w, None))
-    finally:
-        torch.set_num_threads(n)
+    assert torch.equal(full, _one_thread(lambda: mod.bf16_mm(x, w, None)))
     x[3, 7] = float("nan")
     y = mod.bf16_mm(x, w, None)
     assert y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any()
@@ -187,12 +192,7 @@ def test_avx2_bf16_mm_t_is_the_input_gradient(M, N, K):
     assert got.dtype == torch.float32 and got.shape == (M, K)
     assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
     assert torch.equal(got[-1:], A2.bf16_mm_t(g[-1:].contiguous(), block_weight(w)))
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(got, A2.bf16_mm_t(g, block_weight(w)))
-    finally:
-        torch.set_num_threads(n)
+    assert torch.equal(got, _one_thread(lambda: A2.bf16_mm_t(g, block_weight(w))))
     assert A2.bf16_mm_t(g[:, None], block_weight(w)).shape == (M, 1, K)
     assert torch.equal(A2.bf16_mm_t(torch.randn(M, 0), torch.zeros(0, K // 2, 16, 2).bfloat16()), torch.zeros(M, K))
     with pytest.raises(RuntimeError, match=f"g has N={N + 16} but the weight has {N} output features"):
@@ -223,12 +223,7 @@ def test_avx2_int8_mm_t_is_the_input_gradient(M, N, K):
     assert got.dtype == torch.float32 and got.shape == (M, K)
     assert ((got.double() - ref).abs() <= 1e-5 * ref.abs().max()).all()
     assert torch.equal(got[-1:], A2.int8_mm_t(g[-1:].contiguous(), qp, s))
-    n = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert torch.equal(got, A2.int8_mm_t(g, qp, s))
-    finally:
-        torch.set_num_threads(n)
+    assert torch.equal(got, _one_thread(lambda: A2.int8_mm_t(g, qp, s)))
     assert A2.int8_mm_t(g[:, None], qp, s).shape == (M, 1, K)
     assert torch.equal(A2.int8_mm_t(torch.randn(M, 0), torch.zeros(0, K // 4, 64, dtype=torch.uint8), s[:0]),
                        torch.zeros(M, K))

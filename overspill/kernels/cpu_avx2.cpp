@@ -160,6 +160,13 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// an input gradient's dx [..., K] for g [..., N]: zeros when N == 0 (an empty sum), else to be written in full
+inline torch::Tensor grad_out(const torch::Tensor& g, int64_t N, int64_t K) {
+  auto size = g.sizes().vec();
+  size.back() = K;
+  return N == 0 ? torch::zeros(size, g.options()) : torch::empty(size, g.options());
+}
+
 template <int MR>
 inline void micro_t(const float* g, int64_t ldg, const uint16_t* w, int64_t ps, int64_t NPAN, float* dx,
                     int64_t ldx) {
@@ -191,11 +198,8 @@ torch::Tensor bf16_mm_t(torch::Tensor g, torch::Tensor wp) {
          "bf16_mm_t: weight must be bf16 in panel layout [N/16, K/2, 16, 2]");
   const int64_t NPAN = wp.size(0), KP = wp.size(1), N = NPAN * PW, K = KP * 2;
   KCHECK(g.size(-1) == N, "bf16_mm_t: g has N=", g.size(-1), " but the weight has ", N, " output features");
-  auto size = g.sizes().vec();
-  size.back() = K;
-  if (N == 0) return torch::zeros(size, g.options());   // an empty sum
-  const int64_t M = g.numel() / N;
-  auto dx = torch::empty(size, g.options());
+  auto dx = grad_out(g, N, K);
+  const int64_t M = N ? g.numel() / N : 0;
   if (M == 0 || K == 0) return dx;
   const float* gp = g.data_ptr<float>();
   const uint16_t* wbase = (const uint16_t*)wp.data_ptr<at::BFloat16>();
@@ -345,11 +349,8 @@ torch::Tensor int8_mm_t(torch::Tensor g, torch::Tensor qp, torch::Tensor scales)
   const int64_t NPAN = qp.size(0), KQ = qp.size(1), N = NPAN * PW, K = KQ * 4;
   KCHECK(g.size(-1) == N, "int8_mm_t: g has N=", g.size(-1), " but the weight has ", N, " output features");
   KCHECK(scales.numel() == N, "int8_mm_t: scales must have ", N, " elements, got ", scales.numel());
-  auto size = g.sizes().vec();
-  size.back() = K;
-  if (N == 0) return torch::zeros(size, g.options());   // an empty sum
-  const int64_t M = g.numel() / N;
-  auto dx = torch::empty(size, g.options());
+  auto dx = grad_out(g, N, K);
+  const int64_t M = N ? g.numel() / N : 0;
   if (M == 0 || K == 0) return dx;
   torch::Tensor sf = scales.to(at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();
