@@ -704,15 +704,16 @@ def driver(a: argparse.Namespace, max_memory: dict[str, str] | None = None) -> P
     return out
 
 
-def least_budget(a: argparse.Namespace, store: Path, scratch: Path) -> int:
-    """Smoke: the least cpu budget (bytes) the planner accepts for this training step on `store`, plus its largest
-    block file: some blocks stream, the rest fit. Asks `finetune()` with 1 byte and reads the PlanError."""
+def least_budget(a: argparse.Namespace, store: Path, scratch: Path, no_ckpt: bool = False) -> int:
+    """Smoke: the least cpu budget (bytes) the planner accepts for this training step on `store` (checkpointed, or
+    with the graphs kept), plus its largest block file: some blocks stream, the rest fit. Asks `finetune()` with 1
+    byte and reads the PlanError."""
     from overspill.finetune.trainer import finetune
     from overspill.placement.planner import PlanError
 
     steps, a.steps = a.steps, 0
     try:
-        finetune(str(store), a.data, str(scratch / "probe-out"), train_settings(a), max_memory={"cpu": 1},
+        finetune(str(store), a.data, str(scratch / "probe-out"), train_settings(a, no_ckpt), max_memory={"cpu": 1},
                  progress=False, log=lambda line: None)
     except PlanError as e:
         if e.min_bytes is None:
@@ -750,8 +751,9 @@ def smoke(a: argparse.Namespace) -> None:
         ctx_budgets = {}
         if a.max_memory is None:   # per store: the planner's least budget for this step plus one block, so some stream
             for name, store in stores.items():
-                n = least_budget(a, tokenizer_view(store, Path(a.views) / "probe"), sm.dir)
-                ctx_budgets[name] = f"cpu={-(-n // 1024)}KiB"
+                for side, no_ckpt in ((name, False), (f"{name}-no-ckpt", True)):
+                    n = least_budget(a, tokenizer_view(store, Path(a.views) / "probe"), sm.dir, no_ckpt)
+                    ctx_budgets[side] = f"cpu={-(-n // 1024)}KiB"
             # accelerate: half the checkpoint, so its device map offloads to disk as in the full run
             half = sum(f.stat().st_size for f in common.safetensors_files(hf)) // 2
             ctx_budgets["accelerate"] = f"cpu={half >> 10}KiB"

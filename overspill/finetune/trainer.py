@@ -213,8 +213,8 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
     total = st.max_steps or max(1, math.ceil(st.epochs * len(train) / per_step))
     # 2. the base, planned with the training step's memory in the reserve
     reserve = train_reserve(st, n_params * 4, 2.0 if st.optim == "adamw8bit" else 8.0)
-    if src.dtype in (torch.bfloat16, torch.float16) and not bf16_native() and \
-            not any(str(d).startswith("cuda") for d in (max_memory or {})):
+    on_cuda = any(str(d).startswith("cuda") and str(d) not in (stand_in or {}) for d in (max_memory or {}))
+    if src.dtype in (torch.bfloat16, torch.float16) and not bf16_native() and not on_cuda:
         reserve = dataclasses.replace(reserve, train_dtype=torch.float32)   # backward.compute_dtype: float32 here
     adapter.train()   # before the load: resident units then hold the trained norms themselves, not copies
     built = build(model, dtype, quantize, max_memory, reserve, linear_hook=adapter.hook, stand_in=stand_in)

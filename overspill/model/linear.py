@@ -113,6 +113,20 @@ class _FrozenDenseFn(torch.autograd.Function):
         return g @ ctx.lin.weight.to(g.dtype), None
 
 
+class _FrozenUnblockedFn(torch.autograd.Function):
+    """F.linear over a blocked weight unblocked for the product (bf16-native CPUs: oneDNN's bf16 matmul), in the
+    forward and again in the backward: the graph holds the Linear, not a dense copy of its weight."""
+
+    @staticmethod
+    def forward(ctx, x, lin):
+        ctx.lin = lin
+        return F.linear(x, lin.dequantize().to(x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        return g @ ctx.lin.dequantize().to(g.dtype), None
+
+
 def _take_over(old, new) -> None:
     """Every attribute of ``new`` onto ``old`` (same class): slots and instance dict."""
     for a in _attrs(new):
@@ -245,8 +259,7 @@ class BlockedLinear:
         if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward
             if not bf16_native():                         # float32 slices of the panels, forward and backward
                 return _FrozenBf16Fn.apply(x, self)
-            w = self.dequantize().to(x.dtype)             # exact dense path
-            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            return _FrozenUnblockedFn.apply(x, self)      # exact dense path, no weight copy kept in the graph
         if x.dtype == torch.bfloat16 and x.is_contiguous():   # decode hot path: one call, no reshapes
             return self._k.bf16_mm(x, self.blocked, self._bias_f32)
         if x.dtype == torch.float32 and not bf16_native():    # float32 activations (training's) stay float32

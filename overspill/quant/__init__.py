@@ -134,6 +134,13 @@ class StoredLinear:
     def dequantize(self) -> torch.Tensor:
         return self.linear.dequantize()
 
+    def refill_(self, new: "StoredLinear") -> None:
+        """``new``'s tensors (the same unit fetched again) in place of these, in the runtime Linear a kept training
+        graph holds (model/linear.refill_)."""
+        if self._lin is not None:
+            vars(self._lin).update(vars(new.linear))
+        self.tensors, self.bias = new.tensors, new.bias
+
     def __repr__(self) -> str:
         dev = next(iter(self.tensors.values())).device
         return f"StoredLinear({self.scheme}, {dev}, {self.nbytes} bytes)"
