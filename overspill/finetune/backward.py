@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import OverspillError
 from ..kernels import bf16_native
-from ..model.linear import hollow_, refill_
+from ..model.linear import attributes, hollow_, refill_
 from ..model.weights import BlockWeights, HeadWeights, linear_names
 from ..model.layers import Step, block_forward, head_forward, make_step
 from ..runtime.executor import Executor
@@ -82,10 +82,7 @@ def _tensors_in(obj, depth: int = 3):
         for o in obj:
             yield from _tensors_in(o, depth - 1)
     elif depth and obj is not None and not isinstance(obj, (str, int, float, bool, torch.dtype, torch.device)):
-        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else \
-            [a for c in type(obj).__mro__ for a in getattr(c, "__slots__", ()) if a != "__weakref__"] + \
-            list(getattr(obj, "__dict__", {}))
-        for n in names:
+        for n in attributes(obj):
             yield from _tensors_in(getattr(obj, n, None), depth - 1)
 
 

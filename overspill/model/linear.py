@@ -52,16 +52,22 @@ class DenseLinear:
         w = self.weight
         if w.dtype == torch.bfloat16 and w.device.type == "cpu" and not bf16_native():
             if x.requires_grad and torch.is_grad_enabled():     # training through the frozen weight
-                return _FrozenBf16Fn.apply(x, self)
+                return _FrozenFn.apply(x, self.f32_forward, self.f32_grad_input)
             if x.numel() >= F32_MIN_ROWS * self.in_features or x.dtype != w.dtype:   # (float32 activations:
                 return self.f32_forward(x)                                             # training's, see finetune)
         if x.requires_grad and torch.is_grad_enabled():
-            return _FrozenDenseFn.apply(x, self)
+            return _FrozenFn.apply(x, self._linear, self._grad_input)
         return F.linear(x, w, self.bias)
 
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T + b in float32 over float32 slices of the bf16 weight (result in x's dtype)."""
         return _bf16_via_f32(x, self.weight, self.bias)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        return g @ self.weight.to(g.dtype)
 
     def f32_grad_input(self, g: torch.Tensor) -> torch.Tensor:
         """g @ W in float32 over float32 slices of the weight's rows (result in g's dtype)."""
@@ -83,58 +89,33 @@ def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
     return f32_sliced_linear(x, w.shape[0], w.shape[1], lambda dst, n0, n1: dst.copy_(w[n0:n1]), bias)
 
 
-class _FrozenBf16Fn(torch.autograd.Function):
-    """y = x W^T + b over a frozen bf16 weight (dense or in panels: ``lin.fill_rows``) on a CPU without native
-    bf16: both products in float32 slices of W (bf16 x bf16 matmuls run ~10x slower than fp32 there). dL/dx = dL/dy
-    W, summed over slices of W's rows; no weight or bias gradient, and nothing of W is kept beyond one slice. The
-    forward is ``lin.f32_forward`` (in panels: the kernel, fed the float32 activations as they are)."""
+class _FrozenFn(torch.autograd.Function):
+    """y = forward(x) through a frozen weight, dL/dx = grad_input(g): no weight or bias gradient, and the graph holds
+    the Linear (its bound methods), never the weight bytes or a copy of them, so a kept training graph can be pointed
+    at the weight fetched again (refill_). The methods say how: on a CPU without native bf16, float32 slices of the
+    weight or the kernels fed float32 activations (``f32_forward`` / ``f32_grad_input``: bf16 x bf16 matmuls run
+    ~10x slower than fp32 there); elsewhere F.linear over the weight, or over a blocked one unblocked for each
+    product (oneDNN's bf16 matmul on native-bf16 CPUs)."""
 
     @staticmethod
-    def forward(ctx, x, lin):
-        ctx.lin = lin
-        return lin.f32_forward(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return ctx.lin.f32_grad_input(g), None
-
-
-class _FrozenDenseFn(torch.autograd.Function):
-    """F.linear over a frozen weight, its graph holding this Linear rather than the weight tensor (what F.linear's
-    own backward would save), so a kept graph can be pointed at the weight fetched again (refill_)."""
-
-    @staticmethod
-    def forward(ctx, x, lin):
-        ctx.lin = lin
-        return F.linear(x, lin.weight, lin.bias)
+    def forward(ctx, x, forward, grad_input):
+        ctx.grad_input = grad_input
+        return forward(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g @ ctx.lin.weight.to(g.dtype), None
-
-
-class _FrozenUnblockedFn(torch.autograd.Function):
-    """F.linear over a blocked weight unblocked for the product (bf16-native CPUs: oneDNN's bf16 matmul), in the
-    forward and again in the backward: the graph holds the Linear, not a dense copy of its weight."""
-
-    @staticmethod
-    def forward(ctx, x, lin):
-        ctx.lin = lin
-        return F.linear(x, lin.dequantize().to(x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, g):
-        return g @ ctx.lin.dequantize().to(g.dtype), None
+        return ctx.grad_input(g), None, None
 
 
 def _take_over(old, new) -> None:
     """Every attribute of ``new`` onto ``old`` (same class): slots and instance dict."""
-    for a in _attrs(new):
+    for a in attributes(new):
         if hasattr(new, a):
             setattr(old, a, getattr(new, a))
 
 
-def _attrs(obj) -> list[str]:
+def attributes(obj) -> list[str]:
+    """An object's attribute names: its classes' slots and its instance dict."""
     return [a for c in type(obj).__mro__ for a in getattr(c, "__slots__", ()) if a != "__weakref__"] + \
         list(getattr(obj, "__dict__", {}))
 
@@ -147,7 +128,7 @@ def hollow_(lin: Linear) -> None:
     if base is not None and hasattr(lin, "pairs"):     # a LoRA wrapper: its base holds the bytes
         hollow_(base)
         return
-    for a in _attrs(lin):
+    for a in attributes(lin):
         v = getattr(lin, a, None)
         if isinstance(v, torch.Tensor) and not v.requires_grad:
             setattr(lin, a, None)
@@ -258,13 +239,19 @@ class BlockedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward
             if not bf16_native():                         # float32 slices of the panels, forward and backward
-                return _FrozenBf16Fn.apply(x, self)
-            return _FrozenUnblockedFn.apply(x, self)      # exact dense path, no weight copy kept in the graph
+                return _FrozenFn.apply(x, self.f32_forward, self.f32_grad_input)
+            return _FrozenFn.apply(x, self._unblocked, self._unblocked_grad_input)   # exact dense path
         if x.dtype == torch.bfloat16 and x.is_contiguous():   # decode hot path: one call, no reshapes
             return self._k.bf16_mm(x, self.blocked, self._bias_f32)
         if x.dtype == torch.float32 and not bf16_native():    # float32 activations (training's) stay float32
             return self.f32_forward(x)
         return self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32).to(x.dtype)
+
+    def _unblocked(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _unblocked_grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        return g @ self.dequantize().to(g.dtype)
 
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T + b with float32 activations, kept float32: the AVX2 kernel takes them as they are (bf16 -> fp32
