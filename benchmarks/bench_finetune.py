@@ -3,7 +3,9 @@ streamed from disk, each run in a fresh worker process, configurations interleav
 
     --part ram (default): a 1B checkpoint that fits in RAM, one worker per configuration and round
         overspill        base as stored (bf16), gradient checkpointing on
-        overspill-int8   base quantized to int8 on load, checkpointing on
+        overspill-int8   base quantized to int8 on load (the blocks, the LM head and the token table: --quantize-head,
+                         as the 8-bit GPT-J recipe froze every large matrix), checkpointing on
+        overspill-int8-blocks  the blocks in int8, the head and table as stored (bf16)
         overspill-int4   base quantized to int4 on load, checkpointing on
         overspill-no-ckpt  bf16 base, checkpointing off
         peft             transformers AutoModelForCausalLM (bf16) + PEFT LoRA on the same modules,
@@ -66,13 +68,16 @@ DEFAULT_STORE_6B_INT8 = common.CACHE_DIR / "gptj-6b-bfloat16-int8-store"
 BUILTIN_MODEL = common.REPO_ROOT / "overspill" / "data" / "shakespeare"
 DEFAULT_DATA = BUILTIN_MODEL / "heldout.txt"
 
-# ram configurations: name -> (worker, quantize, gradient checkpointing)
-RAM_CONFIGS: dict[str, tuple[str, str | None, bool]] = {
-    "overspill": ("overspill", None, True),
-    "overspill-int8": ("overspill", "int8", True),
-    "overspill-int4": ("overspill", "int4", True),
-    "overspill-no-ckpt": ("overspill", None, False),
-    "peft": ("peft", None, True),
+# ram configurations: name -> (worker, quantize, gradient checkpointing, quantize_head). The int8 base is the 8-bit
+# GPT-J recipe's: every large matrix frozen in 8 bits, the LM head and the token table too (--quantize-head);
+# overspill-int8-blocks leaves those two in bf16.
+RAM_CONFIGS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "overspill": ("overspill", None, True, False),
+    "overspill-int8": ("overspill", "int8", True, True),
+    "overspill-int8-blocks": ("overspill", "int8", True, False),
+    "overspill-int4": ("overspill", "int4", True, False),
+    "overspill-no-ckpt": ("overspill", None, False, False),
+    "peft": ("peft", None, True, False),
 }
 STREAMED_SIDES = ("store", "store-int8", "store-no-ckpt", "store-int8-no-ckpt", "accelerate")
 
@@ -210,6 +215,7 @@ def run_overspill(a: argparse.Namespace) -> dict:
     try:
         io0, t0 = proc_io(), time.perf_counter()
         res = finetune(a.path, a.data, out_dir, st, dtype="auto" if is_store else a.dtype, quantize=a.quantize,
+                       quantize_head=a.quantize_head,
                        max_memory=parse_memory(a.max_memory) if a.max_memory else None, progress=False,
                        log=lines.append)
         total_s, io1 = time.perf_counter() - t0, proc_io()
@@ -416,12 +422,13 @@ def ram_part(a: argparse.Namespace, ctx: dict) -> list[dict]:
     print(f"== {title}", file=sys.stderr, flush=True)
     rows = []
     for rnd, name in common.interleave(configs, a.rounds):
-        kind, quantize, ckpt_on = RAM_CONFIGS[name]
+        kind, quantize, ckpt_on, head = RAM_CONFIGS[name]
         os.sync()
-        cmd = worker_cmd(a, kind, view, quantize, ckpt_on, None)
+        cmd = worker_cmd(a, kind, view, quantize, ckpt_on, None) + (["--quantize-head"] if head else [])
         res = common.run_worker(cmd, check=False, timeout=a.timeout)
         row = {"kind": "run", "part": "ram", "time": ctx["stamp"], "model": str(ckpt), "side": name,
-               "scheme": quantize or a.dtype, "grad_checkpoint": ckpt_on, "round": rnd, "dtype": a.dtype,
+               "scheme": (quantize + (" (head, table)" if head else "")) if quantize else a.dtype,
+               "grad_checkpoint": ckpt_on, "round": rnd, "dtype": a.dtype,
                "batch_size": a.batch_size, "seq_len": a.seq_len, "lora_r": a.lora_r, "cmd": cmd, **res}
         rows.append(row)
         common.append_jsonl(ctx["out"], row)
@@ -447,6 +454,9 @@ def ram_part(a: argparse.Namespace, ctx: dict) -> list[dict]:
     ratios = {
         "int8_rss_over_bf16": common.paired_ratios(rows, "peak_rss_bytes", "overspill-int8", "overspill"),
         "int8_tok_s_over_bf16": common.paired_ratios(rows, "tokens_per_s", "overspill-int8", "overspill"),
+        "int8_blocks_rss_over_bf16": common.paired_ratios(rows, "peak_rss_bytes", "overspill-int8-blocks", "overspill"),
+        "int8_blocks_tok_s_over_bf16": common.paired_ratios(rows, "tokens_per_s", "overspill-int8-blocks",
+                                                            "overspill"),
         "int4_rss_over_bf16": common.paired_ratios(rows, "peak_rss_bytes", "overspill-int4", "overspill"),
         "int4_tok_s_over_bf16": common.paired_ratios(rows, "tokens_per_s", "overspill-int4", "overspill"),
         "no_ckpt_tok_s_over_ckpt": common.paired_ratios(rows, "tokens_per_s", "overspill-no-ckpt", "overspill"),
@@ -457,7 +467,9 @@ def ram_part(a: argparse.Namespace, ctx: dict) -> list[dict]:
     notes = [target_line(f"int8 peak RSS / {base} peak RSS", ratios["int8_rss_over_bf16"], "<=", 0.6),
              target_line(f"int8 tokens/s / {base} tokens/s", ratios["int8_tok_s_over_bf16"], ">=", 0.8),
              target_line(f"overspill {base} tokens/s / PEFT tokens/s", ratios["overspill_tok_s_over_peft"], ">=", 1.0)]
-    for key, label in (("int4_rss_over_bf16", f"int4 peak RSS / {base}"), ("int4_tok_s_over_bf16",
+    for key, label in (("int8_blocks_rss_over_bf16", f"int8 blocks only (bf16 head, table) peak RSS / {base}"),
+                       ("int8_blocks_tok_s_over_bf16", f"int8 blocks only tokens/s / {base}"),
+                       ("int4_rss_over_bf16", f"int4 peak RSS / {base}"), ("int4_tok_s_over_bf16",
                        f"int4 tokens/s / {base}"), ("no_ckpt_tok_s_over_ckpt", "checkpointing off / on tokens/s"),
                        ("overspill_rss_over_peft", "overspill peak RSS / PEFT peak RSS")):
         if ratios[key]:
@@ -810,6 +822,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--quantize", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-grad-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--quantize-head", action="store_true", help=argparse.SUPPRESS)
     if "--smoke" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**SMOKE_DEFAULTS)
     a = p.parse_args(argv)

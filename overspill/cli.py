@@ -36,7 +36,8 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
                    "process's memory cgroup limit, else the RAM available, less the process's own ~0.45 GiB); the rest "
                    "streams from disk")
     p.add_argument("--quantize", default=None, help="int8 | int4 | int8-dynamic | nf4 (on the fly)")
-    p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too (with --quantize)")
+    p.add_argument("--quantize-head", action="store_true", help="quantize the LM head too (with --quantize), and "
+                   "an untied token table in int8")
     p.add_argument("--kv-cache", default=None, help="int8: keys and values in int8 (about half the KV memory of bf16)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (overspill finetune's output or PEFT's "
                    "save_pretrained) applied to the model")
@@ -419,6 +420,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (the base's compute dtype)")
     p.add_argument("--quantize", default=None, choices=("int8", "int4", "nf4", "int8-dynamic", "none"),
                    help="keep the frozen base's blocks in this format (default: as stored)")
+    p.add_argument("--quantize-head", action="store_true", help="the LM head in that format too, and an untied token "
+                   "table in int8 (as the 8-bit GPT-J recipe froze them)")
     p.add_argument("--max-memory", default=None, help="budgets, e.g. cpu=4GiB (cpu=auto: the cgroup limit); blocks "
                    "that do not fit stream from disk, forward and backward")
     p.add_argument("--lora-r", type=int, default=8)
@@ -474,7 +477,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                        seq_len=a.seq_len, seed=a.seed, eval_split=a.eval_split, save_every=a.save_every,
                        max_grad_norm=a.max_grad_norm or None, optim=a.optim, grad_checkpoint=not a.no_grad_checkpoint)
     r = finetune(a.model or default_model_path(), a.data, a.output, st, dtype=a.dtype, quantize=a.quantize,
-                 max_memory=budgets, resume=a.resume)
+                 quantize_head=a.quantize_head, max_memory=budgets, resume=a.resume)
     ev = f", eval loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""
     print(f"{r.output}: {r.steps} steps, train loss {r.train_loss:.4f}{ev}, {r.tokens_per_s:,.0f} tokens/s, "
           f"peak RSS {_fmt_bytes(r.peak_rss_bytes)}", file=sys.stderr)

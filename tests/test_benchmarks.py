@@ -280,7 +280,7 @@ def test_bench_finetune_smoke(smoke_runs, name):
     runs = [r for r in rows if r["kind"] == "run"]
     assert all(r["ok"] for r in runs), [r for r in runs if not r["ok"]]
     ram = {r["side"]: r for r in runs if r["part"] == "ram"}
-    expected = {"overspill", "overspill-int8", "overspill-int4", "overspill-no-ckpt"} | \
+    expected = {"overspill", "overspill-int8", "overspill-int8-blocks", "overspill-int4", "overspill-no-ckpt"} | \
         ({"peft"} if importlib.util.find_spec("peft") else set())
     assert set(ram) == expected, set(ram)
     for r in ram.values():

@@ -236,6 +236,45 @@ def test_streamed_base_gives_the_resident_gradients(deep_dir, tmp_path, variant,
     assert torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("variant", ["gptj", "llama_gqa", "llama_tied"])
+def test_a_quantized_head_and_table_train_as_their_dequantized_weights(deep_dir, variant):
+    """quantize_head (the 8-bit recipe: every large matrix frozen in int8): the head is an int8 Linear and an untied
+    token table an Int8Table, and a training step gives the LoRA gradients of the same model holding their
+    dequantized float32 weights instead (the head's input gradient from the int8 panels against a dense float32
+    matmul: the sums differ only in order, hence the relative 1e-5)."""
+    from overspill.model.linear import DenseLinear
+    from overspill.quant import Int8Table, QuantLinear
+
+    path, _ = deep_dir(variant)
+    cfg = overspill.load(path, dtype="float32", background=False).config
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    ad = LoraAdapter(cfg, LoraSettings(r=4, dropout=0.0), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    ad.train()
+    m = overspill.load(path, dtype="float32", quantize="int8", quantize_head=True, linear_hook=ad.hook,
+                       background=False)
+    ws = m.executor.source.weights
+    assert isinstance(ws[-1].lm, QuantLinear)
+    assert isinstance(ws[0].tok, Int8Table) != cfg.tie_embeddings    # a tied table is the dense one it shares
+
+    def step():
+        for p in ad.parameters():
+            p.grad = None
+        loss, _ = train_pass(m.executor, ids, _labels(ids))
+        return loss, torch.cat([p.grad.flatten() for p in ad.parameters()])
+
+    loss_q, g_q = step()
+    ws[-1] = dataclasses.replace(ws[-1], lm=DenseLinear(ws[-1].lm.dequantize(), ws[-1].lm.bias))
+    if not cfg.tie_embeddings:
+        ws[0] = dataclasses.replace(ws[0], tok=ws[0].tok.dequantize())
+    loss_d, g_d = step()
+    assert abs(loss_q - loss_d) <= 1e-5 * abs(loss_d), (loss_q, loss_d)
+    assert (g_q - g_d).abs().max() <= 1e-5 * g_d.abs().max(), (g_q - g_d).abs().max()
+    m.close()
+
+
 @pytest.mark.parametrize("variant", ["gptj", "llama_gqa"])
 @pytest.mark.parametrize("store", ["hf", "float32", "int8", "bfloat16"])
 def test_streamed_base_without_checkpointing_keeps_the_graphs(deep_dir, tmp_path, variant, store):
@@ -490,6 +529,9 @@ def test_finetune_rejects_bad_input_before_training(tmp_path):
     txt.write_text("some words to train on\n" * 50)
     r = _cli("finetune", "--data", str(txt), "--output", str(tmp_path / "o"), "--target", "nope")
     assert r.returncode == 2 and "matches no module" in r.stderr
+    assert not os.path.exists(tmp_path / "o")
+    r = _cli("finetune", "--data", str(txt), "--output", str(tmp_path / "o"), "--quantize-head")
+    assert r.returncode == 2 and "--quantize-head needs a scheme" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "o")
 
 

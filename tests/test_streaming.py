@@ -294,6 +294,23 @@ def test_quantize_head_on_the_fly(ref_dir, tmp_path, variant, scheme):
     ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     a, b = dense.logits(ids).float(), qh.logits(ids).float()
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.99
+    # an untied token table in int8 too (a tied one is the dense table the head was quantized from): held and
+    # planned at its int8 bytes, each row within half a step of its scale of the stored one, looked up exactly
+    from overspill.model.layers import embed_forward
+    from overspill.quant import Int8Table
+    from overspill.runtime.accounting import weights_nbytes
+
+    emb, emb_dense = qh.executor.source.weights[0], dense.executor.source.weights[0]
+    planned = unit_weight_bytes(ck, ck.config, "embed", torch.bfloat16, scheme, quantize_head=True)
+    assert isinstance(emb.tok, Int8Table) != ck.config.tie_embeddings
+    assert weights_nbytes(emb) == planned
+    if not ck.config.tie_embeddings:
+        assert planned < 0.6 * weights_nbytes(emb_dense)
+        table = emb.tok.dequantize()
+        err = (table - emb_dense.tok.float()).abs().amax(1)
+        assert (err <= 0.5 * emb.tok.scales.float() * (1 + 1e-3)).all() and err.max() > 0
+        got = embed_forward(ck.config, emb, ids, None, torch.float32)
+        assert torch.equal(got, table[ids])
 
 
 def blocked_ok() -> bool:

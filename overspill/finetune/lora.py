@@ -173,7 +173,9 @@ class LoraLinear:
             A, B = slot.A, slot.B
             h = x.to(A.dtype)
             if p:
-                h = F.dropout(h, p, True)                   # its own mask per module, as PEFT draws them
+                # its own mask per module, as PEFT draws them; the graph keeps it as bools (F.dropout on the CPU keeps
+                # a float32 mask: a quarter of a 1B block's recompute graph at 256 tokens)
+                h = torch.native_dropout(h, p, True)[0]
             d = F.linear(F.linear(h, A), B) * s
             if slot.bias is not None and slot.bias_base is not None:
                 d = d + (slot.bias - slot.bias_base)        # the trained bias, as its change from the base's

@@ -176,11 +176,13 @@ class _Progress:
 
 
 def finetune(model: str, data: str, output: str, settings: TrainSettings | None = None, *, dtype: str = "auto",
-             quantize: str | None = None, max_memory: dict[str, int] | None = None, resume: bool = False,
-             progress: bool | None = None, log=None, stand_in: dict[str, str] | None = None) -> Result:
+             quantize: str | None = None, quantize_head: bool = False, max_memory: dict[str, int] | None = None,
+             resume: bool = False, progress: bool | None = None, log=None,
+             stand_in: dict[str, str] | None = None) -> Result:
     """Train a LoRA adapter for ``model`` (a Hugging Face directory or layer store) on ``data`` (.txt or .jsonl,
     see data.py) and write it to ``output`` (PEFT's files), with a resumable checkpoint in ``output/checkpoint``.
-    ``quantize``: the base's blocks in int8 / int4 / nf4 / int8-dynamic (frozen in that format). ``max_memory``:
+    ``quantize``: the base's blocks in int8 / int4 / nf4 / int8-dynamic (frozen in that format); ``quantize_head``: its
+    LM head too, and an untied token table in int8 (an HF directory's; a layer store is as converted). ``max_memory``:
     budgets in bytes ({"cpu": ...}); what does not fit is streamed from disk, for the forward and the backward.
     ``log``: a callable taking one line (default: stderr when it is not a terminal)."""
     from ..runtime.loader import build, open_source
@@ -191,6 +193,8 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
         quantize = None
     if quantize is not None and quantize not in QUANTIZE:
         raise OverspillError(f"--quantize {quantize}: expected one of {', '.join(QUANTIZE)}")
+    if quantize_head and quantize is None:
+        raise OverspillError("--quantize-head needs a scheme for the head: add --quantize int8|int4|nf4|int8-dynamic")
     if os.path.isfile(output):
         raise OverspillError(f"{output}: is a file; expected a directory for the adapter")
     if not resume and os.path.isdir(os.path.join(output, CHECKPOINT)):
@@ -217,7 +221,8 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
     if src.dtype in (torch.bfloat16, torch.float16) and not bf16_native() and not on_cuda:
         reserve = dataclasses.replace(reserve, train_dtype=torch.float32)   # backward.compute_dtype: float32 here
     adapter.train()   # before the load: resident units then hold the trained norms themselves, not copies
-    built = build(model, dtype, quantize, max_memory, reserve, linear_hook=adapter.hook, stand_in=stand_in)
+    built = build(model, dtype, quantize, max_memory, reserve, quantize_head=quantize_head, linear_hook=adapter.hook,
+                  stand_in=stand_in)
     ex = built.executor
     try:
         names = ["embed"] + [f"block.{i}" for i in range(cfg.n_layers)] + ["head"]
@@ -228,6 +233,8 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
         fingerprint = train.fingerprint
         key = {"model": os.path.abspath(model), "quantize": quantize, "data": fingerprint,
                "settings": st.resume_key()}
+        if quantize_head:
+            key["quantize_head"] = True
         key = json.loads(json.dumps(key))   # as it reads back from the checkpoint (tuples are lists there)
         if resume:
             state, tensors = _load_checkpoint(output)

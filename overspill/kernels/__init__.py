@@ -164,7 +164,10 @@ F32_MIN_ROWS = 16
 # sgemm (2-core AVX2 EPYC, 6B shapes: bf16 59-79 against 15-66 GFLOP/s at 16-64 rows, int8 80-100 against 35-55 at
 # 32; about even at 128; bf16 62-78 against 97-121 at 512)
 GRAD_KERNEL_MAX_ROWS = 128
-F32_SCRATCH_ELEMS = 8 << 20          # weight elements converted at a time: 32 MiB of fp32, counted by the reserve
+# weight elements converted at a time: 8 MiB of fp32, counted by the reserve. 256 rows times 1B and 6B GPT-J shapes
+# (forward + input gradient, 2 threads) ran as fast as with 32 MiB slices (0.38-0.42 s against 0.41, 1.48-1.50 s
+# against 1.47-1.49): a slice of >= 128 rows keeps sgemm at its rate
+F32_SCRATCH_ELEMS = 2 << 20
 _NATIVE: list[bool] = []
 _F32_TLS = threading.local()
 

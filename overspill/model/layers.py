@@ -325,7 +325,8 @@ def block_forward(cfg: ModelConfig, w: BlockWeights, x: torch.Tensor, step: Step
 
 
 def embed_forward(cfg: ModelConfig, w: EmbedWeights, ids: torch.Tensor, step: Step, dtype: torch.dtype) -> torch.Tensor:
-    x = F.embedding(ids, w.tok)                                        # (B, T, C)
+    tok = w.tok      # a tensor, or a quantized table (quant.Int8Table) that gathers and scales its rows
+    x = F.embedding(ids, tok) if isinstance(tok, torch.Tensor) else tok.rows(ids)      # (B, T, C)
     if w.pos is not None:
         x = x + F.embedding(step.positions, w.pos)
     return x.to(dtype)

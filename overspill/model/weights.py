@@ -27,7 +27,7 @@ def default_make_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | No
 
 @dataclass
 class EmbedWeights:
-    tok: torch.Tensor                 # [V, C]
+    tok: torch.Tensor                 # [V, C] (or quant.Int8Table: the table quantized, looked up by rows())
     pos: torch.Tensor | None = None   # [P, C], learned absolute positions (GPT-2)
 
 

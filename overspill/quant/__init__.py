@@ -16,6 +16,8 @@ API:
   stored_linear(scheme, tensors, bias=None) -> StoredLinear: the stored tensors as a Linear that moves between
       devices with the loader's tensor maps, and builds its make_linear() Linear where it is first called
   dequantize(scheme, tensors) -> float32 [N, K]   (on the tensors' device)
+  quantize_table(weight [V, C]) -> Int8Table: a token embedding table in int8 with a scale per row, looked up by
+      rows(ids) (float32); what --quantize-head does to an untied table whatever the blocks' scheme
   quantized_nbytes(scheme, out_features, in_features, **opts) -> bytes of the stored tensors
   scratch_nbytes_for(scheme, out_features, in_features, dtype, device="cpu") -> bytes of reusable dequantization
       scratch a prefill-sized call leaves allocated on its thread (0 where the kernels compute from the codes directly)
@@ -40,7 +42,7 @@ from ._base import QuantLinear, nbytes_of, portable, release_scratch, scratch_nb
 
 SCHEMES: tuple[str, ...] = ("int8", "int8-dynamic", "int4", "nf4")
 
-__all__ = ["SCHEMES", "quantize", "make_linear", "stored_linear", "StoredLinear", "dequantize", "quantized_nbytes",
+__all__ = ["SCHEMES", "quantize", "quantize_table", "table_nbytes", "Int8Table", "make_linear", "stored_linear", "StoredLinear", "dequantize", "quantized_nbytes",
            "QuantLinear", "scratch_nbytes", "scratch_nbytes_for", "release_scratch", "portable", "set_portable"]
 
 
@@ -69,6 +71,20 @@ def quantize(weight: torch.Tensor, scheme: str, **opts) -> dict[str, torch.Tenso
     if scheme == "int4":
         return int4.quantize(weight, **opts)
     return codebook.quantize(weight, scheme, **opts)
+
+
+Int8Table = int8.Int8Table
+
+
+def quantize_table(weight: torch.Tensor) -> Int8Table:
+    """A token embedding table [V, C] -> Int8Table (int8, a bf16 scale per row; rows(ids) gives float32)."""
+    _check_weight(weight, "int8")
+    return Int8Table.quantize(weight)
+
+
+def table_nbytes(vocab: int, hidden: int) -> int:
+    """Bytes of quantize_table()'s tensors for a [vocab, hidden] table."""
+    return int8.nbytes(vocab, hidden)
 
 
 def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,

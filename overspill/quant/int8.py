@@ -11,7 +11,7 @@ Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``ac
   kernels' panel layout. Batch 1 at about the read bandwidth; prefill faster than bf16 (integer MACs are 2x denser
   than fp32 FMAs), so no dequantization pass ever runs. The activation rounding is in the quality table
   (quality.py). On AVX2, float32 activations (training) stay weight-only (``int8_w8a16_mm``, or float32 slices of
-  the panels above DEQUANT_MIN_M rows).
+  the panels above W8A16_F32_MAX_ROWS rows).
   Without either kernel the default is "never" (below); an explicit "auto" there means torch's
   ``_weight_int8pack_mm`` at M == 1 (w8a16) and oneDNN ``qlinear_pointwise`` u8 x s8 with per-token activation
   scales at M >= 2, whose prepacked weight is a second N*K-byte copy that memory budgets do not count.
@@ -23,6 +23,8 @@ Portable path (tensors off the CPU, or asked for: quant/_base.py): weight-only a
 q -> x.dtype into a scratch buffer, times the scales, then F.linear; ``act_quant`` does not apply.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -67,11 +69,44 @@ def nbytes(N: int, K: int) -> int:
     return N * K + 2 * N
 
 
+@dataclasses.dataclass(eq=False)
+class Int8Table:
+    """A token embedding table [V, C] quantized as an int8 weight is (a bf16 scale per row), for lookups: an
+    embedding only ever gathers a few rows, so no kernel layout, just ``rows``. A dataclass of tensors: it moves
+    between devices with the loader's tensor maps (runtime/transfer.py) as any unit's weights do."""
+
+    qweight: torch.Tensor   # int8 [V, C]
+    scales: torch.Tensor    # bf16 [V]
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "Int8Table":
+        return cls(**quantize(weight))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [*ids.shape, C]: the ids' rows, q * scale (equal to dequantize()'s rows)."""
+        return self.qweight[ids].float().mul_(self.scales[ids].float().unsqueeze(-1))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.qweight.shape
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.qweight, self.scales)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize({"qweight": self.qweight, "scales": self.scales})
+
+
 def _onednn_int8_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
 DEQUANT_MIN_M = 32   # weight-only mode: above this many rows, dequantize + dense matmul
+# float32 activations on AVX2: int8_w8a16_mm up to this many rows, float32 slices of the panels above. 2 threads,
+# 1B and 6B GPT-J shapes: the kernel 127-132 GFLOP/s at 64-192 rows against the slices' 53-111; even at 256 (127-132
+# against 120-141)
+W8A16_F32_MAX_ROWS = 192
 ACT_BLOCK = 64       # inputs per activation scale in the w8a8 kernel (llama.cpp's Q8_0: 32; measured the same here)
 
 
@@ -162,7 +197,7 @@ class Int8Linear(QuantLinear):
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
         if self._a2 is not None:
-            if x.dtype == torch.float32 and M > DEQUANT_MIN_M and not bf16_native():    # float32 stays exact
+            if x.dtype == torch.float32 and M > W8A16_F32_MAX_ROWS and not bf16_native():   # float32 stays exact
                 return f32_sliced_linear(x, self.out_features, self.in_features, self._fill_rows, None)
             if x.dtype == torch.bfloat16:
                 return self._a2_mm(x.contiguous(), None)

@@ -142,8 +142,8 @@ _RAW_LINEAR_PARTS = {"q", "k", "v", "qkv", "qkv_neox", "gate", "up", "out", "dow
 
 def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None,
                       quantize_head: bool = False, shard: ModelConfig | None = None) -> int:
-    """Bytes a unit's weights occupy, from shapes only (quantize_head: the LM head in the scheme too; with tied
-    embeddings that is a quantized copy beside the embedding table). ``shard``: a block's linears are held at this
+    """Bytes a unit's weights occupy, from shapes only (quantize_head: the LM head in the scheme too, and an untied
+    token table in int8; with tied embeddings the head is a quantized copy beside the table). ``shard``: a block's linears are held at this
     (tensor-parallel rank's local) config's shapes; its norms and biases are counted whole."""
     if hasattr(src, "unit_bytes"):                 # a layer store knows exactly
         return src.unit_bytes(unit)
@@ -166,6 +166,9 @@ def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quan
         total -= sum(math.prod(src.shape(name)) * _es(dtype) for name, canon in src.unit_names(unit).items()
                      if canon == "lm.weight")
         total += quant.quantized_nbytes(quantize, *linear_shapes(cfg, "head")["lm"])
+    if quantize and quantize_head and unit == "embed" and not cfg.tie_embeddings:   # the table in int8 (_build)
+        total -= math.prod((cfg.vocab_size, cfg.hidden_size)) * _es(dtype)
+        total += quant.table_nbytes(cfg.vocab_size, cfg.hidden_size)
     return total
 
 
@@ -431,6 +434,10 @@ class UnitBuilder:
                        else v for k, v in raw.items()}
             return self._bind_store(unit, raw, make, shared, movable)
         t = self.transform(unit, self.ckpt.finish(unit, raw))   # before bind: quantized after any sharding
+        if unit == "embed" and self.quantize_head and not cfg.tie_embeddings:
+            from .. import quant
+            # the token table as the head is: quantized (int8 rows, looked up); a tied one is the head's dense table
+            t["tok.weight"] = quant.quantize_table(t["tok.weight"])
         if unit == "head" and cfg.tie_embeddings and 0 in shared:
             bias = t.pop("lm.bias", None)
             # share, don't copy, the embedding; a quantized head is its own (smaller) copy
