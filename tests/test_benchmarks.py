@@ -295,7 +295,8 @@ def test_bench_finetune_smoke(smoke_runs, name):
     for side in ("store", "store-int8"):
         r = streamed[side]
         assert r["plan"]["streamed_units"] > 0 and r["step_s_median"] > 0 and r["bound_s"] > 0, r
-        assert r["bytes_read_per_step"] >= 0.9 * r["streamed_bytes_per_step"], r    # two reads of each streamed block
+        # two reads of each streamed unit per step (counted in units: a pass's byte window shifts with read-ahead)
+        assert r["source_stats"]["units_read"] >= 2 * r["plan"]["streamed_units"] * len(r["passes"]), r
         assert table_row(out, side)[2] == "1/1", table_row(out, side)
     if importlib.util.find_spec("accelerate") and importlib.util.find_spec("peft"):
         assert streamed["accelerate"]["outcome"] in ("ok", "refused", "failed", "OOM", "timed out"), streamed

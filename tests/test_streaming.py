@@ -109,7 +109,8 @@ def test_some_blocks_resident_some_streamed(tmp_path, arch):
     base = overspill.load(tmp_path, dtype="float32")
     m = _stream_model(str(tmp_path), _budgets(str(tmp_path), 2))
     tiers = [p.tier for p in m.plan.placements]
-    assert tiers == ["resident"] * 3 + ["stream"] * 5
+    # the embedding and two blocks resident, the blocks spread among the streamed ones (planner._spread)
+    assert tiers == ["resident", "stream", "resident", "stream", "stream", "resident", "stream", "stream"]
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
     assert torch.equal(m.logits(ids), base.logits(ids))
     assert m.generate([[4, 5, 6]], max_new_tokens=10, ignore_eos=True) == \

@@ -16,7 +16,9 @@ Tiers, in the order units fill them (execution order is kept, accelerate's seque
   (tier "resident"); with one, they are copied host->device per forward (tier "stream", home "cpu").
 * Everything left is streamed from disk (tier "stream", home "disk").
 * CPU-only plans (no accelerator budget) instead read the fewest bytes from disk per forward: the
-  embedding and head are placed freely, the blocks as a resident prefix and a streamed rest. A big
+  embedding and head are placed freely; of the blocks, the resident ones are spread evenly among the
+  streamed ones, so a pass computes a resident block while the reader fetches the next streamed one
+  (a resident prefix leaves the reader idle through it, then compute waits on every read). A big
   head kept resident shrinks every staging slot to a block's size, and an embedding whose
   `stream_bytes` are only its rows (an untied table at a fixed place in a file: the loader then reads
   just the rows of each forward's ids, runtime/rows.py) costs almost nothing to stream.
@@ -280,8 +282,7 @@ class Plan:
         """Terminal table: collapsed unit ranges, per-device usage vs budget, and a prediction (one decode step of
         `batch` sequences)."""
         rows = [("units", "tier", "device", "home", "weights", "kv")]
-        for first, last, group in _collapse(self.placements):
-            name = first if first == last else f"{first}-{last.rsplit('.', 1)[-1]}"
+        for name, group in _collapse(self.placements):
             p = group[0]
             rows.append((name, p.tier, p.device, p.home, fmt_bytes(sum(g.weight_bytes for g in group)),
                          fmt_bytes(sum(g.kv_bytes for g in group))))
@@ -310,20 +311,40 @@ class Plan:
         return out
 
 
-def _collapse(placements: list[Placement]):
-    """Group consecutive 'prefix.N' units with the same tier/device/home: yields (first, last, group)."""
-    groups: list[list[Placement]] = []
+def _ranges(nums: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    out, i = [], 0
+    while i < len(nums):
+        j = i
+        while j + 1 < len(nums) and nums[j + 1] == nums[j] + 1:
+            j += 1
+        out.append(str(nums[i]) if i == j else f"{nums[i]}-{nums[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _collapse(placements: list[Placement]) -> list[tuple[str, list[Placement]]]:
+    """The table's rows: within a run of units named 'prefix.N', those with the same tier/device/home are one row
+    labelled with their numbers ('block.0-3', or 'block.0,2,4-5' where resident and streamed blocks alternate);
+    any other unit is a row of its own. Rows in order of their first unit."""
+    rows: list[tuple[str, list[Placement]]] = []
+    run: dict[tuple, list[Placement]] = {}
+    prefix = None
     for p in placements:
-        if groups:
-            q = groups[-1][-1]
-            pa, _, pn = p.unit.rpartition(".")
-            qa, _, qn = q.unit.rpartition(".")
-            if (pa and pa == qa and pn.isdigit() and qn.isdigit() and int(pn) == int(qn) + 1
-                    and (p.tier, p.device, p.home) == (q.tier, q.device, q.home)):
-                groups[-1].append(p)
-                continue
-        groups.append([p])
-    return [(g[0].unit, g[-1].unit, g) for g in groups]
+        pa, _, pn = p.unit.rpartition(".")
+        if not (pa and pn.isdigit()):
+            rows.append((p.unit, [p]))
+            prefix = None
+            continue
+        if pa != prefix:
+            run, prefix = {}, pa
+        key = (p.tier, p.device, p.home)
+        if key not in run:
+            run[key] = []
+            rows.append((pa, run[key]))
+        run[key].append(p)
+    return [(name if len(g) == 1 and name == g[0].unit else
+             f"{name}.{_ranges([int(q.unit.rpartition('.')[2]) for q in g])}", g) for name, g in rows]
 
 
 def _align(rows: list[tuple], right: set[int] = frozenset()) -> str:
@@ -394,13 +415,26 @@ def _try_plan(units, budgets, act, slots, compute_device) -> Plan | None:
     return None
 
 
+def _spread(middle: list[int], t: int) -> list[int]:
+    """t of ``middle`` (unit indices in execution order) to keep resident, spread evenly among the streamed rest:
+    the streamed ones sit at the centres of len(middle) - t equal runs. A pass then computes resident blocks while the
+    reader fetches the next streamed one; as a prefix, the reader would have nothing to read ahead of the streamed
+    rest (at most the ring's slots) and a compute-heavy pass (prefill, a training step) would wait on every read."""
+    m, s = len(middle), len(middle) - t
+    if s <= 0 or t <= 0:
+        return middle[:t]
+    out = {int((k + 0.5) * m / s) for k in range(s)}
+    return [u for j, u in enumerate(middle) if j not in out]
+
+
 def _plan_cpu(units, budgets, act, slots) -> Plan | None:
     """CPU-only plan (no accelerator budgets): the one that reads the fewest bytes from disk per forward.
 
-    The first and last units (embedding, head) are placed freely, the middle ones (blocks) as a resident prefix
-    and a streamed rest: a large head kept resident can shrink every staging slot to a block's size (GPT-J-6B int4:
-    2 x 394 MiB -> 2 x 108 MiB) and save its read per token. Ties: more units resident, then the earlier choice.
-    Among equal-sized blocks this search is exhaustive."""
+    The first and last units (embedding, head) are placed freely: a large head kept resident can shrink every
+    staging slot to a block's size (GPT-J-6B int4: 2 x 394 MiB -> 2 x 108 MiB) and save its read per token. Of the
+    middle ones (blocks), t are resident, spread evenly among the streamed ones (``_spread``), or else as a prefix
+    where only that fits (blocks of unequal sizes). Ties: more units resident, then the spread choice. Among
+    equal-sized blocks this search is exhaustive."""
     n = len(units)
     cpu = budgets.get("cpu")
     w = [u.weight_bytes for u in units]
@@ -411,15 +445,17 @@ def _plan_cpu(units, budgets, act, slots) -> Plan | None:
     best, best_key = None, None
     for mask in range(1 << len(ends)):              # each end unit resident (bit set) or streamed
         res_ends = [e for b, e in enumerate(ends) if mask >> b & 1]
-        for t in range(len(middle), -1, -1):        # middle[:t] resident
-            resident = set(res_ends) | set(middle[:t])
-            streamed = [i for i in range(n) if i not in resident]
-            use = sum(w[i] for i in resident) + kv_all + (act + slots * max(rb[i] for i in streamed) if streamed else act)
-            if cpu is not None and use > cpu:
-                continue
-            key = (sum(rb[i] for i in streamed), len(streamed))
-            if best_key is None or key < best_key:
-                best, best_key = resident, key
+        for t in range(len(middle), -1, -1):        # t blocks resident
+            for held in (_spread(middle, t), middle[:t]):
+                resident = set(res_ends) | set(held)
+                streamed = [i for i in range(n) if i not in resident]
+                use = sum(w[i] for i in resident) + kv_all + \
+                    (act + slots * max(rb[i] for i in streamed) if streamed else act)
+                if cpu is not None and use > cpu:
+                    continue
+                key = (sum(rb[i] for i in streamed), len(streamed))
+                if best_key is None or key < best_key:
+                    best, best_key = resident, key
     if best is None:
         return None
     return _assemble(units, budgets, act, slots, "cpu",
