@@ -31,6 +31,7 @@ SMOKES: dict[str, tuple[list[str], tuple[str, ...]]] = {
     "bench_decode": (["--out", "bench-cache/results/decode.jsonl"], ("transformers",)),
     "bench_llamacpp": (["--out", "bench-cache/results/llamacpp.jsonl"], ("transformers",)),
     "make_checkpoint": ([], ("transformers",)),
+    "bench_train_pass": ([], ("transformers",)),
     "quality": ([], ()),
     "bench_linear": ([], ()),
     "llamacpp_gguf": ([], ("transformers", "gguf")),
@@ -250,6 +251,17 @@ def test_bench_linear_smoke(smoke_runs, name):
         assert f"== W[128x256] batch {batch} x bfloat16" in out, out
     timed = {line.split("  ")[1].strip() for line in out.splitlines() if line.startswith("  ") and "GB/s" in line}
     assert {"bf16 F.linear", "int8", "int8-dynamic", "int4", "nf4"} <= timed, timed
+
+
+@pytest.mark.parametrize("name", ["bench_train_pass"])
+def test_bench_train_pass_smoke(smoke_runs, name):
+    """Two timed training passes on a tiny int8 store with some blocks streamed: a line of figures each, then the
+    layout with streamed blocks in it and the medians."""
+    out, _ = finish(smoke_runs, name)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"pass_s"')]
+    assert len(rows) == 2 and all(r["pass_s"] > 0 and r["reader_busy_s"] > 0 for r in rows), out
+    layout = next(line.split()[1] for line in out.splitlines() if line.startswith("layout "))
+    assert "s" in layout[1:-1], layout
 
 
 @pytest.mark.parametrize("name", ["quality"])
