@@ -115,8 +115,8 @@ def _refill_block(old: list, new) -> None:
 def _head_loss(cfg, w, flat: torch.Tensor, flat_labels: torch.Tensor, where: torch.Tensor, chunk: int,
                scale: float | None) -> float:
     """The summed cross-entropy of the labelled rows of ``flat`` [N, C], ``chunk`` rows through the head at a time;
-    with a ``scale``, each chunk's (loss * scale) is backpropagated into flat's leaf as it goes. A function of its own: its logits are
-    freed on return, before the blocks' backward (12 MiB a chunk for a 50k vocabulary)."""
+    with a ``scale``, each chunk's (loss * scale) is backpropagated into flat's leaf as it goes. A function of its
+    own: its logits are freed on return, before the blocks' backward (12 MiB a chunk for a 50k vocabulary)."""
     total = 0.0
     for c0 in range(0, where.numel(), chunk):
         idx = where[c0:c0 + chunk]

@@ -143,8 +143,8 @@ _RAW_LINEAR_PARTS = {"q", "k", "v", "qkv", "qkv_neox", "gate", "up", "out", "dow
 def unit_weight_bytes(src, cfg: ModelConfig, unit: str, dtype: torch.dtype, quantize: str | None,
                       quantize_head: bool = False, shard: ModelConfig | None = None) -> int:
     """Bytes a unit's weights occupy, from shapes only (quantize_head: the LM head in the scheme too, and an untied
-    token table in int8; with tied embeddings the head is a quantized copy beside the table). ``shard``: a block's linears are held at this
-    (tensor-parallel rank's local) config's shapes; its norms and biases are counted whole."""
+    token table in int8; with tied embeddings the head is a quantized copy beside the table). ``shard``: a block's
+    linears are held at this (tensor-parallel rank's local) config's shapes; its norms and biases are counted whole."""
     if hasattr(src, "unit_bytes"):                 # a layer store knows exactly
         return src.unit_bytes(unit)
     from .. import quant
