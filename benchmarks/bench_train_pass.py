@@ -26,10 +26,9 @@ def run(model: str, budget: int | None, quantize: str | None, seq_len: int, pass
     so some blocks stream), then time ``passes`` training passes after a warm-up; prints a line each and a summary."""
     import torch
 
-    from overspill.finetune.backward import train_pass
+    from overspill.finetune.backward import train_pass, trains_in_float32
     from overspill.finetune.lora import LoraAdapter, LoraSettings
     from overspill.finetune.trainer import TrainSettings, train_reserve
-    from overspill.kernels import bf16_native
     from overspill.placement.planner import PlanError
     from overspill.runtime.loader import build, open_source
 
@@ -40,7 +39,7 @@ def run(model: str, budget: int | None, quantize: str | None, seq_len: int, pass
     ad = LoraAdapter(cfg, st.lora, generator=torch.Generator().manual_seed(0))
     ad.train()
     reserve = train_reserve(st, ad.n_parameters() * 4, 8.0)
-    if src.dtype in (torch.bfloat16, torch.float16) and not bf16_native():
+    if trains_in_float32(src.dtype, cpu_only=True):
         reserve = dataclasses.replace(reserve, train_dtype=torch.float32)
     if budget is None:
         try:

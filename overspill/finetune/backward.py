@@ -13,8 +13,10 @@ Without checkpointing (``checkpoint=False``) each block's graph is kept instead 
 less compute for a block, for every block's activations held until the backward. A kept graph holds the forward's
 Linear objects (the frozen products' backward multiplies by them, model/linear.py), so the backward fetches a
 streamed block again and refills those objects with the new bytes (``refill_``); anything else the graph saved from
-the block's bytes (a norm's weight) is copied when saved, since the forward's bytes are recycled on release. The loss never builds the [B, T, V] logits: the LM
-head runs over ``head_tokens`` tokens at a time, and only over tokens that carry a label.
+the block's bytes (a norm's weight) is copied when saved, since the forward's bytes are recycled on release.
+
+The loss never builds the [B, T, V] logits: the LM head runs over ``head_tokens`` tokens at a time, and only over
+tokens that carry a label.
 """
 from __future__ import annotations
 
@@ -34,15 +36,18 @@ from ..runtime.executor import Executor
 IGNORE = -100   # label of a position without loss (transformers' convention)
 
 
+def trains_in_float32(dtype: torch.dtype, cpu_only: bool) -> bool:
+    """Whether a base of ``dtype`` trains with float32 activations: a 16-bit base computing only on a CPU without
+    native bf16. Its matmuls convert weight slices to float32 anyway (model/linear.py), and the elementwise ops,
+    attention and their backward run several times slower in bf16 there (measured ~10x for a training step of the
+    built-in model). The weights stay as stored; only the norms' small vectors are converted, per use. The planner's
+    reserve asks this before the load (trainer.py), compute_dtype after it."""
+    return dtype in (torch.bfloat16, torch.float16) and cpu_only and not bf16_native()
+
+
 def compute_dtype(ex: Executor) -> torch.dtype:
-    """The activations' dtype for training. A 16-bit base on a CPU without native bf16 trains in float32: its
-    matmuls convert weight slices to float32 anyway (model/linear.py), and the elementwise ops, attention and their
-    backward run several times slower in bf16 there (measured ~10x for a training step of the built-in model). The
-    weights stay as stored; only the norms' small vectors are converted, per use."""
-    if ex.dtype in (torch.bfloat16, torch.float16) and all(d.type == "cpu" for d in ex.unit_devices) \
-            and not bf16_native():
-        return torch.float32
-    return ex.dtype
+    """The activations' dtype for training (trains_in_float32)."""
+    return torch.float32 if trains_in_float32(ex.dtype, all(d.type == "cpu" for d in ex.unit_devices)) else ex.dtype
 
 
 def _in(w, dt: torch.dtype):

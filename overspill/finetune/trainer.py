@@ -24,9 +24,8 @@ import torch
 
 from ..errors import OverspillError
 from ..io import map_large_allocations
-from ..kernels import bf16_native
 from ..runtime.reserve import Reserve
-from .backward import eval_loss, train_pass
+from .backward import eval_loss, train_pass, trains_in_float32
 from .data import load_dataset
 from .lora import LoraAdapter, LoraSettings
 from .optim import make_optimizer, state_nbytes
@@ -218,8 +217,8 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
     # 2. the base, planned with the training step's memory in the reserve
     reserve = train_reserve(st, n_params * 4, 2.0 if st.optim == "adamw8bit" else 8.0)
     on_cuda = any(str(d).startswith("cuda") and str(d) not in (stand_in or {}) for d in (max_memory or {}))
-    if src.dtype in (torch.bfloat16, torch.float16) and not bf16_native() and not on_cuda:
-        reserve = dataclasses.replace(reserve, train_dtype=torch.float32)   # backward.compute_dtype: float32 here
+    if trains_in_float32(src.dtype, cpu_only=not on_cuda):
+        reserve = dataclasses.replace(reserve, train_dtype=torch.float32)
     adapter.train()   # before the load: resident units then hold the trained norms themselves, not copies
     built = build(model, dtype, quantize, max_memory, reserve, quantize_head=quantize_head, linear_hook=adapter.hook,
                   stand_in=stand_in)

@@ -42,7 +42,8 @@ from ._base import QuantLinear, nbytes_of, portable, release_scratch, scratch_nb
 
 SCHEMES: tuple[str, ...] = ("int8", "int8-dynamic", "int4", "nf4")
 
-__all__ = ["SCHEMES", "quantize", "quantize_table", "table_nbytes", "Int8Table", "make_linear", "stored_linear", "StoredLinear", "dequantize", "quantized_nbytes",
+__all__ = ["SCHEMES", "quantize", "quantize_table", "table_nbytes", "Int8Table", "make_linear", "stored_linear",
+           "StoredLinear", "dequantize", "quantized_nbytes",
            "QuantLinear", "scratch_nbytes", "scratch_nbytes_for", "release_scratch", "portable", "set_portable"]
 
 

@@ -87,10 +87,6 @@ class Int8Table:
         return self.qweight[ids].float().mul_(self.scales[ids].float().unsqueeze(-1))
 
     @property
-    def shape(self) -> torch.Size:
-        return self.qweight.shape
-
-    @property
     def nbytes(self) -> int:
         return nbytes_of(self.qweight, self.scales)
 
