@@ -238,7 +238,8 @@ def finetune(model: str, data: str, output: str, settings: TrainSettings | None 
         if resume:
             state, tensors = _load_checkpoint(output)
             if state.get("key") != key:
-                diff = [k for k in key if state.get("key", {}).get(k) != key[k]]
+                old = state.get("key", {})
+                diff = [k for k in dict.fromkeys([*key, *old]) if old.get(k) != key.get(k)]
                 raise OverspillError(f"{output}/{CHECKPOINT}: was trained with other {', '.join(diff)}; resume with "
                                      f"the same model, data and settings (or start a new --output)")
             adapter.load_state_dict(tensors["adapter"])
