@@ -132,6 +132,13 @@ def test_large_tensors_read_with_o_direct_equal_safetensors(tmp_path, monkeypatc
     for name in tensors:
         got = f.read(name)
         assert got.dtype == want[name].dtype and torch.equal(got, want[name]), name
+    # row ranges (a tensor-parallel rank's share): each a contiguous piece, on the same paths, concatenated in order
+    parts = {"b_f32_unaligned": [(1, 2), (300, 1100)], "c_bf16": [(0, 5), (770, 777)], "d_i64": [(4999, 5000)]}
+    got = f.read_many(list(parts), rows=parts)
+    for name, ranges in parts.items():
+        assert torch.equal(got[name], torch.cat([want[name][a:b] for a, b in ranges])), name
+    with pytest.raises(overspill.CheckpointError, match=r"m.safetensors: tensor 'c_bf16' \[777, 333\] has no rows 9:800"):
+        f.read_many(["c_bf16"], rows={"c_bf16": [(5, 9), (9, 800)]})
     if threshold > 1:
         assert f._direct is None
         return

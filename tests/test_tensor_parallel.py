@@ -70,3 +70,37 @@ def test_unsplittable_models_are_one_line(ref_dir):
     cfg = HFCheckpoint(path).config
     with pytest.raises(overspill.OverspillError, match="--tp 3.*4 query heads"):
         local_config(cfg, 3)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_reads_its_slices_of_a_hugging_face_directory(ref_dir, variant, world):
+    """A tensor-parallel view of an HF directory reads only its rank's rows (and the row-parallel weights, whole, cut
+    in memory), finishes them at the local config, and gets exactly what shard_block cuts from the whole block;
+    the bytes it reads from the files (the kernel's count, /proc/self/io) are what it says it reads."""
+    path, _ = ref_dir(variant)
+    whole = HFCheckpoint(path)
+    cfg = whole.config
+    t = whole.finish("block.1", whole.read_unit_raw("block.1", torch.float32))
+    full_bytes = whole.unit_read_bytes("block.1", torch.float32)
+    for r in range(world):
+        view = HFCheckpoint(path, shard=(r, world))
+        before = _bytes_read()
+        raw = view.read_unit_raw("block.1", torch.float32)
+        got_bytes = _bytes_read() - before
+        mine = view.finish("block.1", raw)
+        want = shard_block(cfg, t, r, world)
+        assert sorted(mine) == sorted(want)
+        for k in want:
+            assert torch.equal(mine[k], want[k]), k
+        planned = view.unit_read_bytes("block.1", torch.float32)
+        # GPT-2 stores [in, out]: its column-parallel weights are the strided ones, read whole
+        assert planned < full_bytes * ({2: 0.75, 4: 0.6}[world] if variant != "gpt2" else 0.85)
+        assert planned <= got_bytes <= planned + 64 * 1024   # page-rounded reads of small tensors
+        for u in ("embed", "head"):   # replicated, read whole
+            assert view.unit_read_bytes(u, torch.float32) == whole.unit_read_bytes(u, torch.float32)
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))

@@ -123,32 +123,71 @@ class SafetensorsFile:
             os.posix_fadvise(self.fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
         return out
 
-    def read_many(self, names: list[str], alloc=None) -> dict[str, torch.Tensor]:
+    def read_many(self, names: list[str], alloc=None, rows: dict[str, list[tuple[int, int]]] | None = None
+                  ) -> dict[str, torch.Tensor]:
         """Several tensors; the large ones read with O_DIRECT together (see _direct_request), into memory from
-        ``alloc(shape, dtype)`` (io.aligned_buffer's)."""
-        out, reqs = {}, []
-        if self._direct is not False:
-            for name in names:
-                r = self._direct_request(self.tensors[name], alloc) if self.tensors[name].nbytes >= DIRECT_MIN else None
-                if r is not None:
-                    out[name] = r[0]
+        ``alloc(shape, dtype)`` (io.aligned_buffer's). ``rows``: {name: [(a, b), ...]}: read only those ranges of
+        the tensor's first dimension (contiguous bytes each), concatenated in order (a tensor-parallel rank's
+        share)."""
+        rows = rows or {}
+        pieces: dict[str, list[torch.Tensor]] = {}
+        reqs = []
+        for name in names:
+            info = self.tensors[name]
+            got = []
+            for start, shape in self._regions(name, rows.get(name)):
+                nbytes = math.prod(shape) * info.dtype.itemsize
+                r = self._direct_request(info, alloc, start, nbytes, shape) if nbytes >= DIRECT_MIN and \
+                    self._direct is not False else None
+                if r is None:
+                    t = torch.empty(shape, dtype=info.dtype)
+                    pread_into(self.fd, t, info.offset + start, self.path)
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(self.fd, info.offset + start, nbytes, os.POSIX_FADV_DONTNEED)
+                else:
+                    t = r[0]
                     reqs.append(r[1])
+                got.append(t)
+            pieces[name] = got
         if reqs:
             from ..io import read_pool
             self._direct.read_many(reqs, read_pool())
-        for name in names:
-            if name not in out:
-                out[name] = self.read(name, buffered=True)
+        out = {}
+        for name, got in pieces.items():
+            if len(got) == 1:
+                out[name] = got[0]
+                continue
+            n = sum(g.shape[0] for g in got)
+            shape = (n,) + tuple(got[0].shape[1:])
+            t = alloc(shape, got[0].dtype) if alloc else torch.empty(shape, dtype=got[0].dtype)
+            torch.cat(got, out=t)
+            out[name] = t
         return out
 
-    def _direct_request(self, info: TensorInfo, alloc=None):
-        """(tensor, (aligned buffer, aligned offset, bytes needed from there)) to read a large tensor with O_DIRECT into an aligned
-        buffer, the tensor a view at its offset within the 4 KiB-aligned span (at most 8 KiB more): no page-cache
-        copy, and several readers in flight (this virtual disk: ~1.5x one buffered reader). None where O_DIRECT is
-        unavailable or the offset does not suit the dtype."""
+    def _regions(self, name: str, parts: list[tuple[int, int]] | None) -> list[tuple[int, tuple[int, ...]]]:
+        """(byte offset within the tensor, shape) of each piece to read: the whole tensor, or row ranges of it."""
+        info = self.tensors[name]
+        if parts is None:
+            return [(0, info.shape)]
+        row = math.prod(info.shape[1:]) * info.dtype.itemsize
+        for a, b in parts:
+            if not 0 <= a < b <= (info.shape[0] if info.shape else 0):
+                raise CheckpointError(f"{self.path}: tensor '{name}' {list(info.shape)} has no rows {a}:{b}")
+        return [(a * row, (b - a,) + tuple(info.shape[1:])) for a, b in parts]
+
+    def _direct_request(self, info: TensorInfo, alloc=None, start: int = 0, nbytes: int | None = None,
+                        shape: tuple[int, ...] | None = None):
+        """(tensor, (aligned buffer, aligned offset, bytes needed from there)) to read a large tensor (or the
+        ``nbytes`` of it from byte ``start``, as ``shape``) with O_DIRECT into an aligned buffer, the tensor a view at
+        its offset within the 4 KiB-aligned span (at most 8 KiB more): no page-cache copy, and several readers in
+        flight (this virtual disk: ~1.5x one buffered reader). None where O_DIRECT is unavailable or the offset
+        does not suit the dtype."""
         from ..io import ALIGN, DirectFile, aligned_buffer
 
-        lead = info.offset % ALIGN
+        nbytes = info.nbytes if nbytes is None else nbytes
+        shape = info.shape if shape is None else shape
+        offset = info.offset + start
+        lead = offset % ALIGN
         if lead % info.dtype.itemsize:
             return None
         if self._direct is None:
@@ -158,9 +197,9 @@ class SafetensorsFile:
                 self._direct = False
                 return None
             self._direct = f
-        span = -(-(lead + info.nbytes) // ALIGN) * ALIGN
+        span = -(-(lead + nbytes) // ALIGN) * ALIGN
         buf = aligned_buffer(span, alloc=alloc)
-        return buf[lead:lead + info.nbytes].view(info.dtype).view(info.shape), (buf, info.offset - lead, lead + info.nbytes)
+        return buf[lead:lead + nbytes].view(info.dtype).view(shape), (buf, offset - lead, lead + nbytes)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -13,8 +13,12 @@ Grouped-query models with fewer KV heads than ranks replicate a KV head on the r
 The embedding and the LM head are replicated: a vocab-parallel head saves V x C / T bytes per rank but needs an
 all-gather of the logits per step, and the sampler wants them whole on one rank.
 
-The same split is applied once on disk by ``overspill convert --tensor-parallel N`` (checkpoint/store.py): each block
-stored as N shard files, so a rank reads (and streams) only its own bytes; quantized stores quantize each shard.
+A rank reads only its share of a Hugging Face directory: ``raw_parts`` says which rows or columns of each tensor as
+stored (before the family's transforms: fusing q|k|v and gate|up, GPT-J's rotary layout, NeoX's per-head qkv,
+GPT-2's transposed Conv1D) make up that share. Each transform works head by head or row by row, so it turns the
+rank's slices, run at the local config, into exactly what ``shard_block`` cuts from the whole block (tested per
+family). The same split is applied once on disk by ``overspill convert --tensor-parallel N`` (checkpoint/store.py):
+each block stored as N shard files, one contiguous read per rank; quantized stores quantize each shard.
 """
 from __future__ import annotations
 
@@ -81,6 +85,39 @@ def linear_parts(cfg: ModelConfig, rank: int, world: int) -> dict[str, tuple[str
         f_rows.append((F + rank * Fl, F + (rank + 1) * Fl))
     return {"qkv": ("rows", [q_rows, k_rows, v_rows]), "up": ("rows", f_rows), "out": ("cols", [q_rows]),
             "down": ("cols", f_rows[:1])}
+
+
+Parts = list[tuple[int, int]]
+
+
+def raw_parts(cfg: ModelConfig, raw: str, conv1d: bool, rank: int, world: int) -> tuple[int, Parts] | None:
+    """Which part of a block's raw canonical tensor ``raw`` (e.g. "q.weight", "qkv_neox.bias", "down.weight"; see
+    checkpoint/hf.py) rank ``rank`` reads, as stored: (dim, half-open ranges along it, in order); (0, []) when the
+    rank needs none of it (a row-parallel bias, added by rank 0 only); None when it needs it whole (norms).
+    ``conv1d``: the checkpoint stores its linears as [in, out] (GPT-2), so output rows are columns there."""
+    part, _, kind = raw.partition(".")
+    hs, Fl = cfg.head_dim, cfg.intermediate_size // world
+    lp = linear_parts(cfg, rank, world)
+    kv = _kv_heads(cfg, rank, world)
+    q_rows, k_rows, v_rows = lp["qkv"][1]
+    out_dim = 1 if conv1d and kind == "weight" else 0      # where output rows lie in the stored tensor
+    in_dim = 0 if conv1d else 1
+    if part == "q":
+        return out_dim, [q_rows]
+    if part in ("k", "v"):
+        return out_dim, [(kv.start * hs, kv.stop * hs)]
+    if part == "qkv":                                   # fused q|k|v (GPT-2's c_attn)
+        return out_dim, [q_rows, k_rows, v_rows]
+    if part == "qkv_neox":                              # per head [q | k | v]: the rank's heads are one range
+        nhl = cfg.n_heads // world
+        return out_dim, [(rank * nhl * 3 * hs, (rank + 1) * nhl * 3 * hs)]
+    if part in ("gate", "up"):                          # stored apart: the same slice of each
+        return out_dim, [(rank * Fl, (rank + 1) * Fl)]
+    if part in ("out", "down"):
+        if kind == "bias":
+            return None if rank == 0 else (0, [])
+        return in_dim, lp[part][1]
+    return None
 
 
 def shard_block(cfg: ModelConfig, t: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -120,9 +120,9 @@ def load_stage(path: str, dtype, quantize: str | None, budgets: list[dict | None
 def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, quantize_head: bool, linear_hook,
           stand_in, kv_cache, tp: int = 1):
     from ..runtime.loader import build, open_source
-    from ..model.shard import local_config, shard_block
+    from ..model.shard import local_config
 
-    shard = run_cfg = None
+    run_cfg = None
     t = g.rank % tp
     try:
         src = open_source(path, dtype, quantize, (t, tp) if tp > 1 else None)
@@ -130,9 +130,7 @@ def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, qu
         qh = bool(src.quantize and quantize_head and not src.is_store)
         ranges = split_units(_stage_bytes(src, reserve, qh), stages)
         if tp > 1:
-            run_cfg = local_config(cfg, tp)
-            if not src.is_store:   # a Hugging Face directory: each unit read is sharded (a store holds the shards)
-                shard = lambda unit, w: shard_block(cfg, w, t, tp) if unit.startswith("block.") else w
+            run_cfg = local_config(cfg, tp)   # each rank reads its share of a block (open_source's tp view)
         facts = {"model": f"{cfg.family}, {cfg.n_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}",
                  "weights": f"digest {checkpoint_digest(path)}", "dtype": str(src.dtype).replace("torch.", ""),
                  "quantize": [src.quantize, qh], "kv_cache": kv_cache,
@@ -148,7 +146,7 @@ def _load(g: Group, path: str, dtype, quantize, budget, reserve, stages: int, qu
     first, end = ranges[g.rank // tp]
     built, stages_info = load_everywhere(
         g, lambda: build(path, dtype, quantize, budget, reserve, quantize_head=quantize_head, linear_hook=linear_hook,
-                         stand_in=stand_in, kv_cache=kv_cache, unit_range=(first, end), transform=shard,
+                         stand_in=stand_in, kv_cache=kv_cache, unit_range=(first, end),
                          run_config=run_cfg, tp=(t, tp) if tp > 1 else None),
         [first, end], lossless=lossless)
     link = Link(g, first, end, cfg.n_layers + 2, all(s["lossless"] for s in stages_info), tp)

@@ -34,7 +34,7 @@ import torch
 from ..errors import OverspillError
 from .group import Group, agree, checkpoint_digest, choose_backend, first_line, join, load_everywhere, resolve_timeout
 from .pipeline import DONE, PipelineExecutor, StageCache, StageWorker, _ignore
-from ..model.shard import local_config, shard_block
+from ..model.shard import local_config
 
 
 @dataclasses.dataclass
@@ -236,9 +236,9 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
                 timeout: float | None = None, quantize_head: bool = False, stand_in: dict[str, str] | None = None,
                 kv_cache: str | None = None, linear_hook=None):
     """This rank's part of a ``tp``-way tensor-parallel model: a loader.Built whose executor is a TensorExecutor on
-    rank 0 and a TensorWorker (call ``serve()``) on the others. Each rank loads every unit, its blocks sharded
-    (shard_block, before quantizing on the fly; a store written by ``convert --tensor-parallel`` holds the shards),
-    under its own budget (``budgets``, by rank). ``linear_hook`` wraps this rank's shards (a LoRA adapter sharded
+    rank 0 and a TensorWorker (call ``serve()``) on the others. Each rank loads every unit, reading its share of each
+    block (an HF directory's slices, quantized on the fly after; a store written by ``convert --tensor-parallel``
+    holds the shards), under its own budget (``budgets``, by rank). ``linear_hook`` wraps this rank's shards (a LoRA adapter sharded
     to match, LoraAdapter.shard_)."""
     from ..runtime.loader import build, open_source
     from .group import launch_env
@@ -261,11 +261,9 @@ def load_tensor(path: str, dtype, quantize: str | None, budgets: list[dict | Non
     except Exception as e:
         facts = {"error": f"{type(e).__name__}: {first_line(e)}"}
     agree(g, facts)
-    shard = None if src.is_store else \
-        (lambda unit, t: shard_block(cfg, t, rank, world) if unit.startswith("block.") else t)
     built, infos = load_everywhere(
         g, lambda: build(path, dtype, quantize, budgets[rank], reserve, quantize_head=quantize_head,
-                         stand_in=stand_in, kv_cache=kv_cache, transform=shard, run_config=run_cfg,
+                         stand_in=stand_in, kv_cache=kv_cache, run_config=run_cfg,
                          tp=(rank, world), linear_hook=linear_hook),
         [0, cfg.n_layers + 2])
     local = built.executor

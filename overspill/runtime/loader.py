@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -66,7 +66,8 @@ class Source(NamedTuple):
 
 def open_source(path: str, dtype, quantize: str | None, tp: tuple[int, int] | None = None) -> Source:
     """The checkpoint at ``path`` with its dtype and scheme (a layer store's must match what was asked). ``tp``
-    (rank, ranks): a tensor-parallel rank opens a store written for that many ranks as its own shard."""
+    (rank, ranks): a tensor-parallel rank's view: a store written for that many ranks as its own shard files, an
+    HF directory as the slices of each block that rank holds (checkpoint/hf.py)."""
     from ..checkpoint.hf import HFCheckpoint
     from ..checkpoint.store import LayerStore, is_layer_store
 
@@ -92,7 +93,7 @@ def open_source(path: str, dtype, quantize: str | None, tp: tuple[int, int] | No
                                  f"convert again with --quantize {quantize}")
         return Source(store, True, store.dtype, store.quantize)
     _refuse_original(path)
-    ckpt = HFCheckpoint(path)
+    ckpt = HFCheckpoint(path, shard=tp)
     ckpt.check_shapes()   # before a background load starts: a misfit tensor is a load error, not a forward's
     return Source(ckpt, False, resolve_dtype(dtype, ckpt), quantize)
 
@@ -201,7 +202,7 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     slot's unit stays alive, so the plan counts ring_slots + 1 staging slots there (a layer store reads into the
     preallocated slots, already fused). ``unit_range`` (first, end): plan only those units (a pipeline stage's);
     the plan's placements are theirs, in order. ``run_config``: a tensor-parallel rank's local config: it holds
-    its blocks' shards and their KV heads (a streamed block still reads the whole unit)."""
+    its blocks' shards and their KV heads (and reads its slices of them, HFCheckpoint.unit_read_bytes)."""
     from ..placement import UnitCost, plan_placement
 
     is_store = hasattr(src, "unit_bytes")   # a LayerStore, not an HFCheckpoint
@@ -213,8 +214,8 @@ def make_plan(src, cfg: ModelConfig, dt: torch.dtype, quantize: str | None, budg
     for u in units(cfg)[slice(*unit_range) if unit_range else slice(None)]:
         w = unit_weight_bytes(src, cfg, u, dt, quantize, quantize_head, run_config)
         # what a streamed fetch reads and holds: an HF directory quantizing (or sharding) on the fly reads the
-        # stored weights
-        read = unit_weight_bytes(src, cfg, u, dt, None) if (quantize or run_config) and not is_store else w
+        # stored weights (a tensor-parallel rank's slices of them)
+        read = src.unit_read_bytes(u, dt) if (quantize or run_config) and not is_store else w
         # CPU-only plans stream the table from disk by rows; with accelerators it may be held in host RAM and copied
         # whole (the loader reads rows only for a table whose home is disk), so it is counted whole there
         rows = embed_rows(src, cfg) if u == "embed" and set(budgets) <= {"cpu", "disk"} else None
@@ -334,25 +335,14 @@ def owned_dense_format(name: str, weight: torch.Tensor, bias: torch.Tensor | Non
     return dense_linear(weight, bias, owned=True)
 
 
-# transform(unit, canonical tensors) -> canonical tensors: applied to an HF directory's units before their linears
-# are built (tensor parallel's shard_block); the unit's config is the executor's ``run_config``
-TensorTransform = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-
-
-def _same(unit: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return t
-
-
 class UnitBuilder:
     """Turns a unit's tensors into its weight object: read (for resident units) or handed over by a streaming reader,
     bound with the right linear format for where it computes, then the hook. One per load."""
 
-    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None,
-                 transform: TensorTransform | None = None):
+    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None):
         self.ckpt, self.store = src.ckpt, src.ckpt if src.is_store else None
         self.cfg, self.dtype, self.scheme = src.ckpt.config, src.dtype, src.quantize
         self.quantize_head, self.hook = quantize_head, hook
-        self.transform = transform or _same
         # an HF directory's unquantized units: the fetched tensors are this unit's own, so they are laid out in place
         self.cpu_format = dense_linear_format if src.is_store else \
             linear_format(src.quantize, include_head=quantize_head) if src.quantize else owned_dense_format
@@ -406,7 +396,7 @@ class UnitBuilder:
         if self.store is not None:
             w = self._bind_store(unit, t, streamed_format, shared)
         else:   # an HF directory's raw tensors: the family's transforms run here, on the compute thread
-            w = bind(self.cfg, unit, self.transform(unit, self.ckpt.finish(unit, t)),
+            w = bind(self.cfg, unit, self.ckpt.finish(unit, t),
                      self.cpu_format if self.scheme else streamed_format)
         return hook_linears(unit, w, self.hook)
 
@@ -433,7 +423,7 @@ class UnitBuilder:
                 raw = {k: v.clone() if (self.store.quantize is None and relaid) or (".q." not in k and v.dim() <= 1)
                        else v for k, v in raw.items()}
             return self._bind_store(unit, raw, make, shared, movable)
-        t = self.transform(unit, self.ckpt.finish(unit, raw))   # before bind: quantized after any sharding
+        t = self.ckpt.finish(unit, raw)   # before bind: a tensor-parallel rank's slices, quantized as they are
         if unit == "embed" and self.quantize_head and not cfg.tie_embeddings:
             from .. import quant
             # the token table as the head is: quantized (int8 rows, looked up); a tied one is the head's dense table
@@ -569,23 +559,18 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
           reserve: Reserve, *, quantize_head: bool = False, linear_hook: LinearHook | None = None,
           stand_in: dict[str, str] | None = None, ring_slots: int = 2, kv_cache: str | None = None,
           background: bool = False, unit_range: tuple[int, int] | None = None,
-          transform: TensorTransform | None = None, run_config: ModelConfig | None = None,
-          tp: tuple[int, int] | None = None) -> Built:
+          run_config: ModelConfig | None = None, tp: tuple[int, int] | None = None) -> Built:
     """A runnable executor for ``path``. quantize_head applies to on-the-fly quantization; a layer store holds its
     head as it was converted. ``unit_range`` (first, end): load and plan only those units (a pipeline stage, see
-    overspill/parallel); the others are never read. ``transform`` (HF directories only) rewrites each unit's
-    canonical tensors before its linears are built (and quantized), and the executor runs ``run_config`` (tensor
-    parallel: one rank's shard of each block and its local config, which the plan sizes blocks and KV cache by).
-    ``tp`` (rank, ranks): a layer store written for tensor parallel is read as this rank's shards (no transform).
+    overspill/parallel); the others are never read. ``tp`` (rank, ranks): read this tensor-parallel rank's share of
+    each block (open_source), which the executor runs at ``run_config``, its local config (the plan sizes blocks
+    and KV cache by it).
 
     With accelerator budgets, units resident on an accelerator are loaded there; units the plan streams to one
     (from host RAM, tier "stream" home "cpu", or from disk) are copied there for every forward by the streaming
     reader (runtime/transfer.py), through pinned host buffers; activations, not weights, cross devices."""
     src = open_source(path, dtype, quantize, tp)
     _check_quantize_head(src.quantize, quantize_head)
-    if transform is not None and src.is_store:
-        raise OverspillError(f"{path}: a layer store's units are bound as stored; this load rewrites the "
-                             f"checkpoint's tensors (tensor parallel), so load a Hugging Face directory")
     quantize_head = bool(src.quantize and quantize_head and not src.is_store)
     cfg, names = src.ckpt.config, units(src.ckpt.config)
     reserve = dataclasses.replace(reserve, quantize=src.quantize, quantize_head=quantize_head, kv_format=kv_cache)
@@ -600,7 +585,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         streamed = [first + i for i, p in enumerate(plan.placements) if p.tier == "stream"]
         devs[first:end] = unit_devices(plan, stand_in)
         homes[first:end] = [p.home for p in plan.placements]
-    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook, transform), names, streamed, devs, homes,
+    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes,
                      plan, ring_slots, reserve if max_memory is not None else None, kv_cache, background,
                      (first, end), run_config)
     return Built(cfg, executor, plan, src.ckpt)

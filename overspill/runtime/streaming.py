@@ -58,11 +58,7 @@ class HFUnitReader:
         self.ckpt, self.dtype = ckpt, dtype
 
     def stream_bytes(self, unit: str) -> int:
-        n = 0
-        for name in self.ckpt.unit_names(unit):
-            shape = self.ckpt.shape(name)
-            n += int(torch.tensor(shape).prod().item()) * torch.empty((), dtype=self.dtype).element_size()
-        return n
+        return self.ckpt.unit_read_bytes(unit, self.dtype)
 
     def slot_bytes(self, unit: str) -> int:
         return 0
