@@ -312,6 +312,12 @@ def test_quantize_head_on_the_fly(ref_dir, tmp_path, variant, scheme):
         assert (err <= 0.5 * emb.tok.scales.float() * (1 + 1e-3)).all() and err.max() > 0
         got = embed_forward(ck.config, emb, ids, None, torch.float32)
         assert torch.equal(got, table[ids])
+    # the store converted with --quantize-head holds the same: its table in int8 where the load makes one (at the
+    # planned bytes), and it gives the on-the-fly load's logits
+    assert abs(store.unit_bytes("embed") - planned) <= 64 * 4, (planned, store.unit_bytes("embed"))
+    from_store = overspill.load(store.path)
+    assert isinstance(from_store.executor.source.weights[0].tok, Int8Table) != ck.config.tie_embeddings
+    assert torch.equal(from_store.logits(ids).float(), b)
 
 
 def blocked_ok() -> bool:

@@ -36,7 +36,8 @@ manifest.json::
 
     {"format": "overspill-layer-store", "version": 1,
      "config": ModelConfig.to_dict(), "hf_config": {...the original config.json...},
-     "dtype": "bfloat16", "quantize": null | "int8" | "int4" | ..., "quantize_head": false,
+     "dtype": "bfloat16", "quantize": null | "int8" | "int4" | ..., "quantize_head": false (true: the LM head in
+     the scheme, and an untied token table in int8 with a scale per row, "tok.q.qweight" and "tok.q.scales"),
      "tied": true when the head stores no LM weight (use the embedding's tok.weight),
      "extra_files": ["tokenizer.json", ...],
      "units": [{"name": "block.0", "file": "block.0.safetensors", "bytes": file size,
@@ -140,10 +141,13 @@ def write_unit_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[
             "sha256": h.hexdigest(), "tensors": entries}
 
 
-def _quantize_unit(unit: str, t: dict[str, torch.Tensor], scheme: str | None, quantize_head: bool) -> dict:
+def _quantize_unit(unit: str, t: dict[str, torch.Tensor], scheme: str | None, quantize_head: bool,
+                   table: bool = False) -> dict:
+    """A unit's tensors as stored: the linears in ``scheme`` (the head too with quantize_head); ``table``: the token
+    table in int8 too (quant.quantize_table, as loading an HF directory with quantize_head does to an untied one)."""
     if scheme is None:
         return t
-    from ..quant import quantize as qz, store_form
+    from ..quant import quantize as qz, quantize_table, store_form
 
     lins = [l for l in linear_names(unit) if unit != "head" or quantize_head]
     out = {}
@@ -152,9 +156,18 @@ def _quantize_unit(unit: str, t: dict[str, torch.Tensor], scheme: str | None, qu
         if lin in lins and kind == "weight":
             for key, q in store_form(scheme, qz(v, scheme)).items():
                 out[f"{lin}.q.{key}"] = q.contiguous()
+        elif name == "tok.weight" and table:
+            tab = quantize_table(v)
+            out["tok.q.qweight"], out["tok.q.scales"] = tab.qweight.contiguous(), tab.scales.contiguous()
         else:
             out[name] = v
     return out
+
+
+def _int8_table(cfg: ModelConfig, scheme: str | None, quantize_head: bool) -> bool:
+    """Whether a store holds its token table in int8: quantize_head with a scheme, and a table the head does not
+    share (a tied one stays the head's dense source, as when an HF directory is loaded with quantize_head)."""
+    return scheme is not None and quantize_head and not cfg.tie_embeddings
 
 
 def _planned_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: str | None,
@@ -167,8 +180,10 @@ def _planned_bytes(ck, cfg: ModelConfig, unit: str, dtype: torch.dtype, scheme: 
             continue
         n += math.prod(ck.shape(hf_name)) * item
     if scheme is not None:
-        from ..quant import quantized_nbytes
+        from ..quant import quantized_nbytes, table_nbytes
 
+        if unit == "embed" and _int8_table(cfg, scheme, quantize_head):
+            n += table_nbytes(cfg.vocab_size, cfg.hidden_size) - cfg.vocab_size * cfg.hidden_size * item
         for lin, (N, K) in linear_shapes(cfg, unit).items():
             if unit == "head" and not quantize_head:
                 continue
@@ -355,7 +370,8 @@ def convert(src: str, dst: str, dtype: str = "bfloat16", quantize: str | None = 
 
                 return [_quantize_unit(u, shard_block(cfg, t, r, world), quantize, quantize_head)
                         for r in range(world)]
-            return [_quantize_unit(u, t, quantize, quantize_head)]
+            table = u == "embed" and _int8_table(cfg, quantize, quantize_head)
+            return [_quantize_unit(u, t, quantize, quantize_head, table)]
 
         # unit i+1 is read and quantized while unit i is written: at most two units in memory
         with ThreadPoolExecutor(1, thread_name_prefix="overspill-convert") as ahead:

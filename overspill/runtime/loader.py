@@ -441,6 +441,8 @@ class UnitBuilder:
 
         store, cfg = self.store, self.cfg
         plain, q = split_quantized(t)
+        if "tok" in q:   # a token table stored in int8 (convert --quantize-head): looked up, not multiplied
+            plain["tok.weight"] = quant.Int8Table(**q.pop("tok"))
         # Convert to the kernels' layouts in place: streamed units' tensors live in the staging buffer, resident
         # units' in their own read buffer (_read). No second copy of a weight at any time, and streamed units run the
         # same kernels (so give the same logits) as resident ones. Tensors on an accelerator are used as they are
