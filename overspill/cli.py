@@ -429,8 +429,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--target", default="qkv,out,up,down", help="comma-separated: qkv, out, up, down, lm (overspill's "
                    "names) or Hugging Face module names (q_proj,v_proj / query_key_value / c_attn ...)")
-    p.add_argument("--train-bias", action="store_true", help="the adapted modules' biases train too (PEFT's "
-                   "bias=lora_only)")
+    p.add_argument("--train-bias", nargs="?", const="lora_only", default="none", choices=("lora_only", "all"),
+                   metavar="all", help="the adapted modules' biases train too (PEFT's bias=lora_only); "
+                   "--train-bias all: every bias of the model (bias=all)")
     p.add_argument("--train-norms", nargs="?", const="all", default=None, metavar="NAMES",
                    help="norm modules train too (PEFT's modules_to_save): all of them, or comma-separated names "
                         "(ln_f, input_layernorm ...)")
@@ -470,7 +471,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
             raise OverspillError(f"--max-memory: {e}") from None
     lora = LoraSettings(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout,
                         targets=tuple(t.strip() for t in a.target.split(",") if t.strip()),
-                        bias="lora_only" if a.train_bias else "none",
+                        bias=a.train_bias,
                         norms=tuple(t.strip() for t in (a.train_norms or "").split(",") if t.strip()))
     st = TrainSettings(lora=lora, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, weight_decay=a.weight_decay,
                        warmup_steps=a.warmup_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,

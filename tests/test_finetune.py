@@ -89,9 +89,11 @@ NORMS = {"gpt2": ["ln_1", "ln_2", "ln_f"], "gpt_neox_parallel": ["input_layernor
          "llama_gqa": ["post_attention_layernorm", "norm"]}
 
 
-@pytest.mark.parametrize("variant", list(NORMS))
-def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
-    """PEFT's bias="lora_only" and modules_to_save=[norms], every trainable tensor moved off its base value: the
+@pytest.mark.parametrize("variant,bias", [(v, "lora_only") for v in NORMS] +
+                         [(v, "all") for v in ("gpt2", "gpt_neox_parallel", "gptj")])
+def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant, bias):
+    """PEFT's bias="lora_only" (or "all": every bias of the model, of modules without pairs and norms too) and
+    modules_to_save=[norms], every trainable tensor moved off its base value: the
     adapter loads in overspill with PEFT's logits (5e-5: the moved norms enlarge the logits, and other tests' thread
     settings change float32 summation order; measured up to 1.3e-5); one float32 step gives PEFT's gradients for the pairs, the biases
     and the norms (a norm's or bias's gradient sums over every token position, so float32 order differences grow
@@ -100,9 +102,10 @@ def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
     that trains them starts equal to the base (GPT-2, NeoX: biases and LayerNorms; Llama: RMSNorms, no biases)."""
     import copy
     path, hf = ref_dir(variant)
+    targets = TARGETS[variant] if bias == "lora_only" else TARGETS[variant][:1]   # "all": most biases without pairs
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS[variant], lora_dropout=0.0, fan_in_fan_out=variant == "gpt2",
-        bias="lora_only", modules_to_save=NORMS[variant]))
+        r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, fan_in_fan_out=variant == "gpt2",
+        bias=bias, modules_to_save=NORMS.get(variant, [])[: None if bias == "lora_only" else 1]))
     g = torch.Generator().manual_seed(1)
     trained = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
     with torch.no_grad():   # pairs as in _peft_model; biases and norms moved by 5% (larger moves make this tiny
@@ -115,10 +118,10 @@ def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
     loss.backward()
     key = lambda n: n.replace(".modules_to_save.default", "").replace(".default", "")
     ref = {key(n): p.grad for n, p in trained}
-    assert any(k.endswith("base_layer.bias") for k in ref) == (variant != "llama_gqa")
+    assert any(k.endswith("bias") for k in ref) == (variant != "llama_gqa")
     cfg = overspill.load(path, dtype="float32", background=False).config
     ad = LoraAdapter.load(str(tmp_path / "peft"), cfg)
-    assert ad.settings.bias == "lora_only" and ad.norms
+    assert ad.settings.bias == bias and ad.norms
     m = overspill.load(path, dtype="float32", linear_hook=ad.train().hook)
     with torch.no_grad():
         torch.testing.assert_close(m.logits(ids), logits.detach(), rtol=0, atol=5e-5)
@@ -140,8 +143,7 @@ def test_trained_biases_and_norms_equal_peft(ref_dir, tmp_path, variant):
     with torch.no_grad():   # the trained biases and norms replace the base's tensors in the merged checkpoint
         torch.testing.assert_close(overspill.load(merged, dtype="float32").logits(ids), logits.detach(), rtol=0,
                                    atol=5e-5)
-    fresh = LoraAdapter(cfg, LoraSettings(r=2, targets=("qkv", "out", "up", "down"), bias="lora_only",
-                                          norms=("all",)))
+    fresh = LoraAdapter(cfg, LoraSettings(r=2, targets=("qkv", "out", "up", "down"), bias=bias, norms=("all",)))
     plain = overspill.load(path, dtype="float32").logits(ids)
     assert torch.equal(overspill.load(path, dtype="float32", linear_hook=fresh.hook).logits(ids), plain)
 
@@ -150,9 +152,9 @@ def _state_params(ad: LoraAdapter) -> list[torch.Tensor]:
     """The adapter's tensors in state_dict's order."""
     out = []
     for s in ad.slots:
-        out += [s.A, s.B] + ([s.bias] if s.bias is not None else [])
+        out += [p for p in (s.A, s.B, s.bias) if p is not None]
     for nm in ad.norms:
-        out += [nm.weight] + ([nm.bias] if nm.bias is not None else [])
+        out += [p for p in (nm.weight, nm.bias) if p is not None]
     return out
 
 
@@ -434,7 +436,9 @@ def test_bad_targets_and_adapters_are_one_line(ref_dir, tmp_path):
         overspill.load(npath, adapter=tmp_path / "neox")
     # trained biases and saved modules: only the adapted modules' biases, only norm modules, every tensor present
     from overspill.finetune.merge import merge_adapter
-    for change, match in (({"bias": "all"}, "bias='all' is not supported"),
+    for change, match in (({"bias": "every"}, "bias='every' is not supported"),
+                          ({"bias": "all"}, r"no base_model.model.gpt_neox.layers.0.\S*bias \(its adapter_config.json "
+                                            r"trains it\)"),
                           ({"modules_to_save": ["dense"]}, "modules_to_save: norm module 'dense' matches no norm"),
                           ({"modules_to_save": ["final_layer_norm"]}, "no base_model.model.gpt_neox.final_layer_norm"
                                                                       r".weight \(its adapter_config.json trains it\)")):
@@ -480,23 +484,26 @@ def test_finetuning_the_builtin_model_on_an_unseenplay_split(tmp_path):
 
 def test_resume_after_kill_reproduces_the_loss_curve(tmp_path):
     """kill -9 after the first checkpoint, --resume: at most one interval is lost and the loss curve equals an
-    uninterrupted run's exactly (the biases and norms training too, so the checkpoint must restore them)."""
+    uninterrupted run's exactly (every bias (--train-bias all: of the linears without pairs and of the norms too)
+    and a norm module training too, so the checkpoint must restore them)."""
     train, _ = play_split(tmp_path)
     args = ["--data", train, "--max-steps", "6", "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3",
-            "--save-every", "2", "--train-bias", "--train-norms", "--dtype", "float32", "--lora-dropout", "0.1"]
+            "--save-every", "2", "--target", "qkv,up", "--train-bias", "all", "--train-norms", "input_layernorm",
+            "--dtype", "float32", "--lora-dropout", "0.1"]
     full = str(tmp_path / "full")
     r = _cli("finetune", "--output", full, *args)
     assert r.returncode == 0, r.stderr
     want = json.load(open(os.path.join(full, "checkpoint", "trainer_state.json")))["history"]
     conf = json.load(open(os.path.join(full, "adapter_config.json")))
-    assert conf["bias"] == "lora_only" and conf["modules_to_save"] == ["final_layer_norm", "input_layernorm",
-                                                                          "post_attention_layernorm"]
+    assert conf["bias"] == "all" and conf["modules_to_save"] == ["input_layernorm"]
     from safetensors.torch import load_file
     saved = load_file(os.path.join(full, "adapter_model.safetensors"))
     head = overspill.load(dtype="float32", background=False).executor.source.acquire(-1)   # the base's final norm
-    assert any(k.endswith("query_key_value.base_layer.bias") for k in saved)
-    assert not torch.equal(saved["base_model.model.gpt_neox.final_layer_norm.weight"],
-                           head.norm[0].float())
+    for key in ("layers.0.attention.query_key_value.base_layer.bias", "layers.0.attention.dense.bias",
+                "layers.0.input_layernorm.weight", "layers.0.post_attention_layernorm.bias", "final_layer_norm.bias"):
+        assert f"base_model.model.gpt_neox.{key}" in saved, key
+    assert "base_model.model.gpt_neox.final_layer_norm.weight" not in saved     # its bias alone trains
+    assert not torch.equal(saved["base_model.model.gpt_neox.final_layer_norm.bias"], head.norm[1].float())
     cut = str(tmp_path / "cut")
     p = subprocess.Popen([sys.executable, "-m", "overspill.cli", "finetune", "--output", cut, *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

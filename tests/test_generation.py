@@ -11,7 +11,6 @@ import overspill
 from overspill import cli
 from overspill.errors import OverspillError
 from overspill.generate import GenerationConfig, generate_ids
-from overspill.generate import generate_ids
 from overspill.generate.beam import StopChecker
 
 PROMPT = "ROMEO:\n"

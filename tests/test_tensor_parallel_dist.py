@@ -156,6 +156,9 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     for v in ("gptj", "gpt2", "gpt_neox_parallel"):   # LoRA on every linear, trained biases and norms, sharded
         runs.append({"name": f"lora_{v}", "path": ref_dir(v)[0], "dtype": "float32",
                      "adapter": _adapter(ref_dir(v)[0], str(tmp_path / f"adapter_{v}"))})
+    # bias "all" with pairs on q|k|v only: the other linears' biases alone, row- and column-parallel, and the norms'
+    runs.append({"name": "lora_bias_all", "path": ref_dir("gpt2")[0], "dtype": "float32",
+                 "adapter": _adapter(ref_dir("gpt2")[0], str(tmp_path / "adapter_all"), ("qkv",), "all", ())})
     runs.append({"name": "no_reduce", "path": ref_dir("gpt2")[0], "dtype": "float32", "no_reduce": True})
     runs.append({"name": "inject", "path": ref_dir("gptj")[0], "dtype": "float32", "inject": True})
     got, got1 = _run_ranks(tmp_path, runs, 2)
@@ -193,7 +196,7 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
         one = _single(SHAKESPEARE, "float32", scheme)
         apart = (got[scheme]["logits"] - one["logits"]).abs().max().item()
         assert apart < tol, (scheme, apart)
-    for info in got["streamed"]["stages"]:       # every rank streams blocks (sharded after each read) from disk
+    for info in got["streamed"]["stages"]:       # every rank streams its slices of blocks from disk
         assert "stream" in [p["tier"] for p in json.loads(info["plan"])["placements"]]
     for run in runs:
         if "adapter" in run:
@@ -206,21 +209,24 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     assert got["inject"]["error"] == f"rank 0: {line}" and got1["inject"]["error"] == line
 
 
-def _adapter(path: str, out: str, targets=("qkv", "out", "up", "down", "lm")) -> str:
+def _adapter(path: str, out: str, targets=("qkv", "out", "up", "down", "lm"), bias="lora_only",
+             norms=("all",)) -> str:
     """A LoRA adapter on every linear with nonzero B (a fresh one adds nothing), and trained biases (where the
     model has them) and norms as if trained, saved as PEFT's files."""
     from overspill.finetune.lora import LoraAdapter, LoraSettings
 
     cfg = overspill.load(path, background=False).config
     g = torch.Generator().manual_seed(1)
-    ad = LoraAdapter(cfg, LoraSettings(r=4, targets=targets, bias="lora_only", norms=("all",)), generator=g)
+    ad = LoraAdapter(cfg, LoraSettings(r=4, targets=targets, bias=bias, norms=norms), generator=g)
     for s in ad.slots:
-        s.B.data.normal_(0, 0.2, generator=g)
+        if s.B is not None:
+            s.B.data.normal_(0, 0.2, generator=g)
         if s.bias is not None:
             s.bias.data.normal_(0, 0.2, generator=g)
             s.bias_ready = True
     for n in ad.norms:
-        n.weight.data.normal_(1, 0.1, generator=g)
+        if n.weight is not None:
+            n.weight.data.normal_(1, 0.1, generator=g)
         if n.bias is not None:
             n.bias.data.normal_(0, 0.1, generator=g)
         n.ready = True

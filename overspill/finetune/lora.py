@@ -7,9 +7,11 @@ are, and ``LoraLinear`` adds each pair's product into exactly those rows. The ba
 format (dense, packed, int8/int4/nf4, streamed from disk) works, and autograd reaches the pairs through the base's
 input gradient.
 
-Optionally the adapted modules' biases (PEFT's ``bias="lora_only"``) and the norm modules (PEFT's
-``modules_to_save``) train too: each is a trainable copy of the base's vector, the bias added as its difference from
-the base's, the norm used in the base's place; saved under PEFT's keys (``<module>.base_layer.bias``, ``<norm>.weight``).
+Optionally the adapted modules' biases (PEFT's ``bias="lora_only"``), every bias of the model (``bias="all"``: the
+linears without pairs and the norms too) and the norm modules (PEFT's ``modules_to_save``) train too: each is a
+trainable copy of the base's vector, a linear's bias added as its difference from the base's, a norm's used in the
+base's place; saved under PEFT's keys (``<module>.base_layer.bias`` for an adapted module, ``<module>.bias``,
+``<norm>.weight``).
 
     adapter = LoraAdapter(cfg, LoraSettings(r=8, targets=("qkv", "out", "up", "down")))
     overspill.load(path, linear_hook=adapter.hook)     # or build(..., linear_hook=adapter.hook)
@@ -39,6 +41,7 @@ CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_BIN = "adapter_config.json", "adapter_model.s
 PREFIX = "base_model.model."
 CANONICAL = ("qkv", "out", "up", "down", "lm")
 DEFAULT_TARGETS = ("qkv", "out", "up", "down")
+BIAS_MODES = ("none", "lora_only", "all")
 
 
 @dataclass
@@ -48,7 +51,8 @@ class LoraSettings:
     dropout: float = 0.05
     targets: tuple[str, ...] = DEFAULT_TARGETS   # canonical names (qkv,out,up,down,lm) or Hugging Face module names
     rslora: bool = False                          # scale alpha / sqrt(r) (Kalajdzievski 2023) instead of alpha / r
-    bias: str = "none"                            # "lora_only": the adapted modules' biases train too (PEFT's name)
+    bias: str = "none"                            # "lora_only": the adapted modules' biases train too; "all": every
+    #                                               bias of the model (PEFT's names)
     norms: tuple[str, ...] = ()                   # norm modules that train ("all", or names as PEFT's modules_to_save)
 
     @property
@@ -62,19 +66,19 @@ class LoraSettings:
             raise OverspillError(f"lora dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise OverspillError("lora targets: none given (expected e.g. qkv,out,up,down or q_proj,v_proj)")
-        if self.bias not in ("none", "lora_only"):
-            raise OverspillError(f"lora bias must be 'none' or 'lora_only', got {self.bias!r}")
+        if self.bias not in BIAS_MODES:
+            raise OverspillError(f"lora bias must be one of {', '.join(BIAS_MODES)}, got {self.bias!r}")
         return self
 
 
 @dataclass
 class Slot:
-    """One adapted module of one layer."""
+    """One adapted module of one layer: a LoRA pair, or (bias "all", a module without pairs) its bias alone."""
     path: str             # the Hugging Face module path, e.g. transformer.h.3.attn.q_proj
     unit: str             # block.3 | head
     map: ModuleMap
-    A: torch.nn.Parameter = field(repr=False)
-    B: torch.nn.Parameter = field(repr=False)
+    A: torch.nn.Parameter | None = field(repr=False)   # None: a trained bias only
+    B: torch.nn.Parameter | None = field(repr=False)
     bias: torch.nn.Parameter | None = field(default=None, repr=False)   # the module's bias as trained (full value)
     bias_base: torch.Tensor | None = field(default=None, repr=False)    # the base's, seen at the first hook
     bias_ready: bool = False                                              # ``bias`` holds a value
@@ -82,11 +86,12 @@ class Slot:
 
 @dataclass
 class NormSlot:
-    """One trained norm module: a copy of its weight (and bias), used in place of the base's."""
+    """One trained norm module: a copy of its weight (and bias), used in place of the base's; with bias "all", a norm
+    not in modules_to_save trains its bias alone (``weight`` None: the base's)."""
     path: str             # transformer.h.3.ln_1
     unit: str             # block.3 | head
     map: NormMap
-    weight: torch.nn.Parameter = field(repr=False)
+    weight: torch.nn.Parameter | None = field(repr=False)
     bias: torch.nn.Parameter | None = field(default=None, repr=False)
     ready: bool = False   # holds a value (a saved one, or the base's copied at the first hook)
 
@@ -171,14 +176,19 @@ class LoraLinear:
         p, s = (ad.settings.dropout if ad.training else 0.0), ad.settings.scale
         for slot, rows in self.pairs:
             A, B = slot.A, slot.B
-            h = x.to(A.dtype)
-            if p:
-                # its own mask per module, as PEFT draws them; the graph keeps it as bools (F.dropout on the CPU keeps
-                # a float32 mask: a quarter of a 1B block's recompute graph at 256 tokens)
-                h = torch.native_dropout(h, p, True)[0]
-            d = F.linear(F.linear(h, A), B) * s
+            d = None
+            if A is not None:
+                h = x.to(A.dtype)
+                if p:
+                    # its own mask per module, as PEFT draws them; the graph keeps it as bools (F.dropout on the CPU
+                    # keeps a float32 mask: a quarter of a 1B block's recompute graph at 256 tokens)
+                    h = torch.native_dropout(h, p, True)[0]
+                d = F.linear(F.linear(h, A), B) * s
             if slot.bias is not None and slot.bias_base is not None:
-                d = d + (slot.bias - slot.bias_base)        # the trained bias, as its change from the base's
+                db = slot.bias - slot.bias_base             # the trained bias, as its change from the base's
+                d = db.expand(*y.shape[:-1], -1) if d is None else d + db
+            if d is None:
+                continue
             d = d.to(y.dtype)
             if rows is not None:                            # a contiguous block of the fused output
                 y = torch.cat([y[..., : rows.start], y[..., rows] + d, y[..., rows.stop:]], -1)
@@ -191,14 +201,15 @@ class LoraLinear:
 
     @property
     def nbytes(self) -> int:
-        return self.base.nbytes + sum(s.A.numel() * s.A.element_size() + s.B.numel() * s.B.element_size()
-                                      for s, _ in self.pairs)
+        return self.base.nbytes + sum(t.numel() * t.element_size() for s, _ in self.pairs
+                                      for t in (s.A, s.B, s.bias) if t is not None)
 
     def dequantize(self) -> torch.Tensor:
         w = self.base.dequantize().float().clone()
         for slot, _ in self.pairs:
-            w.index_add_(0, slot.map.cols.to(w.device), (slot.B.detach().float() @ slot.A.detach().float())
-                         * self.adapter.settings.scale)
+            if slot.A is not None:
+                w.index_add_(0, slot.map.cols.to(w.device), (slot.B.detach().float() @ slot.A.detach().float())
+                             * self.adapter.settings.scale)
         return w
 
 
@@ -240,12 +251,22 @@ class LoraAdapter:
             A.uniform_(-bound, bound, generator=generator)
             B = torch.zeros(m.out_features, settings.r, dtype=dtype)
             bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=dtype)) \
-                if settings.bias == "lora_only" and _linear_has_bias(cfg, m.linear) else None
+                if settings.bias != "none" and _linear_has_bias(cfg, m.linear) else None
             self.slots.append(Slot(path, unit, m, torch.nn.Parameter(A), torch.nn.Parameter(B), bias))
         self.norms: list[NormSlot] = []
         for path, unit, m in resolve_norms(cfg, settings.norms):
             b = torch.nn.Parameter(torch.zeros(m.size, dtype=dtype)) if m.has_bias else None
             self.norms.append(NormSlot(path, unit, m, torch.nn.Parameter(torch.zeros(m.size, dtype=dtype)), b))
+        if settings.bias == "all":   # PEFT's: every bias trains, of the modules without pairs and the norms too
+            have = {s.path for s in self.slots} | {n.path for n in self.norms}
+            for path, unit, m in _concrete(module_maps(FAMILIES[cfg.family], cfg), cfg.n_layers):
+                if path not in have and _linear_has_bias(cfg, m.linear):
+                    self.slots.append(Slot(path, unit, m, None, None,
+                                           torch.nn.Parameter(torch.zeros(m.out_features, dtype=dtype))))
+            for path, unit, m in resolve_norms(cfg, ("all",)):
+                if path not in have and m.has_bias:
+                    self.norms.append(NormSlot(path, unit, m, None, torch.nn.Parameter(torch.zeros(m.size,
+                                                                                                   dtype=dtype))))
         self._index()
         self.hook = _Hook(self)
 
@@ -271,7 +292,9 @@ class LoraAdapter:
         derived = []
         for s in self.slots:
             kind, ranges = parts.get(s.map.linear, ("whole", []))
-            A, B, cols = s.A.detach(), s.B.detach(), s.map.cols
+            cols = s.map.cols
+            A = s.A.detach() if s.A is not None else None
+            B = s.B.detach() if s.B is not None else None
             if kind == "rows":
                 held = torch.cat([torch.arange(a, b) for a, b in ranges])   # canonical row of each local row
                 local = torch.full((max(int(held.max()), int(cols.max())) + 1,), -1, dtype=torch.long)
@@ -279,18 +302,20 @@ class LoraAdapter:
                 keep = local[cols] >= 0
                 if not bool(keep.any()):
                     continue                        # none of this module's rows live on this rank
-                B, cols = B[keep], local[cols[keep]]
+                B, cols = (B[keep] if B is not None else None), local[cols[keep]]
                 bias = None if s.bias is None else s.bias.detach()[keep]
             elif kind == "cols":
-                A = A[:, torch.cat([torch.arange(a, b) for a, b in ranges])]
+                if A is not None:
+                    A = A[:, torch.cat([torch.arange(a, b) for a, b in ranges])]
                 bias = s.bias.detach() if s.bias is not None and rank == 0 else None   # added once, as the base's
+                if A is None and bias is None:
+                    continue                        # a bias alone, which rank 0 adds
             else:
                 bias = None if s.bias is None else s.bias.detach()
-            m = dataclasses.replace(s.map, out_features=B.shape[0], in_features=A.shape[1], cols=cols)
-            derived.append(Slot(s.path, s.unit, m, torch.nn.Parameter(A.contiguous(), requires_grad=False),
-                                torch.nn.Parameter(B.contiguous(), requires_grad=False),
-                                None if bias is None else torch.nn.Parameter(bias.contiguous(), requires_grad=False),
-                                bias_ready=s.bias_ready))
+            m = dataclasses.replace(s.map, out_features=cols.numel(),
+                                    in_features=A.shape[1] if A is not None else s.map.in_features, cols=cols)
+            frozen = lambda t: None if t is None else torch.nn.Parameter(t.contiguous(), requires_grad=False)
+            derived.append(Slot(s.path, s.unit, m, frozen(A), frozen(B), frozen(bias), bias_ready=s.bias_ready))
         self._index(derived)
         return self
 
@@ -324,15 +349,15 @@ class LoraAdapter:
         for n in slots:
             wb = getattr(w, n.map.norm)
             if not n.ready:
-                n.weight.data.copy_(wb[0].detach().to(n.weight.device, n.weight.dtype))
-                if n.bias is not None:
-                    n.bias.data.copy_(wb[1].detach().to(n.bias.device, n.bias.dtype))
+                for p, base in ((n.weight, wb[0]), (n.bias, wb[1])):
+                    if p is not None:
+                        p.data.copy_(base.detach().to(p.device, p.dtype))
                 n.ready = True
             if self.training:
-                repl[n.map.norm] = (n.weight, n.bias if n.bias is not None else wb[1])
+                repl[n.map.norm] = tuple(b if p is None else p for p, b in ((n.weight, wb[0]), (n.bias, wb[1])))
             else:
-                repl[n.map.norm] = (n.weight.detach().to(wb[0].device, wb[0].dtype),
-                                    wb[1] if n.bias is None else n.bias.detach().to(wb[1].device, wb[1].dtype))
+                repl[n.map.norm] = tuple(b if p is None else p.detach().to(b.device, b.dtype)
+                                         for p, b in ((n.weight, wb[0]), (n.bias, wb[1])))
         return dataclasses.replace(w, **repl)
 
     def train(self, mode: bool = True) -> "LoraAdapter":
@@ -355,9 +380,9 @@ class LoraAdapter:
         hooked = [s for pairs in self.by_linear.values() for s, _ in pairs]   # a tensor-parallel rank's own
         for s in {id(s): s for s in self.slots + hooked}.values():
             d = devices.get(s.unit)
-            if d is not None and s.A.device != torch.device(d):
+            if d is not None:
                 for p in (s.A, s.B, s.bias):
-                    if p is not None:
+                    if p is not None and p.device != torch.device(d):
                         p.data = p.data.to(d)
                 if s.bias_base is not None:
                     s.bias_base = s.bias_base.to(d)
@@ -374,46 +399,49 @@ class LoraAdapter:
         """PEFT's keys: base_model.model.<module>.lora_A.weight [r, in] and .lora_B.weight [out, r]."""
         out = {}
         for s in self.slots:
-            out[f"{PREFIX}{s.path}.lora_A.weight"] = s.A.detach().cpu().contiguous()
-            out[f"{PREFIX}{s.path}.lora_B.weight"] = s.B.detach().cpu().contiguous()
+            if s.A is not None:
+                out[f"{PREFIX}{s.path}.lora_A.weight"] = s.A.detach().cpu().contiguous()
+                out[f"{PREFIX}{s.path}.lora_B.weight"] = s.B.detach().cpu().contiguous()
             if s.bias is not None and s.bias_ready:
-                out[f"{PREFIX}{s.path}.base_layer.bias"] = s.bias.detach().cpu().contiguous()
+                out[_bias_key(s)] = s.bias.detach().cpu().contiguous()
         for n in self.norms:
             if n.ready:
-                out[f"{PREFIX}{n.path}.weight"] = n.weight.detach().cpu().contiguous()
-                if n.bias is not None:
-                    out[f"{PREFIX}{n.path}.bias"] = n.bias.detach().cpu().contiguous()
+                for what, p in (("weight", n.weight), ("bias", n.bias)):
+                    if p is not None:
+                        out[f"{PREFIX}{n.path}.{what}"] = p.detach().cpu().contiguous()
         return out
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Values saved by ``state_dict`` (a trainer checkpoint) into this adapter's tensors, in place."""
         for s in self.slots:
             for ab in ("A", "B"):
-                if f"{PREFIX}{s.path}.lora_{ab}.weight" in tensors:
+                if getattr(s, ab) is not None and f"{PREFIX}{s.path}.lora_{ab}.weight" in tensors:
                     getattr(s, ab).data.copy_(tensors[f"{PREFIX}{s.path}.lora_{ab}.weight"])
-            if s.bias is not None and f"{PREFIX}{s.path}.base_layer.bias" in tensors:
-                s.bias.data.copy_(tensors[f"{PREFIX}{s.path}.base_layer.bias"])
+            if s.bias is not None and _bias_key(s) in tensors:
+                s.bias.data.copy_(tensors[_bias_key(s)])
                 s.bias_ready = True
         for n in self.norms:
-            if f"{PREFIX}{n.path}.weight" in tensors:
-                n.weight.data.copy_(tensors[f"{PREFIX}{n.path}.weight"])
-                if n.bias is not None:
-                    n.bias.data.copy_(tensors[f"{PREFIX}{n.path}.bias"])
+            first = f"{PREFIX}{n.path}.{'weight' if n.weight is not None else 'bias'}"
+            if first in tensors:   # a norm's tensors are saved together
+                for what, p in (("weight", n.weight), ("bias", n.bias)):
+                    if p is not None:
+                        p.data.copy_(tensors[f"{PREFIX}{n.path}.{what}"])
                 n.ready = True
 
     def peft_config(self) -> dict:
         st, fam = self.settings, FAMILIES[self.cfg.family]
         every = [m for m in module_maps(fam, self.cfg)]
-        names = _short_names([m.module for m in {s.map.module: s.map for s in self.slots}.values()],
+        pairs = [s for s in self.slots if s.A is not None]
+        names = _short_names([m.module for m in {s.map.module: s.map for s in pairs}.values()],
                              [o.module for o in every])
-        norms = _short_names(sorted({n.map.module for n in self.norms}),
+        norms = _short_names(sorted({n.map.module for n in self.norms if n.weight is not None}),
                              [o.module for o in norm_maps(fam, self.cfg)], dotted=False)
-        layers = sorted({int(s.unit.split(".")[1]) for s in self.slots if s.unit != "head"})
+        layers = sorted({int(s.unit.split(".")[1]) for s in pairs if s.unit != "head"})
         all_layers = layers == list(range(self.cfg.n_layers)) or not layers
         return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": self.base_model,
                 "r": st.r, "lora_alpha": st.alpha, "lora_dropout": st.dropout, "target_modules": sorted(names),
-                "fan_in_fan_out": fam.conv1d, "bias": "lora_only" if any(s.bias is not None for s in self.slots)
-                else "none", "use_rslora": st.rslora, "use_dora": False,
+                "fan_in_fan_out": fam.conv1d, "bias": "all" if st.bias == "all" else
+                "lora_only" if any(s.bias is not None for s in self.slots) else "none", "use_rslora": st.rslora, "use_dora": False,
                 "modules_to_save": sorted(norms) or None, "init_lora_weights": True, "inference_mode": True,
                 "layers_to_transform": None if all_layers else layers, "rank_pattern": {}, "alpha_pattern": {}}
 
@@ -453,11 +481,16 @@ class LoraAdapter:
         except OverspillError as e:
             raise OverspillError(f"{path}/{CONFIG_FILE}: modules_to_save: {e} (overspill trains norm modules only)"
                                  ) from None
+        # bias "all": every module's and norm's bias, under its own name
+        biased = set(every) | {p for p, _, _ in resolve_norms(cfg, ("all",))} if settings.bias == "all" else set()
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         extra: dict[str, torch.Tensor] = {}    # trained biases and norms, under PEFT's keys
         for key, t in tensors.items():
             short = key[len(PREFIX):] if key.startswith(PREFIX) else key
-            if short.endswith(".base_layer.bias") or short.rpartition(".")[0] in norm_paths:
+            if biased and (".original_module." in short or ".modules_to_save." in short):
+                continue   # with bias "all" PEFT also saves a norm to save's frozen original and a second copy
+            if short.endswith(".base_layer.bias") or short.rpartition(".")[0] in norm_paths or \
+                    (short.endswith(".bias") and short[:-len(".bias")] in biased):
                 extra[f"{PREFIX}{short}"] = t
                 continue
             if ".lora_" not in key and key.endswith(".weight") and t.dim() == 2 and \
@@ -476,6 +509,8 @@ class LoraAdapter:
         settings.targets = tuple(p for p, _, _ in slots)
         ad = cls(cfg, settings, dtype=dtype, base_model=conf.get("base_model_name_or_path"), _slots=slots)
         for s in ad.slots:
+            if s.A is None:
+                continue                        # a trained bias alone (bias "all")
             got = pairs[s.path]
             for ab, want in (("A", (settings.r, s.map.in_features)), ("B", (s.map.out_features, settings.r))):
                 t = got.get(ab)
@@ -487,11 +522,11 @@ class LoraAdapter:
                 getattr(s, ab).data.copy_(t.to(dtype))
         for k in extra:
             if k.endswith(".base_layer.bias") and k[len(PREFIX):-len(".base_layer.bias")] not in pairs:
-                raise OverspillError(f"{path}/{WEIGHTS_FILE}: {k} is the bias of a module without LoRA pairs "
-                                     f"(overspill trains the adapted modules' biases: bias 'lora_only')")
-        want = {f"{PREFIX}{s.path}.base_layer.bias": (s.map.out_features,) for s in ad.slots if s.bias is not None}
+                raise OverspillError(f"{path}/{WEIGHTS_FILE}: {k} is the bias of an adapted module, but the module "
+                                     f"has no LoRA pairs")
+        want = {_bias_key(s): (s.map.out_features,) for s in ad.slots if s.bias is not None}
         want.update({f"{PREFIX}{n.path}.{w}": (n.map.size,) for n in ad.norms
-                     for w in (("weight", "bias") if n.bias is not None else ("weight",))})
+                     for w, p in (("weight", n.weight), ("bias", n.bias)) if p is not None})
         for k, shape in want.items():
             t = extra.get(k)
             if t is None:
@@ -500,6 +535,11 @@ class LoraAdapter:
                 raise OverspillError(f"{path}/{WEIGHTS_FILE}: {k} has shape {list(t.shape)}, expected {list(shape)}")
         ad.load_state_dict({k: v.to(dtype) for k, v in extra.items()})
         return ad
+
+
+def _bias_key(s: Slot) -> str:
+    """PEFT's key of a trained linear bias: under the LoRA layer's base_layer where the module has a pair."""
+    return f"{PREFIX}{s.path}.base_layer.bias" if s.A is not None else f"{PREFIX}{s.path}.bias"
 
 
 def _short_names(modules: list[str], every: list[str], dotted: bool = True) -> list[str]:
@@ -529,8 +569,8 @@ def _publish_file(tmp: str, dst: str) -> None:
 
 
 def read_config(path: str) -> dict:
-    """adapter_config.json, checked for what overspill runs: LoRA without DoRA; trained biases of the adapted modules
-    and trained norm modules (checked against the model by ``LoraAdapter.load``)."""
+    """adapter_config.json, checked for what overspill runs: LoRA without DoRA; trained biases (of the adapted modules
+    or all) and trained norm modules (checked against the model by ``LoraAdapter.load``)."""
     if not os.path.isdir(path):
         raise OverspillError(f"{path}: no such adapter directory")
     file = os.path.join(path, CONFIG_FILE)
@@ -541,13 +581,13 @@ def read_config(path: str) -> dict:
         raise OverspillError(f"{file}: peft_type is {conf.get('peft_type')!r}; overspill loads LoRA adapters "
                              f"(peft_type LORA)")
     bad = [k for k, ok in (("use_dora", not conf.get("use_dora")),
-                           ("bias", conf.get("bias", "none") in ("none", "lora_only", None)),
+                           ("bias", conf.get("bias", "none") in BIAS_MODES + (None,)),
                            ("rank_pattern", not conf.get("rank_pattern")),
                            ("alpha_pattern", not conf.get("alpha_pattern"))) if not ok]
     if bad:
         raise OverspillError(f"{file}: {', '.join(f'{k}={conf.get(k)!r}' for k in bad)} is not supported (overspill "
-                             f"loads LoRA with bias 'none' or 'lora_only', norm modules to save, no DoRA, one r and "
-                             f"alpha)")
+                             f"loads LoRA with bias 'none', 'lora_only' or 'all', norm modules to save, no DoRA, one r "
+                             f"and alpha)")
     if not isinstance(conf.get("r"), int) or conf["r"] < 1:
         raise OverspillError(f"{file}: r must be an integer >= 1, got {conf.get('r')!r}")
     return conf

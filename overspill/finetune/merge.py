@@ -5,8 +5,8 @@ transformers (or overspill) loads like any other.
     merge_adapter("llama-7b", "my-adapter", "llama-7b-merged")
 
 Everything happens in Hugging Face tensor space: the adapter's ``base_model.model.<module>.lora_A.weight`` [r, in]
-and ``.lora_B.weight`` [out, r] change the base tensor ``<module>.weight``; a trained bias
-(``<module>.base_layer.bias``, PEFT's bias="lora_only") or norm module (``<norm>.weight``/``.bias``, its
+and ``.lora_B.weight`` [out, r] change the base tensor ``<module>.weight``; a trained bias (``<module>.base_layer.bias``,
+PEFT's bias="lora_only"; any ``<module>.bias`` with bias="all") or norm module (``<norm>.weight``/``.bias``, its
 modules_to_save) replaces the base tensor of that name; every other tensor is copied. GPT-2's Conv1D stores its
 weight [in, out], so there the transpose of B A is added.
 
@@ -238,7 +238,11 @@ def read_pairs(adapter: str) -> tuple[dict, list[Pair], float, dict[str, tuple[i
             replace[f"{_BIAS.fullmatch(key).group(1)}.bias"] = t
             continue
         sv = _SAVED.fullmatch(key) if m is None else None
-        if sv is not None and any(sv.group(1).endswith(n) for n in to_save):   # PEFT's plain suffix match
+        if sv is not None and conf.get("bias") == "all" and \
+                (".original_module." in key or ".modules_to_save." in key):
+            continue   # with bias "all" PEFT also saves a norm to save's frozen original and a second copy
+        if sv is not None and (any(sv.group(1).endswith(n) for n in to_save)      # PEFT's plain suffix match
+                               or (sv.group(2) == "bias" and conf.get("bias") == "all")):
             replace[f"{sv.group(1)}.{sv.group(2)}"] = t
             continue
         if m is None:

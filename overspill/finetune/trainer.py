@@ -28,7 +28,7 @@ from ..runtime.reserve import Reserve
 from .backward import eval_loss, train_pass, trains_in_float32
 from .data import load_dataset
 from .lora import LoraAdapter, LoraSettings
-from .optim import make_optimizer, state_nbytes
+from .optim import make_optimizer
 
 CHECKPOINT = "checkpoint"
 STATE_FILE, TENSORS_FILE = "trainer_state.json", "trainer_tensors.pt"
