@@ -858,3 +858,55 @@ def test_int8_linear_runs_panels_on_avx2():
         assert torch.allclose(y, xf @ d.T + b, rtol=1e-5, atol=1e-5)
         y.sum().backward()
         assert torch.allclose(xf.grad, d.sum(0).expand(40, 128), rtol=1e-5, atol=1e-5)
+
+
+def w4a8_reference(x, q, sz, b, gs):
+    """int4_vnni_mm's arithmetic in float64: x quantized per (row, group) as w8a8_reference does, then per group
+    s * d * (sum q xq - 8 sum xq) + z * sum x, summed exactly; q uint8 [N, K] in 0..15, sz [N/16, K/gs, 2, 16]."""
+    xf = x.float()
+    M, K = xf.shape
+    N = q.shape[0]
+    xb = xf.view(M, K // gs, gs)
+    amax = xb.abs().amax(-1, keepdim=True)
+    xq = torch.round(xb * torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax)))
+    s = sz[:, :, 0].double().permute(0, 2, 1).reshape(N, K // gs)          # [N, G]
+    z = sz[:, :, 1].double().permute(0, 2, 1).reshape(N, K // gs)
+    isum = torch.einsum("mgk,ngk->mgn", xq.double(), (q.double() - 8).view(N, K // gs, gs))   # sum (q - 8) xq
+    d = (amax / 127.0).double()                                             # [M, G, 1]
+    xs = xb.double().sum(-1, keepdim=True)
+    return (isum * d * s.t()[None] + xs * z.t()[None]).sum(1) + (0 if b is None else b.double())
+
+
+@needs_avx2
+@pytest.mark.parametrize("M,N,K,gs", [(1, 16, 64, 64), (5, 48, 128, 32), (7, 160, 256, 128), (50, 64, 320, 64),
+                                      (3, 32, 96, 32)])
+def test_avx2_int4_w4a8_vs_reference(M, N, K, gs):
+    """int4_w4a8_mm (vpmaddubsw over the unsigned nibbles): int4_vnni_mm's arithmetic, within one bf16 rounding of
+    its float64 emulation (50 rows cross a pass of 48); each row alone gives its row of the batch; the extremes (15
+    against a group's max input, low and high nibbles' pair sums added in int16) do not saturate; bad shapes fail in
+    one line; the in-place conversion from torch's int4pack bytes gives pack_int4's panels."""
+    from overspill.kernels import pack_int4
+    g = torch.Generator().manual_seed(M * 100 + N + K)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    q[0] = 15
+    sz = (torch.rand(N // 16, K // gs, 2, 16, generator=g) * 0.02 - 0.005).bfloat16()
+    b = torch.randn(N, generator=g)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    x[0, :gs] = 2.0                                  # a whole group at its max: every xq = 127
+    got = A2.int4_w4a8_mm(x, pack_int4(q), sz, gs, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    assert_within_bf16_rounding(got, w4a8_reference(x, q, sz, b, gs))
+    assert torch.equal(got, torch.cat([A2.int4_w4a8_mm(x[i:i + 1].contiguous(), pack_int4(q), sz, gs, b)
+                                       for i in range(M)]))
+    assert torch.equal(A2.int4_w4a8_mm(x[:, None], pack_int4(q), sz, gs, None)[:, 0],
+                       A2.int4_w4a8_mm(x, pack_int4(q), sz, gs, None))
+    with pytest.raises(RuntimeError, match=f"x has K={K + gs} but the weight has {K} input features"):
+        A2.int4_w4a8_mm(torch.randn(M, K + gs).bfloat16(), pack_int4(q), sz, gs, b)
+    with pytest.raises(RuntimeError, match="scales/zeros must be bf16"):
+        A2.int4_w4a8_mm(x, pack_int4(q), sz.float(), gs, b)
+    assert A2.int4_w4a8_mm(x[:0], pack_int4(q), sz, gs, b).shape == (0, N)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)   # this CPU's int4pack layout
+    from overspill.quant.int4 import native_layout
+    buf = packed.reshape(-1).view(torch.uint8).clone()
+    A2.int4pack_to_panels_(buf, N, K, native_layout())
+    assert torch.equal(buf.view(N // 16, K // 8, 64), pack_int4(q))

@@ -450,18 +450,24 @@ constexpr int AMR = 3;     // activation rows per w8a8 micro-kernel (2 x AMR int
 constexpr int AROWS = 48;  // rows per pass over a thread's panels: their int8 activations stay in L2
 
 struct ActQ8 {
-  std::vector<int8_t> q;  // [M, K]
-  std::vector<float> d;   // [M, K / KB]
+  std::vector<int8_t> q;   // [M, K]
+  std::vector<float> d;    // [M, K / KB]
+  std::vector<int32_t> s;  // [M, K / KB] sums of q, and
+  std::vector<float> xs;   // sums of x (fp32 of the bf16 values): int4's zero points (with_sums only)
 };
 
 inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-inline void quantize_act8(const uint16_t* x, int64_t M, int64_t K, int64_t KB, ActQ8& a) {
+inline void quantize_act8(const uint16_t* x, int64_t M, int64_t K, int64_t KB, ActQ8& a, bool with_sums = false) {
   const int64_t NB = K / KB, n = M * NB;
   a.q.resize(M * K);
   a.d.resize(n);
+  if (with_sums) {
+    a.s.resize(n);
+    a.xs.resize(n);
+  }
   const __m256 sign = _mm256_set1_ps(-0.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   at::parallel_for(0, n, 256, [&](int64_t i0, int64_t i1) {
@@ -494,6 +500,21 @@ inline void quantize_act8(const uint16_t* x, int64_t M, int64_t K, int64_t KB, A
         }
       }
       a.d[i] = amax / 127.f;
+      if (with_sums) {
+        // sum of x in the AVX-512 build's order: 16 lanes over k (two halves here), then _mm512_reduce_add_ps's tree
+        __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+        for (int64_t k = 0; k < KB; k += 16) {
+          lo = _mm256_add_ps(lo, load_bf16x8(xb + k));
+          hi = _mm256_add_ps(hi, load_bf16x8(xb + k + 8));
+        }
+        const __m256 t3 = _mm256_add_ps(hi, lo);
+        const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+        const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+        a.xs[i] = _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
+        int32_t qsum = 0;
+        for (int64_t k = 0; k < KB; k++) qsum += qb[k];
+        a.s[i] = qsum;
+      }
     }
   });
 }
@@ -580,6 +601,110 @@ torch::Tensor int8_w8a8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scal
   return y;
 }
 
+// -- int4 weights, int8 activations (w4a8): the AVX-512 int4_vnni_mm's arithmetic on AVX2 -----------------------
+// Panels of pack_int4 [N/16][K/8][64] (byte 4c + j = q[16p + c, 8o + j] | q[16p + c, 8o + 4 + j] << 4, q in 0..15),
+// scales and zeros bf16 [N/16][K/gs][2][16]. Activations are quantized per (row, group of gs inputs) as quantize_act8
+// does, with the sums of xq and of x. The nibbles are unsigned, so vpmaddubsw takes them as they are (15 x 127 x 2
+// per int16 pair, and the low and high nibbles' pairs added in int16: at most 7620); vpmaddwd by ones sums each
+// column's lane into int32. Per group: acc += (float(sum q xq - 8 sum xq)) * (s * d) then + z * sum x, the AVX-512
+// kernel's fp32 steps in its order, one rounding to bf16 at the end. torch's int4pack kernel, which AVX2 machines
+// ran before, decoded the 20B shape at 1.52 s/token (3.5x its memory bound; benchmarks/RESULTS.md).
+template <int MR>
+inline void micro_w4a8(const int8_t* xq, int64_t ldx, const float* d, const int32_t* qs, const float* xs, int64_t ldb,
+                       const uint8_t* w, int64_t G, int64_t gs, const uint16_t* sz, const float* bias, at::BFloat16* y,
+                       int64_t ldy) {
+  __m256 acc[MR][2];
+  for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const __m256i lo4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const int64_t OG = gs / 8;   // input octets per group
+  for (int64_t g = 0; g < G; g++) {
+    __m256i ia[MR][2];
+    for (int m = 0; m < MR; m++) ia[m][0] = ia[m][1] = _mm256_setzero_si256();
+    for (int64_t O = g * OG; O < (g + 1) * OG; O++) {
+      const uint8_t* p = w + O * 64;
+      const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+      const __m256i l0 = _mm256_and_si256(v0, lo4), h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), lo4);
+      const __m256i l1 = _mm256_and_si256(v1, lo4), h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), lo4);
+      for (int m = 0; m < MR; m++) {
+        int32_t q0, q1;
+        std::memcpy(&q0, xq + m * ldx + 8 * O, 4);
+        std::memcpy(&q1, xq + m * ldx + 8 * O + 4, 4);
+        const __m256i x0 = _mm256_set1_epi32(q0), x1 = _mm256_set1_epi32(q1);
+        ia[m][0] = _mm256_add_epi32(ia[m][0], _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(l0, x0), _mm256_maddubs_epi16(h0, x1)), ones));
+        ia[m][1] = _mm256_add_epi32(ia[m][1], _mm256_madd_epi16(
+            _mm256_add_epi16(_mm256_maddubs_epi16(l1, x0), _mm256_maddubs_epi16(h1, x1)), ones));
+      }
+    }
+    const uint16_t* pz = sz + g * 2 * PW;   // [2][16]: scales then zeros
+    const __m256 s0 = load_bf16x8(pz), s1 = load_bf16x8(pz + 8), z0 = load_bf16x8(pz + PW), z1 = load_bf16x8(pz + PW + 8);
+    for (int m = 0; m < MR; m++) {
+      const int64_t i = m * ldb + g;
+      const __m256i c = _mm256_set1_epi32(8 * qs[i]);
+      const __m256 dv = _mm256_set1_ps(d[i]), xv = _mm256_set1_ps(xs[i]);
+      acc[m][0] = _mm256_fmadd_ps(z0, xv, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[m][0], c)),
+                                                          _mm256_mul_ps(s0, dv), acc[m][0]));
+      acc[m][1] = _mm256_fmadd_ps(z1, xv, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(ia[m][1], c)),
+                                                          _mm256_mul_ps(s1, dv), acc[m][1]));
+    }
+  }
+  const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  for (int m = 0; m < MR; m++)
+    store_bf16x16(y + m * ldy, _mm256_add_ps(acc[m][0], b0), _mm256_add_ps(acc[m][1], b1));
+}
+
+// qp: uint8 [N/16, K/8, 64]; sz: bf16 [N/16, K/gs, 2, 16] (scales, zeros); x bf16, quantized per group. bf16 [..., N].
+torch::Tensor int4_w4a8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, int64_t group_size,
+                           c10::optional<torch::Tensor> bias) {
+  KCHECK(x.device().is_cpu() && qp.device().is_cpu() && sz.device().is_cpu(), "CPU kernels need CPU tensors");
+  KCHECK(x.dim() >= 1 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16 [..., K]");
+  KCHECK(group_size > 0 && group_size % 16 == 0 && group_size <= 16384 && x.size(-1) % group_size == 0,
+         "int4_w4a8_mm: K=", x.size(-1), " must be a multiple of the group size ", group_size,
+         " (a multiple of 16, at most 16384: int32 sums)");
+  KCHECK(qp.dim() == 3 && qp.scalar_type() == at::kByte && qp.size(2) == 4 * PW && qp.is_contiguous(),
+         "int4_w4a8_mm: weight must be uint8 panels [N/16, K/8, 64] (pack_int4)");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, NPAN = qp.size(0), N = NPAN * PW, G = K / group_size;
+  KCHECK(qp.size(1) * 8 == K, "x has K=", K, " but the weight has ", qp.size(1) * 8, " input features");
+  KCHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 && sz.size(0) == NPAN &&
+         sz.size(1) == G && sz.size(2) == 2 && sz.size(3) == PW,
+         "int4_w4a8_mm: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
+  torch::Tensor bias_f = bias_f32(bias, N);
+  const float* bp = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  auto y = out_like(x, N);
+  if (M == 0 || N == 0) return y;
+  ActQ8 a;
+  quantize_act8((const uint16_t*)x.data_ptr<at::BFloat16>(), M, K, group_size, a, true);
+  const int64_t ps = K * PW / 2, szps = G * 2 * PW;
+  const uint8_t* wbase = qp.data_ptr<uint8_t>();
+  const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, NPAN, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t r0 = 0; r0 < M; r0 += AROWS) {          // a pass of rows over this thread's panels
+      const int64_t r1 = std::min<int64_t>(M, r0 + AROWS);
+      for (int64_t p = p0; p < p1; p++) {
+        const uint8_t* w = wbase + p * ps;
+        const uint16_t* zp = szb + p * szps;
+        const int64_t n0 = p * PW;
+        const float* bb = bp ? bp + n0 : nullptr;
+        for (int64_t m0 = r0; m0 < r1; m0 += AMR) {
+          const int8_t* xm = a.q.data() + m0 * K;
+          const int64_t o = m0 * G;
+          at::BFloat16* ym = yp + m0 * N + n0;
+          switch (std::min<int64_t>(AMR, r1 - m0)) {
+            case 3: micro_w4a8<3>(xm, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G, w, G, group_size, zp, bb, ym, N); break;
+            case 2: micro_w4a8<2>(xm, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G, w, G, group_size, zp, bb, ym, N); break;
+            default: micro_w4a8<1>(xm, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G, w, G, group_size, zp, bb, ym, N); break;
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
+#include "int4pack.h"
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -589,6 +714,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int8_w8a8_mm", &int8_w8a8_mm, "y = x @ ((Q-128)*s)^T (+ bias), x quantized to int8 per block (w8a8, AVX2; "
         "int8_vnni_mm's arithmetic)");
+  m.def("int4_w4a8_mm", &int4_w4a8_mm, "y = x @ ((Q-8)*s+z)^T (+ bias), x quantized to int8 per group (w4a8, AVX2; "
+        "int4_vnni_mm's arithmetic)");
+  m.def("int4pack_to_panels_", &int4pack_to_panels_, "in place: torch int4pack bytes -> int4 panels (pack_int4)");
   m.def("int8_mm_t", &int8_mm_t, "dx[M,K] = g[M,N] @ (Q * s), Q in pack_int8 panels, g and dx fp32 (AVX2 + FMA)");
   m.attr("F32_ACTIVATIONS") = true;   // bf16_mm and int8_w8a16_mm take fp32 x too (y in fp32)
   m.def("int8_w8a16_mm", &int8_w8a16_mm, "y = x @ ((Q-128)*s)^T (+ bias) over pack_int8 panels, x exact (AVX2 + FMA)");

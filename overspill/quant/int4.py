@@ -10,11 +10,12 @@ row j | row j+32 << 4; AVX2: blocks of 32; scalar: row pairs). ``layout`` record
 ``make_linear`` repacks only if this machine's layout differs.
 
 Kernels, by ``act_quant``:
-* "auto" (default) where overspill's CPU kernels build (AVX512-BF16 + VNNI) and N % 16 == 0: the weight is converted
-  at load into the kernel's int4 panel layout (same bytes; the int4pack copy is dropped) and every batch size runs
-  ``kernels.int4_vnni_mm`` (w4a8, as llama.cpp's Q4 x Q8 dot products): activations quantized to int8 with one
-  scale per group of each row, nibbles multiplied on vpdpbusd, the zero points applied with the exact fp32 sums
-  of x. Batch 1 near the read bandwidth; prefill faster than bf16 (benchmarks/bench_linear.py).
+* "auto" (default) where overspill's CPU kernels build (AVX512-BF16 + VNNI, or AVX2 + FMA) and N % 16 == 0: the
+  weight is converted at load into the kernel's int4 panel layout (same bytes; the int4pack copy is dropped) and
+  every batch size runs ``int4_vnni_mm`` (w4a8, as llama.cpp's Q4 x Q8 dot products): activations quantized to
+  int8 with one scale per group of each row, nibbles multiplied on vpdpbusd, the zero points applied with the exact
+  fp32 sums of x; on AVX2 ``int4_w4a8_mm``, the same arithmetic on vpmaddubsw. Batch 1 near the read bandwidth;
+  prefill faster than bf16 (benchmarks/bench_linear.py).
 * "never" (exact bf16 activations), or no kernels, or streamed units (``repack=False``): M <= INT4PACK_MAX_M (96):
   ``_weight_int4pack_mm_for_cpu`` (bf16 activation; time grows ~linearly with M: blocks of 4 rows each re-decode
   the weights); larger M (prefill): dequantize to bf16 W in a scratch buffer and one bf16 matmul (chunking the
@@ -30,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..kernels import INPLACE_CHUNK, PANEL, cpu_kernels, pack_int4, unpack_int4, vnni_block
+from ..kernels import INPLACE_CHUNK, PANEL, avx2_kernels, cpu_kernels, pack_int4, unpack_int4, vnni_block
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -48,13 +49,25 @@ def to_panels(q: torch.Tensor, sz: torch.Tensor, N: int, gs: int) -> tuple[torch
     return pack_int4(q), szp.to(torch.bfloat16)
 
 
+def w4a8_kernel():
+    """(module, its w4a8 matmul) where one builds: the AVX-512 kernels' int4_vnni_mm, else the AVX2 build's
+    int4_w4a8_mm (the same arithmetic and call), else (None, None)."""
+    k = cpu_kernels()
+    if k is not None:
+        return k, k.int4_vnni_mm
+    a2 = avx2_kernels()
+    if a2 is not None and hasattr(a2, "int4_w4a8_mm"):
+        return a2, a2.int4_w4a8_mm
+    return None, None
+
+
 def to_panels_(qw: torch.Tensor, sz: torch.Tensor, N: int, K: int, gs: int, layout: int) -> tuple[torch.Tensor, torch.Tensor]:
     """to_panels in place, for tensors in a streaming staging buffer: the int4pack bytes (N % 16 == 0, so no padding
     rows) become the panels, the scales/zeros their panel order; returns views of the same storage. Scratch: about
     INPLACE_CHUNK bytes at a time, plus one copy of the (small: 1/32 of the weight at gs=64) scales/zeros."""
     flat = qw.reshape(-1)
     out = flat.view(N // PANEL, K // 8, 4 * PANEL)
-    kern = cpu_kernels()
+    kern = w4a8_kernel()[0]
     if kern is not None:
         kern.int4pack_to_panels_(flat.view(torch.uint8), N, K, layout)   # ~10x the torch ops below
     else:
@@ -202,7 +215,7 @@ def nbytes(N: int, K: int, group_size: int | None = None) -> int:
 def scratch_nbytes(N: int, K: int) -> int:
     """Scratch a prefill call leaves allocated: none with the w4a8 kernel, else the unpacked codes and the bf16
     weight of Int4Linear._jit_weight."""
-    if cpu_kernels() is not None and vnni_block(N, K, _default_gs(K)):
+    if w4a8_kernel()[0] is not None and vnni_block(N, K, _default_gs(K)):
         return 0
     Np = -(-N // 16) * 16
     return K * Np * (1 + 2)
@@ -226,10 +239,10 @@ class Int4Linear(QuantLinear):
         self.group_size, self.Np, self.act_quant = gs, Np, act_quant
         self._sz_by: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
         ok = repack and not portable and act_quant == "auto" and vnni_block(N, K, gs)
-        self._k = cpu_kernels() if ok else None
+        self._k, self._w4a8 = w4a8_kernel() if ok else (None, None)
         if self._k is not None and repack == "inplace" and (sz.dtype != torch.bfloat16 or not qw.is_contiguous()
                                                             or not sz.is_contiguous()):
-            self._k = None   # (stores hold bf16 scales; anything else converts with a copy, so use it as it is)
+            self._k = self._w4a8 = None   # (stores hold bf16 scales; anything else converts with a copy: use it as it is)
         if self._k is not None:   # hold only the kernel's panel layout
             if repack == "inplace":
                 self.qpanels, self.szpanels = to_panels_(qw, sz, N, K, gs, lay)
@@ -249,13 +262,13 @@ class Int4Linear(QuantLinear):
         self.scales_zeros = sz.to(torch.bfloat16).contiguous()
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        return self._k.int4_vnni_mm(x, self.qpanels, self.szpanels, self.group_size, self._bias_f32)
+        return self._w4a8(x, self.qpanels, self.szpanels, self.group_size, self._bias_f32)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
         M = x.shape[0]
         xb = x.to(torch.bfloat16).contiguous()
         if self._k is not None:
-            y = self._k.int4_vnni_mm(xb, self.qpanels, self.szpanels, self.group_size, None)
+            y = self._w4a8(xb, self.qpanels, self.szpanels, self.group_size, None)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if M > INT4PACK_MAX_M:
             y = F.linear(xb, self._jit_weight(torch.bfloat16))
