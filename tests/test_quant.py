@@ -260,3 +260,20 @@ def test_int8_from_stored_panels_equals_from_the_plain_weight(monkeypatch, kerne
     assert sorted(Q.store_form("int8", Q.quantize(W(20, 64), "int8"))) == ["qweight", "scales"]
     with pytest.raises(ValueError, match="qpanels uint8"):
         Q.make_linear("int8", {"qpanels": sf["qpanels"].view(torch.int8), "scales": t["scales"]})
+
+
+def test_int4_input_gradient_over_row_slices():
+    """int4 held as kernel panels gives its input gradient over float32 slices of rows dequantized from the panels
+    (a slice may end inside a 16-row panel), equal to g @ dequantize() to float32 rounding, never dequantizing the
+    whole weight."""
+    t = Q.quantize(W(1600, 1536), "int4")
+    lin = Q.make_linear("int4", t)
+    g = torch.randn(7, 1600)
+    want = g.double() @ lin.dequantize().double()
+    calls = []
+    real = type(lin)._panel_rows
+    lin._panel_rows = lambda p0, p1: calls.append(p1 - p0) or real(lin, p0, p1)
+    got = lin._grad_input(g)
+    assert rel(got, want) < 1e-6
+    if getattr(lin, "_k", None) is not None:          # the kernel path: slices, not one whole copy
+        assert len(calls) > 1 and max(calls) < 1600 // 16

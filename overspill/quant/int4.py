@@ -31,7 +31,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..kernels import INPLACE_CHUNK, PANEL, avx2_kernels, cpu_kernels, pack_int4, unpack_int4, vnni_block
+from ..kernels import INPLACE_CHUNK, PANEL, avx2_kernels, cpu_kernels, f32_sliced_grad_input, pack_int4, unpack_int4, \
+    vnni_block
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -278,6 +279,26 @@ class Int4Linear(QuantLinear):
                 y = y[:, : self.out_features].contiguous()
         return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
 
+    def _panel_rows(self, p0: int, p1: int) -> torch.Tensor:
+        """float32 rows [16 p0, 16 p1) of W = (q - 8) * s + z, from the panels."""
+        K, gs = self.in_features, self.group_size
+        rows = (p1 - p0) * PANEL
+        q = unpack_int4(self.qpanels[p0:p1]).float().view(rows, K // gs, gs) - 8
+        s, z = (self.szpanels[p0:p1, :, i].float().permute(0, 2, 1).reshape(rows, K // gs, 1) for i in (0, 1))
+        return (q * s + z).view(rows, K)
+
+    def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
+        """g @ W in float32 (training's input gradient) over slices of W's rows dequantized from the panels, never a
+        whole float copy of the weight (the base class's dequantize() costs 4 N K bytes and torch's ops per call)."""
+        if self._k is None or self.portable:
+            return super()._grad_input(g)
+
+        def fill(dst: torch.Tensor, n0: int, n1: int) -> None:
+            p0 = n0 // PANEL
+            dst.copy_(self._panel_rows(p0, -(-n1 // PANEL))[n0 - p0 * PANEL: n1 - p0 * PANEL])
+
+        return f32_sliced_grad_input(g, self.out_features, self.in_features, fill)
+
     def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """W [N, K] in dtype, in this thread's scratch on the weight's device (valid until the next int4
         dequantization on this thread): the CPU's prefill path (bf16) and the portable path."""
@@ -291,9 +312,6 @@ class Int4Linear(QuantLinear):
 
     def dequantize(self) -> torch.Tensor:
         if self._k is not None:
-            N, K, gs = self.out_features, self.in_features, self.group_size
-            q = unpack_int4(self.qpanels).float().view(N, K // gs, gs) - 8
-            s, z = (self.szpanels[:, :, i].float().permute(0, 2, 1).reshape(N, K // gs, 1) for i in (0, 1))
-            return (q * s + z).view(N, K)
+            return self._panel_rows(0, self.out_features // PANEL)
         return _dequant_f32(self.qweight, self.scales_zeros, self.out_features, self.in_features, self.group_size,
                             self.layout)
