@@ -191,11 +191,16 @@ def test_two_tensor_parallel_ranks_equal_one_process(ref_dir, tmp_path):
     assert [g[:4] for g in got["int8"]["greedy"]] == [g[:4] for g in want["greedy"]]
     # int4 / nf4: every shard boundary falls on a group boundary (64 inputs), so each rank holds exactly its part of
     # the whole model's quantized weights; what differs is rounding: the int4 kernel rounds each rank's partial
-    # output to bf16 before the float32 sum (measured 0.019 on logits whose int4 error is 0.37), nf4 ~1e-5
-    for scheme, tol in (("int4", 0.05), ("nf4", 1e-4)):
+    # output to bf16 before the float32 sum, and its w4a8 arithmetic rounds activations to int8 per group, where such
+    # a difference can move a value across a rounding step (measured 0.019 with torch's int4 kernel, 0.057 with
+    # w4a8, on logits whose int4 error is 0.52 with w4a8); nf4 ~1e-5
+    exact = _single(SHAKESPEARE, "float32")["logits"]
+    for scheme, tol in (("int4", 0.25), ("nf4", 1e-4)):
         one = _single(SHAKESPEARE, "float32", scheme)
         apart = (got[scheme]["logits"] - one["logits"]).abs().max().item()
-        assert apart < tol, (scheme, apart)
+        err = (one["logits"] - exact).abs().max().item()
+        print(f"{scheme}: tp=2 vs one process {apart:.4f}, its error vs float32 {err:.4f}")
+        assert apart < (tol * err if scheme == "int4" else tol), (scheme, apart, err)
     for info in got["streamed"]["stages"]:       # every rank streams its slices of blocks from disk
         assert "stream" in [p["tier"] for p in json.loads(info["plan"])["placements"]]
     for run in runs:
