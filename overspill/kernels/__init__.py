@@ -121,8 +121,9 @@ def bf16_kernels():
 def avx2_kernels():
     """cpu_avx2.cpp's module where the CPU has AVX2 + FMA and it builds, else None: bf16_mm over bf16 panels,
     int8_w8a8_mm (int8_vnni_mm's arithmetic) and int8_w8a16_mm over pack_int8's panels (the bf16 and weight-only
-    int8 ones also take float32 x, F32_ACTIVATIONS), bf16_mm_t (g @ W over bf16 panels: input gradients),
-    panels_to_f32_ and stripe_transpose_."""
+    int8 ones also take float32 x, F32_ACTIVATIONS), int4_w4a8_mm over pack_int4's (int4_vnni_mm's arithmetic),
+    bf16_mm_t and int8_mm_t (g @ W over the panels: input gradients), panels_to_f32_, stripe_transpose_ and
+    int4pack_to_panels_."""
     global _avx2
     if _avx2 is _UNSET:
         with _LOCK:

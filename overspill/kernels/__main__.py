@@ -10,7 +10,7 @@ if __name__ == "__main__":
     elif cpu_supported():
         print("overspill CPU kernels: build failed (see warning above); using oneDNN/torch ops")
     elif avx2_kernels() is not None:
-        print("overspill CPU kernels: this CPU lacks AVX512-BF16; the AVX2 bf16 and int8 matmuls are built and "
+        print("overspill CPU kernels: this CPU lacks AVX512-BF16; the AVX2 bf16, int8 and int4 matmuls are built and "
               "loaded, other ops use oneDNN/torch")
     else:
         print("overspill CPU kernels: this CPU lacks AVX512-BF16 and AVX2 + FMA; using oneDNN/torch ops")

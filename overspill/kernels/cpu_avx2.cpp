@@ -20,6 +20,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #include "tensors.h"
 
@@ -456,6 +457,24 @@ struct ActQ8 {
   std::vector<float> xs;   // sums of x (fp32 of the bf16 values): int4's zero points (with_sums only)
 };
 
+// The integer kernels' loop: panels in parallel (4 at a time), rows in passes of AROWS over a thread's panels, AMR rows
+// per micro-kernel call: f(std::integral_constant<int, rows>, panel, first row).
+template <typename F>
+inline void over_row_passes(int64_t NPAN, int64_t M, F f) {
+  at::parallel_for(0, NPAN, 4, [&](int64_t p0, int64_t p1) {
+    for (int64_t r0 = 0; r0 < M; r0 += AROWS) {          // a pass of rows over this thread's panels
+      const int64_t r1 = std::min<int64_t>(M, r0 + AROWS);
+      for (int64_t p = p0; p < p1; p++)
+        for (int64_t m0 = r0; m0 < r1; m0 += AMR)
+          switch (std::min<int64_t>(AMR, r1 - m0)) {
+            case 3: f(std::integral_constant<int, 3>(), p, m0); break;
+            case 2: f(std::integral_constant<int, 2>(), p, m0); break;
+            default: f(std::integral_constant<int, 1>(), p, m0); break;
+          }
+    }
+  });
+}
+
 inline __m256 load_bf16x8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
@@ -578,25 +597,10 @@ torch::Tensor int8_w8a8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor scal
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, NPAN, 4, [&](int64_t p0, int64_t p1) {
-    for (int64_t r0 = 0; r0 < M; r0 += AROWS) {          // a pass of rows over this thread's panels
-      const int64_t r1 = std::min<int64_t>(M, r0 + AROWS);
-      for (int64_t p = p0; p < p1; p++) {
-        const uint8_t* w = wbase + p * ps;
-        const int64_t n0 = p * PW;
-        const float* bb = bp ? bp + n0 : nullptr;
-        for (int64_t m0 = r0; m0 < r1; m0 += AMR) {
-          const int8_t* xm = a.q.data() + m0 * K;
-          const float* dm = a.d.data() + m0 * NB;
-          at::BFloat16* ym = yp + m0 * N + n0;
-          switch (std::min<int64_t>(AMR, r1 - m0)) {
-            case 3: micro_w8a8<3>(xm, K, dm, NB, w, NB, block, sc + n0, bb, ym, N); break;
-            case 2: micro_w8a8<2>(xm, K, dm, NB, w, NB, block, sc + n0, bb, ym, N); break;
-            default: micro_w8a8<1>(xm, K, dm, NB, w, NB, block, sc + n0, bb, ym, N); break;
-          }
-        }
-      }
-    }
+  over_row_passes(NPAN, M, [&](auto MR, int64_t p, int64_t m0) {
+    const int64_t n0 = p * PW;
+    micro_w8a8<decltype(MR)::value>(a.q.data() + m0 * K, K, a.d.data() + m0 * NB, NB, wbase + p * ps, NB, block,
+                                    sc + n0, bp ? bp + n0 : nullptr, yp + m0 * N + n0, N);
   });
   return y;
 }
@@ -679,26 +683,11 @@ torch::Tensor int4_w4a8_mm(torch::Tensor x, torch::Tensor qp, torch::Tensor sz, 
   const uint8_t* wbase = qp.data_ptr<uint8_t>();
   const uint16_t* szb = (const uint16_t*)sz.data_ptr<at::BFloat16>();
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, NPAN, 4, [&](int64_t p0, int64_t p1) {
-    for (int64_t r0 = 0; r0 < M; r0 += AROWS) {          // a pass of rows over this thread's panels
-      const int64_t r1 = std::min<int64_t>(M, r0 + AROWS);
-      for (int64_t p = p0; p < p1; p++) {
-        const uint8_t* w = wbase + p * ps;
-        const uint16_t* zp = szb + p * szps;
-        const int64_t n0 = p * PW;
-        const float* bb = bp ? bp + n0 : nullptr;
-        for (int64_t m0 = r0; m0 < r1; m0 += AMR) {
-          const int8_t* xm = a.q.data() + m0 * K;
-          const int64_t o = m0 * G;
-          at::BFloat16* ym = yp + m0 * N + n0;
-          switch (std::min<int64_t>(AMR, r1 - m0)) {
-            case 3: micro_w4a8<3>(xm, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G, w, G, group_size, zp, bb, ym, N); break;
-            case 2: micro_w4a8<2>(xm, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G, w, G, group_size, zp, bb, ym, N); break;
-            default: micro_w4a8<1>(xm, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G, w, G, group_size, zp, bb, ym, N); break;
-          }
-        }
-      }
-    }
+  over_row_passes(NPAN, M, [&](auto MR, int64_t p, int64_t m0) {
+    const int64_t n0 = p * PW, o = m0 * G;
+    micro_w4a8<decltype(MR)::value>(a.q.data() + m0 * K, K, a.d.data() + o, a.s.data() + o, a.xs.data() + o, G,
+                                    wbase + p * ps, G, group_size, szb + p * szps, bp ? bp + n0 : nullptr,
+                                    yp + m0 * N + n0, N);
   });
   return y;
 }
