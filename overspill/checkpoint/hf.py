@@ -200,9 +200,11 @@ class HFCheckpoint:
         n = 0
         for h in self.unit_names(unit):
             shape = self.shape(h)
-            dim, ranges = parts.get(h, (1, None))
-            rows = sum(b - a for a, b in ranges) if dim == 0 and ranges is not None else shape[0] if shape else 1
-            n += (rows if ranges != [] else 0) * math.prod(shape[1:]) * es
+            dim, ranges = parts.get(h, (None, None))
+            if ranges == []:                # none of it (a row-parallel bias, off rank 0)
+                continue
+            rows = sum(b - a for a, b in ranges) if dim == 0 else (shape[0] if shape else 1)
+            n += rows * math.prod(shape[1:]) * es
         return n
 
     def read_unit_raw(self, unit: str, dtype: torch.dtype, *skip: str, alloc=None) -> dict[str, torch.Tensor]:
