@@ -118,9 +118,14 @@ class SafetensorsFile:
                 return self.read_many([name])[name]
             out = torch.empty(info.shape, dtype=info.dtype)
         assert out.is_contiguous() and out.numel() * out.element_size() == info.nbytes
-        pread_into(self.fd, out, info.offset, self.path)
-        if hasattr(os, "posix_fadvise"):   # the bytes now live in ``out``: drop them from the page cache
-            os.posix_fadvise(self.fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+        return self._buffered(out, info.offset)
+
+    def _buffered(self, out: torch.Tensor, offset: int) -> torch.Tensor:
+        """Fill ``out`` from byte ``offset`` with buffered reads, then drop those bytes from the page cache (they now
+        live in ``out``)."""
+        pread_into(self.fd, out, offset, self.path)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, offset, out.numel() * out.element_size(), os.POSIX_FADV_DONTNEED)
         return out
 
     def read_many(self, names: list[str], alloc=None, rows: dict[str, list[tuple[int, int]]] | None = None
@@ -140,10 +145,7 @@ class SafetensorsFile:
                 r = self._direct_request(info, alloc, start, nbytes, shape) if nbytes >= DIRECT_MIN and \
                     self._direct is not False else None
                 if r is None:
-                    t = torch.empty(shape, dtype=info.dtype)
-                    pread_into(self.fd, t, info.offset + start, self.path)
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(self.fd, info.offset + start, nbytes, os.POSIX_FADV_DONTNEED)
+                    t = self._buffered(torch.empty(shape, dtype=info.dtype), info.offset + start)
                 else:
                     t = r[0]
                     reqs.append(r[1])
