@@ -461,7 +461,7 @@ def driver(a: argparse.Namespace) -> Path:
                    "drop_caches": a.drop_caches, "smoke": a.smoke}}
     if cgroup_sides:   # bench_offload.py's per-run machinery, given its own arguments
         ctx["offload_args"] = argparse.Namespace(
-            hf=a.ckpt, store=None, budget=a.budget, mode="latency", prompt_len=a.prompt_len, new_tokens=a.tokens,
+            hf=a.ckpt, store=None, budget=a.budget, overspill_budget=None, mode="latency", prompt_len=a.prompt_len, new_tokens=a.tokens,
             seed=a.seed, threads=a.threads, vocab=vocab, dtype=a.dtype, smoke=a.smoke, quantize=None, kv_cache=None,
             offload_dir=a.offload_dir, drop_caches=a.drop_caches, timeout=a.timeout)
         ctx["offload_ctx"] = {"stamp": stamp, "limit": limit, "budget_bytes": budget_bytes,

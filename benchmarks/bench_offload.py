@@ -21,6 +21,9 @@ Examples (from the repository root; see benchmarks/README.md section "Offload"):
         --store bench-cache/gptj-6b-store --budget 4GiB
     .venv/bin/python benchmarks/bench_offload.py --hf bench-cache/gptj-6b-bfloat16 \
         --store bench-cache/gptj-6b-store --budget 4GiB --mode throughput --batches 1,8,32
+    # the same 6 GiB cgroup for both, overspill planning from it (cpu=auto), accelerate at cpu=4GiB of weights
+    .venv/bin/python benchmarks/bench_offload.py --hf bench-cache/gptj-6b-bfloat16 --budget 4GiB \
+        --overspill-budget auto --sides overspill-hf,accelerate
     # smoke: a tiny random Llama and its layer store, streamed under a budget below its size, every side once
     .venv/bin/python benchmarks/bench_offload.py --smoke
 Worker (run by the driver; prints one JSON line):
@@ -115,7 +118,8 @@ def run_overspill(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
         kw["kv_cache"] = a.kv_cache
     dtype = "auto" if a.worker == "overspill-store" else a.dtype   # a store keeps the dtype it was converted to
     t0 = time.perf_counter()
-    model = overspill.load(a.path, dtype=dtype, max_memory=f"cpu={a.budget}", max_batch_size=a.batch,
+    model = overspill.load(a.path, dtype=dtype, max_memory=f"cpu={a.overspill_budget or a.budget}",
+                           max_batch_size=a.batch,
                            max_seq_len=a.prompt_len + a.new_tokens, **kw)
     load_s = time.perf_counter() - t0
     io1 = proc_io()
@@ -247,6 +251,8 @@ def worker_cmd(a: argparse.Namespace, side: str, batch: int, bw_json: str, disk_
            "--bw", bw_json, "--disk-gbps", repr(disk_gbps), "--vocab", str(a.vocab), "--dtype", a.dtype]
     if a.smoke:
         cmd += ["--smoke"]
+    if side != "accelerate" and a.overspill_budget:
+        cmd += ["--overspill-budget", a.overspill_budget]
     if side != "accelerate" and a.quantize:
         cmd += ["--quantize", a.quantize]
     if side != "accelerate" and a.kv_cache:
@@ -440,7 +446,8 @@ def driver(a: argparse.Namespace) -> Path:
         ctx["tflops"] = bw.matmul_tflops if a.smoke else matmul_tflops(reps=5)
     if not a.drop_caches:
         print("--no-drop-caches: runs may be served from the page cache (plumbing checks only)", file=sys.stderr)
-    title = (f"{hf.name}{' / ' + Path(a.store).name if a.store else ''}  mode {a.mode}  budget cpu={a.budget}  "
+    title = (f"{hf.name}{' / ' + Path(a.store).name if a.store else ''}  mode {a.mode}  budget cpu={a.budget}"
+             f"{f' (overspill cpu={a.overspill_budget})' if a.overspill_budget else ''}  "
              f"cgroup limit {limit / 2**30:.3g} GiB  prompt {a.prompt_len}  new {a.new_tokens}  "
              f"scheme {a.quantize or a.dtype}  params {ctx['params'] / 1e9:.3g} B  "
              f"weights/step {ctx['wbpt'] / 1e9:.3g} GB  drop caches {a.drop_caches}")
@@ -525,6 +532,9 @@ def main(argv: list[str] | None = None) -> None:
                    "with --quantize it must have been converted with the same scheme")
     p.add_argument("--budget", default="4GiB", help="cpu memory budget: overspill max_memory 'cpu=B', "
                    "accelerate max_memory={'cpu': B}")
+    p.add_argument("--overspill-budget", default=None, help="the overspill sides' budget when not --budget: 'auto' "
+                   "plans from the cgroup's limit (cpu=auto: the limit less the process's start-up RSS), since "
+                   "overspill's budget counts everything it holds and accelerate's counts weights only")
     p.add_argument("--cgroup-overhead", default="2GiB", help="cgroup limit = budget + this (runtime, slack, "
                    "page cache of in-flight reads)")
     p.add_argument("--mode", choices=("latency", "throughput"), default="latency")

@@ -19,7 +19,7 @@ blocksize % 16 == 0), the codes are held in the kernel's panel layout and up to 
 ``kernels.lut_mm``: each code is decoded in registers (bf16 table lookup by word permutes), multiplied on
 vdpbf16ps, and its block's absmax applied in fp32: the weight bytes are read once per call, at about the memory
 bandwidth (the decode-everything path below ran TinyLlama at 0.9 tok/s). The table entries are rounded to bf16 (as
-the bf16 path below rounds code*absmax), fp32 activations are rounded to bf16 first.
+the bf16 path below rounds code*absmax); float32 activations (training, float32 models) take the exact path below.
 Otherwise, and for larger M (prefill), the whole weight is dequantized just in time: uint8 -> int32 index (copy into
 a scratch buffer), ``index_select`` from a 256-entry LUT in the activation dtype (nf4: a [256, 2] pair LUT, one
 lookup per byte), in-place per-block scale multiply: ~25 ms per 16M weights (bf16, 2 threads) vs 58 ms with fresh
@@ -268,7 +268,7 @@ class CodebookLinear(QuantLinear):
         return self._weight(dtype)
 
     def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        if self._k is not None and x.shape[0] <= KERNEL_MAX_M:
+        if self._k is not None and x.shape[0] <= KERNEL_MAX_M and x.dtype != torch.float32:   # float32 stays exact
             y = self._k.lut_mm(x.to(torch.bfloat16).contiguous(), self._panels, self._am_panels, self._lut_bf16,
                                _bits(self.scheme), self.blocksize, None)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)

@@ -10,8 +10,9 @@ Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``ac
   ``avx2_kernels().int8_w8a8_mm`` (vpmaddubsw), the same arithmetic and results. The weight is held only in the
   kernels' panel layout. Batch 1 at about the read bandwidth; prefill faster than bf16 (integer MACs are 2x denser
   than fp32 FMAs), so no dequantization pass ever runs. The activation rounding is in the quality table
-  (quality.py). On AVX2, float32 activations (training) stay weight-only (``int8_w8a16_mm``, or float32 slices of
-  the panels above W8A16_F32_MAX_ROWS rows).
+  (quality.py). float32 activations (training, float32 models) stay weight-only and exact on both builds: the
+  AVX2 module's ``int8_w8a16_mm`` over the same panels (an AVX-512 CPU runs it too; 1/5 of VNNI's rate at 256 rows,
+  but never rounded to int8), or float32 slices of the panels above W8A16_F32_MAX_ROWS rows without native bf16.
   Without either kernel the default is "never" (below); an explicit "auto" there means torch's
   ``_weight_int8pack_mm`` at M == 1 (w8a16) and oneDNN ``qlinear_pointwise`` u8 x s8 with per-token activation
   scales at M >= 2, whose prepacked weight is a second N*K-byte copy that memory budgets do not count.
@@ -147,6 +148,12 @@ class Int8Linear(QuantLinear):
                     self._a2, self._a2_w8a8 = a2, w8a8
         # Kernel path: the weight is held only in the panel layout (no second copy).
         panels = self._k is not None or self._a2 is not None
+        # float32 activations (training, float32 models) stay exact on every build: the AVX2 module's weight-only
+        # int8_w8a16_mm and int8_mm_t over the same panels (an AVX-512 CPU runs them too), never VNNI's int8 rounding
+        self._f32k = self._a2
+        if self._f32k is None and self._k is not None:
+            a2 = avx2_kernels()
+            self._f32k = a2 if a2 is not None and hasattr(a2, "int8_w8a16_mm") else None
         if p is not None:       # stored as panels: used as they are, or unpacked (a copy) where no kernel runs
             self._qpanels, self._qplain = (p.contiguous(), None) if panels else (None, unpack_int8(p))
         else:
@@ -182,7 +189,7 @@ class Int8Linear(QuantLinear):
             dst.copy_(self._qplain[n0:n1]).mul_(self.scales_f32[n0:n1, None])
             return
         # panels are held only where a kernel build runs, and both builds widen them (3x torch's permuted copy)
-        kern = self._a2 if self._a2 is not None else self._k
+        kern = self._f32k if self._f32k is not None else self._k
         kern.panels_to_f32_(self._qpanels[n0 // 16: -(-n1 // 16)], dst, 1, self.scales_f32[n0:n1])
 
     @property
@@ -200,6 +207,8 @@ class Int8Linear(QuantLinear):
             # float32 activations (training, float32 models) stay weight-only and exact: never rounded to int8 or bf16
             return self._a2.int8_w8a16_mm(x.float().contiguous(), self._qpanels, self.scales_f32, None).to(x.dtype)
         if self._k is not None:
+            if x.dtype == torch.float32 and self._f32k is not None:    # exact, as on AVX2 (above)
+                return self._f32k.int8_w8a16_mm(x.contiguous(), self._qpanels, self.scales_f32, None)
             y = self._k.int8_vnni_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None, self._block)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self.act_quant == "never" and M > DEQUANT_MIN_M and self._qplain is not None and not bf16_native():
@@ -231,14 +240,14 @@ class Int8Linear(QuantLinear):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
-        """g @ W in float32 (training's input gradient), never a whole float copy of the weight: on AVX2 up to
-        GRAD_KERNEL_MAX_ROWS rows straight from the panels (int8_mm_t), else over slices of W's rows dequantized into
-        the reused slice buffer."""
-        if self.portable or (self._qplain is None and self._k is not None):
+        """g @ W in float32 (training's input gradient), never a whole float copy of the weight: up to
+        GRAD_KERNEL_MAX_ROWS rows straight from the panels (the AVX2 module's int8_mm_t, on AVX-512 CPUs too), else
+        over slices of W's rows dequantized into the reused slice buffer."""
+        if self.portable or (self._qplain is None and self._k is not None and self._f32k is None):
             return super()._grad_input(g)
-        if self._a2 is not None and g.numel() <= GRAD_KERNEL_MAX_ROWS * self.out_features \
-                and hasattr(self._a2, "int8_mm_t"):     # the panels as they are: 1.5-2.3x the slices at 16-64 rows
-            return self._a2.int8_mm_t(g.float().contiguous(), self._qpanels, self.scales_f32).to(g.dtype)
+        if self._f32k is not None and g.numel() <= GRAD_KERNEL_MAX_ROWS * self.out_features \
+                and hasattr(self._f32k, "int8_mm_t"):   # the panels as they are: 1.5-2.3x the slices at 16-64 rows
+            return self._f32k.int8_mm_t(g.float().contiguous(), self._qpanels, self.scales_f32).to(g.dtype)
         return f32_sliced_grad_input(g, self.out_features, self.in_features, self._fill_rows)
 
     def _jit_weight(self, dtype: torch.dtype) -> torch.Tensor:
