@@ -132,6 +132,14 @@ def avx2_kernels():
     return _avx2
 
 
+def f32_kernels():
+    """The module whose products take float32 activations as they are, over the same panels (bf16_mm and
+    int8_w8a16_mm with fp32 x, and the input gradients bf16_mm_t / int8_mm_t): cpu_avx2.cpp's, which an AVX-512 CPU
+    runs too (the AVX-512 module rounds x to bf16), else None. Training's exact float32 path on every CPU build."""
+    a2 = avx2_kernels()
+    return a2 if a2 is not None and getattr(a2, "F32_ACTIVATIONS", False) else None
+
+
 def _load_avx2():
     if os.environ.get("OVERSPILL_KERNELS", "1") == "0" or not all(f in _cpu_flags() for f in _FLAGS_AVX2):
         return None

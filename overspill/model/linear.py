@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import F32_MIN_ROWS, GRAD_KERNEL_MAX_ROWS, bf16_native, f32_sliced_grad_input, f32_sliced_linear
+from ..kernels import F32_MIN_ROWS, GRAD_KERNEL_MAX_ROWS, bf16_native, f32_kernels, f32_sliced_grad_input, f32_sliced_linear
 
 
 @runtime_checkable
@@ -238,12 +238,21 @@ class BlockedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad and torch.is_grad_enabled():   # the kernel has no backward
-            if not bf16_native():                         # float32 slices of the panels, forward and backward
-                return _FrozenFn.apply(x, self.f32_forward, self.f32_grad_input)
+            if not bf16_native() or f32_kernels() is not None:
+                # the forward as without a graph (so a checkpointed block's recompute repeats its first forward), the
+                # input gradient in float32 over the panels as they are
+                return _FrozenFn.apply(x, self._product, self.f32_grad_input)
             return _FrozenFn.apply(x, self._unblocked, self._unblocked_grad_input)   # exact dense path
         if x.dtype == torch.bfloat16 and x.is_contiguous():   # decode hot path: one call, no reshapes
             return self._k.bf16_mm(x, self.blocked, self._bias_f32)
-        if x.dtype == torch.float32 and not bf16_native():    # float32 activations (training's) stay float32
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + b on the kernels: bf16 activations on the bf16 kernel; float32 ones (training's where the CPU
+        has no native bf16) stay float32 where a kernel takes them (f32_forward)."""
+        if x.dtype == torch.bfloat16:
+            return self._k.bf16_mm(x.contiguous(), self.blocked, self._bias_f32)
+        if x.dtype == torch.float32 and (not bf16_native() or f32_kernels() is not None):
             return self.f32_forward(x)
         return self._k.bf16_mm(x.to(torch.bfloat16).contiguous(), self.blocked, self._bias_f32).to(x.dtype)
 
@@ -255,17 +264,20 @@ class BlockedLinear:
 
     def f32_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T + b with float32 activations, kept float32: the AVX2 kernel takes them as they are (bf16 -> fp32
-        weights in registers; 2-4x float32 slices at training's 32-256 rows), else float32 slices of the panels."""
-        if getattr(self._k, "F32_ACTIVATIONS", False):
-            return self._k.bf16_mm(x.float().contiguous(), self.blocked, self._bias_f32).to(x.dtype)
+        weights in registers; 2-4x float32 slices at training's 32-256 rows; an AVX-512 CPU runs it too, with no
+        whole float copy of the weight), else float32 slices of the panels."""
+        k = f32_kernels()
+        if k is not None:
+            return k.bf16_mm(x.float().contiguous(), self.blocked, self._bias_f32).to(x.dtype)
         return f32_sliced_linear(x, self.out_features, self.in_features, self.fill_rows, self.bias)
 
     def f32_grad_input(self, g: torch.Tensor) -> torch.Tensor:
         """g @ W in float32 (the input gradient): up to GRAD_KERNEL_MAX_ROWS rows the AVX2 kernel reads the panels
         as they are (bf16_mm_t), above that float32 slices of the panels, where sgemm is faster."""
         rows = g.numel() // max(1, self.out_features)
-        if rows <= GRAD_KERNEL_MAX_ROWS and hasattr(self._k, "bf16_mm_t"):
-            return self._k.bf16_mm_t(g.float().contiguous(), self.blocked).to(g.dtype)
+        k = f32_kernels()
+        if rows <= GRAD_KERNEL_MAX_ROWS and k is not None:
+            return k.bf16_mm_t(g.float().contiguous(), self.blocked).to(g.dtype)
         return f32_sliced_grad_input(g, self.out_features, self.in_features, self.fill_rows)
 
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:

@@ -42,7 +42,7 @@ from ._base import QuantLinear, nbytes_of, portable, release_scratch, scratch_nb
 
 SCHEMES: tuple[str, ...] = ("int8", "int8-dynamic", "int4", "nf4")
 
-__all__ = ["SCHEMES", "quantize", "quantize_table", "table_nbytes", "Int8Table", "make_linear", "stored_linear",
+__all__ = ["SCHEMES", "exact_options", "quantize", "quantize_table", "table_nbytes", "Int8Table", "make_linear", "stored_linear",
            "StoredLinear", "dequantize", "quantized_nbytes",
            "QuantLinear", "scratch_nbytes", "scratch_nbytes_for", "release_scratch", "portable", "set_portable"]
 
@@ -86,6 +86,12 @@ def quantize_table(weight: torch.Tensor) -> Int8Table:
 def table_nbytes(vocab: int, hidden: int) -> int:
     """Bytes of quantize_table()'s tensors for a [vocab, hidden] table."""
     return int8.nbytes(vocab, hidden)
+
+
+def exact_options(scheme: str, dtype: torch.dtype) -> dict:
+    """make_linear() options for a model computing in ``dtype``: a float32 model's int8 products stay exact
+    (weight-only, act_quant="never"); other dtypes take the kernels' arithmetic, as served."""
+    return {"act_quant": "never"} if scheme == "int8" and dtype == torch.float32 else {}
 
 
 def make_linear(scheme: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None, *,

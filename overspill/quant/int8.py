@@ -10,13 +10,15 @@ Kernels (benchmarks/bench_linear.py; shared/anchors/kernels/RESULTS.md), by ``ac
   ``avx2_kernels().int8_w8a8_mm`` (vpmaddubsw), the same arithmetic and results. The weight is held only in the
   kernels' panel layout. Batch 1 at about the read bandwidth; prefill faster than bf16 (integer MACs are 2x denser
   than fp32 FMAs), so no dequantization pass ever runs. The activation rounding is in the quality table
-  (quality.py). float32 activations (training, float32 models) stay weight-only and exact on both builds: the
-  AVX2 module's ``int8_w8a16_mm`` over the same panels (an AVX-512 CPU runs it too; 1/5 of VNNI's rate at 256 rows,
-  but never rounded to int8), or float32 slices of the panels above W8A16_F32_MAX_ROWS rows without native bf16.
+  (quality.py). Training's float32 activations take the same arithmetic as inference in "auto" on VNNI (5x the
+  exact product's rate at 32-256 rows); on AVX2, where w8a8 is no faster, they stay weight-only
+  (``int8_w8a16_mm``, or float32 slices of the panels above W8A16_F32_MAX_ROWS rows without native bf16). A float32
+  model is exact on both: the loader asks for "never" (exact_options). Input gradients are exact on every build
+  (the AVX2 module's ``int8_mm_t`` over the same panels, which an AVX-512 CPU runs too).
   Without either kernel the default is "never" (below); an explicit "auto" there means torch's
   ``_weight_int8pack_mm`` at M == 1 (w8a16) and oneDNN ``qlinear_pointwise`` u8 x s8 with per-token activation
   scales at M >= 2, whose prepacked weight is a second N*K-byte copy that memory budgets do not count.
-* "never": weight-only, exact bf16 activations: on AVX2 ``int8_w8a16_mm`` over the panels; elsewhere
+* "never": weight-only, exact activations: ``int8_w8a16_mm`` over the panels where the AVX2 module runs; elsewhere
   ``_weight_int8pack_mm`` up to DEQUANT_MIN_M rows, above that a transient bf16 weight and one dense matmul.
 ``repack=False`` (the stored tensors used as they are) takes the no-kernel paths of the chosen mode.
 * "always": activations quantized at every M (the kernels, else oneDNN w8a8).
@@ -29,7 +31,7 @@ import dataclasses
 
 import torch
 
-from ..kernels import GRAD_KERNEL_MAX_ROWS, avx2_kernels, bf16_native, cpu_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
+from ..kernels import GRAD_KERNEL_MAX_ROWS, avx2_kernels, bf16_native, cpu_kernels, f32_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
@@ -148,12 +150,9 @@ class Int8Linear(QuantLinear):
                     self._a2, self._a2_w8a8 = a2, w8a8
         # Kernel path: the weight is held only in the panel layout (no second copy).
         panels = self._k is not None or self._a2 is not None
-        # float32 activations (training, float32 models) stay exact on every build: the AVX2 module's weight-only
-        # int8_w8a16_mm and int8_mm_t over the same panels (an AVX-512 CPU runs them too), never VNNI's int8 rounding
-        self._f32k = self._a2
-        if self._f32k is None and self._k is not None:
-            a2 = avx2_kernels()
-            self._f32k = a2 if a2 is not None and hasattr(a2, "int8_w8a16_mm") else None
+        # float32 input gradients (and slices of rows) on every build from the AVX2 module's int8_mm_t over the same
+        # panels: an AVX-512 CPU runs it too, and nothing else there reads the panels in float32
+        self._f32k = self._a2 if self._a2 is not None else f32_kernels() if self._k is not None else None
         if p is not None:       # stored as panels: used as they are, or unpacked (a copy) where no kernel runs
             self._qpanels, self._qplain = (p.contiguous(), None) if panels else (None, unpack_int8(p))
         else:
@@ -207,8 +206,6 @@ class Int8Linear(QuantLinear):
             # float32 activations (training, float32 models) stay weight-only and exact: never rounded to int8 or bf16
             return self._a2.int8_w8a16_mm(x.float().contiguous(), self._qpanels, self.scales_f32, None).to(x.dtype)
         if self._k is not None:
-            if x.dtype == torch.float32 and self._f32k is not None:    # exact, as on AVX2 (above)
-                return self._f32k.int8_w8a16_mm(x.contiguous(), self._qpanels, self.scales_f32, None)
             y = self._k.int8_vnni_mm(x.to(torch.bfloat16).contiguous(), self._qpanels, self.scales_f32, None, self._block)
             return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
         if self.act_quant == "never" and M > DEQUANT_MIN_M and self._qplain is not None and not bf16_native():

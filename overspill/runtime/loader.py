@@ -280,13 +280,16 @@ def _quantizer(scheme: str):
     return quant, run
 
 
-def linear_format(scheme: str | None, include_head: bool = False) -> MakeLinear:
+def linear_format(scheme: str | None, include_head: bool = False,
+                  dtype: torch.dtype = torch.bfloat16) -> MakeLinear:
     """How the CPU builds a unit's linears: the fastest exact dense format, or ``scheme`` for the block matmuls
-    (and the LM head with include_head), quantized at load time. A weight on an accelerator (a unit streamed from an
-    HF directory to where it computes) is quantized on the CPU and its stored tensors go back to its device."""
+    (and the LM head with include_head), quantized at load time, with the options of a model computing in ``dtype``
+    (quant.exact_options). A weight on an accelerator (a unit streamed from an HF directory to where it computes) is
+    quantized on the CPU and its stored tensors go back to its device."""
     if scheme is None:
         return dense_linear_format
     quant, run = _quantizer(scheme)
+    opts = quant.exact_options(scheme, dtype)
 
     def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
         if name == "lm" and not include_head:
@@ -295,7 +298,7 @@ def linear_format(scheme: str | None, include_head: bool = False) -> MakeLinear:
         if dev.type != "cpu":
             return run(name, weight, lambda t: quant.make_linear(scheme, map_tensors(t, lambda x: x.to(dev)), bias))
         # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
-        return run(name, weight, lambda t: quant.make_linear(scheme, t, bias, repack="inplace"))
+        return run(name, weight, lambda t: quant.make_linear(scheme, t, bias, repack="inplace", **opts))
 
     return make
 
@@ -345,7 +348,7 @@ class UnitBuilder:
         self.quantize_head, self.hook = quantize_head, hook
         # an HF directory's unquantized units: the fetched tensors are this unit's own, so they are laid out in place
         self.cpu_format = dense_linear_format if src.is_store else \
-            linear_format(src.quantize, include_head=quantize_head) if src.quantize else owned_dense_format
+            linear_format(src.quantize, quantize_head, src.dtype) if src.quantize else owned_dense_format
         # an HF directory's units for an accelerator (resident there, or held in host RAM and copied per forward)
         self.device_format = movable_format(src.quantize, include_head=quantize_head) if not src.is_store else \
             dense_streamed
@@ -450,7 +453,8 @@ class UnitBuilder:
         for lin, tensors in q.items():
             bias = plain.pop(f"{lin}.bias", None)
             plain[lin] = quant.stored_linear(store.quantize, tensors, bias) if movable else \
-                quant.make_linear(store.quantize, tensors, bias, repack="inplace")
+                quant.make_linear(store.quantize, tensors, bias, repack="inplace",
+                                  **quant.exact_options(store.quantize, self.dtype))
         if unit == "head" and cfg.tie_embeddings and "lm.weight" not in plain and "lm" not in plain:
             # the embedding's table where it is resident on this unit's device, else this unit's own copy of it
             dev = next(iter(t.values())).device if t else torch.device("cpu")
