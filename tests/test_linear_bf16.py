@@ -1,4 +1,5 @@
 """bf16 weights on a CPU without native bf16 matmuls: prefill-sized inputs run in fp32 a weight slice at a time."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,3 +64,35 @@ def test_int8_prefill_without_native_bf16_runs_in_fp32_slices(monkeypatch):
     assert calls == [torch.float32] * 2 and y.dtype == torch.bfloat16
     want = (x.float() @ lin.dequantize().float().t()).to(torch.bfloat16)
     torch.testing.assert_close(y, want, rtol=1 / 128, atol=1e-2)
+
+
+@pytest.mark.skipif(K.f32_kernels() is None or K.bf16_kernels() is None, reason="needs the AVX2 + FMA kernel module")
+def test_training_products_never_copy_a_whole_weight(monkeypatch):
+    """A training product through a frozen blocked bf16 or int8 linear, on every x86 build (AVX-512 CPUs run the AVX2
+    module's float32 kernels too): the forward is the one without a graph (bitwise), the input gradient is float32
+    math over the weight (dequantized only in the reference), and no whole unblocked or dequantized copy of the
+    weight is made for either (a 6B head's float32 copy is 0.8 GB)."""
+    from overspill import quant
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 96, generator=g).to(torch.bfloat16)
+    lins = {"bf16": L.BlockedLinear(w), "int8": quant.make_linear("int8", quant.quantize(w.float(), "int8"), None)}
+    want_w = {name: lin.dequantize().float() for name, lin in lins.items()}
+
+    def no_copy(*a, **k):
+        raise AssertionError("a whole copy of the weight was made")
+    monkeypatch.setattr(L.BlockedLinear, "dequantize", no_copy)
+    monkeypatch.setattr(type(lins["int8"]), "dequantize", no_copy)
+    monkeypatch.setattr(type(lins["int8"]), "_jit_weight", no_copy)
+    for name, lin in lins.items():
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.randn(40, 96, generator=g).to(dt)
+            with torch.no_grad():
+                y0 = lin(x)
+            xg = x.clone().requires_grad_()
+            y = lin(xg)
+            assert torch.equal(y, y0), (name, dt)         # a checkpointed recompute repeats the first forward
+            gy = torch.randn(y.shape, generator=g).to(dt)
+            y.backward(gy)
+            want = gy.float() @ want_w[name]
+            torch.testing.assert_close(xg.grad.float(), want.to(dt).float(), rtol=1e-5 if dt == torch.float32
+                                       else 1 / 128, atol=1e-4 * want.abs().max().item(), msg=(name, dt))

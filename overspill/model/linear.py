@@ -92,10 +92,10 @@ def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 class _FrozenFn(torch.autograd.Function):
     """y = forward(x) through a frozen weight, dL/dx = grad_input(g): no weight or bias gradient, and the graph holds
     the Linear (its bound methods), never the weight bytes or a copy of them, so a kept training graph can be pointed
-    at the weight fetched again (refill_). The methods say how: on a CPU without native bf16, float32 slices of the
-    weight or the kernels fed float32 activations (``f32_forward`` / ``f32_grad_input``: bf16 x bf16 matmuls run
-    ~10x slower than fp32 there); elsewhere F.linear over the weight, or over a blocked one unblocked for each
-    product (oneDNN's bf16 matmul on native-bf16 CPUs)."""
+    at the weight fetched again (refill_). The methods say how: a blocked weight takes its kernel's forward and a
+    float32 input gradient over its panels on every x86 build (``f32_grad_input``; without native bf16 the forward
+    is float32 too: bf16 x bf16 matmuls run ~10x slower than fp32 there); a plain weight F.linear; a blocked one
+    where no float32 kernel builds, F.linear over it unblocked for each product."""
 
     @staticmethod
     def forward(ctx, x, forward, grad_input):
