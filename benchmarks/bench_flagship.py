@@ -25,6 +25,8 @@ Examples (from the repository root; benchmarks/README.md section "Flagship" has 
     .venv/bin/python benchmarks/make_checkpoint.py --preset neox-20b       # bench-cache/neox-20b-bfloat16, 41.1 GB
     .venv/bin/python benchmarks/bench_flagship.py                          # every side, one round
     .venv/bin/python benchmarks/bench_flagship.py --sides bf16,accelerate --tokens 4 --repeats 2
+    # the same 18 GiB cgroup for both, overspill planning from it (cpu=auto), accelerate at cpu=16GiB of weights
+    .venv/bin/python benchmarks/bench_flagship.py --sides bf16,accelerate --repeats 2 --bf16-budget auto
     .venv/bin/python benchmarks/bench_flagship.py --smoke                  # a tiny random GPT-NeoX, seconds
 Workers (run by the driver; each prints one JSON line):
     .venv/bin/python benchmarks/bench_flagship.py --worker convert --path CKPT --dst STORE --scheme int4
@@ -267,7 +269,7 @@ def run_offload_side(a: argparse.Namespace, side: str, rnd: int, ctx: dict, prob
                     matmul_tflops=probes["matmul_tflops"])
     row = offload.one_run(ctx["offload_args"], OFFLOAD_SIDE[side], 1, rnd, bw, ctx["offload_ctx"])
     row.update({k: v for k, v in ctx["row"].items() if k not in row}, **probes)
-    row.update(side=side, offload_side=OFFLOAD_SIDE[side], budget=a.budget,
+    row.update(side=side, offload_side=OFFLOAD_SIDE[side], budget=side_budget(a, side),
                ckpt_read_s=ctx["ckpt_bytes"] / (row["disk_gbps_run"] * 1e9))
     row["first_token_target_s"] = 1.1 * row["ckpt_read_s"]
     if row.get("ok"):
@@ -369,7 +371,12 @@ def store_table(rows: list[dict], schemes: list[str], batch: int) -> str:
     return "\n".join(lines)
 
 
-def bf16_table(rows: list[dict], sides: list[str], budget: str) -> str:
+def side_budget(a: argparse.Namespace, side: str) -> str:
+    """The cpu budget a bf16-side run plans with: --bf16-budget for overspill where given, else --budget."""
+    return a.bf16_budget if side == "bf16" and a.bf16_budget else a.budget
+
+
+def bf16_table(rows: list[dict], sides: list[str], a: argparse.Namespace) -> str:
     lines = ["| side | budget | ok runs | load s | first token s from load | one read of checkpoint s | "
              "target 1.1x read s | s/token | peak RSS GiB | cgroup max GiB | OOM |", "|" + "---|" * 11]
     for side in sides:
@@ -377,7 +384,7 @@ def bf16_table(rows: list[dict], sides: list[str], budget: str) -> str:
         if all_:
             cg_max = max(((r.get("cgroup") or {}).get("max_usage_bytes") or 0) for r in all_)
             ooms = sum(r.get("oom_kills") or 0 for r in all_)
-            lines.append(f"| {side} | cpu={budget} | {len(ok)}/{len(all_)} | {fmt(med_of(ok, 'load_s'))} | "
+            lines.append(f"| {side} | cpu={side_budget(a, side)} | {len(ok)}/{len(all_)} | {fmt(med_of(ok, 'load_s'))} | "
                          f"{fmt(med_of(ok, 'first_token_from_load_s'))} | {fmt(med_of(all_, 'ckpt_read_s'))} | "
                          f"{fmt(med_of(all_, 'first_token_target_s'))} | {fmt(med_of(ok, 'step_s_median'))} | "
                          f"{fmt(gib(med_of(ok, 'peak_rss_bytes')), '.2f')} | "
@@ -461,7 +468,7 @@ def driver(a: argparse.Namespace) -> Path:
                    "drop_caches": a.drop_caches, "smoke": a.smoke}}
     if cgroup_sides:   # bench_offload.py's per-run machinery, given its own arguments
         ctx["offload_args"] = argparse.Namespace(
-            hf=a.ckpt, store=None, budget=a.budget, overspill_budget=None, mode="latency", prompt_len=a.prompt_len, new_tokens=a.tokens,
+            hf=a.ckpt, store=None, budget=a.budget, overspill_budget=a.bf16_budget, mode="latency", prompt_len=a.prompt_len, new_tokens=a.tokens,
             seed=a.seed, threads=a.threads, vocab=vocab, dtype=a.dtype, smoke=a.smoke, quantize=None, kv_cache=None,
             offload_dir=a.offload_dir, drop_caches=a.drop_caches, timeout=a.timeout)
         ctx["offload_ctx"] = {"stamp": stamp, "limit": limit, "budget_bytes": budget_bytes,
@@ -471,7 +478,8 @@ def driver(a: argparse.Namespace) -> Path:
     title = (f"{ckpt.name}  {params / 1e9:.3g} B non-embedding params  {ckpt_bytes / 1e9:.3g} GB  sides "
              f"{','.join(order)}  prompt {a.prompt_len}  tokens {a.tokens} (stores: {a.store_tokens} at batch 1, "
              f"{a.batch_tokens} at batch {a.batch} after a {a.batch_prompt_len}-token prompt)  "
-             f"bf16 budget cpu={a.budget} in a {limit / 2**30:.3g} GiB cgroup  repeats {a.repeats}  "
+             f"bf16 budget cpu={a.budget}{f' (overspill cpu={a.bf16_budget})' if a.bf16_budget else ''} in a "
+             f"{limit / 2**30:.3g} GiB cgroup  repeats {a.repeats}  "
              f"drop caches {a.drop_caches}")
     print(f"== {title}", file=sys.stderr, flush=True)
     out = Path(a.out)
@@ -504,7 +512,7 @@ def driver(a: argparse.Namespace) -> Path:
     if cgroup_sides:
         parts.append(f"bf16 from the Hugging Face directory: overspill (side bf16) against accelerate, each run in a "
                      f"{limit / 2**30:.3g} GiB memory cgroup\n\n"
-                     + bf16_table(rows, cgroup_sides, a.budget) + ("\n" + "\n".join(lines) if lines else ""))
+                     + bf16_table(rows, cgroup_sides, a) + ("\n" + "\n".join(lines) if lines else ""))
     mems = ", ".join(f"{p['mem_gbps']:.1f}" for p in probes_all)
     flops = ", ".join(f"{p['matmul_tflops']:.3g}" for p in probes_all)
     note = (f"probes per round: memory {mems} GB/s; matmul {flops} TFLOP/s ({probes_all[0]['matmul_dtype']}); "
@@ -574,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
                    "decode steps, and a longer prompt only adds prefill (batch x prompt tokens of compute)")
     p.add_argument("--budget", default="16GiB", help="bf16 and accelerate: overspill max_memory 'cpu=B', accelerate "
                    "max_memory={'cpu': B}")
+    p.add_argument("--bf16-budget", default=None, help="the bf16 side's (overspill's) budget when not --budget: "
+                   "'auto' plans from the cgroup's limit, as its budget counts everything it holds and accelerate's "
+                   "counts weights only")
     p.add_argument("--cgroup-limit", default="18GiB", help="memory cgroup of each bf16 / accelerate run")
     p.add_argument("--store-memory", default=None, help="max_memory of the store sides, e.g. cpu=18GiB (default: none, "
                    "the store is loaded whole)")
