@@ -42,6 +42,8 @@ def test_reserve_counts_the_fp32_slice(monkeypatch, ref_dir):
     assert r.scratch_bytes(cfg, torch.float32) == 0
     monkeypatch.setattr(L, "bf16_native", lambda: True)
     assert r.scratch_bytes(cfg, torch.bfloat16) == 0
+    # training's input gradients take bf16 slices where the CPU multiplies bf16 natively
+    assert Reserve(1, 64, training=True).scratch_bytes(cfg, torch.bfloat16) == 2 * biggest
 
 
 def test_int8_prefill_without_native_bf16_runs_in_fp32_slices(monkeypatch):

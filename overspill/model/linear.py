@@ -18,7 +18,8 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
-from ..kernels import F32_MIN_ROWS, GRAD_KERNEL_MAX_ROWS, bf16_native, f32_kernels, f32_sliced_grad_input, f32_sliced_linear
+from ..kernels import (F32_MIN_ROWS, GRAD_KERNEL_MAX_ROWS, bf16_native, bf16_sliced_grad_input, f32_kernels,
+                       f32_sliced_grad_input, f32_sliced_linear)
 
 
 @runtime_checkable
@@ -278,7 +279,15 @@ class BlockedLinear:
         k = f32_kernels()
         if rows <= GRAD_KERNEL_MAX_ROWS and k is not None:
             return k.bf16_mm_t(g.float().contiguous(), self.blocked).to(g.dtype)
+        if g.dtype == torch.bfloat16 and bf16_native():     # a bf16 result: oneDNN's bf16 products over bf16 slices
+            return bf16_sliced_grad_input(g, self.out_features, self.in_features, self.fill_rows_bf16)
         return f32_sliced_grad_input(g, self.out_features, self.in_features, self.fill_rows)
+
+    def fill_rows_bf16(self, dst: torch.Tensor, n0: int, n1: int) -> None:
+        """Rows [n0, n1) (whole panels) of the weight into ``dst`` (bf16 [n1 - n0, K]): the panels' pairs put back
+        in row order."""
+        from ..kernels import PANEL
+        dst.view(-1, PANEL, self.in_features // 2, 2).copy_(self.blocked[n0 // PANEL: n1 // PANEL].permute(0, 2, 1, 3))
 
     def fill_rows(self, dst: torch.Tensor, n0: int, n1: int) -> None:
         """Rows [n0, n1) (multiples of 16: whole panels) of the weight into ``dst`` (float32 [n1 - n0, K])."""
