@@ -93,10 +93,10 @@ def _bf16_via_f32(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -
 class _FrozenFn(torch.autograd.Function):
     """y = forward(x) through a frozen weight, dL/dx = grad_input(g): no weight or bias gradient, and the graph holds
     the Linear (its bound methods), never the weight bytes or a copy of them, so a kept training graph can be pointed
-    at the weight fetched again (refill_). The methods say how: a blocked weight takes its kernel's forward and a
-    float32 input gradient over its panels on every x86 build (``f32_grad_input``; without native bf16 the forward
-    is float32 too: bf16 x bf16 matmuls run ~10x slower than fp32 there); a plain weight F.linear; a blocked one
-    where no float32 kernel builds, F.linear over it unblocked for each product."""
+    at the weight fetched again (refill_). The methods say how: a blocked weight takes its kernel's forward and an
+    input gradient over its panels or slices of them on every x86 build (``f32_grad_input``; without native bf16
+    the forward is float32 too: bf16 x bf16 matmuls run ~10x slower than fp32 there); a plain weight F.linear; a
+    blocked one where no float32 kernel builds, F.linear over it unblocked for each product."""
 
     @staticmethod
     def forward(ctx, x, forward, grad_input):
@@ -273,8 +273,9 @@ class BlockedLinear:
         return f32_sliced_linear(x, self.out_features, self.in_features, self.fill_rows, self.bias)
 
     def f32_grad_input(self, g: torch.Tensor) -> torch.Tensor:
-        """g @ W in float32 (the input gradient): up to GRAD_KERNEL_MAX_ROWS rows the AVX2 kernel reads the panels
-        as they are (bf16_mm_t), above that float32 slices of the panels, where sgemm is faster."""
+        """g @ W (the input gradient), accumulated in float32: up to GRAD_KERNEL_MAX_ROWS rows the AVX2 kernel reads
+        the panels as they are (bf16_mm_t), above that slices of the panels, where a library's matmul is faster: bf16
+        slices for a bf16 g where the CPU multiplies bf16 natively (the result is bf16 anyway), else float32."""
         rows = g.numel() // max(1, self.out_features)
         k = f32_kernels()
         if rows <= GRAD_KERNEL_MAX_ROWS and k is not None:
