@@ -174,11 +174,15 @@ class LoraLinear:
         y = self.base(x)
         ad = self.adapter
         p, s = (ad.settings.dropout if ad.training else 0.0), ad.settings.scale
+        xs: dict[torch.dtype, torch.Tensor] = {}            # x in the pairs' dtype, converted once for all of them
+        blocks: list[tuple[slice, torch.Tensor]] = []
         for slot, rows in self.pairs:
             A, B = slot.A, slot.B
             d = None
             if A is not None:
-                h = x.to(A.dtype)
+                h = xs.get(A.dtype)
+                if h is None:
+                    h = xs[A.dtype] = x.to(A.dtype)
                 if p:
                     # its own mask per module, as PEFT draws them; the graph keeps it as bools (F.dropout on the CPU
                     # keeps a float32 mask: a quarter of a 1B block's recompute graph at 256 tokens)
@@ -191,10 +195,22 @@ class LoraLinear:
                 continue
             d = d.to(y.dtype)
             if rows is not None:                            # a contiguous block of the fused output
-                y = torch.cat([y[..., : rows.start], y[..., rows] + d, y[..., rows.stop:]], -1)
+                blocks.append((rows, d))
             else:
                 y = y.index_add(-1, slot.map.cols.to(y.device), d)
-        return y
+        if not blocks:
+            return y
+        # one new output for all the blocks (a fused linear's q, k, v), not a copy of y per block (0.14 s of a 1B step)
+        blocks.sort(key=lambda b: b[0].start)
+        parts, at = [], 0
+        for rows, d in blocks:
+            if rows.start > at:
+                parts.append(y[..., at:rows.start])
+            parts.append(y[..., rows] + d)
+            at = rows.stop
+        if at < y.shape[-1]:
+            parts.append(y[..., at:])
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
 
     def refill_(self, new: "LoraLinear") -> None:
         refill_(self.base, new.base)
