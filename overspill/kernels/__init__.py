@@ -189,7 +189,7 @@ def bf16_native() -> bool:
     return _NATIVE[0]
 
 
-def _f32_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _slice_buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """This thread's slice buffer in ``dtype`` (float32, or bf16 for bf16_sliced_grad_input), grown as needed. Made
     outside inference mode: a buffer born in an inference-mode forward could not be written later by a training
     forward on the same thread."""
@@ -208,11 +208,11 @@ def f32_slice_rows(K: int) -> int:
     return max(PANEL, F32_SCRATCH_ELEMS // K // PANEL * PANEL)
 
 
-def _f32_slices(N: int, K: int, fill, dtype: torch.dtype = torch.float32):
+def _row_slices(N: int, K: int, fill, dtype: torch.dtype = torch.float32):
     """(n0, n1, W[n0:n1] as ``dtype`` [n, K]) over W's rows, each slice written by ``fill`` into this thread's buffer
     (valid until the next slice)."""
     rows = f32_slice_rows(K)
-    buf = _f32_buffer(min(N, rows) * K, dtype)
+    buf = _slice_buffer(min(N, rows) * K, dtype)
     for n0 in range(0, N, rows):
         n1 = min(N, n0 + rows)
         wf = buf[: (n1 - n0) * K].view(n1 - n0, K)
@@ -226,7 +226,7 @@ def f32_sliced_linear(x: torch.Tensor, N: int, K: int, fill, bias: torch.Tensor 
     native bf16 uses for prefill-sized batches of bf16 or quantized weights. Result in x's dtype."""
     x2 = x.reshape(-1, K).float()                                       # (M, K)
     out = torch.empty(x2.shape[0], N, dtype=x.dtype)                    # (M, N)
-    for n0, n1, wf in _f32_slices(N, K, fill):
+    for n0, n1, wf in _row_slices(N, K, fill):
         out[:, n0:n1] = F.linear(x2, wf, None if bias is None else bias[n0:n1].float())
     return out.view(*x.shape[:-1], N)
 
@@ -237,7 +237,7 @@ def f32_sliced_grad_input(g: torch.Tensor, N: int, K: int, fill) -> torch.Tensor
     (slicing W's columns instead needs strided copies: 2x slower here). Result in g's dtype."""
     g2 = g.reshape(-1, N).float()                                       # (M, N)
     out = torch.zeros(g2.shape[0], K, dtype=torch.float32)              # (M, K)
-    for n0, n1, wf in _f32_slices(N, K, fill):
+    for n0, n1, wf in _row_slices(N, K, fill):
         out.addmm_(g2[:, n0:n1], wf)
     return out.view(*g.shape[:-1], K).to(g.dtype)
 
@@ -249,7 +249,7 @@ def bf16_sliced_grad_input(g: torch.Tensor, N: int, K: int, fill) -> torch.Tenso
     2.8x the float32 slices at 256 rows on 1B shapes (6144x2048: 12 against 34 ms)."""
     g2 = g.reshape(-1, N)
     out = torch.zeros(g2.shape[0], K, dtype=torch.float32)
-    for n0, n1, wb in _f32_slices(N, K, fill, torch.bfloat16):
+    for n0, n1, wb in _row_slices(N, K, fill, torch.bfloat16):
         out += torch.mm(g2[:, n0:n1], wb)
     return out.view(*g.shape[:-1], K).to(g.dtype)
 
