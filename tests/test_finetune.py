@@ -582,6 +582,42 @@ def test_bf16_base_gradients_close_to_float32(ref_dir):
     assert rel < 0.03, rel
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_load_keeps_bf16_weights_row_major_where_bf16_is_native(ref_dir, monkeypatch, native):
+    """A training load (Reserve.training) of a bf16 base on a CPU that multiplies bf16 natively keeps every block and
+    head linear row-major as it was read (DenseLinear: oneDNN's GEMM for the forward and the input gradient, nothing
+    re-laid out); without native bf16 they take the kernels' blocked layout as an inference load does. The LoRA
+    gradients are the inference load's within bf16 rounding (relative L2 under 3%)."""
+    import overspill.runtime.loader as LD
+    from overspill.kernels import bf16_kernels
+    from overspill.model.linear import BlockedLinear, DenseLinear
+    from overspill.runtime.reserve import Reserve
+    from overspill.model.weights import linear_names
+
+    if bf16_kernels() is None:
+        pytest.skip("needs the CPU kernels (the blocked layout)")
+    monkeypatch.setattr(LD, "bf16_native", lambda: native)
+    path, _ = ref_dir("llama_gqa")
+    cfg = overspill.load(path, dtype="float32", background=False).config
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(5))
+    grads, kinds = [], []
+    for training in (False, True):
+        ad = LoraAdapter(cfg, LoraSettings(r=4, dropout=0.0))
+        with torch.no_grad():
+            for p in ad.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+        ex = LD.build(path, "bfloat16", None, None, Reserve(2, 24, training=training), linear_hook=ad.hook).executor
+        w = ex.source.acquire(1)
+        kinds.append({type(getattr(w, n).base) for n in linear_names("block.0")})
+        ex.source.release(1)
+        train_pass(ex, ids, _labels(ids))
+        grads.append(torch.cat([p.grad.flatten() for p in ad.parameters()]))
+        ex.close()
+    assert kinds[0] == {BlockedLinear}
+    assert kinds[1] == ({DenseLinear} if native else {BlockedLinear})
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.03
+
+
 def test_frozen_bf16_linear_input_gradient():
     """The bf16 linear's autograd: dL/dx = dL/dy W (float32 sums of bf16 products), no weight gradient."""
     from overspill.model.linear import DenseLinear

@@ -910,3 +910,70 @@ def test_avx2_int4_w4a8_vs_reference(M, N, K, gs):
     buf = packed.reshape(-1).view(torch.uint8).clone()
     A2.int4pack_to_panels_(buf, N, K, native_layout())
     assert torch.equal(buf.view(N // 16, K // 8, 64), pack_int4(q))
+
+
+_REUSE_SCRIPT = r"""
+import torch
+from overspill import kernels as K
+MiB = 1 << 20
+assert K.reuse_large_allocations(4 * MiB)
+K.restart_kept_allocations()
+# a freed block is handed out again (same address), holding what the new tensor writes
+a = torch.full((2 * MiB,), 1.0)                     # 8 MiB
+p = a.data_ptr()
+del a
+b = torch.full((2 * MiB,), 2.0)
+assert b.data_ptr() == p and bool((b == 2).all())
+# a slightly smaller request fits the kept block (best fit within 1/4), a much smaller one does not take it
+del b
+c = torch.empty(int(1.9 * MiB))
+assert c.data_ptr() == p
+del c
+# small tensors stay with the allocator it replaced; its raw frees still work (resize, ops' own buffers)
+before = K.kept_allocations()
+s = torch.ones(100)
+s.resize_(1000)
+assert K.kept_allocations() == before
+# a resized large tensor keeps its bytes
+r = torch.arange(300_000, dtype=torch.float32)
+r.resize_(600_000)
+assert torch.equal(r[:300_000], torch.arange(300_000, dtype=torch.float32))
+del r
+# never more mapped than the peak in use plus the slack, however sizes vary
+g = torch.Generator().manual_seed(0)
+live, worst = [], 0
+for i in range(400):
+    if live and torch.rand((), generator=g) < 0.5:
+        live.pop(int(torch.randint(len(live), (), generator=g)))
+    else:
+        live.append(torch.empty(int(torch.randint(MiB // 4, 6 * MiB, (), generator=g))))
+    mapped, kept, peak = K.kept_allocations()
+    worst = max(worst, mapped - peak)
+    assert mapped - kept <= peak
+assert worst <= 4 * MiB, worst
+print("ok")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the reuse allocator maps memory with mmap")
+def test_reuse_allocator_hands_blocks_back_within_the_peak():
+    """kernels.reuse_large_allocations (alloc.cpp), in a fresh process: a freed large block comes back for the next
+    request of its size (no fresh pages to fault in), tensors keep their values through it (resize included), small
+    ones stay with torch's own allocator, and all it maps stays within the peak in use plus the slack."""
+    r = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+@needs_kernels
+def test_panels_to_bf16_is_the_dequantized_weight_rounded_once():
+    """int8 panels -> bf16 rows (training's input-gradient slices where bf16 is native): exactly q * s in float32
+    rounded to bf16, i.e. the float32 fill (panels_to_f32_) then .to(bfloat16), for any panel range."""
+    from overspill import quant
+    g = torch.Generator().manual_seed(3)
+    lin = quant.make_linear("int8", quant.quantize(torch.randn(96, 256, generator=g), "int8"), None)
+    want = torch.empty(96, 256)
+    lin._fill_rows(want, 0, 96)
+    got = torch.empty(32, 256, dtype=torch.bfloat16)
+    K_.panels_to_bf16_(lin._qpanels[2:4], got, lin.scales_f32[32:64])
+    assert torch.equal(got, want[32:64].to(torch.bfloat16))
+    torch.testing.assert_close(want, lin.dequantize().float(), rtol=0, atol=0)

@@ -694,6 +694,53 @@ torch::Tensor lut_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
 
 #include "stripes.h"
 
+// int8 panels (pack_int8: [N/16][K/4][16][4] bytes, q + 128) -> bf16 [rows, K] = q * scale in fp32, rounded once to
+// bf16 (to nearest even, as torch's .to(bfloat16)): the slices a training input gradient multiplies in oneDNN's
+// native bf16 GEMM (int8.py). A 64-byte panel line is 16 columns x 4 inputs: each quarter (4 columns) widens to 16
+// fp32, times its columns' scales, rounds to 16 bf16 and goes out as 8 bytes to each of the 4 columns' rows.
+void panels_to_bf16_(torch::Tensor panels, torch::Tensor dst, torch::Tensor scales) {
+  KCHECK(panels.device().is_cpu() && panels.is_contiguous() && dst.device().is_cpu() && dst.is_contiguous() &&
+         dst.scalar_type() == at::kBFloat16 && dst.dim() == 2, "panels_to_bf16_: contiguous CPU panels and bf16 "
+         "[rows, K]");
+  const int64_t rows = dst.size(0), K = dst.size(1);
+  KCHECK(rows % 16 == 0 && K % 4 == 0 && panels.element_size() * panels.numel() == rows * K,
+         "panels_to_bf16_: panels hold ", panels.element_size() * panels.numel(), " weights, dst wants ", rows * K);
+  KCHECK(scales.numel() == rows, "panels_to_bf16_: int8 panels need ", rows, " scales");
+  torch::Tensor sf = scales.to(at::kFloat).contiguous();
+  const float* sp = sf.data_ptr<float>();
+  const int64_t P = rows / 16, G = K / 4;
+  const uint8_t* src = (const uint8_t*)panels.data_ptr();
+  uint16_t* out = (uint16_t*)dst.data_ptr();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t p = p0; p < p1; p++) {
+      uint16_t* d = out + p * 16 * K;
+      const uint8_t* s = src + p * 16 * K;
+      __m512 sc[4];                                   // columns 4i .. 4i + 3, each scale x4
+      for (int i = 0; i < 4; i++) {
+        float v[16];
+        for (int j = 0; j < 16; j++) v[j] = sp[p * 16 + 4 * i + j / 4];
+        sc[i] = _mm512_loadu_ps(v);
+      }
+      for (int64_t g = 0; g < G; g++) {
+        const __m512i v = _mm512_xor_si512(_mm512_loadu_si512((const void*)(s + g * 64)), flip);
+        const __m128i part[4] = {_mm512_extracti32x4_epi32(v, 0), _mm512_extracti32x4_epi32(v, 1),
+                                 _mm512_extracti32x4_epi32(v, 2), _mm512_extracti32x4_epi32(v, 3)};
+        for (int i = 0; i < 4; i++) {
+          const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(part[i])), sc[i]);
+          const __m256i b = (__m256i)_mm512_cvtneps_pbh(f);
+          const __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+          uint16_t* r = d + 4 * i * K + 4 * g;
+          _mm_storel_epi64((__m128i*)r, lo);
+          _mm_storeh_pd((double*)(r + K), _mm_castsi128_pd(lo));
+          _mm_storel_epi64((__m128i*)(r + 2 * K), hi);
+          _mm_storeh_pd((double*)(r + 3 * K), _mm_castsi128_pd(hi));
+        }
+      }
+    }
+  });
+}
+
 #include "int4pack.h"
 
 inline void check_x(const torch::Tensor& x, int64_t KB, const char* who) {
@@ -784,6 +831,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "rotary + KV-cache write + one-token attention from the fused qkv output");
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(g) * u over h = (g, u), bf16");
   m.def("panels_to_f32_", &panels_to_f32_, "panel-layout rows (bf16 pairs or int8 quads) -> fp32 [rows, K]");
+  m.def("panels_to_bf16_", &panels_to_bf16_, "int8 panel rows -> bf16 [rows, K] = q * scale, rounded once");
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int4pack_to_panels_", &int4pack_to_panels_, "in place: torch int4pack bytes -> int4_vnni_mm panels");
   m.def("lut_mm", &lut_mm, "y = x @ (code[Q] * absmax)^T (+ bias), code-book weights decoded in registers");

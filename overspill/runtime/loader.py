@@ -25,7 +25,7 @@ from ..config import ModelConfig
 from ..errors import OverspillError
 from ..io import ALIGN, DirectFile, read_pool, trim_heap
 from ..kernels import panel_empty
-from ..model.linear import BlockedLinear, BlockedOnDemand, DenseLinear, blocked_available, dense_linear, \
+from ..model.linear import BlockedLinear, BlockedOnDemand, DenseLinear, bf16_native, blocked_available, dense_linear, \
     dense_linear_copies
 from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_names, linear_shapes, units
 from .background import BackgroundLoad
@@ -338,17 +338,43 @@ def owned_dense_format(name: str, weight: torch.Tensor, bias: torch.Tensor | Non
     return dense_linear(weight, bias, owned=True)
 
 
+def trains_row_major(weight: torch.Tensor) -> bool:
+    """Whether a training load keeps this dense weight row-major (DenseLinear) instead of the kernels' layout: a bf16
+    weight on a CPU that multiplies bf16 natively. A training step's products run at 256+ rows, where oneDNN's bf16
+    GEMM matches the blocked kernel's forward (1B shapes, 256 rows: 16-20 against 16-24 ms), and its input gradient
+    g @ W needs the weight's rows: from the panels it costs a re-layout of every slice (2.3x oneDNN's time)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and bf16_native()
+
+
+def training_format(make: MakeLinear, quantized: bool = False, include_head: bool = False) -> MakeLinear:
+    """``make`` for a training load: its dense bf16 weights row-major where trains_row_major says so, as they landed
+    (resident or streamed: nothing is re-laid out or copied). ``quantized``: ``make`` quantizes the block linears
+    (and the head with ``include_head``), which it still builds."""
+    def train_make(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        dense = not quantized or (name == "lm" and not include_head)
+        if dense and trains_row_major(weight):
+            return DenseLinear(weight, bias)
+        return make(name, weight, bias)
+
+    return train_make
+
+
 class UnitBuilder:
     """Turns a unit's tensors into its weight object: read (for resident units) or handed over by a streaming reader,
     bound with the right linear format for where it computes, then the hook. One per load."""
 
-    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None):
+    def __init__(self, src: Source, quantize_head: bool, hook: LinearHook | None, training: bool = False):
         self.ckpt, self.store = src.ckpt, src.ckpt if src.is_store else None
         self.cfg, self.dtype, self.scheme = src.ckpt.config, src.dtype, src.quantize
         self.quantize_head, self.hook = quantize_head, hook
         # an HF directory's unquantized units: the fetched tensors are this unit's own, so they are laid out in place
         self.cpu_format = dense_linear_format if src.is_store else \
             linear_format(src.quantize, quantize_head, src.dtype) if src.quantize else owned_dense_format
+        self.streamed_format = streamed_format
+        self.training = training
+        if training:   # a training load (finetune): dense bf16 weights stay row-major where oneDNN multiplies them
+            self.cpu_format = training_format(self.cpu_format, bool(src.quantize and not src.is_store), quantize_head)
+            self.streamed_format = training_format(streamed_format)
         # an HF directory's units for an accelerator (resident there, or held in host RAM and copied per forward)
         self.device_format = movable_format(src.quantize, include_head=quantize_head) if not src.is_store else \
             dense_streamed
@@ -397,10 +423,10 @@ class UnitBuilder:
     def streamed(self, unit: str, t, shared: dict[int, Weights]) -> Weights:
         """A unit fetched from disk (its tensors in a staging slot, or an HF directory's raw tensors)."""
         if self.store is not None:
-            w = self._bind_store(unit, t, streamed_format, shared)
+            w = self._bind_store(unit, t, self.streamed_format, shared)
         else:   # an HF directory's raw tensors: the family's transforms run here, on the compute thread
             w = bind(self.cfg, unit, self.ckpt.finish(unit, t),
-                     self.cpu_format if self.scheme else streamed_format)
+                     self.cpu_format if self.scheme else self.streamed_format)
         return hook_linears(unit, w, self.hook)
 
     def finish(self, unit: str, w: Weights) -> Weights:
@@ -421,7 +447,8 @@ class UnitBuilder:
             # 1-D tensors (norms, biases) get their own memory (dense stores: every tensor, as their linears all
             # copy). Where dense weights run in place (F.linear), the buffer is the unit's memory as it is.
             lins = {f"{n}.weight" for n in linear_names(unit)}
-            relaid = any(k in lins and dense_linear_copies(v) for k, v in raw.items())
+            relaid = any(k in lins and dense_linear_copies(v) and not (self.training and trains_row_major(v))
+                         for k, v in raw.items())
             if relaid or self.store.quantize is not None:
                 raw = {k: v.clone() if (self.store.quantize is None and relaid) or (".q." not in k and v.dim() <= 1)
                        else v for k, v in raw.items()}
@@ -462,7 +489,7 @@ class UnitBuilder:
             plain["lm"] = DenseLinear(tok, plain.pop("lm.bias", None))
         w = plain.get("lm.weight")
         if store.quantize and make is not dense_streamed and w is not None and blocked_available(w) \
-                and w.is_contiguous():
+                and w.is_contiguous() and not (self.training and trains_row_major(w)):
             # a dense head beside quantized blocks, in this unit's own read buffer: block it in place (the copy that
             # dense_linear makes would briefly double it: 0.4 GB for GPT-J-6B, over a 4 GiB budget)
             plain["lm"] = BlockedLinear.from_blocked_(w, plain.pop("lm.bias", None))
@@ -591,7 +618,7 @@ def build(path: str, dtype: torch.dtype | str, quantize: str | None, max_memory:
         streamed = [first + i for i, p in enumerate(plan.placements) if p.tier == "stream"]
         devs[first:end] = unit_devices(plan, stand_in)
         homes[first:end] = [p.home for p in plan.placements]
-    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook), names, streamed, devs, homes,
+    executor = _wire(src, UnitBuilder(src, quantize_head, linear_hook, reserve.training), names, streamed, devs, homes,
                      plan, ring_slots, reserve if max_memory is not None else None, kv_cache, background,
                      (first, end), run_config)
     return Built(cfg, executor, plan, src.ckpt)

@@ -90,14 +90,13 @@ class Reserve:
 
     def scratch_bytes(self, cfg: ModelConfig, dtype: torch.dtype) -> int:
         """The quantized formats' per-thread dequantization buffers (kept for reuse, sized by the largest linear)."""
-        if self.quantize is None:   # bf16 prefill on a CPU without native bf16 converts slices to fp32; training's
-            from ..kernels import f32_slice_rows      # input gradients take slices on every CPU (bf16 where native)
+        if self.quantize is None:   # bf16 prefill and training on a CPU without native bf16 convert slices to fp32
+            from ..kernels import f32_slice_rows      # (with it, training keeps the weights row-major: loader.py)
             from ..model.linear import bf16_native
-            native = bf16_native()
-            if dtype != torch.bfloat16 or (native and not self.training):
+            if dtype != torch.bfloat16 or bf16_native():
                 return 0
             shapes = list(linear_shapes(cfg, "block.0").values()) + list(linear_shapes(cfg, "head").values())
-            return (2 if native else 4) * max(min(N, f32_slice_rows(K)) * K for N, K in shapes)
+            return 4 * max(min(N, f32_slice_rows(K)) * K for N, K in shapes)
         from .. import quant
         shapes = list(linear_shapes(cfg, "block.0").values()) + (list(linear_shapes(cfg, "head").values())
                                                                  if self.quantize_head else [])
