@@ -618,6 +618,26 @@ def test_training_load_keeps_bf16_weights_row_major_where_bf16_is_native(ref_dir
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.03
 
 
+def test_lora_dropout_drops_at_its_rate_and_replays_from_the_generator_state():
+    """LoRA's dropout (lora.dropout, 15 random bits a decision): over 2M elements the dropped share is within 5 sigma
+    of drop_probability(p) (p rounded to 2^-15), the kept elements are scaled by exactly 1 / (1 - that), the gradient
+    is the same mask and scale, and the same generator state gives the same mask (a checkpointed recompute)."""
+    from overspill.finetune.lora import drop_probability, dropout
+    for p in (0.05, 0.3):
+        q = drop_probability(p)
+        assert abs(q - p) <= 2 ** -16
+        x = torch.full((4, 512, 1024), 2.0, requires_grad=True)
+        state = torch.get_rng_state()
+        y = dropout(x, p)
+        dropped = (y == 0).float().mean().item()
+        assert abs(dropped - q) < 5 * (q * (1 - q) / y.numel()) ** 0.5, (p, dropped)
+        assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 2.0 * (1.0 / (1.0 - q))))
+        y.sum().backward()
+        assert torch.equal(x.grad, (y != 0) * (1.0 / (1.0 - q)))
+        torch.set_rng_state(state)
+        assert torch.equal(dropout(x.detach(), p), y.detach())
+
+
 def test_frozen_bf16_linear_input_gradient():
     """The bf16 linear's autograd: dL/dx = dL/dy W (float32 sums of bf16 products), no weight gradient."""
     from overspill.model.linear import DenseLinear

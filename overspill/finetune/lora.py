@@ -160,6 +160,29 @@ def resolve_norms(cfg: ModelConfig, names) -> list[tuple[str, str, NormMap]]:
     return [e for e in every if e[0] in chosen]
 
 
+DROP_BITS = 15   # random bits per dropout decision (drop_probability)
+
+
+def drop_probability(p: float) -> float:
+    """The probability ``dropout`` drops an element with: p rounded to a multiple of 2^-15 (0.05 -> 0.04998779)."""
+    return round(p * (1 << DROP_BITS)) / (1 << DROP_BITS)
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout (Srivastava et al. 2014) of ``x``: each element zeroed with probability drop_probability(p),
+    the rest scaled by 1 / (1 - that), the decisions drawn from torch's generator for x's device (so a recomputed
+    forward replays them from the saved generator state). Four decisions per 64-bit draw, 15 random bits each:
+    ~5x less generator time than torch's dropout, which draws one number per element (bernoulli_: 17% of a 1.2B LoRA
+    step on the CPU). The graph keeps the mask as bools (F.dropout on the CPU keeps a float32 mask: a quarter of a 1B
+    block's recompute graph at 256 tokens)."""
+    q = drop_probability(p)
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()   # 63 random bits each
+    lanes = draws.view(torch.int16)[:n].view(x.shape)                                 # 4 lanes of 16 bits (15 in the top)
+    keep = torch.bitwise_and(lanes, (1 << DROP_BITS) - 1) >= round(q * (1 << DROP_BITS))
+    return (x * keep).mul_(1.0 / (1.0 - q))
+
+
 class LoraLinear:
     """A base Linear plus the LoRA pairs that feed its output rows: y = base(x) + sum_m scatter_m(B_m A_m drop(x)) * s.
     Implements the Linear protocol; ``dequantize()`` is the merged weight."""
@@ -184,9 +207,7 @@ class LoraLinear:
                 if h is None:
                     h = xs[A.dtype] = x.to(A.dtype)
                 if p:
-                    # its own mask per module, as PEFT draws them; the graph keeps it as bools (F.dropout on the CPU
-                    # keeps a float32 mask: a quarter of a 1B block's recompute graph at 256 tokens)
-                    h = torch.native_dropout(h, p, True)[0]
+                    h = dropout(h, p)   # its own mask per module, as PEFT draws them
                 d = F.linear(F.linear(h, A), B) * s
             if slot.bias is not None and slot.bias_base is not None:
                 db = slot.bias - slot.bias_base             # the trained bias, as its change from the base's
