@@ -277,3 +277,20 @@ def test_int4_input_gradient_over_row_slices():
     assert rel(got, want) < 1e-6
     if getattr(lin, "_k", None) is not None:          # the kernel path: slices, not one whole copy
         assert len(calls) > 1 and max(calls) < 1600 // 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_quantize_in_place_equals_the_copy(dtype):
+    """int8 quantization into the weight's own bytes (a resident unit's freshly read weight, loader.linear_format
+    owned): the same q and scales as into new memory, q is a view of the weight's first N*K bytes, and the whole
+    pages behind it go back to the system."""
+    from overspill.io import drop_pages
+    from overspill.quant import int8
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(700, 1536, generator=g) * torch.rand(700, 1, generator=g)).to(dtype)
+    want = int8.quantize(w)
+    mine = w.clone()
+    got = int8.quantize(mine, inplace=True)
+    assert torch.equal(got["qweight"], want["qweight"]) and torch.equal(got["scales"], want["scales"])
+    assert got["qweight"].untyped_storage().data_ptr() == mine.untyped_storage().data_ptr()
+    assert drop_pages(mine, 0, 0) == 0 and drop_pages(torch.empty(8 << 20, dtype=torch.uint8), 0, 8 << 20) > 0

@@ -168,19 +168,56 @@ def drop_probability(p: float) -> float:
     return round(p * (1 << DROP_BITS)) / (1 << DROP_BITS)
 
 
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep decisions (bools shaped as ``x``) of dropout(x, p)."""
+    n = x.numel()
+    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()   # 63 random bits each
+    lanes = draws.view(torch.int16)[:n].view(x.shape)                                 # 4 lanes of 16 bits (15 in the top)
+    return torch.bitwise_and(lanes, (1 << DROP_BITS) - 1) >= round(drop_probability(p) * (1 << DROP_BITS))
+
+
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014) of ``x``: each element zeroed with probability drop_probability(p),
     the rest scaled by 1 / (1 - that), the decisions drawn from torch's generator for x's device (so a recomputed
     forward replays them from the saved generator state). Four decisions per 64-bit draw, 15 random bits each:
     ~5x less generator time than torch's dropout, which draws one number per element (bernoulli_: 17% of a 1.2B LoRA
-    step on the CPU). The graph keeps the mask as bools (F.dropout on the CPU keeps a float32 mask: a quarter of a 1B
-    block's recompute graph at 256 tokens)."""
-    q = drop_probability(p)
-    n = x.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()   # 63 random bits each
-    lanes = draws.view(torch.int16)[:n].view(x.shape)                                 # 4 lanes of 16 bits (15 in the top)
-    keep = torch.bitwise_and(lanes, (1 << DROP_BITS) - 1) >= round(q * (1 << DROP_BITS))
-    return (x * keep).mul_(1.0 / (1.0 - q))
+    step on the CPU)."""
+    return (x * dropout_mask(x, p)).mul_(1.0 / (1.0 - drop_probability(p)))
+
+
+class _Pair(torch.autograd.Function):
+    """One LoRA pair's term d = B (A drop(h)) * s, with h = x in the pair's dtype (``keep``: the dropout mask, None
+    without dropout; ``ks`` its scale). Autograd's graph of these ops would keep drop(h) (float32 for PEFT's float32
+    pairs: [T, in] per pair, three for a fused q|k|v); this keeps x as it came (bf16 in a bf16 model, shared by the
+    pairs of one linear), the mask as bools and the [T, r] middle product, and recomputes drop(h) in the backward:
+    the same ops in autograd's order, so the same gradients."""
+
+    @staticmethod
+    def forward(ctx, h, A, B, x, keep, ks, s):
+        hd = h if keep is None else (h * keep).mul_(ks)
+        u = F.linear(hd, A)
+        ctx.save_for_backward(x, keep, u, A, B)
+        ctx.ks, ctx.s, ctx.dtype = ks, s, h.dtype
+        return F.linear(u, B) * s
+
+    @staticmethod
+    def backward(ctx, gd):
+        x, keep, u, A, B = ctx.saved_tensors
+        g = gd * ctx.s
+        gh = gA = gB = None
+        if ctx.needs_input_grad[2]:
+            gB = g.reshape(-1, g.shape[-1]).t().mm(u.reshape(-1, u.shape[-1]))
+        gu = g.matmul(B)
+        if ctx.needs_input_grad[1]:
+            hd = x.to(ctx.dtype, copy=True)
+            if keep is not None:
+                hd.mul_(keep).mul_(ctx.ks)
+            gA = gu.reshape(-1, gu.shape[-1]).t().mm(hd.reshape(-1, hd.shape[-1]))
+        if ctx.needs_input_grad[0]:
+            gh = gu.matmul(A)
+            if keep is not None:
+                gh = (gh * ctx.ks).mul_(keep)
+        return gh, gA, gB, None, None, None, None
 
 
 class LoraLinear:
@@ -206,9 +243,8 @@ class LoraLinear:
                 h = xs.get(A.dtype)
                 if h is None:
                     h = xs[A.dtype] = x.to(A.dtype)
-                if p:
-                    h = dropout(h, p)   # its own mask per module, as PEFT draws them
-                d = F.linear(F.linear(h, A), B) * s
+                keep = dropout_mask(h, p) if p else None      # its own mask per module, as PEFT draws them
+                d = _Pair.apply(h, A, B, x.detach(), keep, 1.0 / (1.0 - drop_probability(p)), s)
             if slot.bias is not None and slot.bias_base is not None:
                 db = slot.bias - slot.bias_base             # the trained bias, as its change from the base's
                 d = db.expand(*y.shape[:-1], -1) if d is None else d + db

@@ -61,14 +61,15 @@ def _check_weight(weight: torch.Tensor, scheme: str):
         raise ValueError(f"{scheme}: empty weight {tuple(weight.shape)}")
 
 
-def quantize(weight: torch.Tensor, scheme: str, **opts) -> dict[str, torch.Tensor]:
-    """Pure function: float weight [N, K] -> the plain contiguous CPU tensors that store it."""
+def quantize(weight: torch.Tensor, scheme: str, inplace: bool = False, **opts) -> dict[str, torch.Tensor]:
+    """Float weight [N, K] -> the plain contiguous CPU tensors that store it. ``inplace``: the weight's memory is the
+    caller's to give away, and int8 writes its result there (int8.quantize); otherwise the weight is untouched."""
     _check_scheme(scheme)
     _check_weight(weight, scheme)
     if scheme == "int8":
         if opts:
             raise TypeError(f"int8: unexpected options {sorted(opts)}")
-        return int8.quantize(weight)
+        return int8.quantize(weight, inplace)
     if scheme == "int4":
         return int4.quantize(weight, **opts)
     return codebook.quantize(weight, scheme, **opts)

@@ -271,9 +271,9 @@ def _quantizer(scheme: str):
     if scheme not in quant.SCHEMES:
         raise OverspillError(f"unknown quantization scheme '{scheme}' (expected one of {', '.join(quant.SCHEMES)})")
 
-    def run(name: str, weight: torch.Tensor, build):
+    def run(name: str, weight: torch.Tensor, build, inplace: bool = False):
         try:
-            return build(quant.quantize(weight, scheme))   # on the CPU, whatever the weight's device
+            return build(quant.quantize(weight, scheme, inplace))   # on the CPU, whatever the weight's device
         except ValueError as e:
             raise OverspillError(f"cannot quantize '{name}' {list(weight.shape)} as {scheme}: {e}") from None
 
@@ -281,11 +281,12 @@ def _quantizer(scheme: str):
 
 
 def linear_format(scheme: str | None, include_head: bool = False,
-                  dtype: torch.dtype = torch.bfloat16) -> MakeLinear:
+                  dtype: torch.dtype = torch.bfloat16, owned: bool = False) -> MakeLinear:
     """How the CPU builds a unit's linears: the fastest exact dense format, or ``scheme`` for the block matmuls
     (and the LM head with include_head), quantized at load time, with the options of a model computing in ``dtype``
     (quant.exact_options). A weight on an accelerator (a unit streamed from an HF directory to where it computes) is
-    quantized on the CPU and its stored tensors go back to its device."""
+    quantized on the CPU and its stored tensors go back to its device. ``owned``: the weights were read for this
+    unit alone (a resident unit's), so a scheme that can quantizes into their own bytes (quant.quantize inplace)."""
     if scheme is None:
         return dense_linear_format
     quant, run = _quantizer(scheme)
@@ -298,7 +299,7 @@ def linear_format(scheme: str | None, include_head: bool = False,
         if dev.type != "cpu":
             return run(name, weight, lambda t: quant.make_linear(scheme, map_tensors(t, lambda x: x.to(dev)), bias))
         # the quantized tensors are ours: convert them to the kernels' layout in place (no second copy)
-        return run(name, weight, lambda t: quant.make_linear(scheme, t, bias, repack="inplace", **opts))
+        return run(name, weight, lambda t: quant.make_linear(scheme, t, bias, repack="inplace", **opts), owned)
 
     return make
 
@@ -370,10 +371,15 @@ class UnitBuilder:
         # an HF directory's unquantized units: the fetched tensors are this unit's own, so they are laid out in place
         self.cpu_format = dense_linear_format if src.is_store else \
             linear_format(src.quantize, quantize_head, src.dtype) if src.quantize else owned_dense_format
+        # a resident unit's raw tensors were read for it alone: quantized into their own bytes
+        self.resident_format = linear_format(src.quantize, quantize_head, src.dtype, owned=True) \
+            if src.quantize and not src.is_store else self.cpu_format
         self.streamed_format = streamed_format
         self.training = training
         if training:   # a training load (finetune): dense bf16 weights stay row-major where oneDNN multiplies them
-            self.cpu_format = training_format(self.cpu_format, bool(src.quantize and not src.is_store), quantize_head)
+            hf_quantized = bool(src.quantize and not src.is_store)
+            self.cpu_format = training_format(self.cpu_format, hf_quantized, quantize_head)
+            self.resident_format = training_format(self.resident_format, hf_quantized, quantize_head)
             self.streamed_format = training_format(streamed_format)
         # an HF directory's units for an accelerator (resident there, or held in host RAM and copied per forward)
         self.device_format = movable_format(src.quantize, include_head=quantize_head) if not src.is_store else \
@@ -385,7 +391,7 @@ class UnitBuilder:
         if device.type != "cpu":
             return self.on_device(unit, device, shared)
         raw = self.fetch(unit, 0 in shared) if raw is None else raw
-        w = self._build(unit, raw, self.cpu_format, shared)
+        w = self._build(unit, raw, self.resident_format, shared)
         trim_heap()   # the unit's temporaries: freed, and now out of RSS too
         return hook_linears(unit, w, self.hook)
 
@@ -461,7 +467,9 @@ class UnitBuilder:
         if unit == "head" and cfg.tie_embeddings and 0 in shared:
             bias = t.pop("lm.bias", None)
             # share, don't copy, the embedding; a quantized head is its own (smaller) copy
-            t["lm"] = make("lm", shared[0].tok, bias) if self.quantize_head else DenseLinear(shared[0].tok, bias)
+            # (quantized from the shared table, never into its bytes: the format that owns nothing)
+            t["lm"] = self.cpu_format("lm", shared[0].tok, bias) if self.quantize_head else \
+                DenseLinear(shared[0].tok, bias)
         return bind(cfg, unit, t, make)
 
     def _bind_store(self, unit: str, t: dict[str, torch.Tensor], make: MakeLinear, shared: dict[int, Weights],

@@ -81,10 +81,10 @@ class Reserve:
         deq = 4 * max(N * K for N, K in linear_shapes(cfg, "block.0").values()) if self.quantize else 0
         graph = 2 * tok * per_tok + scores
         if self.keep_graphs:
-            # what a block's graph saves, every block: measured 2.2-2.5 x per_tok in float32 (GPT-J's 6B block, LoRA
-            # on every linear, 32-256 tokens); in 16 bits ~1.6 x the float32 per_tok, since the adapter's inputs,
-            # dropout and softmax stay float32
-            kept = tok * max(5 * per_tok // 2, 7 * (per_tok * 4 // es) // 4) + scores // 2
+            # what a block's graph saves, every block: measured 1.5-1.6 x per_tok in float32 and 1.8-2.0 x in 16 bits
+            # (GPT-J and Llama blocks, LoRA with dropout on every linear: the masks and softmax stay float32 or bool,
+            # the adapter keeps its input as it came, lora._Pair)
+            kept = tok * 5 * per_tok // 2 + scores // 2
             return cfg.n_layers * kept + graph + deq
         return saved + graph + deq
 
