@@ -9,6 +9,9 @@ skinny matmuls over bf16, int8 and int4 weights in panel layouts, one-token atte
     y = kernels.int8_vnni_mm(x, pack_int8(q), s, bias, 64) # x @ (q * s)^T, x quantized to int8 per 64 inputs
     y = kernels.int4_vnni_mm(x, pack_int4(q), sz, gs, bias)# group-wise int4, x quantized per group
 
+alloc.cpp is no kernel but native code built the same way: the reuse allocator a training step's transient tensors
+come from (``reuse_large_allocations``).
+
 Unavailable (None) when: OVERSPILL_KERNELS=0, not x86-64 with AVX512F/BW/VL + AVX512_BF16 + AVX512_VNNI, or the build
 fails (no compiler, no ninja): callers fall back to oneDNN / torch ops, slower but the same results up
 to rounding. On x86-64 CPUs with AVX2 + FMA only, ``bf16_kernels()`` is cpu_avx2.cpp's module: the same bf16_mm over

@@ -1,7 +1,7 @@
 """`python -m overspill.kernels`: build (or load) the CPU kernels now and say which path is in use."""
 import sys
 
-from . import avx2_kernels, cpu_kernels, cpu_supported
+from . import _alloc_module, avx2_kernels, cpu_kernels, cpu_supported
 
 if __name__ == "__main__":
     k = cpu_kernels()
@@ -14,4 +14,7 @@ if __name__ == "__main__":
               "loaded, other ops use oneDNN/torch")
     else:
         print("overspill CPU kernels: this CPU lacks AVX512-BF16 and AVX2 + FMA; using oneDNN/torch ops")
+    avx2_kernels()   # the float32 training kernels, which AVX-512 CPUs run too
+    print("overspill reuse allocator (training steps): " + ("built and loaded" if _alloc_module() is not None
+                                                             else "unavailable; fresh mappings are used"))
     sys.exit(0)

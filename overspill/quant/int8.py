@@ -38,13 +38,19 @@ from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode
 
 
+# in place from this size: the whole pages behind q are nearly all of the rest (a smaller weight's would keep its
+# storage's tail resident, up to a page, where a copy holds exactly N*K bytes)
+INPLACE_MIN_BYTES = 1 << 20
+
+
 def quantize(weight: torch.Tensor, inplace: bool = False) -> dict[str, torch.Tensor]:
     """Per-row symmetric int8 with a bf16 scale per row. ``inplace``: the weight is the caller's to give away (a CPU
     tensor just read for this linear alone): q is written into its first N*K bytes, a chunk of rows at a time behind
     the rows still to be read, and the rest of its pages go back to the system: loading an LM head never holds its
     bf16 and int8 forms at once (50400x2048: 103 MB less at the peak)."""
     N, K = weight.shape
-    own = inplace and weight.device.type == "cpu" and weight.is_contiguous() and weight.element_size() >= 1
+    own = inplace and weight.device.type == "cpu" and weight.is_contiguous() and \
+        weight.numel() * weight.element_size() >= INPLACE_MIN_BYTES
     # converted to the kernel's panels in place later: huge pages from the start
     q = weight.view(-1).view(torch.uint8)[:N * K].view(torch.int8).view(N, K) if own else \
         panel_empty((N, K), torch.int8)
