@@ -31,8 +31,10 @@ import dataclasses
 
 import torch
 
-from ..kernels import GRAD_KERNEL_MAX_ROWS, avx2_kernels, bf16_native, bf16_sliced_grad_input, cpu_kernels, f32_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty, unpack_int8, vnni_block
 from ..io import drop_pages
+from ..kernels import (GRAD_KERNEL_MAX_ROWS, avx2_kernels, bf16_native, bf16_sliced_grad_input, cpu_kernels,
+                       f32_kernels, f32_sliced_grad_input, f32_sliced_linear, pack_int8, pack_int8_, panel_empty,
+                       unpack_int8, vnni_block)
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 INT8PACK_MAX_M = 1  # largest M that uses _weight_int8pack_mm in "auto" mode

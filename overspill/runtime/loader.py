@@ -24,8 +24,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import OverspillError
 from ..io import ALIGN, DirectFile, read_pool, trim_heap
-from ..kernels import panel_empty
-from ..model.linear import BlockedLinear, BlockedOnDemand, DenseLinear, bf16_native, blocked_available, dense_linear, \
+from ..kernels import bf16_native, panel_empty
+from ..model.linear import BlockedLinear, BlockedOnDemand, DenseLinear, blocked_available, dense_linear, \
     dense_linear_copies
 from ..model.weights import LinearHook, MakeLinear, Weights, bind, hook_linears, linear_names, linear_shapes, units
 from .background import BackgroundLoad
