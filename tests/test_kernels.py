@@ -966,8 +966,8 @@ def test_reuse_allocator_hands_blocks_back_within_the_peak():
 
 @needs_kernels
 def test_panels_to_bf16_is_the_dequantized_weight_rounded_once():
-    """int8 panels -> bf16 rows (training's input-gradient slices where bf16 is native): exactly q * s in float32
-    rounded to bf16, i.e. the float32 fill (panels_to_f32_) then .to(bfloat16), for any panel range."""
+    """int8 and int4 panels -> bf16 rows (training's input-gradient slices where bf16 is native): exactly the float32
+    rows (q * s; (q - 8) * s + z) rounded to bf16, i.e. the float32 fill then .to(bfloat16), for any panel range."""
     from overspill import quant
     g = torch.Generator().manual_seed(3)
     lin = quant.make_linear("int8", quant.quantize(torch.randn(96, 256, generator=g), "int8"), None)
@@ -977,3 +977,9 @@ def test_panels_to_bf16_is_the_dequantized_weight_rounded_once():
     K_.panels_to_bf16_(lin._qpanels[2:4], got, lin.scales_f32[32:64])
     assert torch.equal(got, want[32:64].to(torch.bfloat16))
     torch.testing.assert_close(want, lin.dequantize().float(), rtol=0, atol=0)
+    # int4 panels with their scales and zeros: (q - 8) * s + z as int4.py's float32 rows, rounded once
+    for gs in (32, 64):
+        l4 = quant.make_linear("int4", quant.quantize(torch.randn(96, 256, generator=g), "int4", group_size=gs), None)
+        got = torch.empty(48, 256, dtype=torch.bfloat16)
+        K_.int4_panels_to_bf16_(l4.qpanels[1:4], l4.szpanels[1:4], got, gs)
+        assert torch.equal(got, l4._panel_rows(1, 4).to(torch.bfloat16)), gs

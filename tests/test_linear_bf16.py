@@ -80,7 +80,8 @@ def test_training_products_never_copy_a_whole_weight(monkeypatch):
     from overspill import quant
     g = torch.Generator().manual_seed(2)
     w = torch.randn(64, 96, generator=g).to(torch.bfloat16)
-    lins = {"bf16": L.BlockedLinear(w), "int8": quant.make_linear("int8", quant.quantize(w.float(), "int8"), None)}
+    lins = {"bf16": L.BlockedLinear(w), "int8": quant.make_linear("int8", quant.quantize(w.float(), "int8"), None),
+            "int4": quant.make_linear("int4", quant.quantize(w.float(), "int4", group_size=32), None)}
     want_w = {name: lin.dequantize().float() for name, lin in lins.items()}
 
     def no_copy(*a, **k):
@@ -88,6 +89,8 @@ def test_training_products_never_copy_a_whole_weight(monkeypatch):
     monkeypatch.setattr(L.BlockedLinear, "dequantize", no_copy)
     monkeypatch.setattr(type(lins["int8"]), "dequantize", no_copy)
     monkeypatch.setattr(type(lins["int8"]), "_jit_weight", no_copy)
+    monkeypatch.setattr(type(lins["int4"]), "dequantize", no_copy)
+    monkeypatch.setattr(type(lins["int4"]), "_jit_weight", no_copy)
     for name, lin in lins.items():
         for dt in (torch.float32, torch.bfloat16):
             x = torch.randn(40, 96, generator=g).to(dt)
@@ -103,8 +106,9 @@ def test_training_products_never_copy_a_whole_weight(monkeypatch):
                 torch.testing.assert_close(xg.grad, want, rtol=1e-5, atol=1e-4 * want.abs().max().item(),
                                            msg=(name, dt))
             else:
-                # bf16 g: a bf16 result, and where the CPU multiplies bf16 natively an int8 weight's slices are q * s
-                # rounded to bf16 and each slice's product is too: at most 3 roundings of 2^-9 of sum |g||w| each
+                # bf16 g: a bf16 result, and where the CPU multiplies bf16 natively a quantized weight's slices are
+                # its float32 rows rounded to bf16 and each slice's product is too: at most 3 roundings of 2^-9 of
+                # sum |g||w| each
                 err = (xg.grad.float() - want).abs()
                 assert bool((err <= 2 ** -7 * (gy.float().abs() @ want_w[name].abs())).all()), (name, dt)
                 assert err.max() <= 2 ** -6 * want.abs().max(), (name, dt)

@@ -694,6 +694,70 @@ torch::Tensor lut_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor absmax,
 
 #include "stripes.h"
 
+// int4 panels (pack_int4: [N/16][K/8][16][4] bytes, byte 4c + j of line o = q[c, 8o + j] | q[c, 8o + 4 + j] << 4)
+// with their bf16 scales and zeros ([N/16][K/gs][2][16]) -> bf16 [rows, K] = (q - 8) * s + z in fp32 (a multiply,
+// then an add: the rounding of int4.py's float32 rows), rounded once to bf16. A 64-byte line holds 8 inputs of 16
+// columns: low and high nibbles interleaved a dword at a time put each column's 8 inputs in order.
+void int4_panels_to_bf16_(torch::Tensor qp, torch::Tensor sz, torch::Tensor dst, int64_t group_size) {
+  KCHECK(qp.device().is_cpu() && qp.is_contiguous() && qp.scalar_type() == at::kByte && qp.dim() == 3 &&
+         qp.size(2) == 4 * PW, "int4_panels_to_bf16_: uint8 panels [N/16, K/8, 64]");
+  KCHECK(dst.device().is_cpu() && dst.is_contiguous() && dst.scalar_type() == at::kBFloat16 && dst.dim() == 2,
+         "int4_panels_to_bf16_: contiguous bf16 dst [rows, K]");
+  const int64_t P = qp.size(0), K = qp.size(1) * 8, gs = group_size;
+  KCHECK(dst.size(0) == P * PW && dst.size(1) == K, "int4_panels_to_bf16_: dst must be [", P * PW, ", ", K, "]");
+  KCHECK(gs % 8 == 0 && K % gs == 0, "int4_panels_to_bf16_: group size must divide K and be a multiple of 8");
+  KCHECK(sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 && sz.dim() == 4 && sz.size(0) == P &&
+         sz.size(1) == K / gs && sz.size(2) == 2 && sz.size(3) == PW,
+         "int4_panels_to_bf16_: scales/zeros must be bf16 [N/16, K/gs, 2, 16]");
+  const int64_t G = K / gs, O = K / 8;
+  const uint8_t* src = qp.data_ptr<uint8_t>();
+  const uint16_t* szp = (const uint16_t*)sz.data_ptr<at::BFloat16>();
+  uint16_t* out = (uint16_t*)dst.data_ptr<at::BFloat16>();
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    const __m512 eight = _mm512_set1_ps(8.0f);
+    for (int64_t p = p0; p < p1; p++) {
+      uint16_t* d = out + p * PW * K;
+      __m512 sv[8], zv[8];                                    // per (half h, lane l): columns c, c + 1, 8 each
+      int64_t at = -1;
+      for (int64_t o = 0; o < O; o++) {
+        const int64_t g = o * 8 / gs;
+        if (g != at) {                                        // a new group: its scales and zeros, widened
+          const uint16_t* sg = szp + ((p * G + g) * 2) * PW;  // 16 scales, then 16 zeros
+          for (int i = 0; i < 8; i++) {
+            const int c = 4 * (i % 4) + 2 * (i / 4);
+            float a[16], z[16];
+            for (int e = 0; e < 16; e++) {
+              const uint32_t sb = (uint32_t)sg[c + e / 8] << 16, zb = (uint32_t)sg[PW + c + e / 8] << 16;
+              std::memcpy(&a[e], &sb, 4);
+              std::memcpy(&z[e], &zb, 4);
+            }
+            sv[i] = _mm512_loadu_ps(a);
+            zv[i] = _mm512_loadu_ps(z);
+          }
+          at = g;
+        }
+        const __m512i v = _mm512_loadu_si512((const void*)(src + (p * O + o) * 64));
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        // per 128-bit lane l (columns 4l .. 4l + 3): unpacklo -> columns 4l, 4l + 1; unpackhi -> 4l + 2, 4l + 3
+        const __m512i pr[2] = {_mm512_unpacklo_epi32(lo, hi), _mm512_unpackhi_epi32(lo, hi)};
+        for (int h = 0; h < 2; h++) {
+          const __m128i lanes[4] = {_mm512_extracti32x4_epi32(pr[h], 0), _mm512_extracti32x4_epi32(pr[h], 1),
+                                    _mm512_extracti32x4_epi32(pr[h], 2), _mm512_extracti32x4_epi32(pr[h], 3)};
+          for (int l = 0; l < 4; l++) {
+            const int c = 4 * l + 2 * h, i = 4 * h + l;
+            const __m512 q = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lanes[l])), eight);
+            const __m512 w = _mm512_add_ps(_mm512_mul_ps(q, sv[i]), zv[i]);
+            const __m256i r = (__m256i)_mm512_cvtneps_pbh(w);
+            _mm_storeu_si128((__m128i*)(d + c * K + 8 * o), _mm256_castsi256_si128(r));
+            _mm_storeu_si128((__m128i*)(d + (c + 1) * K + 8 * o), _mm256_extracti128_si256(r, 1));
+          }
+        }
+      }
+    }
+  });
+}
+
 // int8 panels (pack_int8: [N/16][K/4][16][4] bytes, q + 128) -> bf16 [rows, K] = q * scale in fp32, rounded once to
 // bf16 (to nearest even, as torch's .to(bfloat16)): the slices a training input gradient multiplies in oneDNN's
 // native bf16 GEMM (int8.py). A 64-byte panel line is 16 columns x 4 inputs: each quarter (4 columns) widens to 16
@@ -831,6 +895,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_step", &decode_step, "rotary + KV-cache write + one-token attention from the fused qkv output");
   m.def("silu_mul", &silu_mul, "SwiGLU gate: silu(g) * u over h = (g, u), bf16");
   m.def("panels_to_f32_", &panels_to_f32_, "panel-layout rows (bf16 pairs or int8 quads) -> fp32 [rows, K]");
+  m.def("int4_panels_to_bf16_", &int4_panels_to_bf16_, "int4 panel rows -> bf16 [rows, K] = (q - 8) * s + z");
   m.def("panels_to_bf16_", &panels_to_bf16_, "int8 panel rows -> bf16 [rows, K] = q * scale, rounded once");
   m.def("stripe_transpose_", &stripe_transpose_, "in place: stripes [R][G][E] -> [G][R][E] bytes (xor flip)");
   m.def("int4pack_to_panels_", &int4pack_to_panels_, "in place: torch int4pack bytes -> int4_vnni_mm panels");

@@ -31,8 +31,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ..kernels import INPLACE_CHUNK, PANEL, avx2_kernels, cpu_kernels, f32_sliced_grad_input, pack_int4, unpack_int4, \
-    vnni_block
+from ..kernels import INPLACE_CHUNK, PANEL, avx2_kernels, bf16_native, bf16_sliced_grad_input, cpu_kernels, \
+    f32_sliced_grad_input, pack_int4, unpack_int4, vnni_block
 from ._base import QuantLinear, nbytes_of, scratch, wants_portable
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -288,10 +288,19 @@ class Int4Linear(QuantLinear):
         return (q * s + z).view(rows, K)
 
     def _grad_input(self, g: torch.Tensor) -> torch.Tensor:
-        """g @ W in float32 (training's input gradient) over slices of W's rows dequantized from the panels, never a
-        whole float copy of the weight (the base class's dequantize() costs 4 N K bytes and torch's ops per call)."""
+        """g @ W (training's input gradient) over slices of W's rows dequantized from the panels, never a whole float
+        copy of the weight (the base class's dequantize() costs 4 N K bytes and torch's ops per call). A bf16 g on a
+        CPU with native bf16 matmuls: bf16 slices (the float32 rows rounded once, kernels' int4_panels_to_bf16_) in
+        oneDNN's bf16 GEMM; otherwise float32 slices."""
         if self._k is None or self.portable:
             return super()._grad_input(g)
+        kern = cpu_kernels()
+        if g.dtype == torch.bfloat16 and bf16_native() and kern is not None and hasattr(kern, "int4_panels_to_bf16_"):
+            def fill_bf16(dst: torch.Tensor, n0: int, n1: int) -> None:   # whole panels: N and the slices are x16
+                kern.int4_panels_to_bf16_(self.qpanels[n0 // PANEL: n1 // PANEL],
+                                          self.szpanels[n0 // PANEL: n1 // PANEL], dst, self.group_size)
+
+            return bf16_sliced_grad_input(g, self.out_features, self.in_features, fill_bf16)
 
         def fill(dst: torch.Tensor, n0: int, n1: int) -> None:
             p0 = n0 // PANEL
