@@ -82,6 +82,7 @@ class Slot:
     bias: torch.nn.Parameter | None = field(default=None, repr=False)   # the module's bias as trained (full value)
     bias_base: torch.Tensor | None = field(default=None, repr=False)    # the base's, seen at the first hook
     bias_ready: bool = False                                              # ``bias`` holds a value
+    order: torch.Tensor | None = field(default=None, repr=False)  # its rows, permuted within a block: argsort(cols)
 
 
 @dataclass
@@ -237,7 +238,10 @@ class LoraLinear:
         xs: dict[torch.dtype, torch.Tensor] = {}            # x in the pairs' dtype, converted once for all of them
         blocks: list[tuple[slice, torch.Tensor]] = []
         for slot, rows in self.pairs:
-            A, B = slot.A, slot.B
+            A, B, order = slot.A, slot.B, slot.order
+            if order is not None:                           # rows permuted within their block: B's rows in its order
+                order = order.to(y.device)
+                B = None if B is None else B.index_select(0, order)
             d = None
             if A is not None:
                 h = xs.get(A.dtype)
@@ -247,6 +251,8 @@ class LoraLinear:
                 d = _Pair.apply(h, A, B, x.detach(), keep, 1.0 / (1.0 - drop_probability(p)), s)
             if slot.bias is not None and slot.bias_base is not None:
                 db = slot.bias - slot.bias_base             # the trained bias, as its change from the base's
+                if order is not None:
+                    db = db.index_select(0, order)
                 d = db.expand(*y.shape[:-1], -1) if d is None else d + db
             if d is None:
                 continue
@@ -302,9 +308,18 @@ class _Hook:
         return self.adapter.norms_of(unit, w)
 
 
-def _rows(cols: torch.Tensor) -> slice | None:
-    a = int(cols[0])
-    return slice(a, a + cols.numel()) if torch.equal(cols, torch.arange(a, a + cols.numel())) else None
+def _rows(cols: torch.Tensor) -> tuple[slice | None, torch.Tensor | None]:
+    """Where a module's rows sit in the fused output: (the block, None) when in order; (the block, argsort(cols))
+    when they fill a block permuted (GPT-J's and GPT-NeoX's q and k, whose rotary rows are re-ordered at load): the
+    pair's B rows gathered in that order make its product the block's, with no scatter of [T, out]; else (None,
+    None)."""
+    a, n = int(cols.min()), cols.numel()
+    block = torch.arange(a, a + n)
+    if torch.equal(cols, block):
+        return slice(a, a + n), None
+    if torch.equal(cols.sort().values, block):
+        return slice(a, a + n), torch.argsort(cols)
+    return None, None
 
 
 class LoraAdapter:
@@ -346,7 +361,8 @@ class LoraAdapter:
     def _index(self, slots: list[Slot] | None = None) -> None:
         self.by_linear: dict[tuple[str, str], list[tuple[Slot, slice | None]]] = {}
         for s in self.slots if slots is None else slots:
-            self.by_linear.setdefault((s.unit, s.map.linear), []).append((s, _rows(s.map.cols)))
+            rows, s.order = _rows(s.map.cols)
+            self.by_linear.setdefault((s.unit, s.map.linear), []).append((s, rows))
         self.by_unit: dict[str, list[NormSlot]] = {}
         for n in self.norms:
             self.by_unit.setdefault(n.unit, []).append(n)
